@@ -9,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # `import tensorflow` followed by `import torchvision` segfaults (TF 2.21, torch 2.14),
 # while the other order works: import the torch side first when it is installed.
 try:
-  import torch  # noqa: F401
-  import torchvision  # noqa: F401
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
 except ImportError:
-  pass
+    pass

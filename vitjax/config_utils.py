@@ -1,0 +1,275 @@
+"""Run configs: the `file.py:ARGS` argument parser, the defaults of every key, and the validator.
+
+A config file is `get_config(arg=None)` returning an `ml_collections.ConfigDict`. It starts from
+`default_config()` so that every key exists (and can be overridden with `--config.KEY=VALUE`),
+then sets what its recipe needs. `validate_config` rejects unknown keys and bad values with a
+message that lists the valid choices; `vitjax.main` runs it before anything is built.
+
+Layout (the keys `default_config()` defines; see configs/digits_vit.py for a worked example):
+
+  seed                    int; the one seed of the run (params init, dropout, data order).
+  model_name              a name of `vitjax.models.list_models()`.
+  model                   overrides passed to `vitjax.models.create(model_name, **model)`;
+                          `dtype: "bfloat16"` computes in bf16 while params stay fp32.
+  objective               a name of `vitjax.objectives.list_objectives()`.
+  objective_kwargs        the objective's own settings (each objective validates them).
+  input                   the data-pipeline config (validated by `vitjax.data.validate_input_config`).
+  batch_size              global train batch size (all hosts, all devices).
+  eval_batch_size         global eval batch size; None -> batch_size.
+  total_steps | total_epochs   exactly one; epochs count `num_train_examples / batch_size` steps.
+  optim.*                 see `vitjax.optim.make_optimizer`.
+  mesh.{data,fsdp,model}  device-mesh axis sizes; one may be -1 (fills the remaining devices).
+  sharding_rules          (logical axis name, mesh axes) pairs, in priority order.
+  log_every_steps, eval_every_steps, checkpoint_every_steps (0 -> only at the end), keep_checkpoints,
+  checkpoint_async, progress_bar.
+"""
+import ast
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+OPTIMIZERS = ("adamw", "sgd", "lars", "lamb")
+SCHEDULES = ("cosine", "linear", "constant")
+MESH_AXES = ("data", "fsdp", "model")
+
+# Parameters never weight-decayed besides the 1-D ones (norm scales, biases): learned tokens and
+# position embeddings, as in timm's `no_weight_decay` and MAE's `param_groups_lrd`.
+DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "dist_token", "mask_token", "reg_token")
+
+# Logical axis names used by the models -> mesh axes. Earlier rules win, and a mesh axis is used
+# once per array (flax resolves conflicts, e.g. an activation `(batch, length, embed)` keeps fsdp
+# for `batch` and leaves `embed` unsharded).
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("vocab", "model"),
+    ("kv", None),
+    ("classes", None),
+    ("length", None),
+    ("layers", None),
+)
+
+# Sub-dicts whose keys are owned by someone else (model registry, objective, data pipeline):
+# the validator checks only that they are dicts, their owners check their keys.
+_OPEN_SECTIONS = ("model", "objective_kwargs", "input")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Returns a ConfigDict holding every key of a run config at its default value."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model_name = "vit"
+    config.model = ml_collections.ConfigDict()
+    config.objective = "supervised"
+    config.objective_kwargs = ml_collections.ConfigDict()
+    config.input = ml_collections.ConfigDict()
+    config.batch_size = 256
+    config.eval_batch_size = config_dict.placeholder(int)
+    config.total_steps = config_dict.placeholder(int)
+    config.total_epochs = config_dict.placeholder(float)
+
+    optim = ml_collections.ConfigDict()
+    optim.name = "adamw"
+    optim.lr = config_dict.placeholder(float)    # absolute peak learning rate, or ...
+    optim.blr = config_dict.placeholder(float)   # ... base lr: lr = blr * batch_size / 256
+    optim.min_lr = 0.0                            # end value of cosine / linear decay
+    optim.warmup_init_lr = 0.0
+    optim.schedule = "cosine"
+    optim.warmup_steps = config_dict.placeholder(int)
+    optim.warmup_epochs = config_dict.placeholder(float)
+    optim.weight_decay = 0.0
+    optim.b1 = 0.9
+    optim.b2 = 0.999
+    optim.eps = 1e-8
+    optim.momentum = 0.9                          # sgd, lars
+    optim.nesterov = False
+    optim.trust_coefficient = 0.001               # lars (lamb uses 1.0, as its paper)
+    optim.mu_dtype = config_dict.placeholder(str)  # e.g. "bfloat16" to halve adam's first moment
+    optim.clip_grad_norm = config_dict.placeholder(float)
+    optim.layer_decay = config_dict.placeholder(float)  # e.g. 0.65 (MAE fine-tuning of ViT-B)
+    optim.grad_accum_steps = 1
+    optim.frozen = ()                             # regexes of param paths ("a/b/kernel") not trained
+    optim.no_decay = DEFAULT_NO_DECAY             # regexes of param paths not weight-decayed
+    config.optim = optim
+
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    config.sharding_rules = DEFAULT_SHARDING_RULES
+
+    config.log_every_steps = 50
+    config.eval_every_steps = 0          # 0: evaluate only at the end
+    config.checkpoint_every_steps = 1000  # 0: checkpoint only at the end
+    config.keep_checkpoints = 3
+    config.checkpoint_async = True
+    config.progress_bar = True
+    return config
+
+
+def parse_arg(arg: Optional[str], *, choices: Optional[Mapping[str, Iterable]] = None,
+              **spec) -> ml_collections.ConfigDict:
+    """Returns the typed ConfigDict parsed from a `key=value,flag` string, with `spec` as defaults.
+
+    As big_vision's `parse_arg`: `"variant=B/16,runlocal"` with `spec = dict(variant="S/16",
+    runlocal=False)` gives `variant="B/16", runlocal=True`. Values take the type of their default;
+    a bare name sets a bool to True. Unknown names and values outside `choices[name]` raise a
+    ValueError listing the valid ones.
+    """
+    result = ml_collections.ConfigDict(dict(spec))
+    choices = dict(choices or {})
+    for name in choices:
+        if name not in spec:
+            raise ValueError(f"choices given for {name!r}, which is not an argument of {sorted(spec)}")
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, has_value, text = item.partition("=")
+        name = name.strip()
+        if name not in spec:
+            raise ValueError(f"Unknown config argument {name!r} in {arg!r}; valid arguments: "
+                             f"{', '.join(f'{k}={v!r}' for k, v in spec.items())}")
+        default = spec[name]
+        if not has_value:
+            if not isinstance(default, bool):
+                raise ValueError(f"Config argument {name!r} needs a value ({name}=...); "
+                                 f"only booleans may be given bare.")
+            value = True
+        else:
+            value = _convert(name, text.strip(), default)
+        if name in choices and value not in tuple(choices[name]):
+            raise ValueError(f"Config argument {name}={value!r} is not valid; valid choices: "
+                             f"{list(choices[name])}")
+        result[name] = value
+    for name, valid in choices.items():
+        if result[name] not in tuple(valid):
+            raise ValueError(f"Default {name}={result[name]!r} not in its choices {list(valid)}")
+    return result
+
+
+def _convert(name: str, text: str, default: Any) -> Any:
+    """Returns `text` converted to the type of `default`."""
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"Config argument {name}={text!r}: expected a boolean (true/false)")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(text) if isinstance(default, float) else int(text)
+        except ValueError:
+            raise ValueError(f"Config argument {name}={text!r}: expected {type(default).__name__}") from None
+    if default is None:
+        try:  # an untyped argument: a Python literal if it parses as one, else the string
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    return text
+
+
+def _to_dict(config) -> Dict[str, Any]:
+    """Returns a plain nested dict of a ConfigDict (or mapping)."""
+    if isinstance(config, ml_collections.ConfigDict):
+        return config.to_dict()
+    return dict(config)
+
+
+def validate_config(config) -> ml_collections.ConfigDict:
+    """Returns the config merged onto `default_config()`; raises ValueError on an unknown key or bad value.
+
+    Checks only what is knowable without building anything: keys, enumerations, signs and the
+    consistency of sizes that do not depend on the device count (see `train.py` for those).
+    """
+    user = _to_dict(config)
+    defaults = default_config()
+    _check_keys(user, defaults.to_dict(), prefix="")
+
+    merged = defaults.to_dict()
+    for key, value in user.items():
+        if isinstance(merged.get(key), dict) and key not in _OPEN_SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config.{key} must be a dict with keys {sorted(merged[key])}, got {value!r}")
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    for key in _OPEN_SECTIONS:
+        if merged[key] is None:
+            merged[key] = {}
+        if not isinstance(merged[key], Mapping):
+            raise ValueError(f"config.{key} must be a dict, got {merged[key]!r}")
+
+    optim = merged["optim"]
+    _check_choice("optim.name", optim["name"], OPTIMIZERS)
+    _check_choice("optim.schedule", optim["schedule"], SCHEDULES)
+    if (optim["lr"] is None) == (optim["blr"] is None):
+        raise ValueError("Set exactly one of config.optim.lr (absolute) and config.optim.blr "
+                         f"(lr = blr * batch_size / 256); got lr={optim['lr']}, blr={optim['blr']}")
+    if optim["warmup_steps"] is not None and optim["warmup_epochs"] is not None:
+        raise ValueError("Set at most one of config.optim.warmup_steps and config.optim.warmup_epochs")
+    if optim["layer_decay"] is not None and not 0.0 < optim["layer_decay"] <= 1.0:
+        raise ValueError(f"config.optim.layer_decay must be in (0, 1], got {optim['layer_decay']}")
+    if int(optim["grad_accum_steps"]) < 1:
+        raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {optim['grad_accum_steps']}")
+    if optim["mu_dtype"] is not None:
+        _check_choice("optim.mu_dtype", optim["mu_dtype"], ("float32", "bfloat16", "float16"))
+    for key in ("frozen", "no_decay"):
+        if isinstance(optim[key], str):
+            raise ValueError(f"config.optim.{key} must be a list of regexes, got the string {optim[key]!r}")
+
+    if (merged["total_steps"] is None) == (merged["total_epochs"] is None):
+        raise ValueError("Set exactly one of config.total_steps and config.total_epochs; got "
+                         f"total_steps={merged['total_steps']}, total_epochs={merged['total_epochs']}")
+    for key in ("batch_size", "total_steps", "total_epochs", "eval_batch_size"):
+        if merged[key] is not None and merged[key] <= 0:
+            raise ValueError(f"config.{key} must be positive, got {merged[key]}")
+    if merged["batch_size"] % int(optim["grad_accum_steps"]):
+        raise ValueError(f"config.batch_size={merged['batch_size']} is not divisible by "
+                         f"config.optim.grad_accum_steps={optim['grad_accum_steps']}")
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        if merged[key] < 0:
+            raise ValueError(f"config.{key} must be >= 0, got {merged[key]}")
+    if merged["log_every_steps"] == 0:
+        raise ValueError("config.log_every_steps must be >= 1")
+    if merged["keep_checkpoints"] < 1:
+        raise ValueError(f"config.keep_checkpoints must be >= 1, got {merged['keep_checkpoints']}")
+
+    mesh = merged["mesh"]
+    sizes = [int(mesh[axis]) for axis in MESH_AXES]
+    if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"config.mesh sizes must be positive, with at most one -1; got {dict(mesh)}")
+    rules = merged["sharding_rules"]
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"config.sharding_rules entries are (logical_name, mesh_axes) pairs; got {rule!r}")
+        mesh_axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+        for axis in mesh_axes:
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"config.sharding_rules maps {rule[0]!r} to unknown mesh axis {axis!r}; "
+                                 f"valid mesh axes: {list(MESH_AXES)}")
+
+    import vitjax.objectives as objectives  # light: the objective modules load lazily
+    _check_choice("objective", merged["objective"], objectives.list_objectives())
+
+    result = ml_collections.ConfigDict(merged)
+    return result
+
+
+def _check_keys(user: Mapping, defaults: Mapping, prefix: str) -> None:
+    """Raises ValueError naming the first key of `user` absent from `defaults`."""
+    for key, value in user.items():
+        name = f"{prefix}{key}"
+        if key not in defaults:
+            raise ValueError(f"Unknown config key {name!r}; valid keys"
+                             f"{' under ' + repr(prefix[:-1]) if prefix else ''}: {sorted(defaults)}")
+        if isinstance(defaults[key], dict) and key not in _OPEN_SECTIONS and isinstance(value, Mapping):
+            _check_keys(value, defaults[key], prefix=f"{name}.")
+
+
+def _check_choice(name: str, value: Any, valid: Iterable) -> None:
+    """Raises ValueError if `value` is not one of `valid`."""
+    valid = list(valid)
+    if value not in valid:
+        raise ValueError(f"config.{name}={value!r} is not valid; valid choices: {valid}")

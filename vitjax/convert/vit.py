@@ -1,0 +1,109 @@
+"""timm ViT / DeiT state dicts -> vitjax `VisionTransformer` params (also used for MAE encoders)."""
+from typing import Any, Dict
+
+import numpy as np
+
+from vitjax.convert import common
+from vitjax.models import layers
+
+
+def attention_params(table: common.KeyTable, prefix: str, num_heads: int) -> Dict[str, Any]:
+    """Returns the params of a fused-qkv `layers.Attention` from timm keys under `prefix` (e.g. "blocks.0.attn")."""
+    qkv_weight = table.get(f"{prefix}.qkv.weight")
+    width = qkv_weight.shape[1]
+    head_dim = qkv_weight.shape[0] // (3 * num_heads)
+    out = {"qkv": {"kernel": qkv_weight.T.reshape(width, 3, num_heads, head_dim)},
+           "proj": {"kernel": table.get(f"{prefix}.proj.weight").T.reshape(num_heads, head_dim, -1),
+                    "bias": table.get(f"{prefix}.proj.bias")}}
+    if f"{prefix}.qkv.bias" in table:
+        out["qkv"]["bias"] = table.get(f"{prefix}.qkv.bias").reshape(3, num_heads, head_dim)
+    for norm in ("q_norm", "k_norm"):
+        if f"{prefix}.{norm}.weight" in table:
+            out[norm] = norm_params(table, f"{prefix}.{norm}")
+    return out
+
+
+def norm_params(table: common.KeyTable, prefix: str) -> Dict[str, np.ndarray]:
+    """Returns LayerNorm {scale, bias} from timm's `weight`/`bias`."""
+    return {"scale": table.get(f"{prefix}.weight"), "bias": table.get(f"{prefix}.bias")}
+
+
+def dense_params(table: common.KeyTable, prefix: str) -> Dict[str, np.ndarray]:
+    """Returns Dense {kernel, bias} from a torch Linear."""
+    out = {"kernel": table.get(f"{prefix}.weight", common.linear)}
+    if f"{prefix}.bias" in table:
+        out["bias"] = table.get(f"{prefix}.bias")
+    return out
+
+
+def mlp_params(table: common.KeyTable, prefix: str) -> Dict[str, Any]:
+    """Returns `layers.Mlp` params from timm's `fc1`/`fc2`."""
+    return {"fc1": dense_params(table, f"{prefix}.fc1"), "fc2": dense_params(table, f"{prefix}.fc2")}
+
+
+def block_params(table: common.KeyTable, prefix: str, num_heads: int) -> Dict[str, Any]:
+    """Returns one `vit.Block`'s params from timm keys under `prefix` (e.g. "blocks.3")."""
+    out = {"norm1": norm_params(table, f"{prefix}.norm1"),
+           "attn": attention_params(table, f"{prefix}.attn", num_heads),
+           "norm2": norm_params(table, f"{prefix}.norm2"),
+           "mlp": mlp_params(table, f"{prefix}.mlp")}
+    for scale in ("ls1", "ls2"):
+        if f"{prefix}.{scale}.gamma" in table:
+            out[scale] = {"gamma": table.get(f"{prefix}.{scale}.gamma")}
+    return out
+
+
+def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
+    """Returns {"params": ...} for a `VisionTransformer` from a timm ViT/DeiT state dict.
+
+    Position embeddings are resampled (bicubic, as timm) when the checkpoint's grid differs from the model's.
+    """
+    table = common.KeyTable(state_dict)
+    params: Dict[str, Any] = {
+        "patch_embed": {"proj": {"kernel": table.get("patch_embed.proj.weight", common.conv)}},
+    }
+    if "patch_embed.proj.bias" in table:
+        params["patch_embed"]["proj"]["bias"] = table.get("patch_embed.proj.bias")
+    for token in ("cls_token", "dist_token"):
+        if token in table:
+            params[token] = table.get(token)
+    if "pos_embed" in table:
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        params["pos_embed"] = layers.resample_posemb(table.get("pos_embed"), model.grid_size, prefix)
+    for index in range(model.depth):
+        params[f"blocks_{index}"] = block_params(table, f"blocks.{index}", model.num_heads)
+    for norm in ("norm", "fc_norm"):
+        if f"{norm}.weight" in table:
+            params[norm] = norm_params(table, norm)
+    if "attn_pool.latent" in table:
+        params["attn_pool"] = {
+            "latent": table.get("attn_pool.latent"),
+            "q": _split_heads(dense_params(table, "attn_pool.q"), 1, model.num_heads),
+            "kv": _split_heads(dense_params(table, "attn_pool.kv"), 2, model.num_heads),
+            "proj": {"kernel": table.get("attn_pool.proj.weight").T.reshape(model.num_heads, -1, model.embed_dim),
+                     "bias": table.get("attn_pool.proj.bias")},
+            "norm": norm_params(table, "attn_pool.norm"),
+            "mlp": mlp_params(table, "attn_pool.mlp"),
+        }
+    for head in ("head", "head_dist"):
+        if f"{head}.weight" in table and model.num_classes:
+            params[head] = dense_params(table, head)
+        elif f"{head}.weight" in table:
+            table.get(f"{head}.weight"), table.get(f"{head}.bias")  # dropped: the model has no classifier
+    table.finish()
+    if model.scan:
+        from vitjax.models.vit import scan_params
+        params = scan_params(params, model.depth)
+    img = layers.to_2tuple(model.img_size)
+    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
+    return {"params": params}
+
+
+def _split_heads(dense: Dict[str, np.ndarray], groups: int, num_heads: int) -> Dict[str, np.ndarray]:
+    """Returns a Dense whose output axis is split into (groups, heads, head_dim) (groups=1 drops that axis)."""
+    width = dense["kernel"].shape[0]
+    shape = (num_heads, -1) if groups == 1 else (groups, num_heads, -1)
+    out = {"kernel": dense["kernel"].reshape((width,) + shape)}
+    if "bias" in dense:
+        out["bias"] = dense["bias"].reshape(shape)
+    return out

@@ -1,0 +1,374 @@
+"""Shared building blocks, written once and reused by every architecture family.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `classes`) and activations are
+constrained to (`batch`, `length`, `embed`), so a mesh rule set shards any model without touching it.
+"""
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax.kernels import dot_product_attention
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# timm's default init for linear layers (ViT, DeiT); big_vision and MAE use xavier_uniform instead.
+trunc_normal_init = nn.initializers.truncated_normal(stddev=0.02)
+xavier_uniform_init = nn.initializers.xavier_uniform()
+
+
+def to_2tuple(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """Returns `value` as an (h, w) pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"Expected an int or a pair, got {value!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def logical(init: Initializer, axes: Tuple[Optional[str], ...]) -> Initializer:
+    """Returns `init` wrapped so the parameter carries the logical axis names `axes`."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: jax.Array, axes: Tuple[Optional[str], ...]) -> jax.Array:
+    """Returns `x` with a logical sharding constraint (a no-op outside a mesh/rules context)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Returns the exact (erf) GELU, as PyTorch's nn.GELU() and timm use."""
+    return nn.gelu(x, approximate=False)
+
+
+class PatchEmbed(nn.Module):
+    """Splits an NHWC image into patches with a strided conv; returns (tokens (B, N, C), grid (h, w))."""
+
+    patch_size: Union[int, Tuple[int, int]] = 16
+    embed_dim: int = 768
+    use_bias: bool = True
+    kernel_init: Initializer = trunc_normal_init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> Tuple[jax.Array, Tuple[int, int]]:
+        patch = to_2tuple(self.patch_size)
+        x = nn.Conv(
+            self.embed_dim, kernel_size=patch, strides=patch, padding="VALID", use_bias=self.use_bias,
+            kernel_init=logical(self.kernel_init, (None, None, None, "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)),
+            dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(images)
+        batch, grid_h, grid_w, channels = x.shape
+        x = x.reshape(batch, grid_h * grid_w, channels)
+        return constrain(x, ("batch", "length", "embed")), (grid_h, grid_w)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and a pluggable attention implementation.
+
+    `attention_impl` picks the kernel (`vitjax.kernels.ATTENTION_IMPLS`); attention-weight dropout and
+    `capture_attention` need the weights, so they run the plain XLA path.
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    attn_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    norm_eps: float = 1e-6
+    attention_impl: str = "xla"
+    kernel_init: Initializer = trunc_normal_init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, bias: Optional[jax.Array] = None,
+                 key_bias: Optional[jax.Array] = None, train: bool = False,
+                 capture_attention: bool = False) -> Tuple[jax.Array, dict]:
+        """Returns (output (B, N, C), aux) where aux holds `attention` weights when captured."""
+        channels = x.shape[-1]
+        if channels % self.num_heads:
+            raise ValueError(f"Width {channels} is not divisible by num_heads={self.num_heads}")
+        head_dim = channels // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim), use_bias=self.qkv_bias,
+            kernel_init=logical(self.kernel_init, ("embed", None, "heads", "kv")),
+            bias_init=logical(nn.initializers.zeros, (None, "heads", "kv")),
+            dtype=self.dtype, param_dtype=self.param_dtype, name="qkv")(x)
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.qk_norm:
+            query = nn.LayerNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="q_norm")(query)
+            key = nn.LayerNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                               name="k_norm")(key)
+        out, aux = multihead_attention(
+            query, key, value, bias=bias, key_bias=key_bias, impl=self.attention_impl,
+            dropout_rate=self.attn_drop_rate if train else 0.0,
+            dropout_rng=self.make_rng("dropout") if (train and self.attn_drop_rate > 0) else None,
+            capture_attention=capture_attention)
+        out = nn.DenseGeneral(
+            channels, axis=(-2, -1),
+            kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)),
+            dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
+        out = nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
+        return out, aux
+
+
+def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xla",
+                        dropout_rate=0.0, dropout_rng=None, capture_attention=False):
+    """Returns (attention output (B, Nq, H, D), aux dict with `attention` (B, H, Nq, Nk) when captured).
+
+    The one place every architecture computes softmax attention, so `impl` applies to all of them.
+    """
+    aux = {}
+    if dropout_rate > 0.0 or capture_attention:
+        _, weights = dot_product_attention(query, key, value, bias=bias, key_bias=key_bias,
+                                           impl="xla", return_weights=True)
+        if capture_attention:
+            aux["attention"] = weights
+        if dropout_rate > 0.0:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+            weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+        return out, aux
+    return dot_product_attention(query, key, value, bias=bias, key_bias=key_bias, impl=impl), aux
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP (fc1, activation, dropout, fc2, dropout); returns the same width as its input."""
+
+    hidden_features: int
+    out_features: Optional[int] = None
+    activation: Callable[[jax.Array], jax.Array] = gelu
+    drop_rate: float = 0.0
+    use_bias: bool = True
+    kernel_init: Initializer = trunc_normal_init
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        out_features = self.out_features or x.shape[-1]
+        x = nn.Dense(self.hidden_features, use_bias=self.use_bias,
+                     kernel_init=logical(self.kernel_init, ("embed", "mlp")),
+                     bias_init=logical(self.bias_init, ("mlp",)),
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        x = self.activation(x)
+        x = constrain(x, ("batch", "length", "mlp"))
+        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = nn.Dense(out_features, use_bias=self.use_bias,
+                     kernel_init=logical(self.kernel_init, ("mlp", "embed")),
+                     bias_init=logical(self.bias_init, ("embed",)),
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+        return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zeroes whole samples of a residual branch with probability `rate` (rng `drop_path`)."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, rate: Optional[Any] = None) -> jax.Array:
+        rate = self.rate if rate is None else rate
+        if not train or (isinstance(rate, (int, float)) and rate == 0.0):
+            return x
+        keep_prob = 1.0 - rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = jax.random.bernoulli(self.make_rng("drop_path"), keep_prob, shape)
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (CaiT); parameter `gamma` starts at `init_values`."""
+
+    init_values: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param("gamma", logical(nn.initializers.constant(self.init_values), ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        return x * gamma.astype(x.dtype)
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: Optional[str] = None) -> nn.LayerNorm:
+    """Returns a LayerNorm whose scale and bias carry the `embed` logical axis."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=logical(nn.initializers.ones, ("embed",)),
+                        bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
+def posemb_sincos_1d(positions: np.ndarray, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """Returns (len(positions), dim) fixed sin-cos embeddings: [sin(p w_i), cos(p w_i)], w_i = T^(-2i/dim)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding width must be even, got {dim}")
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / temperature ** omega
+    angles = np.asarray(positions, np.float64).reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def posemb_sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0,
+                     style: str = "mae") -> np.ndarray:
+    """Returns (grid_h * grid_w, dim) fixed 2-D sin-cos position embeddings, row-major over the grid.
+
+    style "mae": MAE/MoCo-v3's table, [sin(x w), cos(x w), sin(y w), cos(y w)] with w_i = T^(-i/(dim/4)),
+    where x is the column and y the row index.
+    style "big_vision": big_vision's `posemb_sincos_2d`, w_i = T^(-i/(dim/4 - 1)).
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding width must be divisible by 4, got {dim}")
+    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
+                             indexing="ij")
+    if style == "mae":
+        return np.concatenate([posemb_sincos_1d(cols, dim // 2, temperature),
+                               posemb_sincos_1d(rows, dim // 2, temperature)], axis=1).astype(np.float32)
+    if style == "big_vision":
+        omega = np.arange(dim // 4, dtype=np.float64) / (dim // 4 - 1)
+        omega = 1.0 / temperature ** omega
+        y = rows.reshape(-1)[:, None] * omega[None, :]
+        x = cols.reshape(-1)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+    raise ValueError(f"Unknown sin-cos style {style!r}; valid choices: ('mae', 'big_vision')")
+
+
+def resample_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int = 0,
+                    old_grid: Optional[Tuple[int, int]] = None, method: str = "bicubic") -> np.ndarray:
+    """Returns a (1, prefix + new_h * new_w, C) position embedding resized from its (1, prefix + h*w, C) grid.
+
+    The prefix (cls/dist token) rows are kept; the grid is resized as an image, as timm's
+    `resample_abs_pos_embed` does (bicubic, align_corners=False, no antialias).
+    """
+    posemb = np.asarray(posemb)
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    if old_grid is None:
+        side = int(round(np.sqrt(grid.shape[1])))
+        if side * side != grid.shape[1]:
+            raise ValueError(f"Cannot infer a square grid from {grid.shape[1]} position embeddings; pass old_grid")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return posemb
+    grid = grid.reshape(1, old_grid[0], old_grid[1], -1)
+    grid = _resize_like_torch(grid, new_grid, method)
+    grid = grid.reshape(1, new_grid[0] * new_grid[1], -1)
+    return np.concatenate([prefix, grid.astype(posemb.dtype)], axis=1)
+
+
+def _resize_like_torch(image: np.ndarray, size: Tuple[int, int], method: str) -> np.ndarray:
+    """Returns NHWC `image` resized like torch.nn.functional.interpolate(align_corners=False, antialias=False)."""
+    valid = {"bicubic": 3, "bilinear": 2}
+    if method not in valid:
+        raise ValueError(f"Unknown resize method {method!r}; valid choices: {sorted(valid)}")
+    out = image.astype(np.float64)
+    for axis, new_len in ((1, size[0]), (2, size[1])):
+        matrix = _interp_matrix(out.shape[axis], new_len, method)
+        out = np.moveaxis(np.tensordot(matrix, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
+    return out
+
+
+def _interp_matrix(in_len: int, out_len: int, method: str) -> np.ndarray:
+    """Returns the (out_len, in_len) matrix of torch's 1-D bilinear/bicubic (A=-0.75) resampling."""
+    matrix = np.zeros((out_len, in_len))
+    scale = in_len / out_len
+    for i in range(out_len):
+        src = (i + 0.5) * scale - 0.5
+        if method == "bilinear":
+            src = max(src, 0.0)
+            lo = int(np.floor(src))
+            frac = src - lo
+            taps = {lo: 1.0 - frac, min(lo + 1, in_len - 1): frac}
+        else:
+            lo = int(np.floor(src))
+            t = src - lo
+            a = -0.75
+            def cubic1(d):  # |d| <= 1
+                return ((a + 2) * d - (a + 3)) * d * d + 1
+            def cubic2(d):  # 1 < |d| < 2
+                return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+            weights = (cubic2(t + 1), cubic1(t), cubic1(1 - t), cubic2(2 - t))
+            taps = {}
+            for offset, weight in zip(range(-1, 3), weights):
+                index = min(max(lo + offset, 0), in_len - 1)
+                taps[index] = taps.get(index, 0.0) + weight
+        for index, weight in taps.items():
+            matrix[i, index] += weight
+    return matrix
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling with a learned latent query (timm's AttentionPoolLatent); returns (B, C)."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        batch, _, channels = x.shape
+        head_dim = channels // self.num_heads
+        latent = self.param("latent", logical(nn.initializers.normal(channels ** -0.5), (None, None, "embed")),
+                            (1, 1, channels), self.param_dtype)
+        query = nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.qkv_bias,
+                                kernel_init=logical(trunc_normal_init, ("embed", "heads", "kv")),
+                                dtype=self.dtype, param_dtype=self.param_dtype, name="q")(
+            jnp.broadcast_to(latent.astype(x.dtype), (batch, 1, channels)))
+        key_value = nn.DenseGeneral((2, self.num_heads, head_dim), use_bias=self.qkv_bias,
+                                    kernel_init=logical(trunc_normal_init, ("embed", None, "heads", "kv")),
+                                    dtype=self.dtype, param_dtype=self.param_dtype, name="kv")(x)
+        out, _ = multihead_attention(query, key_value[:, :, 0], key_value[:, :, 1], impl=self.attention_impl)
+        out = nn.DenseGeneral(channels, axis=(-2, -1),
+                              kernel_init=logical(trunc_normal_init, ("heads", "kv", "embed")),
+                              dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
+        y = layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="norm")(out)
+        out = out + Mlp(int(channels * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="mlp")(y, train)
+        return out[:, 0]
+
+
+POOLING_TYPES = ("token", "avg", "map", "")
+
+
+def pool_tokens(x: jax.Array, pool: str, num_prefix_tokens: int) -> jax.Array:
+    """Returns pooled features: the first token (`token`), the mean of non-prefix tokens (`avg`), or all (``)."""
+    if pool == "token":
+        return x[:, 0]
+    if pool == "avg":
+        return x[:, num_prefix_tokens:].mean(axis=1)
+    if pool == "":
+        return x
+    raise ValueError(f"Unknown pooling {pool!r}; valid choices: {POOLING_TYPES}")
+
+
+def head_init(zero_init: bool) -> Tuple[Initializer, Initializer]:
+    """Returns (kernel_init, bias_init) of a classifier head: zeros (big_vision) or timm's trunc-normal."""
+    if zero_init:
+        return nn.initializers.zeros, nn.initializers.zeros
+    return trunc_normal_init, nn.initializers.zeros
+
+
+def classifier_head(num_classes: int, zero_init: bool, dtype: Dtype, param_dtype: Dtype,
+                    name: str = "head") -> nn.Dense:
+    """Returns the Dense classifier head with the `classes` logical axis."""
+    kernel_init, bias_init = head_init(zero_init)
+    return nn.Dense(num_classes, kernel_init=logical(kernel_init, ("embed", "classes")),
+                    bias_init=logical(bias_init, ("classes",)),
+                    dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+__all__ = [
+    "Attention", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
+    "classifier_head", "constrain", "gelu", "layer_norm", "logical", "multihead_attention", "pool_tokens",
+    "posemb_sincos_1d", "posemb_sincos_2d", "resample_posemb", "to_2tuple", "trunc_normal_init",
+    "xavier_uniform_init",
+]

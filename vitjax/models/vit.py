@@ -1,0 +1,345 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) and DeiT (Touvron et al. 2021), with its distillation token.
+
+Variants follow the ViT and big_vision papers: "Ti/16", "B/16", "L/14", ... (`decode_variant`).
+The parameter tree mirrors timm's module names so weights convert by a plain key table.
+"""
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax.models import layers
+from vitjax.models.registry import register_model
+
+# Width, depth, MLP width and heads of each size (ViT paper Table 1; big_vision's `decode_variant`).
+VARIANT_WIDTH = {"mu": 32, "Ti": 192, "S": 384, "M": 512, "B": 768, "L": 1024, "H": 1280, "g": 1408}
+VARIANT_DEPTH = {"mu": 1, "Ti": 12, "S": 12, "M": 12, "B": 12, "L": 24, "H": 32, "g": 40}
+VARIANT_MLP_DIM = {"mu": 128, "Ti": 768, "S": 1536, "M": 2048, "B": 3072, "L": 4096, "H": 5120, "g": 6144}
+VARIANT_HEADS = {"mu": 2, "Ti": 3, "S": 6, "M": 8, "B": 12, "L": 16, "H": 16, "g": 16}
+
+
+def decode_variant(variant: str) -> Dict[str, Any]:
+    """Returns the constructor settings of a variant string like "B/16" or "Ti" (size[/patch])."""
+    size, _, patch = variant.partition("/")
+    if size not in VARIANT_WIDTH:
+        raise ValueError(f"Unknown ViT size {size!r} in variant {variant!r}; valid sizes: {list(VARIANT_WIDTH)}")
+    settings = dict(embed_dim=VARIANT_WIDTH[size], depth=VARIANT_DEPTH[size],
+                    mlp_dim=VARIANT_MLP_DIM[size], num_heads=VARIANT_HEADS[size])
+    if patch:
+        if not patch.isdigit():
+            raise ValueError(f"Patch size in variant {variant!r} must be an integer, e.g. 'B/16'")
+        settings["patch_size"] = int(patch)
+    return settings
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; returns (tokens, aux) so it can run under `nn.scan`."""
+
+    num_heads: int
+    mlp_dim: int
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    init_values: Optional[float] = None
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    attention_impl: str = "xla"
+    kernel_init: layers.Initializer = layers.trunc_normal_init
+    dtype: layers.Dtype = jnp.float32
+    param_dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, capture_attention: bool = False,
+                 drop_path_rate: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        """Returns (tokens, aux); `drop_path_rate`, when given (a scanned per-layer value), overrides the field."""
+        drop_path_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        norm = lambda name: layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
+        y, aux = layers.Attention(
+            self.num_heads, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, attn_drop_rate=self.attn_drop_rate,
+            proj_drop_rate=self.proj_drop_rate, norm_eps=self.norm_eps, attention_impl=self.attention_impl,
+            kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+            norm("norm1")(x), train=train, capture_attention=capture_attention)
+        if self.init_values is not None:
+            y = layers.LayerScale(self.init_values, self.param_dtype, name="ls1")(y)
+        x = x + layers.DropPath()(y, train, rate=drop_path_rate)
+        y = layers.Mlp(self.mlp_dim, drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(norm("norm2")(x), train)
+        if self.init_values is not None:
+            y = layers.LayerScale(self.init_values, self.param_dtype, name="ls2")(y)
+        x = x + layers.DropPath()(y, train, rate=drop_path_rate)
+        x = layers.constrain(x, ("batch", "length", "embed"))
+        aux = dict(aux, tokens=x)
+        return x, aux
+
+
+class VisionTransformer(nn.Module):
+    """ViT / DeiT classifier; `__call__` returns (logits, intermediates).
+
+    intermediates: `patch_embed` (B, N, C), `blocks` (per-block tokens: a list, or a (depth, B, N, C) array
+    when scanned), `attention` (per-block weights, when `capture_attention`), `pre_logits` (B, C).
+    A distilled DeiT in training returns (cls_logits, dist_logits); at inference their mean.
+    """
+
+    num_classes: int = 1000
+    img_size: Union[int, Tuple[int, int]] = 224
+    patch_size: Union[int, Tuple[int, int]] = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: Optional[int] = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    init_values: Optional[float] = None
+    class_token: bool = True
+    distilled: bool = False
+    no_embed_class: bool = False
+    pos_embed: str = "learn"
+    global_pool: str = "token"
+    fc_norm: Optional[bool] = None
+    representation_size: Optional[int] = None
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    head_zero_init: bool = False
+    weight_init: str = "timm"
+    remat: bool = False
+    scan: bool = False
+    attention_impl: str = "xla"
+    dtype: layers.Dtype = jnp.float32
+    param_dtype: layers.Dtype = jnp.float32
+
+    POS_EMBED_TYPES = ("learn", "sincos2d", "none")
+    WEIGHT_INITS = ("timm", "xavier")
+
+    def validate(self) -> None:
+        """Raises ValueError naming the valid choices if the settings cannot build a model."""
+        from vitjax.kernels import ATTENTION_IMPLS
+        img, patch = layers.to_2tuple(self.img_size), layers.to_2tuple(self.patch_size)
+        if img[0] % patch[0] or img[1] % patch[1]:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        choices = dict(global_pool=layers.POOLING_TYPES, pos_embed=self.POS_EMBED_TYPES,
+                       weight_init=self.WEIGHT_INITS, attention_impl=ATTENTION_IMPLS)
+        for field, valid in choices.items():
+            if getattr(self, field) not in valid:
+                raise ValueError(f"Unknown {field} {getattr(self, field)!r}; valid choices: {list(valid)}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use 'avg' or 'map' without one")
+        if self.distilled and not self.class_token:
+            raise ValueError("A distilled model (DeiT) needs class_token=True")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Returns the number of tokens before the patches (cls, dist)."""
+        return int(self.class_token) + int(self.distilled)
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        """Returns the patch grid (h, w) at `img_size`."""
+        img, patch = layers.to_2tuple(self.img_size), layers.to_2tuple(self.patch_size)
+        return img[0] // patch[0], img[1] // patch[1]
+
+    def _kernel_init(self) -> layers.Initializer:
+        return layers.trunc_normal_init if self.weight_init == "timm" else layers.xavier_uniform_init
+
+    def embed(self, images: jax.Array, train: bool) -> jax.Array:
+        """Returns the token sequence after patch embedding, prefix tokens and position embedding."""
+        x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, kernel_init=self._kernel_init(),
+                                    dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
+        if grid != self.grid_size:
+            raise ValueError(f"Input grid {grid} does not match the model's {self.grid_size} "
+                             f"(img_size={self.img_size}); resample position embeddings to change resolution")
+        batch, _, channels = x.shape
+        prefix = []
+        token_init = layers.logical(nn.initializers.normal(1e-6 if self.weight_init == "timm" else 0.02),
+                                    (None, None, "embed"))
+        if self.class_token:
+            cls = self.param("cls_token", token_init, (1, 1, channels), self.param_dtype)
+            prefix.append(jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, channels)))
+        if self.distilled:
+            dist = self.param("dist_token", token_init, (1, 1, channels), self.param_dtype)
+            prefix.append(jnp.broadcast_to(dist.astype(x.dtype), (batch, 1, channels)))
+        num_pos = grid[0] * grid[1] + (0 if self.no_embed_class else len(prefix))
+        if self.pos_embed == "learn":
+            posemb = self.param("pos_embed", layers.logical(nn.initializers.normal(0.02), (None, None, "embed")),
+                                (1, num_pos, channels), self.param_dtype).astype(x.dtype)
+        elif self.pos_embed == "sincos2d":
+            table = layers.posemb_sincos_2d(grid[0], grid[1], channels)
+            if not self.no_embed_class and prefix:
+                table = np.concatenate([np.zeros((len(prefix), channels), np.float32), table])
+            posemb = jnp.asarray(table[None], x.dtype)
+        else:
+            posemb = None
+        if self.no_embed_class:
+            x = x if posemb is None else x + posemb
+            x = jnp.concatenate(prefix + [x], axis=1)
+        else:
+            x = jnp.concatenate(prefix + [x], axis=1)
+            x = x if posemb is None else x + posemb
+        x = nn.Dropout(self.pos_drop_rate)(x, deterministic=not train)
+        return layers.constrain(x, ("batch", "length", "embed"))
+
+    def block_kwargs(self) -> Dict[str, Any]:
+        """Returns the constructor settings shared by every block."""
+        return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or int(self.embed_dim * self.mlp_ratio),
+                    qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, init_values=self.init_values,
+                    proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
+                    norm_eps=self.norm_eps, attention_impl=self.attention_impl,
+                    kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def encode(self, x: jax.Array, train: bool, capture_attention: bool) -> Tuple[jax.Array, Dict[str, Any]]:
+        """Returns (tokens after all blocks, per-block aux) for an embedded sequence."""
+        block_cls = Block
+        if self.remat:
+            # self=0, x=1, train=2, capture_attention=3: the flags must stay Python bools.
+            block_cls = nn.remat(Block, prevent_cse=not self.scan, static_argnums=(2, 3))
+        drop_path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+        if self.scan:
+            # The scanned block is one module, so its stochastic-depth rate is fed per layer as a scanned input.
+            scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={
+                "params": True, "dropout": True, "drop_path": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0), length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            x, aux = scanned(name="blocks", **self.block_kwargs())(
+                x, train, capture_attention, jnp.asarray(drop_path_rates, jnp.float32))
+            return x, {"blocks": aux["tokens"], **({"attention": aux["attention"]} if capture_attention else {})}
+        tokens, attention = [], []
+        for index in range(self.depth):
+            x, aux = block_cls(drop_path_rate=float(drop_path_rates[index]), name=f"blocks_{index}",
+                               **self.block_kwargs())(x, train, capture_attention)
+            tokens.append(aux["tokens"])
+            if capture_attention:
+                attention.append(aux["attention"])
+        return x, {"blocks": tokens, **({"attention": attention} if capture_attention else {})}
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False, capture_attention: bool = False
+                 ) -> Tuple[Any, Dict[str, Any]]:
+        x = self.embed(images, train)
+        intermediates: Dict[str, Any] = {}
+        x, block_aux = self.encode(x, train, capture_attention)
+        intermediates.update(block_aux)
+        use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+        if not use_fc_norm:
+            x = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+        intermediates["encoded"] = x
+        if self.distilled:
+            return self._distilled_head(x, train, intermediates)
+        if self.global_pool == "map":
+            pooled = layers.MapHead(self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                                    norm_eps=self.norm_eps, attention_impl=self.attention_impl, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name="attn_pool")(
+                x[:, self.num_prefix_tokens:], train)  # timm pools the patch tokens only
+        else:
+            pooled = layers.pool_tokens(x, self.global_pool, self.num_prefix_tokens)
+        if use_fc_norm:
+            pooled = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="fc_norm")(pooled)
+        if self.representation_size:
+            pooled = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                      kernel_init=layers.logical(self._kernel_init(), ("embed", "mlp")),
+                                      name="pre_logits")(pooled))
+        intermediates["pre_logits"] = pooled
+        pooled = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
+        if not self.num_classes:
+            return pooled, intermediates
+        logits = layers.classifier_head(self.num_classes, self.head_zero_init, self.dtype, self.param_dtype)(pooled)
+        return logits, intermediates
+
+    def _distilled_head(self, x: jax.Array, train: bool, intermediates: Dict[str, Any]):
+        cls, dist = x[:, 0], x[:, 1]
+        intermediates["pre_logits"] = (cls + dist) / 2
+        if not self.num_classes:
+            return intermediates["pre_logits"], intermediates
+        cls = nn.Dropout(self.drop_rate)(cls, deterministic=not train)
+        dist = nn.Dropout(self.drop_rate)(dist, deterministic=not train)
+        logits = layers.classifier_head(self.num_classes, self.head_zero_init, self.dtype, self.param_dtype)(cls)
+        dist_logits = layers.classifier_head(self.num_classes, self.head_zero_init, self.dtype, self.param_dtype,
+                                             name="head_dist")(dist)
+        if train:
+            return (logits, dist_logits), intermediates
+        return (logits + dist_logits) / 2, intermediates
+
+
+# --- scanned <-> unscanned parameter layouts ------------------------------------------------------------------
+
+def scan_params(params: Dict[str, Any], depth: int) -> Dict[str, Any]:
+    """Returns `params` with `blocks_0..blocks_{depth-1}` stacked into one `blocks` tree (layer axis first)."""
+    params = dict(params)
+    missing = [f"blocks_{i}" for i in range(depth) if f"blocks_{i}" not in params]
+    if missing:
+        raise KeyError(f"Cannot scan: missing {missing}")
+    per_block = [params.pop(f"blocks_{i}") for i in range(depth)]
+    params["blocks"] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
+    return params
+
+
+def unscan_params(params: Dict[str, Any]) -> Dict[str, Any]:
+    """Returns `params` with the stacked `blocks` tree split into `blocks_0`, `blocks_1`, ..."""
+    params = dict(params)
+    if "blocks" not in params:
+        raise KeyError("Cannot unscan: no 'blocks' entry")
+    stacked = params.pop("blocks")
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    for index in range(depth):
+        params[f"blocks_{index}"] = jax.tree.map(lambda leaf, i=index: leaf[i], stacked)
+    return params
+
+
+# --- registry: timm names (and big_vision-style variants through "vit") ------------------------------------------
+
+def _vit(variant: str, **settings) -> Dict[str, Any]:
+    return {**decode_variant(variant), **settings}
+
+
+_TIMM_VITS = {
+    "vit_tiny_patch16_224": _vit("Ti/16"),
+    "vit_tiny_patch16_384": _vit("Ti/16", img_size=384),
+    "vit_small_patch32_224": _vit("S/32"),
+    "vit_small_patch16_224": _vit("S/16"),
+    "vit_small_patch16_384": _vit("S/16", img_size=384),
+    "vit_small_patch8_224": _vit("S/8"),
+    "vit_medium_patch16_gap_256": _vit("M/16", img_size=256, class_token=False, global_pool="avg",
+                                       qkv_bias=False, init_values=1e-6, fc_norm=False),
+    "vit_base_patch32_224": _vit("B/32"),
+    "vit_base_patch16_224": _vit("B/16"),
+    "vit_base_patch16_384": _vit("B/16", img_size=384),
+    "vit_base_patch8_224": _vit("B/8"),
+    "vit_large_patch32_224": _vit("L/32"),
+    "vit_large_patch16_224": _vit("L/16"),
+    "vit_large_patch16_384": _vit("L/16", img_size=384),
+    "vit_large_patch14_224": _vit("L/14"),
+    "vit_huge_patch14_224": _vit("H/14"),
+    "vit_giant_patch14_224": _vit("g/14"),
+    "vit_base_patch16_gap_224": _vit("B/16", class_token=False, global_pool="avg"),
+    "vit_base_patch16_siglip_224": _vit("B/16", class_token=False, global_pool="map"),
+    "deit_tiny_patch16_224": _vit("Ti/16"),
+    "deit_small_patch16_224": _vit("S/16"),
+    "deit_base_patch16_224": _vit("B/16"),
+    "deit_base_patch16_384": _vit("B/16", img_size=384),
+    "deit_tiny_distilled_patch16_224": _vit("Ti/16", distilled=True),
+    "deit_small_distilled_patch16_224": _vit("S/16", distilled=True),
+    "deit_base_distilled_patch16_224": _vit("B/16", distilled=True),
+    "deit_base_distilled_patch16_384": _vit("B/16", img_size=384, distilled=True),
+}
+
+for _name, _settings in _TIMM_VITS.items():
+    register_model(_name, VisionTransformer, family="vit", **_settings)
+
+
+def _from_variant(variant: str = "B/16", **overrides) -> VisionTransformer:
+    return VisionTransformer(**{**decode_variant(variant), **overrides})
+
+
+register_model("vit", _from_variant, family="vit", module_class=VisionTransformer,
+               extra_args=("variant",), variant="B/16")

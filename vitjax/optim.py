@@ -1,0 +1,321 @@
+"""Optimizers from config: AdamW, SGD-momentum, LARS, LAMB, with the ViT training conventions.
+
+`make_optimizer(config.optim, params, ...)` returns `(tx, lr_schedule)`:
+
+  * learning rate: `lr`, or `blr` scaled by batch size (`lr = blr * batch_size / 256`, as MAE and
+    DeiT write it); linear warmup from `warmup_init_lr`, then cosine / linear decay to `min_lr`,
+    or constant.
+  * weight decay, decoupled and scaled by the learning rate (PyTorch AdamW), never applied to
+    1-D params (norm scales, biases, layer-scale) nor to paths matching `no_decay` (tokens,
+    position embeddings).
+  * layer-wise lr decay (BEiT / MAE fine-tuning): param with layer id `i` of `L` blocks gets
+    `layer_decay ** (L + 1 - i)`; ids come from a `layer_ids_fn` hook, `vit_layer_ids` by default.
+  * gradient clipping by global norm; frozen sub-trees (`frozen` regexes) get no update and no
+    optimizer state.
+
+Gradient accumulation is done by the trainer (micro-batches inside one jitted step, so the step
+counter, schedule and checkpoints count optimizer updates), from `optim.grad_accum_steps`.
+
+Param paths are "/"-joined dict keys, e.g. "blocks_3/attn/qkv/kernel". A `param_axes` tree of
+logical axis names (from the models' `nn.LogicallyPartitioned` boxes) tells which params are
+stacked over layers by `nn.scan` (axis name "layers"): their per-layer ndim, trust ratios and
+layer-wise lr scales are computed per layer.
+"""
+import math
+import re
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Schedule = Callable[[Any], jax.Array]
+LayerIds = Union[int, Sequence[int]]
+# params -> ({path: layer id, or one id per entry of the param's "layers" axis}, number of layers)
+LayerIdsFn = Callable[[Any], Tuple[Dict[str, LayerIds], int]]
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------
+def _key_name(key) -> str:
+    """Returns the name of one key-path entry."""
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def path_to_str(path) -> str:
+    """Returns the "/"-joined name of a jax key path."""
+    return "/".join(_key_name(key) for key in path)
+
+
+def param_paths(params) -> Dict[str, Any]:
+    """Returns {path string: leaf} for a params tree (leaves may be arrays or ShapeDtypeStructs)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {path_to_str(path): leaf for path, leaf in flat}
+
+
+def _map_with_path(fn: Callable[[str, Any], Any], tree) -> Any:
+    """Returns `tree` with each leaf replaced by fn(path string, leaf); empty nodes are kept."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(path_to_str(path), leaf), tree)
+
+
+def layers_axes(param_axes) -> Dict[str, Optional[int]]:
+    """Returns {path: index of the "layers" axis, or None} from a tree of logical axis names."""
+    if param_axes is None:
+        return {}
+    is_spec = lambda x: isinstance(x, (tuple, jax.sharding.PartitionSpec))  # noqa: E731
+    flat, _ = jax.tree_util.tree_flatten_with_path(param_axes, is_leaf=is_spec)
+    result = {}
+    for path, names in flat:
+        names = tuple(names) if names is not None else ()
+        result[path_to_str(path)] = names.index("layers") if "layers" in names else None
+    return result
+
+
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+    """Returns whether `path` matches (re.search) one of `patterns`."""
+    return any(re.search(pattern, path) for pattern in patterns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ---------------------------------------------------------------------------------------------
+def peak_learning_rate(optim_config, batch_size: int) -> float:
+    """Returns the peak lr: `lr`, or `blr * batch_size / 256`."""
+    if optim_config.get("lr") is not None:
+        return float(optim_config.lr)
+    return float(optim_config.blr) * batch_size / 256.0
+
+
+def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_steps: int = 0,
+                  init_lr: float = 0.0, end_lr: float = 0.0) -> Schedule:
+    """Returns step -> lr: linear warmup to `peak_lr` over `warmup_steps`, then `name` decay to `end_lr`."""
+    if name not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {name!r}; valid choices: {list(SCHEDULES)}")
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}")
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warmup = init_lr + (peak_lr - init_lr) * step / max(warmup_steps, 1)
+        progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+        if name == "cosine":
+            decayed = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        elif name == "linear":
+            decayed = peak_lr + (end_lr - peak_lr) * progress
+        else:
+            decayed = jnp.full_like(progress, peak_lr)
+        return jnp.where(step < warmup_steps, warmup, decayed)
+
+    return schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-wise lr decay
+# ---------------------------------------------------------------------------------------------
+_VIT_EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed", "dist_token", "reg_token", "mask_token")
+
+
+def vit_layer_ids(params) -> Tuple[Dict[str, LayerIds], int]:
+    """Returns ({path: layer id}, depth) for a ViT: 0 embeddings, i + 1 for block i, depth + 1 the rest.
+
+    Scanned blocks (`blocks/...` with a leading "layers" axis) get one id per layer, 1..depth.
+    """
+    paths = param_paths(params)
+    block_indices, scanned_depth = set(), 0
+    for path, leaf in paths.items():
+        top = path.split("/")[0]
+        if re.fullmatch(r"blocks_\d+", top):
+            block_indices.add(int(top.split("_")[1]))
+        elif top == "blocks":
+            scanned_depth = int(np.shape(leaf)[0])
+    depth = max(len(block_indices), scanned_depth)
+    if block_indices and block_indices != set(range(depth)):
+        raise ValueError(f"ViT blocks are not numbered 0..{depth - 1}: {sorted(block_indices)}")
+    ids: Dict[str, LayerIds] = {}
+    for path in paths:
+        top = path.split("/")[0]
+        if top in _VIT_EMBEDDING_PARAMS:
+            ids[path] = 0
+        elif top.startswith("blocks_"):
+            ids[path] = int(top.split("_")[1]) + 1
+        elif top == "blocks":
+            ids[path] = list(range(1, depth + 1))
+        else:
+            ids[path] = depth + 1
+    return ids, depth
+
+
+def layer_decay_scales(params, layer_decay: float, layer_ids_fn: Optional[LayerIdsFn] = None,
+                       param_axes=None) -> Dict[str, Union[float, np.ndarray]]:
+    """Returns {path: lr multiplier}; stacked params get an array that broadcasts along their layers axis."""
+    ids, num_layers = (layer_ids_fn or vit_layer_ids)(params)
+    axes = layers_axes(param_axes)
+    shapes = {path: np.shape(leaf) for path, leaf in param_paths(params).items()}
+    scales = {}
+    for path, shape in shapes.items():
+        if path not in ids:
+            raise ValueError(f"layer_ids_fn gave no layer id for param {path!r}")
+        layer_id = ids[path]
+        if isinstance(layer_id, (int, np.integer)):
+            scales[path] = float(layer_decay ** (num_layers + 1 - int(layer_id)))
+            continue
+        layer_id = np.asarray(layer_id)
+        axis = axes.get(path)
+        axis = 0 if axis is None else axis
+        if shape[axis] != layer_id.shape[0]:
+            raise ValueError(f"{len(layer_id)} layer ids for param {path!r} of shape {shape} (layers axis {axis})")
+        broadcast = [1] * len(shape)
+        broadcast[axis] = shape[axis]
+        scales[path] = (layer_decay ** (num_layers + 1 - layer_id)).astype(np.float32).reshape(broadcast)
+    return scales
+
+
+def scale_by_path(scales: Dict[str, Union[float, np.ndarray]]) -> optax.GradientTransformation:
+    """Returns a transformation multiplying each update by `scales[path]` (1 where absent)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        updates = _map_with_path(
+            lambda path, update: update * jnp.asarray(scales.get(path, 1.0), update.dtype), updates)
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight decay and trust ratio
+# ---------------------------------------------------------------------------------------------
+def decay_mask_fn(no_decay: Sequence[str], param_axes=None) -> Callable[[Any], Any]:
+    """Returns params -> bool tree: True where weight decay applies (per-layer ndim >= 2, no `no_decay` match)."""
+    axes = layers_axes(param_axes)
+
+    def mask(params):
+        def decide(path, leaf):
+            per_layer_ndim = len(np.shape(leaf)) - (axes.get(path) is not None)
+            return per_layer_ndim >= 2 and not _matches(path, no_decay)
+        return _map_with_path(decide, params)
+
+    return mask
+
+
+def scale_by_trust_ratio(trust_coefficient: float, mask: Callable[[Any], Any], param_axes=None,
+                         eps: float = 0.0) -> optax.GradientTransformation:
+    """Returns the LARS/LAMB trust-ratio scaling, per layer for stacked params, 1 where `mask` is False."""
+    axes = layers_axes(param_axes)
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("The trust ratio needs params: call tx.update(grads, state, params).")
+        decisions = mask(params)
+
+        def scale(path, update, param, use):
+            if not use:
+                return update
+            axis = axes.get(path)
+            reduce_axes = tuple(i for i in range(update.ndim) if i != axis)
+            param_norm = jnp.sqrt(jnp.sum(jnp.square(param.astype(jnp.float32)), reduce_axes, keepdims=True))
+            update_norm = jnp.sqrt(jnp.sum(jnp.square(update.astype(jnp.float32)), reduce_axes, keepdims=True))
+            ratio = trust_coefficient * param_norm / (update_norm + eps)
+            ratio = jnp.where((param_norm > 0) & (update_norm > 0), ratio, 1.0)
+            return update * ratio.astype(update.dtype)
+
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, u, p, use: scale(path_to_str(path), u, p, use), updates, params, decisions)
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+# ---------------------------------------------------------------------------------------------
+def warmup_steps_from_config(optim_config, steps_per_epoch: Optional[float]) -> int:
+    """Returns the number of warmup steps from `warmup_steps` or `warmup_epochs`."""
+    if optim_config.get("warmup_steps") is not None:
+        return int(optim_config.warmup_steps)
+    if optim_config.get("warmup_epochs") is not None:
+        if steps_per_epoch is None:
+            raise ValueError("optim.warmup_epochs needs the dataset size; give optim.warmup_steps instead")
+        return int(round(float(optim_config.warmup_epochs) * steps_per_epoch))
+    return 0
+
+
+def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
+                   steps_per_epoch: Optional[float] = None, param_axes=None,
+                   layer_ids_fn: Optional[LayerIdsFn] = None
+                   ) -> Tuple[optax.GradientTransformation, Schedule]:
+    """Returns (optax transformation, step -> lr schedule) for `optim_config` (see `config_utils`).
+
+    `params` may be abstract (ShapeDtypeStructs): only paths and shapes are read.
+    """
+    name = optim_config.name
+    peak_lr = peak_learning_rate(optim_config, batch_size)
+    warmup_steps = warmup_steps_from_config(optim_config, steps_per_epoch)
+    schedule = make_schedule(optim_config.get("schedule", "cosine"), peak_lr, total_steps, warmup_steps,
+                             init_lr=optim_config.get("warmup_init_lr", 0.0),
+                             end_lr=optim_config.get("min_lr", 0.0))
+    weight_decay = float(optim_config.get("weight_decay", 0.0))
+    decay_mask = decay_mask_fn(tuple(optim_config.get("no_decay", ())), param_axes)
+    mu_dtype = optim_config.get("mu_dtype")
+    mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
+
+    transforms = []
+    if optim_config.get("clip_grad_norm"):
+        transforms.append(optax.clip_by_global_norm(float(optim_config.clip_grad_norm)))
+    if name == "adamw":
+        transforms += [optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                                           mu_dtype=mu_dtype),
+                       optax.add_decayed_weights(weight_decay, mask=decay_mask)]
+    elif name == "lamb":
+        # Layer adaptation skips 1-D params and tokens, as BERT's LAMB excludes norms and biases.
+        transforms += [optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                                           mu_dtype=mu_dtype),
+                       optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                       scale_by_trust_ratio(1.0, decay_mask, param_axes)]
+    elif name == "sgd":
+        # Coupled L2 (decay added to the gradient before momentum), as torch.optim.SGD.
+        transforms += [optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                       optax.trace(decay=optim_config.momentum, nesterov=optim_config.nesterov,
+                                   accumulator_dtype=mu_dtype)]
+    elif name == "lars":
+        # Momentum accumulates trust-scaled updates and the lr multiplies the momentum, as the
+        # LARS of MoCo v3 / MAE linear probing.
+        transforms += [optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                       scale_by_trust_ratio(optim_config.trust_coefficient, decay_mask, param_axes),
+                       optax.trace(decay=optim_config.momentum, nesterov=optim_config.nesterov,
+                                   accumulator_dtype=mu_dtype)]
+    else:
+        raise ValueError(f"Unknown optimizer {name!r}; valid choices: ['adamw', 'sgd', 'lars', 'lamb']")
+
+    if optim_config.get("layer_decay") is not None and optim_config.layer_decay != 1.0:
+        transforms.append(scale_by_path(layer_decay_scales(params, float(optim_config.layer_decay),
+                                                           layer_ids_fn, param_axes)))
+    transforms.append(optax.scale_by_learning_rate(schedule))
+    tx = optax.chain(*transforms)
+
+    frozen = tuple(optim_config.get("frozen", ()))
+    if frozen:
+        labels = _map_with_path(lambda path, _: "frozen" if _matches(path, frozen) else "trained", params)
+        counts = {label: sum(1 for value in jax.tree.leaves(labels) if value == label)
+                  for label in ("frozen", "trained")}
+        if counts["frozen"] == 0:
+            raise ValueError(f"optim.frozen patterns {list(frozen)} match no param; params: "
+                             f"{sorted(param_paths(params))[:20]}...")
+        if counts["trained"] == 0:
+            raise ValueError(f"optim.frozen patterns {list(frozen)} freeze every param")
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+def trainable_mask(optim_config, params) -> Any:
+    """Returns a bool tree: False for params frozen by `optim_config.frozen`."""
+    frozen = tuple(optim_config.get("frozen", ()))
+    return _map_with_path(lambda path, _: not _matches(path, frozen), params)
