@@ -153,8 +153,11 @@ class VisionTransformer(nn.Module):
     def _kernel_init(self) -> layers.Initializer:
         return layers.trunc_normal_init if self.weight_init == "timm" else layers.xavier_uniform_init
 
-    def embed(self, images: jax.Array, train: bool) -> jax.Array:
-        """Returns the token sequence after patch embedding, prefix tokens and position embedding."""
+    def embed(self, images: jax.Array, train: bool, patch_indices: Optional[jax.Array] = None) -> jax.Array:
+        """Returns the token sequence after patch embedding, prefix tokens and position embedding.
+
+        `patch_indices` (B, K) keeps only those patches (after position embedding), prefix tokens first.
+        """
         x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, kernel_init=self._kernel_init(),
                                     dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
         if grid != self.grid_size:
@@ -187,6 +190,10 @@ class VisionTransformer(nn.Module):
         else:
             x = jnp.concatenate(prefix + [x], axis=1)
             x = x if posemb is None else x + posemb
+        if patch_indices is not None:
+            num_prefix = len(prefix)
+            kept = jnp.take_along_axis(x[:, num_prefix:], patch_indices[:, :, None].astype(jnp.int32), axis=1)
+            x = jnp.concatenate([x[:, :num_prefix], kept], axis=1)
         x = nn.Dropout(self.pos_drop_rate)(x, deterministic=not train)
         return layers.constrain(x, ("batch", "length", "embed"))
 
@@ -224,9 +231,10 @@ class VisionTransformer(nn.Module):
         return x, {"blocks": tokens, **({"attention": attention} if capture_attention else {})}
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, capture_attention: bool = False
-                 ) -> Tuple[Any, Dict[str, Any]]:
-        x = self.embed(images, train)
+    def __call__(self, images: jax.Array, train: bool = False, capture_attention: bool = False,
+                 patch_indices: Optional[jax.Array] = None) -> Tuple[Any, Dict[str, Any]]:
+        """Returns (logits, intermediates); `patch_indices` (B, K) encodes only those patches (MAE, FLIP)."""
+        x = self.embed(images, train, patch_indices)
         intermediates: Dict[str, Any] = {}
         x, block_aux = self.encode(x, train, capture_attention)
         intermediates.update(block_aux)
