@@ -7,7 +7,8 @@ from vitjax.convert import common
 from vitjax.models import layers
 
 
-def attention_params(table: common.KeyTable, prefix: str, num_heads: int) -> Dict[str, Any]:
+def attention_params(table: common.KeyTable, prefix: str, num_heads: int, qkv_bias: bool = True,
+                     qk_norm: bool = False) -> Dict[str, Any]:
     """Returns the params of a fused-qkv `layers.Attention` from timm keys under `prefix` (e.g. "blocks.0.attn")."""
     qkv_weight = table.get(f"{prefix}.qkv.weight")
     width = qkv_weight.shape[1]
@@ -15,11 +16,11 @@ def attention_params(table: common.KeyTable, prefix: str, num_heads: int) -> Dic
     out = {"qkv": {"kernel": qkv_weight.T.reshape(width, 3, num_heads, head_dim)},
            "proj": {"kernel": table.get(f"{prefix}.proj.weight").T.reshape(num_heads, head_dim, -1),
                     "bias": table.get(f"{prefix}.proj.bias")}}
-    if f"{prefix}.qkv.bias" in table:
+    if qkv_bias:
         out["qkv"]["bias"] = table.get(f"{prefix}.qkv.bias").reshape(3, num_heads, head_dim)
-    for norm in ("q_norm", "k_norm"):
-        if f"{prefix}.{norm}.weight" in table:
-            out[norm] = norm_params(table, f"{prefix}.{norm}")
+    if qk_norm:
+        out["q_norm"] = norm_params(table, f"{prefix}.q_norm")
+        out["k_norm"] = norm_params(table, f"{prefix}.k_norm")
     return out
 
 
@@ -28,10 +29,10 @@ def norm_params(table: common.KeyTable, prefix: str) -> Dict[str, np.ndarray]:
     return {"scale": table.get(f"{prefix}.weight"), "bias": table.get(f"{prefix}.bias")}
 
 
-def dense_params(table: common.KeyTable, prefix: str) -> Dict[str, np.ndarray]:
-    """Returns Dense {kernel, bias} from a torch Linear."""
+def dense_params(table: common.KeyTable, prefix: str, bias: bool = True) -> Dict[str, np.ndarray]:
+    """Returns Dense {kernel, bias} from a torch Linear; a missing bias is an error unless `bias=False`."""
     out = {"kernel": table.get(f"{prefix}.weight", common.linear)}
-    if f"{prefix}.bias" in table:
+    if bias:
         out["bias"] = table.get(f"{prefix}.bias")
     return out
 
@@ -41,15 +42,16 @@ def mlp_params(table: common.KeyTable, prefix: str) -> Dict[str, Any]:
     return {"fc1": dense_params(table, f"{prefix}.fc1"), "fc2": dense_params(table, f"{prefix}.fc2")}
 
 
-def block_params(table: common.KeyTable, prefix: str, num_heads: int) -> Dict[str, Any]:
+def block_params(table: common.KeyTable, prefix: str, num_heads: int, qkv_bias: bool = True,
+                 qk_norm: bool = False, layer_scale: bool = False) -> Dict[str, Any]:
     """Returns one `vit.Block`'s params from timm keys under `prefix` (e.g. "blocks.3")."""
     out = {"norm1": norm_params(table, f"{prefix}.norm1"),
-           "attn": attention_params(table, f"{prefix}.attn", num_heads),
+           "attn": attention_params(table, f"{prefix}.attn", num_heads, qkv_bias, qk_norm),
            "norm2": norm_params(table, f"{prefix}.norm2"),
            "mlp": mlp_params(table, f"{prefix}.mlp")}
-    for scale in ("ls1", "ls2"):
-        if f"{prefix}.{scale}.gamma" in table:
-            out[scale] = {"gamma": table.get(f"{prefix}.{scale}.gamma")}
+    if layer_scale:
+        out["ls1"] = {"gamma": table.get(f"{prefix}.ls1.gamma")}
+        out["ls2"] = {"gamma": table.get(f"{prefix}.ls2.gamma")}
     return out
 
 
@@ -64,32 +66,34 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
     }
     if "patch_embed.proj.bias" in table:
         params["patch_embed"]["proj"]["bias"] = table.get("patch_embed.proj.bias")
-    for token in ("cls_token", "dist_token"):
-        if token in table:
-            params[token] = table.get(token)
-    if "pos_embed" in table:
+    if model.class_token:
+        params["cls_token"] = table.get("cls_token")
+    if model.distilled:
+        params["dist_token"] = table.get("dist_token")
+    if model.pos_embed == "learn":
         prefix = 0 if model.no_embed_class else model.num_prefix_tokens
         params["pos_embed"] = layers.resample_posemb(table.get("pos_embed"), model.grid_size, prefix)
     for index in range(model.depth):
-        params[f"blocks_{index}"] = block_params(table, f"blocks.{index}", model.num_heads)
-    for norm in ("norm", "fc_norm"):
-        if f"{norm}.weight" in table:
-            params[norm] = norm_params(table, norm)
-    if "attn_pool.latent" in table:
+        params[f"blocks_{index}"] = block_params(table, f"blocks.{index}", model.num_heads, model.qkv_bias,
+                                               model.qk_norm, model.init_values is not None)
+    use_fc_norm = model.global_pool == "avg" if model.fc_norm is None else model.fc_norm
+    norm = "fc_norm" if use_fc_norm else "norm"
+    params[norm] = norm_params(table, norm)
+    if model.global_pool == "map":
         params["attn_pool"] = {
             "latent": table.get("attn_pool.latent"),
-            "q": _split_heads(dense_params(table, "attn_pool.q"), 1, model.num_heads),
-            "kv": _split_heads(dense_params(table, "attn_pool.kv"), 2, model.num_heads),
+            "q": _split_heads(dense_params(table, "attn_pool.q", model.qkv_bias), 1, model.num_heads),
+            "kv": _split_heads(dense_params(table, "attn_pool.kv", model.qkv_bias), 2, model.num_heads),
             "proj": {"kernel": table.get("attn_pool.proj.weight").T.reshape(model.num_heads, -1, model.embed_dim),
                      "bias": table.get("attn_pool.proj.bias")},
             "norm": norm_params(table, "attn_pool.norm"),
             "mlp": mlp_params(table, "attn_pool.mlp"),
         }
-    for head in ("head", "head_dist"):
-        if f"{head}.weight" in table and model.num_classes:
+    for head in ("head", "head_dist") if model.distilled else ("head",):
+        if model.num_classes:
             params[head] = dense_params(table, head)
         elif f"{head}.weight" in table:
-            table.get(f"{head}.weight"), table.get(f"{head}.bias")  # dropped: the model has no classifier
+            table.get(f"{head}.weight"), table.get(f"{head}.bias")  # a feature extractor drops the classifier
     table.finish()
     if model.scan:
         from vitjax.models.vit import scan_params

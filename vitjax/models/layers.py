@@ -29,9 +29,25 @@ def to_2tuple(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return int(value), int(value)
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+    """A LogicallyPartitioned that skips the sharding constraint while its value has another rank.
+
+    nn.DenseGeneral initializes its kernel flat, unboxes it and reshapes it; under a global mesh the
+    unbox would constrain the flat kernel with the full-rank names and fail (at init, and in every
+    apply, where flax re-traces the init to check shapes).
+    """
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint and np.ndim(self.value) == len(self.names))
+
+
 def logical(init: Initializer, axes: Tuple[Optional[str], ...]) -> Initializer:
     """Returns `init` wrapped so the parameter carries the logical axis names `axes`."""
-    return nn.with_logical_partitioning(init, axes)
+
+    def boxed_init(*args, **kwargs):
+        return _LogicallyPartitioned(init(*args, **kwargs), tuple(axes))
+
+    return boxed_init
 
 
 def constrain(x: jax.Array, axes: Tuple[Optional[str], ...]) -> jax.Array:
@@ -84,12 +100,14 @@ class Attention(nn.Module):
     kernel_init: Initializer = trunc_normal_init
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    proj_bias: bool = True  # MetaFormer's attention has no output-projection bias
 
     @nn.compact
     def __call__(self, x: jax.Array, *, bias: Optional[jax.Array] = None,
                  key_bias: Optional[jax.Array] = None, train: bool = False,
-                 capture_attention: bool = False) -> Tuple[jax.Array, dict]:
-        """Returns (output (B, N, C), aux) where aux holds `attention` weights when captured."""
+                 capture_attention: bool = False, return_keys: bool = False) -> Tuple[jax.Array, dict]:
+        """Returns (output (B, N, C), aux): aux holds `attention` weights when captured and, with
+        `return_keys`, `key_mean` (B, N, head_dim), the keys averaged over heads (ToMe's metric)."""
         channels = x.shape[-1]
         if channels % self.num_heads:
             raise ValueError(f"Width {channels} is not divisible by num_heads={self.num_heads}")
@@ -110,8 +128,10 @@ class Attention(nn.Module):
             dropout_rate=self.attn_drop_rate if train else 0.0,
             dropout_rng=self.make_rng("dropout") if (train and self.attn_drop_rate > 0) else None,
             capture_attention=capture_attention)
+        if return_keys:
+            aux["key_mean"] = key.mean(axis=2)
         out = nn.DenseGeneral(
-            channels, axis=(-2, -1),
+            channels, axis=(-2, -1), use_bias=self.proj_bias,
             kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)),
             dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
@@ -240,11 +260,12 @@ def posemb_sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10
 
 
 def resample_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int = 0,
-                    old_grid: Optional[Tuple[int, int]] = None, method: str = "bicubic") -> np.ndarray:
+                    old_grid: Optional[Tuple[int, int]] = None, method: str = "bicubic",
+                    antialias: bool = True) -> np.ndarray:
     """Returns a (1, prefix + new_h * new_w, C) position embedding resized from its (1, prefix + h*w, C) grid.
 
-    The prefix (cls/dist token) rows are kept; the grid is resized as an image, as timm's
-    `resample_abs_pos_embed` does (bicubic, align_corners=False, no antialias).
+    The prefix (cls/dist token) rows are kept; the grid is resized as an image exactly as timm's
+    `resample_abs_pos_embed` does when loading a checkpoint (torch interpolate, bicubic, antialias=True).
     """
     posemb = np.asarray(posemb)
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
@@ -256,43 +277,62 @@ def resample_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], num_prefix_to
     if tuple(old_grid) == tuple(new_grid):
         return posemb
     grid = grid.reshape(1, old_grid[0], old_grid[1], -1)
-    grid = _resize_like_torch(grid, new_grid, method)
+    grid = resize_like_torch(grid, new_grid, method, antialias)
     grid = grid.reshape(1, new_grid[0] * new_grid[1], -1)
     return np.concatenate([prefix, grid.astype(posemb.dtype)], axis=1)
 
 
-def _resize_like_torch(image: np.ndarray, size: Tuple[int, int], method: str) -> np.ndarray:
-    """Returns NHWC `image` resized like torch.nn.functional.interpolate(align_corners=False, antialias=False)."""
-    valid = {"bicubic": 3, "bilinear": 2}
+def resize_like_torch(image: np.ndarray, size: Tuple[int, int], method: str = "bicubic",
+                      antialias: bool = False) -> np.ndarray:
+    """Returns NHWC `image` resized like torch.nn.functional.interpolate(align_corners=False, antialias=...)."""
+    valid = ("bicubic", "bilinear")
     if method not in valid:
-        raise ValueError(f"Unknown resize method {method!r}; valid choices: {sorted(valid)}")
-    out = image.astype(np.float64)
+        raise ValueError(f"Unknown resize method {method!r}; valid choices: {list(valid)}")
+    out = np.asarray(image, np.float64)
     for axis, new_len in ((1, size[0]), (2, size[1])):
-        matrix = _interp_matrix(out.shape[axis], new_len, method)
+        matrix = _interp_matrix(out.shape[axis], new_len, method, antialias)
         out = np.moveaxis(np.tensordot(matrix, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
     return out
 
 
-def _interp_matrix(in_len: int, out_len: int, method: str) -> np.ndarray:
-    """Returns the (out_len, in_len) matrix of torch's 1-D bilinear/bicubic (A=-0.75) resampling."""
+def _cubic(x: float, a: float) -> float:
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+def _interp_matrix(in_len: int, out_len: int, method: str, antialias: bool) -> np.ndarray:
+    """Returns the (out_len, in_len) matrix of torch's 1-D resampling (bicubic A=-0.75, or PIL's A=-0.5 with AA)."""
     matrix = np.zeros((out_len, in_len))
     scale = in_len / out_len
+    if antialias:
+        # torch's `_upsample_*_aa` (PIL's algorithm): a filter stretched by the scale when downsampling.
+        taps = 4 if method == "bicubic" else 2
+        support = taps / 2 * scale if scale >= 1.0 else taps / 2
+        inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+        kernel = (lambda x: _cubic(x, -0.5)) if method == "bicubic" else (lambda x: max(0.0, 1.0 - abs(x)))
+        for i in range(out_len):
+            center = scale * (i + 0.5)
+            lo = max(int(center - support + 0.5), 0)
+            hi = min(int(center + support + 0.5), in_len)
+            weights = np.array([kernel((j - center + 0.5) * inv_scale) for j in range(lo, hi)])
+            matrix[i, lo:hi] = weights / weights.sum()
+        return matrix
     for i in range(out_len):
         src = (i + 0.5) * scale - 0.5
         if method == "bilinear":
             src = max(src, 0.0)
             lo = int(np.floor(src))
             frac = src - lo
-            taps = {lo: 1.0 - frac, min(lo + 1, in_len - 1): frac}
+            taps = {lo: 1.0 - frac}
+            taps[min(lo + 1, in_len - 1)] = taps.get(min(lo + 1, in_len - 1), 0.0) + frac
         else:
             lo = int(np.floor(src))
             t = src - lo
-            a = -0.75
-            def cubic1(d):  # |d| <= 1
-                return ((a + 2) * d - (a + 3)) * d * d + 1
-            def cubic2(d):  # 1 < |d| < 2
-                return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-            weights = (cubic2(t + 1), cubic1(t), cubic1(1 - t), cubic2(2 - t))
+            weights = (_cubic(t + 1, -0.75), _cubic(t, -0.75), _cubic(1 - t, -0.75), _cubic(2 - t, -0.75))
             taps = {}
             for offset, weight in zip(range(-1, 3), weights):
                 index = min(max(lo + offset, 0), in_len - 1)
@@ -369,6 +409,107 @@ def classifier_head(num_classes: int, zero_init: bool, dtype: Dtype, param_dtype
 __all__ = [
     "Attention", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
     "classifier_head", "constrain", "gelu", "layer_norm", "logical", "multihead_attention", "pool_tokens",
-    "posemb_sincos_1d", "posemb_sincos_2d", "resample_posemb", "to_2tuple", "trunc_normal_init",
+    "posemb_sincos_1d", "posemb_sincos_2d", "resample_posemb", "resize_like_torch", "to_2tuple", "trunc_normal_init",
     "xavier_uniform_init",
 ]
+
+
+# --- BatchNorm blocks (TinyViT, LeViT, CvT, ...) ----------------------------------------------------------------
+
+# PyTorch's default init of nn.Linear / nn.Conv2d weights (kaiming_uniform with a=sqrt(5)):
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def batch_norm(train: bool, *, momentum: float = 0.1, eps: float = 1e-5, scale_init: float = 1.0,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               name: Optional[str] = None) -> nn.BatchNorm:
+    """Returns a BatchNorm over the last axis with PyTorch's semantics of `momentum` and `eps`.
+
+    torch updates running = (1 - momentum) * running + momentum * batch, flax the reverse, so the flax
+    momentum is 1 - momentum. Statistics live in the `batch_stats` collection.
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=1.0 - momentum, epsilon=eps, dtype=dtype,
+                        param_dtype=param_dtype, name=name,
+                        scale_init=logical(nn.initializers.constant(scale_init), ("embed",)),
+                        bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
+class ConvBN(nn.Module):
+    """Bias-free conv then BatchNorm (timm's ConvNorm); NHWC in, NHWC out; params `conv` and `bn`.
+
+    `padding` is symmetric, as torch's Conv2d(padding=p); `bn_scale_init` 0 zero-inits a residual branch.
+    """
+
+    features: int
+    kernel_size: int = 1
+    strides: int = 1
+    padding: int = 0
+    groups: int = 1
+    bn_scale_init: float = 1.0
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+    kernel_init: Initializer = torch_default_init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Conv(self.features, kernel_size=to_2tuple(self.kernel_size), strides=to_2tuple(self.strides),
+                    padding=[(self.padding, self.padding)] * 2, feature_group_count=self.groups, use_bias=False,
+                    kernel_init=logical(self.kernel_init, (None, None, None, "embed")),
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return batch_norm(train, momentum=self.bn_momentum, eps=self.bn_eps, scale_init=self.bn_scale_init,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
+
+
+__all__ += ["ConvBN", "batch_norm", "torch_default_init"]
+
+
+# --- windows (Swin, TinyViT, ...) -------------------------------------------------------------------------------
+
+def window_partition(x: jax.Array, window: Tuple[int, int]) -> jax.Array:
+    """Returns (B * num_windows, wh * ww, C) windows of an NHWC map whose sides are multiples of `window`.
+
+    Windows are ordered (image, window row, window column), as timm's `window_partition`.
+    """
+    batch, height, width, channels = x.shape
+    wh, ww = window
+    x = x.reshape(batch, height // wh, wh, width // ww, ww, channels)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, channels)
+
+
+def window_reverse(windows: jax.Array, window: Tuple[int, int], height: int, width: int) -> jax.Array:
+    """Returns the (B, height, width, C) map that `window_partition` split into `windows`."""
+    wh, ww = window
+    channels = windows.shape[-1]
+    x = windows.reshape(-1, height // wh, width // ww, wh, ww, channels)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
+
+
+__all__ += ["window_partition", "window_reverse"]
+
+
+# --- image resize inside a model (CrossViT's branch inputs) ------------------------------------------------------
+
+def resize_images_like_torch(images: jax.Array, size: Tuple[int, int], method: str = "bicubic",
+                             antialias: bool = False) -> jax.Array:
+    """Returns NHWC `images` resized like torch's F.interpolate(size, align_corners=False), traceable in jit.
+
+    The separable resampling matrices are the ones `resize_like_torch` uses (built once, in float64, from the
+    static shapes) and are applied as two fp32 matmuls at full precision.
+    """
+    valid = ("bicubic", "bilinear")
+    if method not in valid:
+        raise ValueError(f"Unknown resize method {method!r}; valid choices: {list(valid)}")
+    height, width = images.shape[1:3]
+    if (height, width) == tuple(size):
+        return images
+    rows = jnp.asarray(_interp_matrix(height, size[0], method, antialias), jnp.float32)
+    cols = jnp.asarray(_interp_matrix(width, size[1], method, antialias), jnp.float32)
+    out = jnp.einsum("oh,bhwc->bowc", rows, images.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum("pw,bowc->bopc", cols, out, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(images.dtype)
+
+
+__all__ += ["resize_images_like_torch"]
