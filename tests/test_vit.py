@@ -230,3 +230,18 @@ def test_resize_matches_torch_interpolate(method, antialias):
             torch.tensor(image.transpose(0, 3, 1, 2)), size=size, mode=method, align_corners=False,
             antialias=antialias).numpy().transpose(0, 2, 3, 1)
         np.testing.assert_allclose(layers.resize_like_torch(image, size, method, antialias), expected, atol=1e-12)
+
+
+def test_convert_cli_writes_loadable_variables(tmp_path):
+    from vitjax.convert.__main__ import main
+    from vitjax.convert.io import load_variables
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8)
+    torch.save(reference.state_dict(), tmp_path / "tiny.pth")
+    common = ["--model", "vit_tiny_patch16_224", "--num-classes", "1000", "--set", "depth=1", "--set", "patch_size=8"]
+    assert main(["timm", "--checkpoint", str(tmp_path / "tiny.pth"), "--img-size", "32",
+                 "--out", str(tmp_path / "tiny.msgpack")] + common) == 0
+    variables = load_variables(str(tmp_path / "tiny.msgpack"))
+    assert variables["params"]["pos_embed"].shape == (1, 1 + 16, 192)
+    assert main(["resample", "--variables", str(tmp_path / "tiny.msgpack"), "--img-size", "64",
+                 "--out", str(tmp_path / "tiny64")] + common) == 0
+    assert load_variables(str(tmp_path / "tiny64"))["params"]["pos_embed"].shape == (1, 1 + 64, 192)
