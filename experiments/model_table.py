@@ -1,0 +1,127 @@
+"""Every registered model: parameters and GMACs at its native resolution, beside the papers' numbers.
+
+    python experiments/model_table.py                  # all models -> experiments/out/model_table.{md,json}
+    python experiments/model_table.py --filter swin    # a subset
+    python experiments/model_table.py --update-readme  # also rewrite the table in README.md
+
+Parameters come from `jax.eval_shape` (no weights are made); compute from XLA's cost analysis of the
+lowered forward pass at batch 1. XLA counts a multiply-add as 2 FLOPs; papers (and fvcore, which they use)
+count it as 1 and call it "FLOPs", so the table reports XLA FLOPs / 2 as GMACs to compare like with like.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from vitjax import models  # noqa: E402
+
+# (params in millions, GFLOPs as the paper reports them = GMACs), from each paper's tables.
+PUBLISHED = {
+    "vit_tiny_patch16_224": (5.7, 1.3), "vit_small_patch16_224": (22.1, 4.6), "vit_base_patch16_224": (86.6, 17.6),
+    "vit_base_patch16_384": (86.9, 55.5), "vit_large_patch16_224": (304.3, 61.6),
+    "deit_tiny_patch16_224": (5.7, 1.3), "deit_small_patch16_224": (22.1, 4.6), "deit_base_patch16_224": (86.6, 17.6),
+    "deit_tiny_distilled_patch16_224": (5.9, 1.3), "deit_small_distilled_patch16_224": (22.4, 4.6),
+    "deit_base_distilled_patch16_224": (87.3, 17.6), "deit_base_distilled_patch16_384": (87.6, 55.5),
+    "swin_tiny_patch4_window7_224": (28.3, 4.5), "swin_small_patch4_window7_224": (49.6, 8.7),
+    "swin_base_patch4_window7_224": (87.8, 15.4), "swin_base_patch4_window12_384": (87.9, 47.0),
+    "swin_large_patch4_window7_224": (196.5, 34.5), "swin_large_patch4_window12_384": (196.7, 103.9),
+    "convnext_tiny": (28.6, 4.5), "convnext_small": (50.2, 8.7), "convnext_base": (88.6, 15.4),
+    "convnext_large": (197.8, 34.4), "convnext_xlarge": (350.2, 60.9),
+    "cvt_13": (20.0, 4.5), "cvt_21": (31.6, 7.1), "cvt_13_384": (20.0, 16.3), "cvt_21_384": (31.6, 24.9),
+    "cvt_w24_384": (277.3, 193.2),
+    "crossvit_tiny_240": (7.0, 1.6), "crossvit_small_240": (26.7, 5.6), "crossvit_base_240": (105.0, 21.2),
+    "crossvit_9_240": (8.6, 1.8), "crossvit_15_240": (27.4, 5.8), "crossvit_18_240": (43.3, 9.0),
+    "tnt_s_patch16_224": (23.8, 5.2), "tnt_b_patch16_224": (65.6, 14.1),
+    "convit_tiny": (6.0, 1.0), "convit_small": (27.0, 5.4), "convit_base": (86.0, 17.0),
+    "poolformer_s12": (11.9, 1.8), "poolformer_s24": (21.4, 3.4), "poolformer_s36": (30.9, 5.0),
+    "poolformer_m36": (56.2, 8.8), "poolformer_m48": (73.5, 11.6),
+    "convformer_s18": (26.8, 3.9), "convformer_s36": (40.0, 7.6), "convformer_m36": (57.1, 12.8),
+    "convformer_b36": (99.9, 22.6), "caformer_s18": (26.3, 4.1), "caformer_s36": (39.3, 8.0),
+    "caformer_m36": (56.1, 13.2), "caformer_b36": (98.8, 23.2),
+    "tiny_vit_5m_224": (5.4, 1.3), "tiny_vit_11m_224": (11.0, 2.0), "tiny_vit_21m_224": (21.0, 4.3),
+    "levit_128s": (7.8, 0.305), "levit_128": (9.2, 0.406), "levit_192": (11.0, 0.658),
+    "levit_256": (19.0, 1.12), "levit_384": (39.0, 2.353),
+}
+
+
+def native_input(model) -> jax.ShapeDtypeStruct:
+    """Returns the (1, H, W, C) input of a model at its native resolution."""
+    size = getattr(model, "img_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return jax.ShapeDtypeStruct((1, height, width, getattr(model, "in_chans", 3)), jnp.float32)
+
+
+def measure(name: str) -> dict:
+    """Returns {params_m, gmacs, seconds} of one registered model at its native resolution."""
+    start = time.time()
+    model = models.create(name)
+    images = native_input(model)
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros(images.shape)))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
+    cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(shapes, images).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(params_m=params / 1e6, gmacs=float(cost["flops"]) / 2e9, resolution=images.shape[1],
+                seconds=time.time() - start)
+
+
+def markdown(rows: dict) -> str:
+    """Returns the markdown table of measured and published figures."""
+    lines = ["| model | resolution | params (M) | GMACs | paper params (M) | paper GFLOPs |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        paper = PUBLISHED.get(name)
+        paper_params, paper_flops = (f"{paper[0]:.1f}", f"{paper[1]:.3g}") if paper else ("", "")
+        lines.append(f"| `{name}` | {row['resolution']} | {row['params_m']:.1f} | {row['gmacs']:.3g} | "
+                     f"{paper_params} | {paper_flops} |")
+    return "\n".join(lines)
+
+
+README_BEGIN = "<!-- model-table:begin -->"
+README_END = "<!-- model-table:end -->"
+
+
+def update_readme(table: str, path: str) -> None:
+    """Replaces the text between the model-table markers of the README with `table`."""
+    with open(path) as file:
+        text = file.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{path} lacks the markers {README_BEGIN} / {README_END}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w") as file:
+        file.write(f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--filter", default="", help="only models whose name contains this")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    rows = {}
+    for name in models.list_models(args.filter):
+        if name == "vit":  # the variant-string builder; its variants are registered under timm names
+            continue
+        rows[name] = measure(name)
+        print(f"{name}: {rows[name]['params_m']:.2f}M, {rows[name]['gmacs']:.3f} GMACs "
+              f"({rows[name]['seconds']:.1f}s)", flush=True)
+    table = markdown(rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "model_table.md"), "w") as file:
+        file.write(table + "\n")
+    with open(os.path.join(args.out, "model_table.json"), "w") as file:
+        json.dump({"jax": jax.__version__, "rows": rows, "published": PUBLISHED}, file, indent=1)
+    print(table)
+    if args.update_readme:
+        update_readme(table, os.path.join(os.path.dirname(__file__), "..", "README.md"))
+
+
+if __name__ == "__main__":
+    main()
