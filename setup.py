@@ -23,6 +23,8 @@ setup(
         "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
         "tensorflow>=2.16; platform_machine!='x86_64'",
         "tensorflow-datasets>=4.9",
+        # TFDS 4.9 imports it to locate its dataset code but no longer requires it on Python >= 3.9.
+        "importlib_resources",
         "scikit-learn",  # ships the bundled offline `digits` dataset
     ],
     extras_require={

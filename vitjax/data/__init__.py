@@ -1,0 +1,36 @@
+"""The input pipeline: TFDS datasets, preprocessing ops, mixup / cutmix, device prefetch.
+
+Importing this package does not import TensorFlow; the functions that need it do.
+
+    import vitjax.data as data
+    data.validate_input_config(config.input)     # ValueError naming the valid choices
+    info = data.dataset_info(config.input)       # num_classes, num_train / num_eval examples
+    train = data.make_train_iterator(config.input, global_batch_size=256, seed=0, start_step=0)
+    batches = data.prefetch_to_device(train, 2, sharding)
+    for batch in data.make_eval_iterator(config.input, global_batch_size=256): ...
+
+"digits" is a bundled offline dataset (scikit-learn's 8x8 digits, built into the TFDS data dir
+on first use); any other name is a TFDS dataset. See `vitjax.data.ops` for the pp ops and
+`vitjax.data.sources` for how examples are read, sharded and ordered.
+"""
+from vitjax.data.ops import parse_pp
+from vitjax.data.ops import valid_ops
+from vitjax.data.pipeline import DataIterator
+from vitjax.data.pipeline import dataset_info
+from vitjax.data.pipeline import make_eval_iterator
+from vitjax.data.pipeline import make_train_iterator
+from vitjax.data.pipeline import validate_input_config
+from vitjax.data.prefetch import prefetch_to_device
+from vitjax.data.sources import DatasetNotPreparedError
+
+__all__ = [
+    "DataIterator",
+    "DatasetNotPreparedError",
+    "dataset_info",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "parse_pp",
+    "prefetch_to_device",
+    "valid_ops",
+    "validate_input_config",
+]

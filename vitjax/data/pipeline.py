@@ -1,0 +1,434 @@
+"""The input pipeline: validate an input config, describe its dataset, iterate over batches.
+
+A train batch at step s is a function of (seed, s) only (with source "stream": and of the
+process count): a run restarted with `start_step=s` gets exactly batches s, s+1, ... of an
+uninterrupted run, augmentations included, because every random op draws from a stateless seed
+derived from (seed, global element index) and mixup / cutmix from (seed, step).
+
+Per step, each host takes its raw examples (see `vitjax.data.sources`), decodes them (an image
+that fails to decode is dropped and counted; its slot in the batch is filled by repeating a good
+example of the same batch, so the batch keeps its size and stays a function of the step), runs
+the rest of the pp ops, then builds one-hot labels with label smoothing and applies mixup /
+cutmix to the batch. Eval batches are padded to the fixed batch size with mask False, and a bad
+image in eval becomes a masked-out slot.
+"""
+import collections.abc
+import logging
+import math
+import os
+import re
+import threading
+from typing import Any
+
+from vitjax.data import ops
+from vitjax.data import sources
+from vitjax.data._tf import import_tensorflow
+
+_DEFAULTS = dict(
+    dataset=None,
+    data_dir=None,  # None -> $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+    train_split="train",
+    eval_split="test",
+    pp_train=None,
+    pp_eval=None,
+    label_smoothing=0.0,
+    mixup=None,
+    random_erasing=0.0,  # Probability; appended to pp_train as random_erasing(p, mode="pixel").
+    shuffle_buffer=10_000,  # Only used by the "stream" source.
+    prefetch=2,  # Batches tf.data prepares ahead.
+    cache=False,  # Hold the split in host memory even when it is large.
+    train_fraction=1.0,  # Keep the first fraction of the train split (TFDS order: a fixed subset).
+    image_key="image",
+    label_key="label",
+    source="auto",  # "auto", "memory", "random_access" or "stream": see vitjax.data.sources.
+    download=True,  # Let TFDS download and prepare datasets that need no manual step.
+)
+_MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5)
+_DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+(\.[0-9*]+){0,2})?$")
+_SPLIT = re.compile(r"^[A-Za-z0-9_\-]+(\[[^\[\]]*\])?(\([^()]*\))?"
+                    r"(\+[A-Za-z0-9_\-]+(\[[^\[\]]*\])?(\([^()]*\))?)*$")
+_STEPS_IN_FLIGHT = min(4, os.cpu_count() or 1)
+_LOG = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks (pure Python: no TensorFlow).
+# ---------------------------------------------------------------------------------------------
+
+def _to_dict(value: Any, name: str) -> dict:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, collections.abc.Mapping):
+        return dict(value)
+    raise ValueError(f"{name} must be a dict or ConfigDict, got {type(value).__name__}.")
+
+
+def _number(config: dict, name: str, low: float, high: float, *, low_open=False, high_open=False):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"input.{name} must be a number, got {value!r}.")
+    if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"input.{name} must be in {interval}, got {value!r}.")
+
+
+def _integer(config: dict, name: str, low: int):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"input.{name} must be an int >= {low}, got {value!r}.")
+
+
+def validate_input_config(input_config) -> dict:
+    """Returns the input config as a dict with defaults; raises ValueError naming valid choices."""
+    given = _to_dict(input_config, "input")
+    unknown = sorted(set(given) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"Unknown input config key(s) {', '.join(unknown)}; valid keys: "
+                         f"{', '.join(sorted(_DEFAULTS))}.")
+    config = dict(_DEFAULTS, **given)
+
+    dataset = config["dataset"]
+    if not isinstance(dataset, str) or not _DATASET_NAME.match(dataset):
+        raise ValueError(f"input.dataset must be 'digits' (bundled, offline) or a TFDS name like "
+                         f"'cifar10' or 'imagenet2012:5.1.0', got {dataset!r}.")
+    if config["data_dir"] is not None and not isinstance(config["data_dir"], str):
+        raise ValueError(f"input.data_dir must be a path or None, got {config['data_dir']!r}.")
+    for name in ("train_split", "eval_split"):
+        split = config[name]
+        if not isinstance(split, str) or not _SPLIT.match(split.replace(" ", "")):
+            raise ValueError(f"input.{name} must be a TFDS split such as 'train', 'test', "
+                             f"'validation' or 'train[:90%]', got {split!r}.")
+    for name in ("image_key", "label_key"):
+        if not isinstance(config[name], str) or not config[name]:
+            raise ValueError(f"input.{name} must be a feature name, got {config[name]!r}.")
+    if config["source"] not in sources.SOURCES:
+        raise ValueError(f"input.source must be one of {', '.join(sources.SOURCES)}; "
+                         f"got {config['source']!r}.")
+    for name in ("cache", "download"):
+        if not isinstance(config[name], bool):
+            raise ValueError(f"input.{name} must be True or False, got {config[name]!r}.")
+    _number(config, "label_smoothing", 0.0, 1.0, high_open=True)
+    _number(config, "random_erasing", 0.0, 1.0)
+    _number(config, "train_fraction", 0.0, 1.0, low_open=True)
+    _integer(config, "shuffle_buffer", 0)
+    _integer(config, "prefetch", 0)
+
+    mixup = dict(_MIXUP_DEFAULTS)
+    if config["mixup"] is not None:
+        given_mixup = _to_dict(config["mixup"], "input.mixup")
+        unknown = sorted(set(given_mixup) - set(_MIXUP_DEFAULTS))
+        if unknown:
+            raise ValueError(f"Unknown input.mixup key(s) {', '.join(unknown)}; valid keys: "
+                             f"{', '.join(_MIXUP_DEFAULTS)}.")
+        mixup.update(given_mixup)
+    for name, high in (("mixup_alpha", math.inf), ("cutmix_alpha", math.inf), ("prob", 1.0),
+                       ("switch_prob", 1.0)):
+        value = mixup[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            raise ValueError(f"input.mixup.{name} must be a number in [0, {high}], got {value!r}.")
+    config["mixup"] = mixup
+
+    for name in ("pp_train", "pp_eval"):
+        if config[name] is not None:
+            try:
+                preprocess = ops.build_preprocess(config[name])
+            except ValueError as error:
+                raise ValueError(f"input.{name}: {error}") from None
+            if name == "pp_train" and config["random_erasing"] > 0 and (
+                    "random_erasing" in preprocess.names):
+                raise ValueError("Random erasing is asked twice: by input.random_erasing and in "
+                                 "input.pp_train; keep one.")
+    return config
+
+
+def _train_pp(config: dict) -> str:
+    if config["pp_train"] is None:
+        raise ValueError("input.pp_train is needed for training, e.g. "
+                         "'decode|inception_crop(224)|flip_lr|value_range(-1, 1)'.")
+    pp = config["pp_train"]
+    if config["random_erasing"] > 0:
+        pp += f'|random_erasing({config["random_erasing"]!r}, mode="pixel")'
+    return pp
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and sources (cached: eval iterators are made again at every evaluation).
+# ---------------------------------------------------------------------------------------------
+
+_SOURCE_CACHE: dict[tuple, Any] = {}
+_SOURCE_CACHE_SIZE = 4
+_SOURCE_LOCK = threading.Lock()
+
+
+def _builder(config: dict):
+    return sources.get_builder(config["dataset"], sources.resolve_data_dir(config["data_dir"]),
+                               download=config["download"])
+
+
+def _num_classes(builder, label_key: str) -> int:
+    feature = builder.info.features[label_key] if label_key in builder.info.features else None
+    num_classes = getattr(feature, "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"Feature {label_key!r} of dataset {builder.name!r} is not a class label "
+                         f"(features: {', '.join(builder.info.features.keys())}); set "
+                         "input.label_key.")
+    return int(num_classes)
+
+
+def _source(config: dict, builder, split: str, role: str, fraction: float = 1.0):
+    sources.check_split(builder, split, role)
+    cache_key = (builder.name, str(builder.data_dir), split, config["source"], config["image_key"],
+                 config["label_key"], fraction, config["cache"], config["shuffle_buffer"])
+    with _SOURCE_LOCK:
+        if cache_key not in _SOURCE_CACHE:
+            if len(_SOURCE_CACHE) >= _SOURCE_CACHE_SIZE:
+                _SOURCE_CACHE.pop(next(iter(_SOURCE_CACHE)))
+            _SOURCE_CACHE[cache_key] = sources.open_source(
+                builder, split, kind=config["source"], image_key=config["image_key"],
+                label_key=config["label_key"], fraction=fraction, cache=config["cache"],
+                shuffle_buffer=config["shuffle_buffer"])
+        return _SOURCE_CACHE[cache_key]
+
+
+def dataset_info(input_config) -> dict:
+    """Returns dict(num_classes, num_train_examples, num_eval_examples) of the configured splits."""
+    config = validate_input_config(input_config)
+    builder = _builder(config)
+    num_train = sources.check_split(builder, config["train_split"], "input.train_split")
+    num_eval = sources.check_split(builder, config["eval_split"], "input.eval_split")
+    return dict(num_classes=_num_classes(builder, config["label_key"]),
+                num_train_examples=sources.fraction_count(num_train, config["train_fraction"]),
+                num_eval_examples=num_eval)
+
+
+def _processes(process_index, process_count, global_batch_size):
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}.")
+    if (isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int)
+            or global_batch_size <= 0 or global_batch_size % process_count):
+        raise ValueError(f"global_batch_size must be a positive multiple of the process count "
+                         f"{process_count}, got {global_batch_size!r}.")
+    return process_index, process_count
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-step preprocessing.
+# ---------------------------------------------------------------------------------------------
+
+def _preprocess_steps(raw_batches, preprocess: ops.Preprocess, source, *, seed: int,
+                      local_batch_size: int):
+    """Returns per-step batches of preprocessed examples (bad encodings dropped)."""
+    tf = import_tensorflow()
+    num_decode_ops = preprocess.num_decode_ops
+    if getattr(source, "encoded", False) and not num_decode_ops:
+        raise ValueError(f"pp string {preprocess.pp!r} must start with a decode op (decode or "
+                         "decode_jpeg_and_inception_crop): this dataset's images are encoded.")
+    decode_stage = preprocess.stage(0, num_decode_ops)
+    rest_stage = preprocess.stage(num_decode_ops)
+    element_key = sources.key(seed, sources.SALT_ELEMENT)
+
+    def apply(stage):
+        @tf.autograph.experimental.do_not_convert
+        def apply_stage(element):
+            element_seed = tf.random.experimental.stateless_fold_in(element_key,
+                                                                    element["element_id"])
+            return dict(element, image=stage(element["image"], element_seed))
+        return apply_stage
+
+    @tf.autograph.experimental.do_not_convert
+    def per_step(raw):
+        raw = dict(raw)
+        scalars = {name: raw.pop(name) for name in ("step", "num_valid") if name in raw}
+        elements = tf.data.Dataset.from_tensor_slices(raw)
+        if num_decode_ops:
+            elements = elements.map(apply(decode_stage), num_parallel_calls=tf.data.AUTOTUNE,
+                                    deterministic=True)
+            # Only decoding errors are forgiven: a bug in a later op still raises.
+            elements = elements.ignore_errors()
+        elements = elements.map(apply(rest_stage), num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=True)
+        # An empty step (every image bad) yields no batch; the iterator reports it.
+        return elements.batch(local_batch_size).map(lambda batch: dict(batch, **scalars))
+
+    return raw_batches.interleave(per_step, cycle_length=_STEPS_IN_FLIGHT,
+                                  num_parallel_calls=_STEPS_IN_FLIGHT, deterministic=True)
+
+
+def _finish(dataset, prefetch: int):
+    tf = import_tensorflow()
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    dataset = dataset.with_options(options)
+    return dataset.prefetch(prefetch) if prefetch else dataset
+
+
+class DataIterator:
+    """Iterator over dicts of numpy arrays, one per step; counts images with a bad encoding.
+
+    `num_bad_examples` counts the images skipped because they failed to decode so far (plus
+    those dropped while loading a split into memory). `num_steps` is the length of a finite
+    (eval) iterator, None for an infinite (train) one.
+    """
+
+    def __init__(self, dataset, *, first_step: int, num_steps: int | None, num_bad_examples: int,
+                 description: str):
+        self._dataset = dataset
+        self._iterator = None
+        self._first_step = first_step
+        self._next_step = first_step
+        self.num_steps = num_steps
+        self.num_bad_examples = num_bad_examples
+        self._description = description
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = self._dataset.as_numpy_iterator()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self.num_steps is not None and self._next_step < self._first_step + self.num_steps:
+                self._raise_lost_step()
+            raise
+        step = int(batch.pop("step"))
+        if step != self._next_step:
+            self._raise_lost_step()
+        self._next_step += 1
+        num_bad = int(batch.pop("num_bad"))
+        if num_bad:
+            self.num_bad_examples += num_bad
+            _LOG.warning("%s: %d image(s) of step %d failed to decode and were skipped (%d so "
+                         "far).", self._description, num_bad, step, self.num_bad_examples)
+        return batch
+
+    def _raise_lost_step(self):
+        raise RuntimeError(f"{self._description}: every image of step {self._next_step} failed to "
+                           "decode; the data is likely corrupt.")
+
+
+def build_train_dataset(source, preprocess: ops.Preprocess, *, num_classes: int,
+                        global_batch_size: int, seed: int, start_step: int, process_index: int,
+                        process_count: int, label_smoothing: float = 0.0, mixup=None,
+                        prefetch: int = 2):
+    """Returns the tf.data train pipeline over `source` (see make_train_iterator)."""
+    tf = import_tensorflow()
+    from vitjax.data import mixup as mixup_lib  # pylint: disable=g-import-not-at-top
+    mixup = dict(_MIXUP_DEFAULTS, **(mixup or {}))
+    mixing = mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0
+    local_batch_size = global_batch_size // process_count
+    if mixing and local_batch_size % 2:
+        raise ValueError(f"Mixup / cutmix pair example i with example batch-1-i and need an even "
+                         f"per-host batch, got {local_batch_size}.")
+    raw = source.train_batches(seed=seed, start_step=start_step,
+                               global_batch_size=global_batch_size, process_index=process_index,
+                               process_count=process_count)
+    batches = _preprocess_steps(raw, preprocess, source, seed=seed,
+                                local_batch_size=local_batch_size)
+    mix_key = sources.key(seed, sources.SALT_MIX)
+
+    @tf.autograph.experimental.do_not_convert
+    def finalize(batch):
+        count = tf.shape(batch["label"])[0]
+        fill = tf.range(local_batch_size) % count  # Repeat good images into bad images' slots.
+        images = tf.cast(tf.gather(batch["image"], fill), tf.float32)
+        images = tf.ensure_shape(images, [local_batch_size] + batch["image"].shape[1:].as_list())
+        labels = mixup_lib.one_hot(tf.gather(batch["label"], fill), num_classes, label_smoothing)
+        if mixing:
+            shape = tf.shape(images)
+            params = mixup_lib.sample_mix_params(
+                tf.random.experimental.stateless_fold_in(mix_key, batch["step"]), shape[1],
+                shape[2], **mixup)
+            images, labels = mixup_lib.apply_mix(images, labels, params)
+        return dict(image=images, label=labels, step=batch["step"],
+                    num_bad=local_batch_size - count)
+
+    batches = batches.map(finalize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _finish(batches, prefetch)
+
+
+def build_eval_dataset(source, preprocess: ops.Preprocess, *, global_batch_size: int,
+                       process_index: int, process_count: int, prefetch: int = 2):
+    """Returns (the tf.data eval pipeline over `source`, number of steps)."""
+    tf = import_tensorflow()
+    local_batch_size = global_batch_size // process_count
+    raw, num_steps = source.eval_batches(global_batch_size=global_batch_size,
+                                         process_index=process_index, process_count=process_count)
+    batches = _preprocess_steps(raw, preprocess, source, seed=0, local_batch_size=local_batch_size)
+
+    @tf.autograph.experimental.do_not_convert
+    def finalize(batch):
+        slots = batch["slot"][:, None]
+        image_shape = tf.shape(batch["image"])[1:]
+        images = tf.scatter_nd(slots, tf.cast(batch["image"], tf.float32),
+                               tf.concat([[local_batch_size], image_shape], axis=0))
+        images = tf.ensure_shape(images, [local_batch_size] + batch["image"].shape[1:].as_list())
+        labels = tf.scatter_nd(slots, tf.cast(batch["label"], tf.int32), [local_batch_size])
+        valid = tf.cast(batch["valid"], tf.int32)
+        mask = tf.scatter_nd(slots, valid, [local_batch_size]) > 0
+        return dict(image=images, label=labels, mask=mask, step=batch["step"],
+                    num_bad=batch["num_valid"] - tf.reduce_sum(valid))
+
+    batches = batches.map(finalize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return _finish(batches, prefetch), num_steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The public iterators.
+# ---------------------------------------------------------------------------------------------
+
+def make_train_iterator(input_config, *, global_batch_size: int, seed: int, start_step: int = 0,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> DataIterator:
+    """Returns an infinite iterator of this host's train batches from `start_step` on.
+
+    Each batch is dict(image=float32 (local_batch, H, W, C), label=float32 (local_batch,
+    num_classes)), labels one-hot, smoothed and mixed as configured.
+    """
+    config = validate_input_config(input_config)
+    process_index, process_count = _processes(process_index, process_count, global_batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}.")
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+        raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
+    builder = _builder(config)
+    source = _source(config, builder, config["train_split"], "input.train_split",
+                     fraction=config["train_fraction"])
+    dataset = build_train_dataset(
+        source, ops.build_preprocess(_train_pp(config)),
+        num_classes=_num_classes(builder, config["label_key"]),
+        global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+        process_index=process_index, process_count=process_count,
+        label_smoothing=config["label_smoothing"], mixup=config["mixup"],
+        prefetch=config["prefetch"])
+    return DataIterator(dataset, first_step=start_step, num_steps=None,
+                        num_bad_examples=source.num_bad_examples,
+                        description=f"{config['dataset']} {config['train_split']}")
+
+
+def make_eval_iterator(input_config, *, global_batch_size: int, process_index: int | None = None,
+                       process_count: int | None = None) -> DataIterator:
+    """Returns a finite iterator over the eval split: every example once over all hosts.
+
+    Each batch is dict(image=float32 (local_batch, H, W, C), label=int32 (local_batch,),
+    mask=bool (local_batch,)), mask False on the padding that fills the last batch.
+    """
+    config = validate_input_config(input_config)
+    process_index, process_count = _processes(process_index, process_count, global_batch_size)
+    if config["pp_eval"] is None:
+        raise ValueError("input.pp_eval is needed for evaluation, e.g. "
+                         "'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)'.")
+    builder = _builder(config)
+    source = _source(config, builder, config["eval_split"], "input.eval_split")
+    dataset, num_steps = build_eval_dataset(
+        source, ops.build_preprocess(config["pp_eval"]), global_batch_size=global_batch_size,
+        process_index=process_index, process_count=process_count, prefetch=config["prefetch"])
+    return DataIterator(dataset, first_step=0, num_steps=num_steps,
+                        num_bad_examples=source.num_bad_examples,
+                        description=f"{config['dataset']} {config['eval_split']}")
