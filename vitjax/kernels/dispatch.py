@@ -1,40 +1,134 @@
-"""One entry point for attention: `dot_product_attention(q, k, v, impl=...)`."""
+"""One entry point for attention: `dot_product_attention(q, k, v, impl=...)`.
+
+impl chooses among:
+- "xla": the pure-jnp reference (einsum, softmax, einsum); XLA fuses what it can. Works everywhere.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention.
+- "pallas": our fused kernel, `vitjax.kernels.attention.flash_attention` (interpret mode on a CPU).
+- "auto": the fastest expected for the platform and shape (see `AUTO_PREFERENCES`).
+An implementation that cannot take the call (cuDNN on a CPU, fp32 on cuDNN, a bias with an odd
+length on cuDNN, ...) falls back to "xla" with the reason logged once, never an error.
+"""
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
-ATTENTION_IMPLS = ("xla",)
+from vitjax.kernels.attention import attention_reference, flash_attention, unsupported_reason
+
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
+
+# What "auto" tries, per platform, by sequence length: rows (max_length, preferences), first row whose
+# max_length >= max(Nq, Nk) wins (None: any length); within a row the first supported impl is used.
+# Untuned defaults: re-rank from experiments/bench_attention.py on the target accelerator.
+AUTO_PREFERENCES = {
+    "gpu": ((None, ("cudnn", "pallas", "xla")),),
+    # The Mosaic lowering has not been run on a TPU yet; XLA stays the default there until it has.
+    "tpu": ((None, ("xla",)),),
+    "cpu": ((None, ("xla",)),),
+}
+
+_logged_reasons = set()
 
 
-def attention_reference(q, k, v, *, bias=None, key_bias=None, return_weights=False):
-    """Returns softmax(q k^T / sqrt(d) + bias + key_bias) v, in layout (batch, length, heads, head_dim).
+def _log_fallback(requested: str, used: str, reason: str) -> None:
+    """Logs why `requested` was replaced by `used`, once per distinct message per process."""
+    message = f"attention impl {requested!r} falls back to {used!r}: {reason}"
+    if message not in _logged_reasons:
+        _logged_reasons.add(message)
+        logging.warning(message)
 
-    q: (B, Nq, H, D); k, v: (B, Nk, H, D).
-    bias: broadcastable to (B, H, Nq, Nk) (e.g. Swin's relative position bias plus mask).
-    key_bias: (B, Nk), added to every query's logit for that key (ToMe's log token size).
-    The softmax is computed in fp32 whatever the input dtype.
-    """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+
+def _platform() -> str:
+    platform = jax.default_backend()
+    return platform if platform in AUTO_PREFERENCES else "cpu"
+
+
+def cudnn_unsupported_reason(q, k, v, *, bias=None, key_bias=None, return_lse=False) -> Optional[str]:
+    """Returns why the cuDNN path cannot take these operands, or None when it can."""
+    if jax.default_backend() != "gpu":
+        return f"cuDNN needs a CUDA GPU, the platform is {jax.default_backend()}"
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        return f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}"
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"cuDNN takes bf16/fp16 inputs only, got {q.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim % 8 or head_dim > 128:
+        return f"cuDNN needs a head dim that is a multiple of 8 and <= 128, got {head_dim}"
+    if return_lse:
+        return "the cuDNN path does not return the log-sum-exp"
+    if (bias is not None or key_bias is not None) and (q.shape[1] % 2 or k.shape[1] % 2):
+        # cuDNN's backward with a bias requires even sequence lengths.
+        return f"cuDNN with a bias needs even sequence lengths, got Nq={q.shape[1]}, Nk={k.shape[1]}"
+    return None
+
+
+def _cudnn_attention(q, k, v, bias, key_bias):
+    """Returns cuDNN flash attention with bias and key_bias folded into one 4-D bias."""
+    batch, q_len, heads, _ = q.shape
+    kv_len = k.shape[1]
+    combined = None
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
+        combined = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        combined = jnp.broadcast_to(combined, combined.shape[:2] + (q_len, kv_len)).astype(q.dtype)
     if key_bias is not None:
-        logits = logits + key_bias.astype(jnp.float32)[:, None, None, :]
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-    if return_weights:
-        return out, weights
-    return out
+        key_term = jnp.broadcast_to(key_bias, (batch, kv_len))[:, None, None, :].astype(q.dtype)
+        key_term = jnp.broadcast_to(key_term, (batch, 1, q_len, kv_len))
+        combined = key_term if combined is None else combined + key_term
+    return jax.nn.dot_product_attention(q, k, v, bias=combined, implementation="cudnn")
+
+
+def _supported(impl, q, k, v, bias, key_bias, return_lse) -> Optional[str]:
+    """Returns why `impl` cannot run this call, or None."""
+    if impl == "cudnn":
+        return cudnn_unsupported_reason(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
+    if impl == "pallas":
+        return unsupported_reason(q, k, v, bias=bias, key_bias=key_bias)
+    return None
+
+
+def choose_impl(q, k, v, *, bias=None, key_bias=None, return_lse=False) -> str:
+    """Returns the implementation "auto" resolves to for these operands on this platform."""
+    length = max(q.shape[1], k.shape[1])
+    for max_length, preferences in AUTO_PREFERENCES[_platform()]:
+        if max_length is None or length <= max_length:
+            for impl in preferences:
+                if _supported(impl, q, k, v, bias, key_bias, return_lse) is None:
+                    return impl
+            break
+    return "xla"
 
 
 def dot_product_attention(q, k, v, *, bias=None, key_bias=None, impl: str = "xla",
-                          return_weights: bool = False):
-    """Returns attention output (B, Nq, H, D), and the (B, H, Nq, Nk) weights when asked.
+                          return_weights: bool = False, return_lse: bool = False):
+    """Returns attention output (B, Nq, H, D); with return_weights/return_lse a tuple adding them in that order.
 
-    `return_weights` forces the XLA path: fused kernels never materialise the weights.
+    q: (B, Nq, H, D); k, v: (B, Nk, H, D). bias: broadcastable to (B, H, Nq, Nk); key_bias: (B, Nk).
+    weights are (B, H, Nq, Nk) fp32, lse (B, H, Nq) fp32. `return_weights` forces the XLA path:
+    fused kernels never materialise the weights.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"Unknown attention_impl {impl!r}; valid choices: {ATTENTION_IMPLS}")
-    result = attention_reference(q, k, v, bias=bias, key_bias=key_bias, return_weights=return_weights)
-    return result
+    requested = impl
+    if return_weights and impl != "xla":
+        if impl != "auto":
+            _log_fallback(impl, "xla", "attention weights were requested; fused kernels never materialise them")
+        impl = "xla"
+    if impl == "auto":
+        impl = choose_impl(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
+    reason = _supported(impl, q, k, v, bias, key_bias, return_lse)
+    if reason is not None:
+        _log_fallback(requested, "xla", reason)
+        impl = "xla"
+    if impl == "cudnn":
+        try:
+            return _cudnn_attention(q, k, v, bias, key_bias)
+        except (NotImplementedError, RuntimeError, ValueError) as error:
+            # cuDNN checks more than we mirror (library version, compute capability); trace-time
+            # refusals land here.
+            _log_fallback(requested, "xla", f"cuDNN refused the call: {error}")
+            impl = "xla"
+    if impl == "pallas":
+        return flash_attention(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
+    return attention_reference(q, k, v, bias=bias, key_bias=key_bias,
+                               return_weights=return_weights, return_lse=return_lse)

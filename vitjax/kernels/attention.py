@@ -1,0 +1,764 @@
+"""FlashAttention-style fused attention in Pallas, forward and backward, with its pure-jnp reference.
+
+`flash_attention(q, k, v, bias=..., key_bias=...)` computes softmax(q k^T / sqrt(d) + bias + key_bias) v
+tile by tile with an online softmax (FlashAttention-2), so the N x N score matrix never reaches memory
+(except dbias, which *is* an N x N array when a full bias needs a gradient). The backward pass is a
+`jax.custom_vjp` whose work is two more Pallas kernels: one owning a block of keys (dK, dV, dkey_bias,
+dbias) and one owning a block of queries (dQ); both recompute the probabilities from the saved
+log-sum-exp instead of storing them.
+
+One kernel body serves both lowerings; they differ only in how memory is touched:
+- "triton" (GPU): arrays stay in the caller's (batch, length, heads, head_dim) layout, nothing is
+  padded or transposed; blocks that run past the sequence or the head dim are read and written with
+  masked loads and stores. Triton wants power-of-two tiles, so head dim 80 uses a 128-wide tile.
+- "mosaic" (TPU): arrays are transposed to (batch, heads, length, head_dim) and zero-padded to whole
+  tiles (one fused copy), because Mosaic tiles are (8, 128)-aligned and plain loads cannot be masked.
+In both, keys at positions >= N get a -inf logit in-kernel, and probabilities of query rows >= N are
+zeroed in the backward, so sequence lengths like 50, 197 or 577 need nothing from the caller.
+
+On a CPU, the kernels run in Pallas interpret mode (`interpret=True`, the default there).
+Only the interpret mode is exercised by the tests; the Triton and Mosaic lowerings are written against
+the JAX Pallas docs and checked to lower (`jax.jit(...).trace(...).lower(lowering_platforms=...)`).
+"""
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+BACKENDS = ("triton", "mosaic")
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Mosaic vector registers hold (8, 128) fp32 tiles: the minor dimension comes in 128 lanes.
+_LANES = 128
+# Triton's tl.dot needs every matrix dimension >= 16.
+_MIN_TRITON_TILE = 16
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference
+# ------------------------------------------------------------------------------------------------
+
+def attention_reference(q, k, v, *, bias=None, key_bias=None, scale: Optional[float] = None,
+                        return_weights: bool = False, return_lse: bool = False):
+    """Returns softmax(q k^T * scale + bias + key_bias) v in layout (batch, length, heads, head_dim).
+
+    q: (B, Nq, H, D); k, v: (B, Nk, H, D).
+    bias: broadcastable to (B, H, Nq, Nk) (e.g. Swin's relative position bias plus mask).
+    key_bias: (B, Nk), added to every query's logit for that key (ToMe's log token size).
+    scale defaults to 1/sqrt(D). The softmax is computed in fp32 whatever the input dtype.
+    With return_weights and/or return_lse, returns a tuple (out, [weights (B, H, Nq, Nk)], [lse (B, H, Nq)]).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # At least fp32 for the softmax; float64 inputs stay float64 (exactness tests compare in fp64).
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
+    if bias is not None:
+        logits = logits + bias.astype(acc)
+    if key_bias is not None:
+        logits = logits + jnp.broadcast_to(key_bias, (q.shape[0], k.shape[1])).astype(acc)[:, None, None, :]
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    extras = []
+    if return_weights:
+        extras.append(weights)
+    if return_lse:
+        extras.append(jax.nn.logsumexp(logits, axis=-1))
+    return (out, *extras) if extras else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the three kernels; None means the per-backend default (`default_block_sizes`).
+
+    block_q/block_k: forward. block_q_dkv/block_k_dkv: the kernel that owns a key block and loops over
+    queries. block_q_dq/block_k_dq: the kernel that owns a query block and loops over keys.
+    num_warps/num_stages are Triton launch parameters (ignored by Mosaic).
+    """
+    block_q: Optional[int] = None
+    block_k: Optional[int] = None
+    block_q_dkv: Optional[int] = None
+    block_k_dkv: Optional[int] = None
+    block_q_dq: Optional[int] = None
+    block_k_dq: Optional[int] = None
+    num_warps: Optional[int] = None
+    num_warps_backward: Optional[int] = None
+    num_stages: Optional[int] = None
+
+
+def default_block_sizes(backend: str, head_dim: int) -> BlockSizes:
+    """Returns the default tiles for a backend and head dim (untuned guesses for the TPU)."""
+    if backend == "triton":
+        wide = head_dim > 64
+        # Forward: a 128-query tile amortises the K/V loads; backward: the key-block kernel keeps dK
+        # and dV accumulators in registers, so its key tile shrinks as the head dim grows.
+        return BlockSizes(block_q=128, block_k=64,
+                          block_q_dkv=32, block_k_dkv=64 if wide else 128,
+                          block_q_dq=64 if wide else 128, block_k_dq=32,
+                          num_warps=8 if wide else 4, num_warps_backward=8 if wide else 4,
+                          num_stages=2)
+    if backend == "mosaic":
+        return BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
+                          block_q_dq=128, block_k_dq=128)
+    raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about one attention call (hashable: it is a custom_vjp nondiff argument)."""
+    backend: str
+    interpret: bool
+    scale: float
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    head_dim_padded: int
+    q_len_padded: int  # length of the q-side arrays the kernels see (== q_len for triton)
+    kv_len_padded: int
+    block_q: int
+    block_k: int
+    block_q_dkv: int
+    block_k_dkv: int
+    block_q_dq: int
+    block_k_dq: int
+    num_warps: Optional[int]
+    num_warps_backward: Optional[int]
+    num_stages: Optional[int]
+    has_bias: bool
+    bias_per_batch: bool
+    bias_per_head: bool
+    has_key_bias: bool
+    dtype: str
+
+    @property
+    def masked_io(self) -> bool:
+        """Returns whether loads and stores must be masked (triton: nothing is padded)."""
+        return self.backend == "triton"
+
+    @property
+    def precision(self):
+        """Returns the matmul precision: full fp32 for fp32 inputs (the TPU default would use bf16 passes)."""
+        return lax.Precision.HIGHEST if jnp.dtype(self.dtype) == jnp.float32 else None
+
+    @property
+    def block_axis(self) -> int:
+        """Returns which grid axis enumerates the sequence blocks."""
+        return 0 if self.backend == "triton" else 2
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _triton_tile(requested: int, length: int) -> int:
+    """Returns a power-of-two tile no longer than needed for `length` (small N: one small tile)."""
+    if requested < _MIN_TRITON_TILE or requested & (requested - 1):
+        raise ValueError(f"Triton block sizes must be powers of two >= {_MIN_TRITON_TILE}, got {requested}")
+    return min(requested, max(_MIN_TRITON_TILE, _next_power_of_2(length)))
+
+
+def _mosaic_tile(requested: int, length: int, granule: int) -> int:
+    if requested % granule:
+        raise ValueError(f"Mosaic block sizes along this axis must be multiples of {granule}, got {requested}")
+    return min(requested, _round_up(length, granule))
+
+
+def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret) -> _Config:
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    defaults = default_block_sizes(backend, head_dim)
+    blocks = {field.name: getattr(block_sizes, field.name) if getattr(block_sizes, field.name) is not None
+              else getattr(defaults, field.name) for field in dataclasses.fields(BlockSizes)}
+    q_names = ("block_q", "block_q_dkv", "block_q_dq")
+    k_names = ("block_k", "block_k_dkv", "block_k_dq")
+    if backend == "triton":
+        head_dim_padded = max(_MIN_TRITON_TILE, _next_power_of_2(head_dim))
+        for name in q_names:
+            blocks[name] = _triton_tile(blocks[name], q_len)
+        for name in k_names:
+            blocks[name] = _triton_tile(blocks[name], kv_len)
+        q_len_padded, kv_len_padded = q_len, kv_len
+    else:
+        head_dim_padded = _round_up(head_dim, _LANES)
+        # Key tiles are the lane dimension of the logits, bias and key_bias tiles, so they need 128;
+        # query tiles would only need 8 (16 for bf16) sublanes, but the backward transposes
+        # (block_q, block_k) tiles, which Mosaic handles best at whole (128, 128) tiles.
+        for name in q_names + k_names:
+            blocks[name] = _mosaic_tile(blocks[name], q_len if name in q_names else kv_len, _LANES)
+        q_len_padded = _round_up(q_len, math.lcm(*(blocks[name] for name in q_names)))
+        kv_len_padded = _round_up(kv_len, math.lcm(*(blocks[name] for name in k_names)))
+    return _Config(
+        backend=backend, interpret=interpret, scale=float(scale), batch=batch, heads=heads,
+        q_len=q_len, kv_len=kv_len, head_dim=head_dim, head_dim_padded=head_dim_padded,
+        q_len_padded=q_len_padded, kv_len_padded=kv_len_padded,
+        **{name: blocks[name] for name in q_names + k_names},
+        num_warps=blocks["num_warps"], num_warps_backward=blocks["num_warps_backward"],
+        num_stages=blocks["num_stages"],
+        has_bias=bias is not None,
+        bias_per_batch=bias is not None and bias.shape[0] != 1,
+        bias_per_head=bias is not None and bias.shape[1] != 1,
+        has_key_bias=key_bias is not None,
+        dtype=jnp.dtype(q.dtype).name,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory access: the only place where the two lowerings differ inside a kernel
+# ------------------------------------------------------------------------------------------------
+
+def _positions(start, size: int, axis: int):
+    """Returns start + [0, size) as an int32 column (axis 0: shape (size, 1)) or row (axis 1: (1, size))."""
+    shape = (size, 1) if axis == 0 else (1, size)
+    return start + lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _and(*masks):
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    result = masks[0]
+    for m in masks[1:]:
+        result = result & m
+    return result
+
+
+def _load(cfg: _Config, ref, rows=None, cols=None, mask=None):
+    """Returns ref[rows, cols]; on Triton, entries outside `mask` read as 0 and never touch memory."""
+    index = (slice(None) if rows is None else rows, slice(None) if cols is None else cols)
+    if cfg.masked_io and mask is not None:
+        from jax.experimental.pallas import triton as plgpu
+        view = ref.at[index] if (rows is not None or cols is not None) else ref
+        return plgpu.load(view, mask=mask, other=0)
+    # Mosaic arrays are zero-padded to whole tiles, so nothing is out of bounds there.
+    return ref[index]
+
+
+def _store(cfg: _Config, ref, value, rows=None, mask=None):
+    """Writes value to ref[rows, :]; on Triton only the entries inside `mask` are written."""
+    index = (slice(None) if rows is None else rows, slice(None))
+    if cfg.masked_io and mask is not None:
+        from jax.experimental.pallas import triton as plgpu
+        view = ref.at[index] if rows is not None else ref
+        plgpu.store(view, value, mask=mask)
+    else:
+        ref[index] = value
+
+
+def _dot(cfg, a, b, transpose_b=False):
+    """Returns a @ b (or a @ b^T) accumulated in fp32."""
+    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=cfg.precision, preferred_element_type=jnp.float32)
+
+
+def _block_start(cfg, index, block):
+    start = index * block
+    # Mosaic needs to know dynamic row offsets are tile-aligned to emit aligned loads.
+    return pl.multiple_of(start, block) if cfg.backend == "mosaic" else start
+
+
+def _split_refs(cfg, refs, names):
+    """Returns a dict name -> ref, skipping optional operands the config does not have."""
+    present = [n for n in names
+               if not ((n in ("bias", "dbias") and not cfg.has_bias)
+                       or (n in ("key_bias", "dkey_bias") and not cfg.has_key_bias))]
+    assert len(present) == len(refs), (present, len(refs))
+    return dict(zip(present, refs))
+
+
+def _column_valid(cfg, start_k, block_k):
+    """Returns the (1, block_k) mask of real keys, or None when every key block is full."""
+    if cfg.kv_len % block_k == 0:
+        return None
+    return _positions(start_k, block_k, 1) < cfg.kv_len
+
+
+def _head_dim_valid(cfg):
+    """Returns the (1, D_padded) mask of real head-dim columns on Triton, else None."""
+    if not cfg.masked_io or cfg.head_dim == cfg.head_dim_padded:
+        return None
+    return _positions(0, cfg.head_dim_padded, 1) < cfg.head_dim
+
+
+def _logits(cfg, refs, q, k, start_q, start_k, block_q, block_k, query_valid, key_valid):
+    """Returns base-2 logits (q k^T * scale + bias + key_bias) * log2(e) of one (block_q, block_k) tile.
+
+    start_q/start_k locate the tile inside the bias/key_bias refs this program sees (0 along an axis
+    where the ref is already this program's own tile).
+    """
+    s = _dot(cfg, q, k, transpose_b=True) * (cfg.scale * LOG2_E)
+    if cfg.has_key_bias:
+        key_bias = _load(cfg, refs["key_bias"], cols=pl.ds(start_k, block_k), mask=key_valid)
+        s = s + key_bias * LOG2_E
+    if cfg.has_bias:
+        tile = _load(cfg, refs["bias"], rows=pl.ds(start_q, block_q), cols=pl.ds(start_k, block_k),
+                     mask=_and(query_valid, key_valid))
+        s = s + tile.astype(jnp.float32) * LOG2_E
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+def _forward_kernel(*refs, cfg: _Config):
+    refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "out", "lse"))
+    block_q, block_k = cfg.block_q, cfg.block_k
+    start_q = pl.program_id(cfg.block_axis) * block_q
+    query_valid = (_positions(start_q, block_q, 0) < cfg.q_len) if cfg.q_len % block_q else None
+    dim_valid = _head_dim_valid(cfg)
+    q = _load(cfg, refs["q"], mask=_and(query_valid, dim_valid))
+
+    def step(start_k, carry, is_partial):
+        accumulator, row_max, row_sum = carry
+        keys = pl.ds(start_k, block_k)
+        key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
+        key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
+        k = _load(cfg, refs["k"], rows=keys, mask=_and(key_rows_valid, dim_valid))
+        # This program's bias ref is its own (block_q, Nk) row tile, hence start_q = 0.
+        s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
+        if key_valid is not None:
+            s = jnp.where(key_valid, s, -jnp.inf)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1, keepdims=True))
+        # A row whose logits are all -inf (a fully masked query) keeps max -inf; exponentiating
+        # against 0 instead keeps it at p = 0 rather than NaN.
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+        correction = jnp.exp2(row_max - safe_max)
+        p = jnp.exp2(s - safe_max)
+        row_sum = correction * row_sum + jnp.sum(p, axis=1, keepdims=True)
+        v = _load(cfg, refs["v"], rows=keys, mask=_and(key_rows_valid, dim_valid))
+        accumulator = correction * accumulator + _dot(cfg, p.astype(v.dtype), v)
+        return accumulator, new_max, row_sum
+
+    carry = (jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32),
+             jnp.full((block_q, 1), -jnp.inf, jnp.float32),
+             jnp.zeros((block_q, 1), jnp.float32))
+    num_full = cfg.kv_len // block_k
+    if num_full:
+        carry = lax.fori_loop(
+            0, num_full, lambda i, c: step(_block_start(cfg, i, block_k), c, False), carry)
+    if cfg.kv_len % block_k:
+        carry = step(num_full * block_k, carry, True)
+    accumulator, row_max, row_sum = carry
+    row_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
+    out = accumulator / row_sum
+    _store(cfg, refs["out"], out.astype(refs["out"].dtype), mask=_and(query_valid, dim_valid))
+    lse = (jnp.where(row_max == -jnp.inf, 0.0, row_max) + jnp.log2(row_sum)) * LN_2
+    _store(cfg, refs["lse"], lse, mask=query_valid)
+
+
+def _dkdv_kernel(*refs, cfg: _Config):
+    refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "do", "lse", "delta",
+                                   "dk", "dv", "dbias", "dkey_bias"))
+    block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
+    start_k = pl.program_id(cfg.block_axis) * block_k
+    key_valid = _column_valid(cfg, start_k, block_k)
+    key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if key_valid is not None else None
+    dim_valid = _head_dim_valid(cfg)
+    k = _load(cfg, refs["k"], mask=_and(key_rows_valid, dim_valid))
+    v = _load(cfg, refs["v"], mask=_and(key_rows_valid, dim_valid))
+
+    def step(start_q, carry, is_partial):
+        dk, dv, *dkey_bias = carry
+        queries = pl.ds(start_q, block_q)
+        query_valid = (_positions(start_q, block_q, 0) < cfg.q_len) if is_partial else None
+        q = _load(cfg, refs["q"], rows=queries, mask=_and(query_valid, dim_valid))
+        do = _load(cfg, refs["do"], rows=queries, mask=_and(query_valid, dim_valid))
+        lse = _load(cfg, refs["lse"], rows=queries, mask=query_valid)
+        delta = _load(cfg, refs["delta"], rows=queries, mask=query_valid)
+        # The bias ref is this program's (Nq, block_k) column tile and key_bias its (1, block_k) tile.
+        s = _logits(cfg, refs, q, k, start_q, 0, block_q, block_k, query_valid, key_valid)
+        if key_valid is not None:
+            s = jnp.where(key_valid, s, -jnp.inf)
+        p = jnp.exp2(s - lse * LOG2_E)
+        if query_valid is not None:
+            # Padded query rows have q = do = 0 but an arbitrary lse: p could overflow to inf there,
+            # and inf * 0 would poison dK/dV with NaN.
+            p = jnp.where(query_valid, p, 0.0)
+        dv = dv + _dot(cfg, p.astype(do.dtype).T, do)
+        dp = _dot(cfg, do, v, transpose_b=True)
+        ds = p * (dp - delta)
+        dk = dk + _dot(cfg, ds.astype(q.dtype).T, q)
+        if cfg.has_bias:
+            _store(cfg, refs["dbias"], ds, rows=queries, mask=_and(query_valid, key_valid))
+        if cfg.has_key_bias:
+            dkey_bias = [dkey_bias[0] + jnp.sum(ds, axis=0, keepdims=True)]
+        return (dk, dv, *dkey_bias)
+
+    carry = (jnp.zeros((block_k, cfg.head_dim_padded), jnp.float32),
+             jnp.zeros((block_k, cfg.head_dim_padded), jnp.float32))
+    if cfg.has_key_bias:
+        carry += (jnp.zeros((1, block_k), jnp.float32),)
+    num_full = cfg.q_len // block_q
+    if num_full:
+        carry = lax.fori_loop(
+            0, num_full, lambda i, c: step(_block_start(cfg, i, block_q), c, False), carry)
+    if cfg.q_len % block_q:
+        carry = step(num_full * block_q, carry, True)
+    dk, dv, *dkey_bias = carry
+    out_mask = _and(key_rows_valid, dim_valid)
+    _store(cfg, refs["dk"], (dk * cfg.scale).astype(refs["dk"].dtype), mask=out_mask)
+    _store(cfg, refs["dv"], dv.astype(refs["dv"].dtype), mask=out_mask)
+    if cfg.has_key_bias:
+        _store(cfg, refs["dkey_bias"], dkey_bias[0], mask=key_valid)
+
+
+def _dq_kernel(*refs, cfg: _Config):
+    refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "do", "lse", "delta", "dq"))
+    block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
+    start_q = pl.program_id(cfg.block_axis) * block_q
+    query_valid = (_positions(start_q, block_q, 0) < cfg.q_len) if cfg.q_len % block_q else None
+    dim_valid = _head_dim_valid(cfg)
+    q = _load(cfg, refs["q"], mask=_and(query_valid, dim_valid))
+    do = _load(cfg, refs["do"], mask=_and(query_valid, dim_valid))
+    lse2 = _load(cfg, refs["lse"], mask=query_valid) * LOG2_E
+    delta = _load(cfg, refs["delta"], mask=query_valid)
+
+    def step(start_k, dq, is_partial):
+        keys = pl.ds(start_k, block_k)
+        key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
+        key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
+        k = _load(cfg, refs["k"], rows=keys, mask=_and(key_rows_valid, dim_valid))
+        v = _load(cfg, refs["v"], rows=keys, mask=_and(key_rows_valid, dim_valid))
+        s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
+        if key_valid is not None:
+            s = jnp.where(key_valid, s, -jnp.inf)
+        p = jnp.exp2(s - lse2)
+        dp = _dot(cfg, do, v, transpose_b=True)
+        ds = p * (dp - delta)
+        return dq + _dot(cfg, ds.astype(k.dtype), k)
+
+    dq = jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32)
+    num_full = cfg.kv_len // block_k
+    if num_full:
+        dq = lax.fori_loop(0, num_full, lambda i, c: step(_block_start(cfg, i, block_k), c, False), dq)
+    if cfg.kv_len % block_k:
+        dq = step(num_full * block_k, dq, True)
+    _store(cfg, refs["dq"], (dq * cfg.scale).astype(refs["dq"].dtype), mask=_and(query_valid, dim_valid))
+
+
+# ------------------------------------------------------------------------------------------------
+# pallas_call plumbing: block specs per layout
+# ------------------------------------------------------------------------------------------------
+
+class _Specs:
+    """BlockSpecs for one grid (block index, batch, head), in the backend's array layout.
+
+    triton arrays: q-like (B, N, H, D); grid (blocks, B, H).
+    mosaic arrays: q-like (B, H, N_padded, D_padded); grid (B, H, blocks).
+    Per-row statistics (lse, delta): (B, H, N, 1). key_bias: (B, 1, Nk). bias: (B|1, H|1, Nq, Nk).
+    """
+
+    def __init__(self, cfg: _Config):
+        self.cfg = cfg
+
+    def _ids(self, grid_ids):
+        """Returns (block index, batch, head) from the grid ids in the backend's order."""
+        if self.cfg.backend == "triton":
+            block, batch, head = grid_ids
+        else:
+            batch, head, block = grid_ids
+        return block, batch, head
+
+    def grid(self, num_blocks):
+        """Returns the grid for `num_blocks` sequence blocks."""
+        cfg = self.cfg
+        # Triton: the block index varies fastest, so programs sharing a head's K/V run together.
+        return ((num_blocks, cfg.batch, cfg.heads) if cfg.backend == "triton"
+                else (cfg.batch, cfg.heads, num_blocks))
+
+    def tokens(self, rows, blocked: bool):
+        """Returns the spec of a (B, N, H, D) array: one `rows` tile if blocked, else the whole sequence."""
+        dim = self.cfg.head_dim_padded
+        if self.cfg.backend == "triton":
+            def index_map(*grid_ids):
+                block, batch, head = self._ids(grid_ids)
+                return batch, block if blocked else 0, head, 0
+            return pl.BlockSpec((None, rows, None, dim), index_map)
+
+        def index_map(*grid_ids):
+            block, batch, head = self._ids(grid_ids)
+            return batch, head, block if blocked else 0, 0
+        return pl.BlockSpec((None, None, rows, dim), index_map)
+
+    def row_stats(self, rows, blocked: bool):
+        """Returns the spec of an lse/delta array (B, H, Nq, 1)."""
+        def index_map(*grid_ids):
+            block, batch, head = self._ids(grid_ids)
+            return batch, head, block if blocked else 0, 0
+        return pl.BlockSpec((None, None, rows, 1), index_map)
+
+    def key_bias(self, cols, blocked: bool):
+        """Returns the spec of key_bias (B, 1, Nk)."""
+        def index_map(*grid_ids):
+            block, batch, _ = self._ids(grid_ids)
+            return batch, 0, block if blocked else 0
+        return pl.BlockSpec((None, 1, cols), index_map)
+
+    def bias(self, rows, cols, block_rows: bool, per_batch: bool, per_head: bool):
+        """Returns the spec of a (B|1, H|1, Nq, Nk) bias or dbias: a row tile or a column tile."""
+        def index_map(*grid_ids):
+            block, batch, head = self._ids(grid_ids)
+            return (batch if per_batch else 0, head if per_head else 0,
+                    block if block_rows else 0, 0 if block_rows else block)
+        return pl.BlockSpec((None, None, rows, cols), index_map)
+
+
+def _compiler_params(cfg: _Config, num_warps):
+    if cfg.backend == "triton":
+        from jax.experimental.pallas import triton as plgpu
+        return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages)
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+
+
+def _stat_shape(cfg, length):
+    return jax.ShapeDtypeStruct((cfg.batch, cfg.heads, length, 1), jnp.float32)
+
+
+
+
+def _whole(length: int, block: int) -> int:
+    """Returns the extent of a whole-sequence block: `length` rounded up to whole tiles.
+
+    The in-kernel loops slice tiles of `block` rows, so the block a program sees must cover them
+    (the interpreter pads to it; Triton only computes addresses from it and masks the rest).
+    """
+    return _round_up(length, block)
+
+
+def _forward_call(cfg: _Config, q, k, v, bias, key_bias):
+    """Returns (out, lse): out like q, lse (B, H, Nq[_padded], 1) fp32 in natural-log units."""
+    specs = _Specs(cfg)
+    all_keys = _whole(cfg.kv_len_padded, cfg.block_k)
+    in_specs = [specs.tokens(cfg.block_q, True), specs.tokens(all_keys, False), specs.tokens(all_keys, False)]
+    operands = [q, k, v]
+    if cfg.has_bias:
+        in_specs.append(specs.bias(cfg.block_q, all_keys, True, cfg.bias_per_batch, cfg.bias_per_head))
+        operands.append(bias)
+    if cfg.has_key_bias:
+        in_specs.append(specs.key_bias(all_keys, False))
+        operands.append(key_bias)
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, cfg=cfg),
+        grid=specs.grid(pl.cdiv(cfg.q_len, cfg.block_q)),
+        in_specs=in_specs,
+        out_specs=[specs.tokens(cfg.block_q, True), specs.row_stats(cfg.block_q, True)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), _stat_shape(cfg, cfg.q_len_padded)],
+        compiler_params=_compiler_params(cfg, cfg.num_warps),
+        interpret=cfg.interpret,
+        name="vitjax_attention_forward",
+    )(*operands)
+
+
+def _dkdv_call(cfg: _Config, q, k, v, bias, key_bias, d_out, lse, delta):
+    """Returns (dk, dv, dbias (B, H, Nq, Nk) fp32 or None, dkey_bias (B, H, 1, Nk) fp32 or None)."""
+    specs = _Specs(cfg)
+    block_k = cfg.block_k_dkv
+    all_queries = _whole(cfg.q_len_padded, cfg.block_q_dkv)
+    in_specs = [specs.tokens(all_queries, False), specs.tokens(block_k, True), specs.tokens(block_k, True)]
+    operands = [q, k, v]
+    if cfg.has_bias:
+        in_specs.append(specs.bias(all_queries, block_k, False, cfg.bias_per_batch, cfg.bias_per_head))
+        operands.append(bias)
+    if cfg.has_key_bias:
+        in_specs.append(specs.key_bias(block_k, True))
+        operands.append(key_bias)
+    in_specs += [specs.tokens(all_queries, False), specs.row_stats(all_queries, False),
+                 specs.row_stats(all_queries, False)]
+    operands += [d_out, lse, delta]
+    out_specs = [specs.tokens(block_k, True), specs.tokens(block_k, True)]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    if cfg.has_bias:
+        out_specs.append(specs.bias(all_queries, block_k, False, True, True))
+        out_shape.append(jax.ShapeDtypeStruct(
+            (cfg.batch, cfg.heads, cfg.q_len_padded, cfg.kv_len_padded), jnp.float32))
+    if cfg.has_key_bias:
+        out_specs.append(specs.bias(1, block_k, False, True, True))
+        out_shape.append(jax.ShapeDtypeStruct((cfg.batch, cfg.heads, 1, cfg.kv_len_padded), jnp.float32))
+    results = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=cfg),
+        grid=specs.grid(pl.cdiv(cfg.kv_len, block_k)),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(cfg, cfg.num_warps_backward),
+        interpret=cfg.interpret,
+        name="vitjax_attention_backward_dkdv",
+    )(*operands)
+    dk, dv, *rest = results
+    dbias = rest.pop(0) if cfg.has_bias else None
+    dkey_bias = rest.pop(0) if cfg.has_key_bias else None
+    return dk, dv, dbias, dkey_bias
+
+
+def _dq_call(cfg: _Config, q, k, v, bias, key_bias, d_out, lse, delta):
+    """Returns dq, like q."""
+    specs = _Specs(cfg)
+    block_q = cfg.block_q_dq
+    all_keys = _whole(cfg.kv_len_padded, cfg.block_k_dq)
+    in_specs = [specs.tokens(block_q, True), specs.tokens(all_keys, False), specs.tokens(all_keys, False)]
+    operands = [q, k, v]
+    if cfg.has_bias:
+        in_specs.append(specs.bias(block_q, all_keys, True, cfg.bias_per_batch, cfg.bias_per_head))
+        operands.append(bias)
+    if cfg.has_key_bias:
+        in_specs.append(specs.key_bias(all_keys, False))
+        operands.append(key_bias)
+    in_specs += [specs.tokens(block_q, True), specs.row_stats(block_q, True), specs.row_stats(block_q, True)]
+    operands += [d_out, lse, delta]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=specs.grid(pl.cdiv(cfg.q_len, block_q)),
+        in_specs=in_specs,
+        out_specs=specs.tokens(block_q, True),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(cfg, cfg.num_warps_backward),
+        interpret=cfg.interpret,
+        name="vitjax_attention_backward_dq",
+    )(*operands)
+
+
+# ------------------------------------------------------------------------------------------------
+# custom_vjp
+# ------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_core(cfg, q, k, v, bias, key_bias):
+    """Returns (out, lse) on arrays already in the backend's layout."""
+    return tuple(_forward_call(cfg, q, k, v, bias, key_bias))
+
+
+def _attention_core_forward(cfg, q, k, v, bias, key_bias):
+    out, lse = _forward_call(cfg, q, k, v, bias, key_bias)
+    return (out, lse), (q, k, v, bias, key_bias, out, lse)
+
+
+def _attention_core_backward(cfg, residuals, cotangents):
+    q, k, v, bias, key_bias, out, lse = residuals
+    d_out, d_lse = cotangents
+    # delta_i = sum_j p_ij dp_ij = do_i . o_i; a gradient arriving through lse adds p_ij * d_lse_i to
+    # d logits_ij, which is the same as lowering delta_i by d_lse_i.
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+    if cfg.backend == "triton":
+        delta = jnp.swapaxes(delta, 1, 2)  # (B, N, H) -> (B, H, N)
+    delta = delta[..., None] - d_lse
+    dq = _dq_call(cfg, q, k, v, bias, key_bias, d_out, lse, delta)
+    dk, dv, dbias, dkey_bias = _dkdv_call(cfg, q, k, v, bias, key_bias, d_out, lse, delta)
+    if cfg.has_bias:
+        broadcast_axes = tuple(axis for axis, kept in ((0, cfg.bias_per_batch), (1, cfg.bias_per_head))
+                               if not kept)
+        dbias = jnp.sum(dbias, axis=broadcast_axes, keepdims=True) if broadcast_axes else dbias
+        dbias = dbias[:, :, :bias.shape[2], :bias.shape[3]].astype(bias.dtype)
+    if cfg.has_key_bias:
+        dkey_bias = jnp.sum(dkey_bias, axis=1).astype(key_bias.dtype)
+    return dq, dk, dv, dbias, dkey_bias
+
+
+_attention_core.defvjp(_attention_core_forward, _attention_core_backward)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point
+# ------------------------------------------------------------------------------------------------
+
+def default_backend() -> str:
+    """Returns the kernel flavour for the default JAX platform: mosaic on TPU, else triton."""
+    return "mosaic" if jax.default_backend() == "tpu" else "triton"
+
+
+def unsupported_reason(q, k, v, *, bias=None, key_bias=None) -> Optional[str]:
+    """Returns why `flash_attention` cannot take these operands, or None when it can."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return f"q, k, v must be (batch, length, heads, head_dim), got shapes {q.shape}, {k.shape}, {v.shape}"
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        return f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}"
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        return f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+    if not any(q.dtype == dtype for dtype in _SUPPORTED_DTYPES):
+        return f"dtype {q.dtype} not supported (valid: float32, bfloat16, float16)"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} > 256"
+    if min(q.shape[1], k.shape[1]) == 0:
+        return "empty sequence"
+    batch, q_len, heads, _ = q.shape
+    if bias is not None:
+        if bias.ndim > 4 or not jnp.issubdtype(bias.dtype, jnp.floating):
+            return f"bias must be a float array broadcastable to (B, H, Nq, Nk), got {bias.dtype}{bias.shape}"
+        full = (1,) * (4 - bias.ndim) + tuple(bias.shape)
+        for have, want in zip(full, (batch, heads, q_len, k.shape[1])):
+            if have not in (1, want):
+                return f"bias shape {bias.shape} is not broadcastable to {(batch, heads, q_len, k.shape[1])}"
+    if key_bias is not None:
+        kb_shape = (1,) * (2 - key_bias.ndim) + tuple(key_bias.shape)
+        if key_bias.ndim > 2 or kb_shape[0] not in (1, batch) or kb_shape[1] != k.shape[1]:
+            return f"key_bias must be (batch, Nk) = {(batch, k.shape[1])}, got {key_bias.shape}"
+    return None
+
+
+def flash_attention(q, k, v, *, bias=None, key_bias=None, scale: Optional[float] = None,
+                    return_lse: bool = False, block_sizes: Optional[BlockSizes] = None,
+                    backend: Optional[str] = None, interpret: Optional[bool] = None):
+    """Returns the fused-attention output (B, Nq, H, D), and with return_lse also lse (B, H, Nq) fp32.
+
+    q: (B, Nq, H, D); k, v: (B, Nk, H, D); fp32, bf16 or fp16 (fp32 accumulation either way).
+    bias: broadcastable to (B, H, Nq, Nk); key_bias: (B, Nk). Gradients flow to q, k, v, bias,
+    key_bias (and through lse when it is returned).
+    backend: "triton" (GPU) or "mosaic" (TPU); defaults to the platform's. interpret defaults to True
+    on a CPU.
+    """
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    bias = None if bias is None else jnp.asarray(bias)
+    key_bias = None if key_bias is None else jnp.asarray(key_bias)
+    reason = unsupported_reason(q, k, v, bias=bias, key_bias=key_bias)
+    if reason is not None:
+        raise ValueError(f"flash_attention: {reason}")
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    # Broadcasting happens out here, so autodiff folds the gradients back to the caller's shapes.
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_len, kv_len))
+    if key_bias is not None:
+        key_bias = jnp.broadcast_to(key_bias.reshape((1,) * (2 - key_bias.ndim) + key_bias.shape),
+                                    (batch, kv_len))
+        key_bias = key_bias.astype(jnp.float32)[:, None, :]
+    cfg = _make_config(q, k, bias, key_bias, scale, block_sizes or BlockSizes(), backend, interpret)
+
+    if backend == "triton":
+        out, lse = _attention_core(cfg, q, k, v, bias, key_bias)
+        lse = lse[..., 0]
+    else:
+        def to_kernel_layout(x, length):
+            x = jnp.swapaxes(x, 1, 2)
+            return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, cfg.head_dim_padded - head_dim)))
+        q_p = to_kernel_layout(q, cfg.q_len_padded)
+        k_p = to_kernel_layout(k, cfg.kv_len_padded)
+        v_p = to_kernel_layout(v, cfg.kv_len_padded)
+        if bias is not None:
+            bias = jnp.pad(bias, ((0, 0), (0, 0), (0, cfg.q_len_padded - q_len), (0, cfg.kv_len_padded - kv_len)))
+        if key_bias is not None:
+            key_bias = jnp.pad(key_bias, ((0, 0), (0, 0), (0, cfg.kv_len_padded - kv_len)))
+        out, lse = _attention_core(cfg, q_p, k_p, v_p, bias, key_bias)
+        out = jnp.swapaxes(out[:, :, :q_len, :head_dim], 1, 2)
+        lse = lse[:, :, :q_len, 0]
+    return (out, lse) if return_lse else out
