@@ -8,6 +8,8 @@ import importlib
 _OBJECTIVES = {
     "supervised": "vitjax.objectives.supervised:Supervised",
     "mae": "vitjax.objectives.mae:MAE",
+    "mae_finetune": "vitjax.objectives.mae:MaeFinetune",
+    "mae_linprobe": "vitjax.objectives.mae:MaeLinearProbe",
 }
 
 

@@ -1,24 +1,63 @@
 """The interface between the trainer and an objective.
 
-An objective owns the module(s) it trains, its loss and its metrics. The trainer calls
-only these methods; it never looks inside the model or the batch beyond `batch["mask"]`.
+An objective owns the module(s) it trains, its loss and its metrics. The trainer calls only the
+methods below, inside its jitted train and eval steps; it never looks inside the model or the
+batch beyond `batch["mask"]` (eval padding).
+
+    objective = vitjax.objectives.create(config.objective, config)   # full run config
+    variables = objective.init_variables(rng, batch)    # {"params": ..., maybe "batch_stats": ...}
+    loss, aux = objective.train_loss(variables, batch, rng)
+    per_example = objective.eval_metrics(variables, batch)
+
+Batches are dicts of arrays with a leading batch dim: in training "image" (B, H, W, C) float and
+"label" (B, num_classes) float (one-hot, smoothed or mixed); in evaluation "image", "label"
+(B,) int32 class ids and "mask" (B,) bool (False = padding). `rng` is a fresh key per step (and
+per micro-batch under gradient accumulation): split it for the model's named rngs (`dropout`,
+`drop_path`, `masking`).
+
+Settings of an objective live in `config.objective_kwargs`; a subclass lists them with their
+defaults in `default_kwargs`, and `self.kwargs` holds them merged (unknown names raise).
+Optional hooks the trainer uses when present:
+  num_classes         int; checked against the dataset's number of classes.
+  layer_ids_fn(params) -> ({path: layer id}, num_layers), for layer-wise lr decay (see vitjax.optim).
+  load_pretrained(params) -> params: called once on the freshly initialized params of a new run (not
+                      on resume), e.g. to load a pretrained encoder for fine-tuning or probing.
 """
 from typing import Any, Dict, Tuple
 
 import jax
+import jax.numpy as jnp
 
 Variables = Dict[str, Any]  # flax collections: {"params": ..., "batch_stats": ...}
 
 
+def model_overrides(model_config) -> Dict[str, Any]:
+    """Returns `config.model` as keyword arguments for `models.create`, dtype names made jnp dtypes."""
+    overrides = dict(model_config or {})
+    for key in ("dtype", "param_dtype"):
+        if isinstance(overrides.get(key), str):
+            overrides[key] = jnp.dtype(overrides[key])
+    return overrides
+
+
 class Objective:
-    """Base class: subclasses set `module` and implement the four methods below."""
+    """Base class: subclasses set `module` and implement the three methods below."""
 
     #: Keys of the batch the objective reads, e.g. ("image", "label"); the data pipeline
     #: is asked for exactly these.
     batch_keys: Tuple[str, ...] = ("image", "label")
 
+    #: The objective's settings (config.objective_kwargs) and their defaults.
+    default_kwargs: Dict[str, Any] = {}
+
     def __init__(self, config):
         self.config = config
+        given = dict(config.get("objective_kwargs") or {}) if hasattr(config, "get") else {}
+        unknown = sorted(set(given) - set(self.default_kwargs))
+        if unknown:
+            raise ValueError(f"Unknown objective_kwargs {unknown} for objective {type(self).__name__}; "
+                             f"valid keys: {sorted(self.default_kwargs)}")
+        self.kwargs = {**self.default_kwargs, **given}
 
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
         """Returns the initial variables (params may carry logical-axis boxes)."""

@@ -1,0 +1,91 @@
+"""Checkpoints with orbax: periodic, asynchronous, the last N kept, atomic, resumable.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,meta}`. `state` is the whole train state (params,
+optimizer state, other model collections, step, rng), saved sharded from every host; `meta` is a
+small JSON (step, data position, config). Orbax writes a step into a temporary directory and
+renames it when complete, so a run killed while writing leaves the previous step as the newest
+complete one; `latest_step()` only ever sees complete steps, and leftover temporary directories
+are removed on start.
+
+Since a batch depends only on (seed, step) and per-step rngs are `fold_in(rng, step)`, the step
+is the whole data and rng position: resuming from step s replays exactly the run's steps s+1, ...
+"""
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+    """Saves and restores train states under one directory; wraps an orbax CheckpointManager."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = directory
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> Optional[int]:
+        """Returns the newest complete checkpoint step, or None if there is none."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> Tuple[int, ...]:
+        """Returns the steps of all complete checkpoints, oldest first."""
+        return tuple(sorted(self.manager.all_steps()))
+
+    def save(self, step: int, state: Any, meta: Optional[Dict[str, Any]] = None) -> bool:
+        """Returns whether a save of `state` at `step` was started (it completes in the background)."""
+        if step in self.manager.all_steps():
+            return False
+        meta = dict(meta or {}, step=int(step))
+        saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)), force=True)
+        if saved:
+            logging.info("Checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def restore(self, step: int, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
+        """Returns (state, meta) of checkpoint `step`, laid out as the ShapeDtypeStructs of `abstract_state`."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        logging.info("Checkpoint: restored step %d from %s", step, self.directory)
+        return restored["state"], dict(restored["meta"] or {})
+
+    def reached_preemption(self, step: int) -> bool:
+        """Returns whether the cluster announced a preemption (all hosts agree on the step)."""
+        return bool(self.manager.reached_preemption(step))
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the background saves are written."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """Returns ShapeDtypeStructs with the shapes and dtypes of `tree` and the given shardings."""
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        tree, shardings)
+
+
+def load_state(checkpoint_dir: str, step: Optional[int] = None) -> Dict[str, Any]:
+    """Returns the saved train state of `step` (default: the newest) as a dict of host arrays.
+
+    {"params", "opt_state", "model_state", "step", "rng"}, without shardings: for inspection,
+    evaluation or initializing another run from these params.
+    """
+    manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "meta"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"No complete checkpoint in {checkpoint_dir}")
+    return ocp.StandardCheckpointer().restore(os.path.join(checkpoint_dir, str(step), "state"))

@@ -1,0 +1,125 @@
+"""Entry point: train and evaluate one config.
+
+    python -m vitjax.main --config=configs/digits_vit.py --workdir=/tmp/digits
+    python -m vitjax.main --config=configs/vit_i1k.py:variant=B/16 --workdir=gs://bucket/vit_b16 \
+        --config.batch_size=2048 --config.optim.blr=5e-4
+
+`--config=FILE.py[:ARGS]` calls the file's `get_config(ARGS)`; `--config.KEY=VALUE` overrides a key
+(typed; a key the config does not have is refused). Config errors stop the run before anything
+is built or compiled. A run on a WORKDIR holding checkpoints resumes from the newest complete one.
+Multi-host runs (TPU pods, SLURM, ...) call `jax.distributed.initialize()`: automatically when the
+launcher's environment is detected, or with --multihost=on.
+"""
+import importlib.util
+import logging as logging_std
+import re
+import sys
+from typing import List, Optional
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with arguments: configs/FILE.py:key=value,flag", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard logs.")
+_MULTIHOST = flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"],
+                               "Call jax.distributed.initialize(): auto = when a multi-host launch is detected.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _load_config_file(argv: List[str]):
+    """Returns get_config(arg) of the --config file named in argv, or None if there is none."""
+    spec = None
+    for index, item in enumerate(argv):
+        if item.startswith("--config="):
+            spec = item.split("=", 1)[1]
+        elif item == "--config" and index + 1 < len(argv):
+            spec = argv[index + 1]
+    if not spec:
+        return None
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_vitjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def explain_override_error(argv: List[str]) -> Optional[str]:
+    """Returns a message naming the first `--config.KEY=...` override whose key the config lacks, with the valid keys."""
+    try:
+        config = _load_config_file(argv)
+    except Exception:  # noqa: BLE001 - the config file's own error is reported by config_flags
+        return None
+    if config is None:
+        return None
+    for item in argv:
+        match = re.match(r"--config\.([\w.]+)(=|$)", item)
+        if not match:
+            continue
+        node, walked = config, []
+        for key in match.group(1).split("."):
+            keys = sorted(node.keys()) if hasattr(node, "keys") else []
+            if key not in keys:
+                where = f"config.{'.'.join(walked)}" if walked else "config"
+                return (f"Unknown config key in override {item!r}: {where} has no key {key!r}; "
+                        f"valid keys: {keys}")
+            node, walked = node[key], walked + [key]
+    return None
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+    """Returns the remaining argv after absl parsing; config overrides of unknown keys exit with a clear message."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"FATAL flags error: {error}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as error:
+        message = explain_override_error(argv) or f"Bad config override: {error}"
+        sys.exit(f"FATAL config error: {message}")
+
+
+class _QuietLibraries(logging_std.Filter):
+    """Drops INFO records of chatty libraries (orbax, TFDS); their warnings and errors pass."""
+
+    _PACKAGES = ("orbax", "tensorflow_datasets", "etils")
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno >= logging_std.WARNING or not any(
+            f"/{package}/" in record.pathname for package in self._PACKAGES)
+
+
+def main(argv: List[str]) -> None:
+    """Trains and evaluates the --config in --workdir and prints the final eval metrics."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from vitjax import parallel, train  # after flag parsing, so --help stays fast
+
+    parallel.maybe_initialize_distributed({"auto": None, "on": True, "off": False}[_MULTIHOST.value])
+    try:
+        train.build(_CONFIG.value)  # every config error, before anything is compiled
+    except ValueError as error:
+        sys.exit(f"FATAL config error: {error}")
+    try:
+        final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except FloatingPointError as error:
+        logging.error("%s", error)
+        sys.exit(f"FATAL: {error}")
+    print(final_summary(final, _CONFIG.value.get("input", {}).get("eval_split", "eval")), flush=True)
+
+
+def final_summary(final, split: str) -> str:
+    """Returns the closing line: top-1 (and top-5, loss) for classification, else every eval metric."""
+    if "eval/top1" in final:
+        extras = [f"top-5 {100 * final['eval/top5']:.2f}%" if "eval/top5" in final else None,
+                  f"loss {final['eval/loss']:.4f}" if "eval/loss" in final else None,
+                  f"{final.get('eval/num_examples')} examples", f"step {final.get('step')}"]
+        return (f"Final {split} top-1: {100 * final['eval/top1']:.2f}%  "
+                f"({', '.join(extra for extra in extras if extra)})")
+    metrics = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                        for key, value in sorted(final.items()))
+    return f"Final {split} metrics: {metrics}"
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,308 @@
+"""Masked-autoencoder objectives (He et al. 2021): pretraining, fine-tuning and linear probing.
+
+  mae            pretraining: a `VisionTransformer` encoder (`config.model_name`, `config.model`) sees
+                 the patches a random mask keeps; a light decoder predicts the pixels of every patch;
+                 MSE on the removed patches only, on per-patch normalised pixels (`norm_pix_loss`).
+  mae_finetune   supervised fine-tuning of a classifier `VisionTransformer` whose encoder params are
+                 copied from an MAE checkpoint (`init_from`); the head starts at trunc_normal(2e-5).
+  mae_linprobe   a linear classifier on frozen MAE features: encoder -> BatchNorm without affine
+                 (eps 1e-6) -> Dense head (trunc_normal 0.01), as MAE's `main_linprobe.py`.
+                 Freeze the encoder with `config.optim.frozen = ("^encoder/",)`.
+
+`init_from` (fine-tuning, probing) is an official MAE `.pth` (`vitjax.convert.mae`), a vitjax
+workdir or one of its `checkpoints/<step>` directories (the `encoder` subtree of an `mae` run), or
+None (train from the initialisation: the from-scratch baseline, or the random-encoder probe).
+The trainer calls `load_pretrained(params)` once after initialising a fresh run.
+"""
+import os
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vitjax.models as models
+from vitjax.models import layers
+from vitjax.models import mae as mae_model
+from vitjax.models.vit import VisionTransformer
+from vitjax.objectives.base import Objective, Variables, model_overrides
+from vitjax.objectives.supervised import Supervised
+
+
+# =============================================================================================
+# The loss
+# =============================================================================================
+def reconstruction_target(images: jax.Array, patch_size: int, norm_pix_loss: bool) -> jax.Array:
+    """Returns the (B, N, p*p*C) pixel target; with `norm_pix_loss`, each patch normalised by its own
+    mean and unbiased (n-1) variance, eps 1e-6, as MAE's `forward_loss`."""
+    target = mae_model.patchify(images.astype(jnp.float32), patch_size)
+    if norm_pix_loss:
+        mean = target.mean(axis=-1, keepdims=True)
+        var = target.var(axis=-1, keepdims=True, ddof=1)
+        target = (target - mean) / jnp.sqrt(var + 1e-6)
+    return target
+
+
+def per_patch_loss(images: jax.Array, pred: jax.Array, patch_size: int, norm_pix_loss: bool) -> jax.Array:
+    """Returns the (B, N) mean squared error of each patch's predicted pixels."""
+    target = reconstruction_target(images, patch_size, norm_pix_loss)
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+
+
+def masked_mse(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int,
+               norm_pix_loss: bool) -> jax.Array:
+    """Returns MAE's scalar loss: the per-patch MSE averaged over the removed patches (mask == 1) only."""
+    loss = per_patch_loss(images, pred, patch_size, norm_pix_loss)
+    return jnp.sum(loss * mask) / jnp.sum(mask)
+
+
+# =============================================================================================
+# Pretraining
+# =============================================================================================
+def build_encoder(config, **forced) -> VisionTransformer:
+    """Returns the `VisionTransformer` of `config.model_name` / `config.model` with `forced` settings."""
+    overrides = {**model_overrides(config.model), **forced}
+    entry = models.get_entry(config.model_name)
+    if not issubclass(entry.module_class, VisionTransformer):
+        raise ValueError(f"MAE needs a VisionTransformer encoder; model {config.model_name!r} is a "
+                         f"{entry.module_class.__name__}. Valid choices: {models.list_models('vit')}")
+    return models.create(config.model_name, **overrides)
+
+
+class MAE(Objective):
+    """MAE pretraining; metrics: `loss` (on removed patches, the target set by `norm_pix_loss`)."""
+
+    batch_keys = ("image",)
+    # The paper's ViT-B/16 defaults (Table 1 and Appendix A.1).
+    default_kwargs: Dict[str, Any] = dict(mask_ratio=0.75, decoder_embed_dim=512, decoder_depth=8,
+                                          decoder_num_heads=16, decoder_mlp_ratio=4.0, norm_pix_loss=True,
+                                          eval_seed=0)
+
+    def __init__(self, config):
+        super().__init__(config)
+        user_model = dict(config.model or {})
+        # MAE's encoder: fixed sin-cos position embeddings and xavier init unless the config says otherwise.
+        defaults = {key: value for key, value in dict(pos_embed="sincos2d", weight_init="xavier").items()
+                    if key not in user_model}
+        for key, required in dict(num_classes=0, global_pool="").items():
+            if key in user_model and user_model[key] != required:
+                raise ValueError(f"The MAE encoder has no head: config.model.{key} must be {required!r} "
+                                 f"(or unset), got {user_model[key]!r}")
+        encoder = build_encoder(config, num_classes=0, global_pool="", **defaults)
+        kwargs = self.kwargs
+        self.module = mae_model.MaskedAutoencoder(
+            encoder=encoder, decoder_embed_dim=int(kwargs["decoder_embed_dim"]),
+            decoder_depth=int(kwargs["decoder_depth"]), decoder_num_heads=int(kwargs["decoder_num_heads"]),
+            decoder_mlp_ratio=float(kwargs["decoder_mlp_ratio"]), mask_ratio=float(kwargs["mask_ratio"]))
+        self.module.validate()
+        self.norm_pix_loss = bool(kwargs["norm_pix_loss"])
+
+    def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
+        """Returns the MAE's variables with the paper's initialisation."""
+        return mae_model.init_variables(self.module, rng, batch["image"])
+
+    def _loss(self, variables: Variables, images: jax.Array, train: bool, rng: jax.Array):
+        """Returns (per-example loss (B,), pred, aux)."""
+        masking_rng, dropout_rng, drop_path_rng = jax.random.split(rng, 3)
+        rngs = {"masking": masking_rng, "dropout": dropout_rng, "drop_path": drop_path_rng}
+        pred, aux = self.module.apply(variables, images, train=train, rngs=rngs)
+        loss = per_patch_loss(images, pred, self.module.patch_size, self.norm_pix_loss)
+        per_example = jnp.sum(loss * aux["mask"], axis=1) / jnp.sum(aux["mask"], axis=1)
+        return per_example, pred, aux
+
+    def train_loss(self, variables: Variables, batch: Dict[str, Any], rng: jax.Array
+                   ) -> Tuple[jax.Array, Dict[str, Any]]:
+        """Returns (loss on the removed patches, {"metrics": {"loss"}, "updates": {}})."""
+        per_example, _, _ = self._loss(variables, batch["image"], True, rng)
+        # Every image removes the same number of patches, so the mean of per-image means is MAE's loss.
+        loss = jnp.mean(per_example)
+        return loss, {"metrics": {"loss": loss}, "updates": {}}
+
+    def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
+        """Returns per-example {"loss"}: the reconstruction loss under a fixed (seeded) random mask."""
+        per_example, _, _ = self._loss(variables, batch["image"], False,
+                                       jax.random.key(int(self.kwargs["eval_seed"])))
+        return {"loss": per_example}
+
+
+# =============================================================================================
+# Loading a pretrained encoder
+# =============================================================================================
+_OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def load_encoder_params(source: str) -> Dict[str, np.ndarray]:
+    """Returns the MAE encoder's params (nested dict of numpy arrays, unscanned) from `source`.
+
+    `source`: an official MAE checkpoint (pretrain, encoder-only or fine-tuned `.pth`), a vitjax workdir
+    (its newest checkpoint) or a `checkpoints/<step>` directory of an `mae` run.
+    """
+    from vitjax.models.vit import unscan_params
+    if source.endswith(_OFFICIAL_SUFFIXES):
+        from vitjax.convert import mae as mae_convert
+        _, variables = mae_convert.load_official(source)
+        params = variables["params"]
+        params = params.get("encoder", params)
+        return {k: v for k, v in params.items() if k not in ("head", "fc_norm")}
+    params = _restore_vitjax_params(source)
+    if "encoder" not in params:
+        raise ValueError(f"{source} holds no 'encoder' params (top-level keys {sorted(params)}): "
+                         "is it the workdir of an 'mae' run?")
+    encoder = dict(params["encoder"])
+    if "blocks" in encoder:
+        encoder = unscan_params(encoder)
+    return jax.tree.map(np.asarray, encoder)
+
+
+def _restore_vitjax_params(source: str) -> Dict[str, Any]:
+    """Returns the params of a vitjax checkpoint (a workdir, its checkpoints/ dir, or one step's dir)."""
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No checkpoint at {source}: give a vitjax workdir, a checkpoints/<step> "
+                                f"directory, or an official MAE file ({', '.join(_OFFICIAL_SUFFIXES)})")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if not os.path.isdir(os.path.join(path, "state")):
+        steps = sorted(int(name) for name in os.listdir(path) if name.isdigit())
+        if not steps:
+            raise FileNotFoundError(f"No complete checkpoint step under {path}")
+        path = os.path.join(path, str(steps[-1]))
+    state_dir = os.path.join(path, "state")
+    # Restore on the host as numpy: the target run's mesh lays the params out afterwards.
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(state_dir)
+    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+    tree = getattr(tree, "tree", tree)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = checkpointer.restore(state_dir, restore_args=restore_args)
+    return state["params"]
+
+
+class _Pretrained:
+    """Mixin: `load_pretrained(params)` copies an MAE encoder (`init_from`) into freshly initialised params."""
+
+    #: where the encoder params sit in this objective's params ("" = at the top level)
+    encoder_scope = ""
+
+    def load_pretrained(self, params: Any) -> Any:
+        """Returns `params` with the encoder's params replaced by those of `init_from` (unchanged if None)."""
+        from vitjax.convert import mae as mae_convert
+        source = self.kwargs.get("init_from")
+        if not source:
+            return params
+        encoder = load_encoder_params(source)
+        scanned = self._encoder_module().scan
+        target = params[self.encoder_scope] if self.encoder_scope else params
+        if scanned:
+            from vitjax.models.vit import scan_params
+            encoder = scan_params(encoder, self._encoder_module().depth)
+        loaded = mae_convert.encoder_to_classifier(encoder, target)
+        if self.encoder_scope:
+            return {**params, self.encoder_scope: loaded}
+        return loaded
+
+    def _encoder_module(self) -> VisionTransformer:
+        raise NotImplementedError
+
+
+# =============================================================================================
+# Fine-tuning
+# =============================================================================================
+class MaeFinetune(_Pretrained, Supervised):
+    """Supervised fine-tuning from an MAE encoder; the head starts at trunc_normal(`head_init_std`)."""
+
+    default_kwargs: Dict[str, Any] = dict(init_from=None, head_init_std=2e-5)
+
+    def _encoder_module(self) -> VisionTransformer:
+        return self.module
+
+    def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
+        """Returns the classifier's variables with MAE's fine-tuning head init (before `load_pretrained`)."""
+        init_rng, head_rng = jax.random.split(rng)
+        variables = dict(super().init_variables(init_rng, batch))
+        params = dict(variables["params"])
+        if self.module.weight_init == "xavier":
+            params = dict(mae_model.mae_initialization(params))
+        if "head" in params:
+            head = dict(params["head"])
+            kernel = head["kernel"]
+            value = kernel.value if isinstance(kernel, nn.LogicallyPartitioned) else kernel
+            new = nn.initializers.truncated_normal(float(self.kwargs["head_init_std"]))(
+                head_rng, value.shape, value.dtype)
+            head["kernel"] = kernel.replace_boxed(new) if isinstance(kernel, nn.LogicallyPartitioned) else new
+            params["head"] = head
+        variables["params"] = params
+        return variables
+
+    def layer_ids_fn(self, params):
+        """Returns ViT layer ids for layer-wise lr decay (embeddings 0, block i -> i+1, the rest depth+1)."""
+        from vitjax.optim import vit_layer_ids
+        return vit_layer_ids(params)
+
+
+# =============================================================================================
+# Linear probing
+# =============================================================================================
+class LinearProbe(nn.Module):
+    """Encoder features -> BatchNorm without affine -> Dense head; returns (logits, intermediates)."""
+
+    encoder: VisionTransformer
+    num_classes: int
+    head_init_std: float = 0.01
+    batch_norm_eps: float = 1e-6
+    batch_norm_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
+        features, intermediates = self.encoder(images, train=False)
+        features = jax.lax.stop_gradient(features.astype(jnp.float32))
+        # MAE's probe head: BatchNorm1d(affine=False, eps=1e-6), torch momentum 0.1 (= flax 0.9).
+        normed = nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
+                              epsilon=self.batch_norm_eps, momentum=self.batch_norm_momentum,
+                              axis_name=None, name="head_norm")(features)
+        logits = nn.Dense(self.num_classes, name="head",
+                          kernel_init=layers.logical(nn.initializers.truncated_normal(self.head_init_std),
+                                                     ("embed", "classes")),
+                          bias_init=layers.logical(nn.initializers.zeros, ("classes",)))(normed)
+        return logits, dict(intermediates, pre_logits=features)
+
+
+class MaeLinearProbe(_Pretrained, Supervised):
+    """Linear probing of a (frozen) MAE encoder; pooling from `config.model.global_pool` ("token" in MAE)."""
+
+    default_kwargs: Dict[str, Any] = dict(init_from=None, head_init_std=0.01)
+    encoder_scope = "encoder"
+
+    def __init__(self, config):
+        Objective.__init__(self, config)
+        overrides = model_overrides(config.model)
+        self.num_classes = overrides.pop("num_classes", None)
+        if not self.num_classes:
+            raise ValueError("Linear probing needs config.model.num_classes")
+        forced = dict(num_classes=0, pos_embed=overrides.pop("pos_embed", "sincos2d"),
+                      weight_init=overrides.pop("weight_init", "xavier"),
+                      global_pool=overrides.pop("global_pool", "token"))
+        encoder = models.create(config.model_name, **overrides, **forced) \
+            if issubclass(models.get_entry(config.model_name).module_class, VisionTransformer) else None
+        if encoder is None:
+            raise ValueError(f"Linear probing needs a VisionTransformer; valid choices: {models.list_models('vit')}")
+        self.module = LinearProbe(encoder=encoder, num_classes=int(self.num_classes),
+                                  head_init_std=float(self.kwargs["head_init_std"]))
+
+    def _encoder_module(self) -> VisionTransformer:
+        return self.module.encoder
+
+    def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
+        """Returns the probe's variables; a xavier encoder gets MAE's initialisation (the random-encoder baseline)."""
+        variables = dict(super().init_variables(rng, batch))
+        if self.module.encoder.weight_init == "xavier":
+            params = dict(variables["params"])
+            params["encoder"] = mae_model.mae_initialization(params["encoder"])
+            variables["params"] = params
+        return variables
+
+
+__all__ = ["MAE", "LinearProbe", "MaeFinetune", "MaeLinearProbe", "build_encoder", "load_encoder_params",
+           "masked_mse", "per_patch_loss", "reconstruction_target"]

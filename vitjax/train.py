@@ -1,0 +1,497 @@
+"""The trainer: one readable loop that every objective plugs into.
+
+    python -m vitjax.main --config=configs/digits_vit.py --workdir=/tmp/digits
+
+`train_and_evaluate(config, workdir)` builds, in this order (anything that can be wrong in the
+config fails in the first two, before anything is traced or compiled):
+
+  1. config    validated (`config_utils.validate_config`), input config validated, objective and
+               model built from their registries (bad names, sizes raise here);
+  2. mesh      `parallel.create_mesh(config.mesh)`; batch sizes checked against it;
+  3. data      train iterator at the resume step, eval iterator per evaluation;
+  4. state     params initialized sharded by their logical axes, or restored from the newest
+               complete checkpoint in WORKDIR/checkpoints (with the step = data position);
+  5. loop      jitted train step (donated state, explicit shardings, micro-batched gradient
+               accumulation), logging, evaluation, checkpoints, NaN guard.
+
+Outputs in WORKDIR: metrics.jsonl (one JSON object per logged step), tensorboard/ event files,
+checkpoints/, config.json.
+"""
+import gc
+import itertools
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from vitjax import checkpoint as checkpoint_lib
+from vitjax import config_utils, optim, parallel
+from vitjax import objectives as objectives_lib
+from vitjax.evaluate import classification
+
+# Metrics whose non-finite value stops the run: a non-finite loss, gradient or updated param
+# means the next checkpoint would be corrupt.
+_GUARDED_METRICS = ("train/loss", "train/grad_norm", "train/param_norm")
+
+
+# =============================================================================================
+# Train state
+# =============================================================================================
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs: `step` is also the data position."""
+    step: jax.Array          # number of optimizer updates done
+    params: Any              # fp32 master weights
+    opt_state: Any
+    model_state: Any         # non-param collections (e.g. batch_stats); {} for ViTs
+    rng: jax.Array           # base key; step s uses fold_in(rng, s)
+
+
+def unbox(tree: Any) -> Any:
+    """Returns `tree` with flax partitioning boxes removed (no sharding constraint applied)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def place_params(params: Any, shardings: Any) -> Any:
+    """Returns `params` as global arrays with `shardings`; host (numpy) leaves are laid out from every host's copy."""
+    def place(leaf, sharding):
+        if isinstance(leaf, jax.Array):
+            return leaf if leaf.sharding == sharding else jax.device_put(leaf, sharding)
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.tree.map(place, params, shardings)
+
+
+def param_overview(params: Any, trainable: Any = None) -> str:
+    """Returns a table of parameter counts per top-level module (numbered blocks grouped) and totals."""
+    groups: Dict[str, List[int]] = {}
+    shapes: Dict[str, set] = {}
+    for path, leaf in optim.param_paths(params).items():
+        top = path.split("/")[0]
+        group = re.sub(r"_\d+$", "_*", top)
+        groups.setdefault(group, [0, 0])
+        groups[group][0] += int(np.prod(leaf.shape))
+        if top != group:
+            shapes.setdefault(group, set()).add(top)
+    total = sum(count for count, _ in groups.values())
+    lines = [f"{'module':<28} {'params':>14}"]
+    for group, (count, _) in groups.items():
+        repeats = f" (x{len(shapes[group])})" if group in shapes else ""
+        lines.append(f"{group + repeats:<28} {count:>14,}")
+    lines.append(f"{'total':<28} {total:>14,}")
+    if trainable is not None:
+        trained = sum(int(np.prod(leaf.shape)) for leaf, use in
+                      zip(jax.tree.leaves(params), jax.tree.leaves(trainable)) if use)
+        lines.append(f"{'trainable':<28} {trained:>14,}")
+    return "\n".join(lines)
+
+
+# =============================================================================================
+# Steps
+# =============================================================================================
+def global_norm(tree: Any) -> jax.Array:
+    """Returns the L2 norm of all leaves of `tree` together, in fp32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)))
+
+
+def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable,
+                    grad_accum_steps: int, batch_sharding) -> Callable:
+    """Returns train_step(state, batch) -> (new state, {"train/...": scalar}); jit it with donated state."""
+
+    def loss_fn(params, model_state, batch, rng):
+        loss, aux = objective.train_loss({"params": params, **model_state}, batch, rng)
+        return loss, aux
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        if grad_accum_steps == 1:
+            (loss, aux), grads = grad_fn(state.params, state.model_state, batch, step_rng)
+            model_state = {**state.model_state, **aux.get("updates", {})}
+            metrics = dict(aux.get("metrics", {}), loss=loss)
+        else:
+            # Micro-batch i takes examples i, i + k, i + 2k, ...: every device keeps an equal share
+            # of each micro-batch, so no data moves between devices.
+            def split(x):
+                x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+                return jnp.swapaxes(x, 0, 1)
+
+            micro_batches = jax.tree.map(split, batch)
+
+            def accumulate(carry, inputs):
+                grads_sum, model_state = carry
+                micro_batch, index = inputs
+                micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_sharding)
+                (loss, aux), grads = grad_fn(state.params, model_state, micro_batch,
+                                             jax.random.fold_in(step_rng, index))
+                grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+                model_state = {**model_state, **aux.get("updates", {})}
+                return (grads_sum, model_state), dict(aux.get("metrics", {}), loss=loss)
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, model_state), metrics = jax.lax.scan(
+                accumulate, (zeros, state.model_state), (micro_batches, jnp.arange(grad_accum_steps)))
+            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+            metrics = jax.tree.map(jnp.mean, metrics)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {f"train/{name}": value for name, value in metrics.items()}
+        metrics["train/grad_norm"] = global_norm(grads)
+        metrics["train/param_norm"] = global_norm(params)
+        metrics["train/lr"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  model_state=model_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(objective) -> Callable:
+    """Returns eval_step(state, batch) -> masked sums of the objective's per-example metrics."""
+    return classification.make_eval_step(
+        lambda state, batch: objective.eval_metrics({"params": state.params, **state.model_state}, batch))
+
+
+# =============================================================================================
+# Logging
+# =============================================================================================
+class MetricsWriter:
+    """Writes WORKDIR/metrics.jsonl and TensorBoard events (process 0 only); resumes cleanly."""
+
+    def __init__(self, workdir: str, enabled: bool, resume_step: int):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard = None
+        if not enabled:
+            return
+        # Lines a killed run wrote after its last checkpoint are replayed by this run: drop them.
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        from tensorboardX import SummaryWriter
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, step: int, metrics: Dict[str, Any]) -> None:
+        """Appends one record for `step` to the jsonl file and the TensorBoard events."""
+        if not self.enabled or not metrics:
+            return
+        record = {"step": int(step), **{key: _to_python(value) for key, value in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        """Closes the TensorBoard writer."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _to_python(value: Any) -> Any:
+    """Returns a JSON-serializable version of a scalar metric."""
+    value = np.asarray(value)
+    return value.item() if value.size == 1 else value.tolist()
+
+
+def _check_finite(pending: List[Tuple[int, Dict[str, Any]]], last_checkpoint: Optional[int],
+                  checkpoint_dir: str) -> None:
+    """Raises FloatingPointError naming the first step whose loss, gradient or params are not finite."""
+    for step, metrics in pending:
+        for key in _GUARDED_METRICS:
+            if key in metrics and not np.all(np.isfinite(np.asarray(metrics[key]))):
+                kept = (f"The last good checkpoint (step {last_checkpoint}) is kept in {checkpoint_dir}."
+                        if last_checkpoint is not None else "No checkpoint had been written yet.")
+                raise FloatingPointError(
+                    f"Non-finite {key} = {float(np.asarray(metrics[key]))} at step {step}: stopping the run. "
+                    f"{kept} Try a lower learning rate, optim.clip_grad_norm, a longer warmup, or check the "
+                    f"input data for NaNs.")
+
+
+# =============================================================================================
+# Setup helpers
+# =============================================================================================
+def _data_module():
+    """Returns `vitjax.data` (imported here: it loads TensorFlow on use)."""
+    import vitjax.data as data
+    return data
+
+
+def steps_from_config(config, num_train_examples: Optional[int]) -> Tuple[int, Optional[float]]:
+    """Returns (total optimizer steps, steps per epoch or None) from total_steps / total_epochs."""
+    steps_per_epoch = num_train_examples / config.batch_size if num_train_examples else None
+    if config.total_steps is not None:
+        return int(config.total_steps), steps_per_epoch
+    if steps_per_epoch is None:
+        raise ValueError("config.total_epochs needs the dataset size; set config.total_steps instead")
+    return int(math.ceil(config.total_epochs * steps_per_epoch)), steps_per_epoch
+
+
+def check_batch_sizes(config, mesh, eval_batch_size: int) -> None:
+    """Raises ValueError if a global batch does not split evenly over hosts, devices and micro-batches."""
+    divisor = parallel.batch_divisor(mesh)
+    accum = int(config.optim.grad_accum_steps)
+    micro = config.batch_size // accum
+    if micro % divisor:
+        raise ValueError(f"config.batch_size={config.batch_size} / grad_accum_steps={accum} = {micro} is not "
+                         f"divisible by the {divisor} batch shards (mesh data x fsdp = "
+                         f"{mesh.shape['data']} x {mesh.shape['fsdp']})")
+    if eval_batch_size % divisor:
+        raise ValueError(f"The eval batch size {eval_batch_size} is not divisible by the {divisor} batch shards "
+                         f"(mesh data x fsdp); set config.eval_batch_size")
+    for name, size in (("batch_size", config.batch_size), ("eval batch size", eval_batch_size)):
+        if size % jax.process_count():
+            raise ValueError(f"The {name} {size} is not divisible by the {jax.process_count()} hosts")
+
+
+def build(config) -> Tuple[Any, Any]:
+    """Returns (validated config, objective): every config error surfaces here, before any tracing."""
+    config = config_utils.validate_config(config)
+    _data_module().validate_input_config(config.input)
+    objective = objectives_lib.create(config.objective, config)
+    return config, objective
+
+
+# =============================================================================================
+# Train and evaluate
+# =============================================================================================
+def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
+                       stop_after_steps: Optional[int] = None) -> Dict[str, Any]:
+    """Returns the final metrics (eval/top1, ...) after training `config` in `workdir`, resuming if possible.
+
+    `mesh` overrides `config.mesh` (tests run one config on several meshes); `stop_after_steps`
+    stops (with a checkpoint) after that global step, as a preempted run would.
+    """
+    # ---- 1. Config, objective, model ----------------------------------------------------------
+    config, objective = build(config)
+    data = _data_module()
+    info = data.dataset_info(config.input)
+    dataset_classes = info.get("num_classes")
+    objective_classes = getattr(objective, "num_classes", None)
+    if objective_classes and dataset_classes and objective_classes != dataset_classes:
+        raise ValueError(f"The model has {objective_classes} classes but dataset {config.input.dataset!r} has "
+                         f"{dataset_classes}; set config.model.num_classes={dataset_classes}")
+    total_steps, steps_per_epoch = steps_from_config(config, info.get("num_train_examples"))
+    is_main = jax.process_index() == 0
+
+    # ---- 2. Mesh -------------------------------------------------------------------------------
+    mesh = mesh or parallel.create_mesh(config.mesh)
+    rules = parallel.logical_rules(config.sharding_rules)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    check_batch_sizes(config, mesh, eval_batch_size)
+    batch_sharding = parallel.batch_sharding(mesh)
+    logging.info("Mesh %s over %d devices (%d hosts); total steps %d, global batch %d",
+                 dict(mesh.shape), mesh.size, jax.process_count(), total_steps, config.batch_size)
+
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
+                                               async_save=config.checkpoint_async)
+    resume_step = checkpointer.latest_step()
+    start_step = int(resume_step or 0)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ---- 3. Data ---------------------------------------------------------------------------
+    keys = tuple(objective.batch_keys)
+    train_iter = data.make_train_iterator(config.input, global_batch_size=config.batch_size,
+                                          seed=config.seed, start_step=start_step)
+    first_batch = next(train_iter)
+    missing = sorted(set(keys) - set(first_batch))
+    if missing:
+        raise ValueError(f"Objective {config.objective!r} needs batch keys {missing}; the pipeline gives "
+                         f"{sorted(first_batch)}")
+    train_iter = itertools.chain([first_batch], train_iter)
+
+    # ---- 4. State: abstract shapes, shardings, then init or restore ----------------------
+    # Params are initialized outside the mesh context: flax's DenseGeneral applies its kernel's
+    # logical constraint to the flattened kernel at init, which fails under a global mesh. The
+    # init's out_shardings lay the params out instead.
+    divisor = parallel.batch_divisor(mesh)
+
+    def dummy_batch():
+        return {key: jnp.zeros((divisor,) + np.shape(first_batch[key])[1:], first_batch[key].dtype)
+                for key in keys}
+
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_variables = jax.eval_shape(lambda r: objective.init_variables(r, dummy_batch()), rng)
+    logical_specs = parallel.logical_param_specs(abstract_variables["params"])
+    abstract_params = unbox(abstract_variables["params"])
+    tx, schedule = optim.make_optimizer(
+        config.optim, abstract_params, batch_size=config.batch_size, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, param_axes=logical_specs,
+        layer_ids_fn=getattr(objective, "layer_ids_fn", None))
+
+    def init_state(rng):
+        init_rng, train_rng = jax.random.split(rng)
+        variables = unbox(dict(objective.init_variables(init_rng, dummy_batch())))
+        params = variables.pop("params")
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          model_state=variables, rng=train_rng)
+
+    abstract_state = jax.eval_shape(init_state, rng)
+    params_shardings = parallel.param_shardings(abstract_params, logical_specs, mesh, rules)
+    state_shardings = parallel.state_shardings(abstract_state, abstract_params, params_shardings, mesh)
+    state_shardings = state_shardings.replace(params=params_shardings)
+
+    if resume_step is not None:
+        state, meta = checkpointer.restore(
+            resume_step, checkpoint_lib.abstract_like(abstract_state, state_shardings))
+        logging.info("Resuming from step %d (%s)", resume_step, checkpoint_dir)
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+        if hasattr(objective, "load_pretrained"):
+            # Optional hook: pretrained weights (e.g. an MAE encoder to fine-tune) replace some fresh params.
+            state = state.replace(params=place_params(objective.load_pretrained(state.params), params_shardings))
+    if is_main:
+        trainable = optim.trainable_mask(config.optim, abstract_params)
+        logging.info("Model %s, objective %s:\n%s", config.model_name, config.objective,
+                     param_overview(abstract_params, trainable))
+
+    with parallel.use_mesh(mesh), nn.logical_axis_rules(rules):
+        train_step = jax.jit(
+            make_train_step(objective, tx, schedule, int(config.optim.grad_accum_steps), batch_sharding),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, parallel.replicated(mesh)),
+            donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(objective), in_shardings=(state_shardings, batch_sharding),
+                            out_shardings=parallel.replicated(mesh))
+
+        def run_eval(state) -> Dict[str, float]:
+            eval_keys = keys + ("mask",)
+            iterator = data.make_eval_iterator(config.input, global_batch_size=eval_batch_size)
+            batches = (parallel.global_batch({key: batch[key] for key in eval_keys}, mesh) for batch in iterator)
+            result = classification.evaluate(eval_step, state, batches)
+            # Free the finished tf.data iterator now: finalized later by the garbage collector, in
+            # the middle of building the next pipeline, it once broke TF's graph construction.
+            del batches, iterator
+            gc.collect()
+            return result
+
+        # ---- 5. Loop ---------------------------------------------------------------------------
+        writer = MetricsWriter(workdir, is_main, start_step)
+        progress = _progress_bar(config.progress_bar and is_main, total_steps, start_step)
+        pending: List[Tuple[int, Dict[str, Any]]] = []  # device metrics since the last log
+        last_checkpoint = resume_step
+        final: Dict[str, Any] = {}
+        timer_start, timer_step = time.time(), start_step
+        try:
+            if start_step >= total_steps:  # already complete: evaluate the final state
+                final.update(run_eval(state))
+            for step in range(start_step + 1, total_steps + 1):
+                batch = parallel.global_batch({key: value for key, value in next(train_iter).items()
+                                               if key in keys}, mesh)
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
+                progress.update(1)
+                if step == start_step + 1:
+                    jax.block_until_ready(metrics)
+                    logging.info("First step (including compilation) done in %.1f s", time.time() - timer_start)
+                    timer_start, timer_step = time.time(), step
+
+                is_last = step == total_steps
+                stopping = stop_after_steps is not None and step >= stop_after_steps
+                stopping = stopping or checkpointer.reached_preemption(step)
+                record: Dict[str, Any] = {}
+                if step % config.log_every_steps == 0 or is_last or stopping:
+                    fetched = jax.device_get(pending)
+                    _check_finite(fetched, last_checkpoint, checkpoint_dir)
+                    record.update({key: float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]})
+                    record["train/lr"] = float(fetched[-1][1]["train/lr"])
+                    elapsed = time.time() - timer_start
+                    if step > timer_step and elapsed > 0:
+                        record["images_per_sec"] = (step - timer_step) * config.batch_size / elapsed
+                        record["steps_per_sec"] = (step - timer_step) / elapsed
+                    if steps_per_epoch:
+                        record["epoch"] = step / steps_per_epoch
+                    timer_start, timer_step = time.time(), step
+                    pending = []
+                    progress.set_postfix(loss=f"{record['train/loss']:.4f}",
+                                         img_per_s=f"{record.get('images_per_sec', 0.0):.0f}", refresh=False)
+                    if not progress.enabled:
+                        logging.info("step %d/%d: %s", step, total_steps, _format(record))
+                if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
+                    eval_start = time.time()
+                    eval_metrics = run_eval(state)
+                    record.update(eval_metrics)
+                    final.update(eval_metrics)
+                    _log(progress, f"step {step}: {_format(eval_metrics)} ({time.time() - eval_start:.1f} s)")
+                    timer_start += time.time() - eval_start  # eval time is not training throughput
+                if ((config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+                        or is_last or stopping):
+                    _check_finite(jax.device_get(pending), last_checkpoint, checkpoint_dir)
+                    meta = {"data_step": step, "seed": config.seed, "total_steps": total_steps}
+                    if checkpointer.save(step, state, meta):
+                        last_checkpoint = step
+                writer.write(step, record)
+                if stopping and not is_last:
+                    logging.info("Stopping after step %d (a resumed run continues from here)", step)
+                    break
+        finally:
+            progress.close()
+            writer.close()
+            checkpointer.close()
+    final["step"] = int(jax.device_get(state.step))
+    if final.get("step") == total_steps and is_main:
+        logging.info("Done: %s", _format(final))
+    return final
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    """Returns a tqdm progress bar over steps (ETA, it/s), or a no-op stand-in."""
+    if enabled:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train",
+                   mininterval=0.5 if os.isatty(2) else 30.0)
+        bar.enabled = True
+        return bar
+    return _NoProgress()
+
+
+class _NoProgress:
+    """A progress bar that shows nothing."""
+    enabled = False
+
+    def update(self, count: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _log(progress, message: str) -> None:
+    """Logs `message` above the progress bar (or with absl logging when there is none)."""
+    if progress.enabled:
+        progress.write(message)
+    else:
+        logging.info(message)
+
+
+def _format(metrics: Dict[str, Any]) -> str:
+    """Returns 'key=value' pairs of the metrics, floats with 4 significant digits."""
+    return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in sorted(metrics.items()))
