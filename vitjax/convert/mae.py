@@ -205,7 +205,8 @@ def encoder_to_classifier(encoder_params: Dict[str, Any], classifier_params: Dic
             source = _sincos_posemb_like(value.shape, "cls_token" in encoder_flat)
         else:
             continue
-        new_value = jax.numpy.asarray(source, value.dtype)
+        # Host arrays: the caller lays them out on its mesh (e.g. `vitjax.train.place_params`).
+        new_value = np.asarray(source, dtype=value.dtype)
         flat[path] = leaf.replace_boxed(new_value) if is_box(leaf) else new_value
         copied.append(path)
     missing = [p for p in encoder_flat if p not in flat and p != "norm/scale" and p != "norm/bias"]

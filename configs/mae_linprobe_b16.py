@@ -1,0 +1,88 @@
+r"""Linear probing of a frozen MAE encoder on ImageNet-1k (He et al. 2021, Appendix A.2, Table 10).
+
+    python -m vitjax.main --config=configs/mae_linprobe_b16.py:init_from=/ckpt/mae_b16 --workdir=/ckpt/lin_b16
+    python -m vitjax.main --config=configs/mae_linprobe_b16.py:runlocal,init_from=/tmp/mae_local --workdir=/tmp/lin
+
+Expected top-1 on ImageNet val (the official repo's linear-probing results of the released encoders):
+ViT-B/16 about 68%, ViT-L/16 about 76%, ViT-H/14 about 77%.
+
+The recipe: the cls token of the frozen encoder (after its final norm) -> BatchNorm without affine
+(eps 1e-6) -> linear head (trunc_normal 0.01); only the head trains. LARS (momentum 0.9, trust
+coefficient 0.001), weight decay 0, lr = 0.1 x batch / 256, batch 16384, 90 epochs with 10 warmup,
+cosine; random-resized crop (bicubic) + flip, no other augmentation. Same recipe for every variant.
+`init_from`: a vitjax workdir of an `mae` run or an official checkpoint; empty probes the random
+initialisation (the baseline).
+"""
+import importlib.util
+import os
+
+from vitjax import config_utils
+
+VARIANTS = ("B/16", "L/16", "H/14")
+
+
+def _pretrain_config_module():
+    """Returns configs/mae_b16.py as a module (its ImageNet check and runlocal model)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
+    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    """Returns the linear-probing config; arguments: variant, init_from, data_dir, runlocal."""
+    arg = config_utils.parse_arg(arg, variant="B/16", init_from="", runlocal=False, data_dir="",
+                                 choices=dict(variant=VARIANTS))
+    pretrain = _pretrain_config_module()
+    config = config_utils.default_config()
+    config.seed = 0
+
+    config.model_name = "vit"
+    config.model = dict(variant=arg.variant, img_size=224, num_classes=1000, global_pool="token",
+                        dtype="bfloat16")
+    config.objective = "mae_linprobe"
+    config.objective_kwargs = dict(init_from=arg.init_from or None, head_init_std=0.01)
+
+    data_dir = pretrain.tfds_data_dir(arg.data_dir)
+    config.input = dict(
+        dataset="imagenet2012",
+        data_dir=data_dir,
+        train_split="train",
+        eval_split="validation",
+        pp_train="decode_jpeg_and_inception_crop(224, method='bicubic', antialias=True)|flip_lr|normalize()",
+        pp_eval="decode|resize_small(256, method='bicubic', antialias=True)|central_crop(224)|normalize()",
+    )
+
+    config.batch_size = 16384
+    config.total_epochs = 90.0
+    config.optim.name = "lars"
+    config.optim.blr = 0.1
+    config.optim.momentum = 0.9
+    config.optim.trust_coefficient = 0.001
+    config.optim.weight_decay = 0.0
+    config.optim.warmup_epochs = 10.0
+    config.optim.schedule = "cosine"
+    config.optim.frozen = ("^encoder/",)   # only the head (and its BatchNorm statistics) learn
+
+    config.log_every_steps = 50
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 2
+
+    if arg.runlocal:
+        config.model = dict(pretrain.RUNLOCAL_MODEL, num_classes=10, global_pool="token")
+        config.input = dict(pretrain.RUNLOCAL_INPUT)
+        config.batch_size = 128
+        config.eval_batch_size = 120
+        config.total_epochs = None
+        config.total_steps = 100
+        config.optim.warmup_epochs = None
+        config.optim.warmup_steps = 10
+        config.log_every_steps = 10
+        config.eval_every_steps = 0
+        config.checkpoint_every_steps = 0
+        config.keep_checkpoints = 1
+    else:
+        pretrain.require_imagenet(data_dir, "configs/mae_linprobe_b16.py")
+    return config
