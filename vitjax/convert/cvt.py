@@ -9,24 +9,17 @@ from typing import Any, Dict
 import numpy as np
 
 from vitjax.convert import common
+from vitjax.convert.vit import dense_params, norm_params
 from vitjax.models import layers
 
 
-def _dense_heads(table: common.KeyTable, prefix: str, num_heads: int) -> Dict[str, np.ndarray]:
+def _dense_heads(table: common.KeyTable, prefix: str, num_heads: int, bias: bool) -> Dict[str, np.ndarray]:
     """Returns a DenseGeneral C -> (heads, head_dim) from a torch Linear."""
     weight = table.get(f"{prefix}.weight")
     out = {"kernel": weight.T.reshape(weight.shape[1], num_heads, -1)}
-    if f"{prefix}.bias" in table:
+    if bias:
         out["bias"] = table.get(f"{prefix}.bias").reshape(num_heads, -1)
     return out
-
-
-def _norm(table: common.KeyTable, prefix: str) -> Dict[str, np.ndarray]:
-    return {"scale": table.get(f"{prefix}.weight"), "bias": table.get(f"{prefix}.bias")}
-
-
-def _dense(table: common.KeyTable, prefix: str) -> Dict[str, np.ndarray]:
-    return {"kernel": table.get(f"{prefix}.weight", common.linear), "bias": table.get(f"{prefix}.bias")}
 
 
 def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
@@ -43,7 +36,7 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
         stage_params: Dict[str, Any] = {
             "patch_embed": {"proj": {"kernel": table.get(f"{embed}.projection.weight", common.conv),
                                      "bias": table.get(f"{embed}.projection.bias")},
-                            "norm": _norm(table, f"{embed}.normalization")}}
+                            "norm": norm_params(table, f"{embed}.normalization")}}
         stage_stats: Dict[str, Any] = {}
         if model.cls_token[stage]:
             stage_params["cls_token"] = table.get(f"{source}.cls_token")
@@ -54,37 +47,36 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
             attn_params: Dict[str, Any] = {}
             attn_stats: Dict[str, Any] = {}
             for short, long in (("q", "query"), ("k", "key"), ("v", "value")):
-                attn_params[f"proj_{short}"] = _dense_heads(table, f"{attention}.projection_{long}", heads)
+                attn_params[f"proj_{short}"] = _dense_heads(table, f"{attention}.projection_{long}", heads,
+                                                           model.qkv_bias)
                 if model.qkv_projection != "dw_bn":
                     continue
                 projection = f"{attention}.convolution_projection_{long}.convolution_projection"
                 bn = f"{projection}.normalization"
                 attn_params[f"conv_proj_{short}"] = {
                     "conv": {"kernel": table.get(f"{projection}.convolution.weight", common.conv)},
-                    "bn": _norm(table, bn)}
+                    "bn": norm_params(table, bn)}
                 attn_stats[f"conv_proj_{short}"] = {"bn": {"mean": table.get(f"{bn}.running_mean"),
                                                            "var": table.get(f"{bn}.running_var")}}
             output = table.get(f"{layer}.attention.output.dense.weight")
             attn_params["proj"] = {"kernel": output.T.reshape(heads, -1, output.shape[0]),
                                    "bias": table.get(f"{layer}.attention.output.dense.bias")}
             stage_params[f"blocks_{index}"] = {
-                "norm1": _norm(table, f"{layer}.layernorm_before"),
+                "norm1": norm_params(table, f"{layer}.layernorm_before"),
                 "attn": attn_params,
-                "norm2": _norm(table, f"{layer}.layernorm_after"),
-                "mlp": {"fc1": _dense(table, f"{layer}.intermediate.dense"),
-                        "fc2": _dense(table, f"{layer}.output.dense")}}
+                "norm2": norm_params(table, f"{layer}.layernorm_after"),
+                "mlp": {"fc1": dense_params(table, f"{layer}.intermediate.dense"),
+                        "fc2": dense_params(table, f"{layer}.output.dense")}}
             if attn_stats:
                 stage_stats[f"blocks_{index}"] = {"attn": attn_stats}
         params[f"stages_{stage}"] = stage_params
         if stage_stats:
             batch_stats[f"stages_{stage}"] = stage_stats
-    if "layernorm.weight" in table:
-        params["norm"] = _norm(table, "layernorm")
-    if "classifier.weight" in table:
-        if model.num_classes:
-            params["head"] = _dense(table, "classifier")
-        else:
-            table.get("classifier.weight"), table.get("classifier.bias")  # dropped: the model has no classifier
+    params["norm"] = norm_params(table, "layernorm")
+    if model.num_classes:
+        params["head"] = dense_params(table, "classifier")
+    elif "classifier.weight" in table:
+        table.get("classifier.weight"), table.get("classifier.bias")  # a feature extractor drops the classifier
     table.finish()
     img = layers.to_2tuple(model.img_size)
     expected = common.expected_variables(model, (img[0], img[1], model.in_chans))
