@@ -200,10 +200,10 @@ def test_distilled_and_pooled_models():
 
 
 def test_training_with_tome_gradients_flow(tiny_variables):
-    model = models.create("vit_tiny_patch16_224", tome=dict(r=3), **TINY)
+    model = models.create("vit_tiny_patch16_224", tome=dict(r=3), **dict(TINY, depth=2))  # 17 -> 14 -> 11
     images = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
     labels = jnp.asarray([0, 1, 2, 3])
-    params = tiny_variables["params"]
+    params = {key: value for key, value in tiny_variables["params"].items() if key != "blocks_2"}
     optimizer = optax.adam(3e-3)
     opt_state = optimizer.init(params)
 
@@ -226,7 +226,7 @@ def test_training_with_tome_gradients_flow(tiny_variables):
                      for path, leaf in jax.tree_util.tree_leaves_with_path(grads)}
             assert all(np.isfinite(v) for v in norms.values())
             # Every block's weights get a gradient, the ones after the merges too.
-            assert all(v > 0 for k, v in norms.items() if "blocks_2" in k or "blocks_0']['attn']['qkv" in k), norms
+            assert all(v > 0 for k, v in norms.items() if "blocks_1" in k or "blocks_0']['attn']['qkv" in k), norms
     assert losses[-1] < 0.5 * losses[0], losses
 
 

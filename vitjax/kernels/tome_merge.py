@@ -31,7 +31,6 @@ and Mosaic lowerings are checked to lower (`jax.jit(f).trace(...).lower(lowering
 """
 import dataclasses
 import functools
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import jax
