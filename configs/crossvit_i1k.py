@@ -79,14 +79,15 @@ def get_config(arg=None):
         config.model = dict(num_classes=10, img_size=16, img_scale=(1.0, 0.75), patch_size=(2, 4), in_chans=1,
                             embed_dim=(32, 64), num_heads=(2, 4), depth=((1, 2, 0),), drop_path_rate=0.1)
         config.input = dict(dataset="digits", train_split="train", eval_split="test",
-                            pp_train="decode(channels=1)|random_crop(8, padding=1)|resize(16)|value_range(-1, 1)",
+                            # No random shifts: they slow this tiny run down more than its 100 steps allow.
+                            pp_train="decode(channels=1)|resize(16)|value_range(-1, 1)",
                             pp_eval="decode(channels=1)|resize(16)|value_range(-1, 1)",
                             label_smoothing=0.1)
         config.batch_size = 64
         config.eval_batch_size = 120
         config.total_epochs = None
         config.total_steps = 100
-        config.optim.blr = 2e-3
+        config.optim.blr = 8e-3  # lr 2e-3 at batch 64
         config.optim.warmup_epochs = None
         config.optim.warmup_steps = 10
         config.log_every_steps = 10

@@ -26,7 +26,7 @@ decoupled weight decay 1e-4 per unit of schedule (0.1 here, where decay is scale
 clipping at 1.0, batch 1024, RandAugment(2, 10), mixup 0.2, no dropout or drop-path, inputs in [-1, 1].
 
 Both compute in bf16 with fp32 master weights. `runlocal` keeps the recipe but trains a ViT of width
-32 on the bundled digits (16x16, 4x4 patches) for 20 steps, in seconds on a CPU. `data_dir=PATH`
+32 on the bundled digits (16x16, 4x4 patches) for 100 steps of 64, in seconds on a CPU. `data_dir=PATH`
 points at the TFDS data dir holding imagenet2012 (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
 """
 import importlib.util
@@ -128,13 +128,15 @@ def get_config(arg=None):
             dataset="digits", data_dir=None, train_split="train", eval_split="test",
             pp_train="decode(channels=1)|resize(16)|random_crop(16, padding=1)|value_range(-1, 1)",
             pp_eval="decode(channels=1)|resize(16)|value_range(-1, 1)")
-        config.batch_size = 32
+        config.batch_size = 64
         config.eval_batch_size = 120
         config.total_epochs = None
-        config.total_steps = 20
+        config.total_steps = 100
+        if arg.recipe == "deit":
+            config.optim.blr = 5e-3  # lr 1.25e-3 at batch 64: a width-32 ViT wants more than a ViT-S
         config.optim.warmup_epochs = None
         config.optim.warmup_steps = 2
-        config.log_every_steps = 5
+        config.log_every_steps = 10
         config.eval_every_steps = 0
         config.checkpoint_every_steps = 0
         config.keep_checkpoints = 1

@@ -9,8 +9,8 @@ are timed, each the full jitted step of the trainer (forward, backward, AdamW up
   * mae             the `mae` objective, mask ratio 0.75 (encoder on 1/4 of the patches + cls);
   * mae_all_tokens  the same MAE with mask ratio 0: encoder and decoder on every patch;
   * supervised      the `supervised` objective: the same encoder on every patch, a linear head.
-Images/s per device (mean of --repeats timings of --steps steps after --warmup steps), printed as
-a markdown table and saved to experiments/out/bench_mae{,_gpu}.{md,json}.
+Images/s per device (the median of --repeats timings of --steps steps after --warmup steps, the arms
+interleaved), printed as a markdown table and saved to experiments/out/bench_mae{,_gpu}.{md,json}.
 """
 import argparse
 import json
@@ -59,70 +59,75 @@ def make_config(recipe: Dict[str, Any], arm: str):
     return config_utils.validate_config(config)
 
 
-def time_arm(recipe: Dict[str, Any], arm: str, warmup: int, steps: int, repeats: int) -> Dict[str, Any]:
-    """Returns {"images_per_sec_per_device", ...} of the jitted train step of `arm`, data-parallel over all devices."""
-    config = make_config(recipe, arm)
-    objective = objectives_lib.create(config.objective, config)
-    mesh = parallel.create_mesh(config.mesh)
-    batch_size = config.batch_size
-    img = recipe["model"]["img_size"]
-    rng = np.random.default_rng(0)
-    host_batch = {"image": rng.standard_normal((batch_size, img, img, 3)).astype(np.float32)}
-    if arm == "supervised":
-        labels = rng.integers(0, recipe["num_classes"], batch_size)
-        host_batch["label"] = np.eye(recipe["num_classes"], dtype=np.float32)[labels]
-    batch = parallel.global_batch(host_batch, mesh)
-    dummy = {key: jnp.zeros((1,) + value.shape[1:], value.dtype) for key, value in host_batch.items()}
-    abstract = jax.eval_shape(lambda r: objective.init_variables(r, dummy), jax.random.key(0))
-    specs = parallel.logical_param_specs(abstract["params"])
-    abstract_params = trainer.unbox(abstract["params"])
-    tx, schedule = optim.make_optimizer(config.optim, abstract_params, batch_size=batch_size,
-                                        total_steps=config.total_steps, param_axes=specs)
+class ArmRunner:
+    """One arm's jitted train step (data-parallel over all devices), its state and a fixed batch."""
 
-    def init_state(rng):
-        variables = trainer.unbox(dict(objective.init_variables(rng, dummy)))
-        params = variables.pop("params")
-        return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                  model_state=variables, rng=rng)
-
-    rules = parallel.logical_rules(config.sharding_rules)
-    abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-    params_shardings = parallel.param_shardings(abstract_params, specs, mesh, rules)
-    state_shardings = parallel.state_shardings(abstract_state, abstract_params, params_shardings, mesh)
-    state_shardings = state_shardings.replace(params=params_shardings)
-    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
-    batch_sharding = parallel.batch_sharding(mesh)
-    with parallel.use_mesh(mesh):
+    def __init__(self, recipe: Dict[str, Any], arm: str):
         import flax.linen as nn
-        with nn.logical_axis_rules(rules):
-            step = jax.jit(trainer.make_train_step(objective, tx, schedule, 1, batch_sharding),
-                           in_shardings=(state_shardings, batch_sharding), donate_argnums=(0,))
-            compile_start = time.time()
-            state, metrics = step(state, batch)
+        self.arm = arm
+        config = make_config(recipe, arm)
+        objective = objectives_lib.create(config.objective, config)
+        self.mesh = mesh = parallel.create_mesh(config.mesh)
+        batch_size = config.batch_size
+        img = recipe["model"]["img_size"]
+        rng = np.random.default_rng(0)
+        host_batch = {"image": rng.standard_normal((batch_size, img, img, 3)).astype(np.float32)}
+        if arm == "supervised":
+            labels = rng.integers(0, recipe["num_classes"], batch_size)
+            host_batch["label"] = np.eye(recipe["num_classes"], dtype=np.float32)[labels]
+        self.batch = parallel.global_batch(host_batch, mesh)
+        dummy = {key: jnp.zeros((1,) + value.shape[1:], value.dtype) for key, value in host_batch.items()}
+        abstract = jax.eval_shape(lambda r: objective.init_variables(r, dummy), jax.random.key(0))
+        specs = parallel.logical_param_specs(abstract["params"])
+        abstract_params = trainer.unbox(abstract["params"])
+        tx, schedule = optim.make_optimizer(config.optim, abstract_params, batch_size=batch_size,
+                                            total_steps=config.total_steps, param_axes=specs)
+
+        def init_state(rng):
+            variables = trainer.unbox(dict(objective.init_variables(rng, dummy)))
+            params = variables.pop("params")
+            return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                      model_state=variables, rng=rng)
+
+        self.rules = parallel.logical_rules(config.sharding_rules)
+        abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+        params_shardings = parallel.param_shardings(abstract_params, specs, mesh, self.rules)
+        state_shardings = parallel.state_shardings(abstract_state, abstract_params, params_shardings, mesh)
+        state_shardings = state_shardings.replace(params=params_shardings)
+        self.state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
+        batch_sharding = parallel.batch_sharding(mesh)
+        with parallel.use_mesh(mesh), nn.logical_axis_rules(self.rules):
+            self.step = jax.jit(trainer.make_train_step(objective, tx, schedule, 1, batch_sharding),
+                                in_shardings=(state_shardings, batch_sharding), donate_argnums=(0,))
+            start = time.time()
+            self.state, metrics = self.step(self.state, self.batch)
             jax.block_until_ready(metrics)
-            compile_seconds = time.time() - compile_start
-            for _ in range(warmup):
-                state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            timings = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                for _ in range(steps):
-                    state, metrics = step(state, batch)
-                jax.block_until_ready(metrics)
-                timings.append(time.perf_counter() - start)
-    seconds_per_step = float(np.mean(timings)) / steps
-    num_devices = mesh.size
-    from vitjax.models.vit import decode_variant
-    patch = recipe["model"].get("patch_size") or decode_variant(recipe["model"]["variant"])["patch_size"]
-    encoder_tokens = (img // patch) ** 2
-    if arm == "mae":
-        encoder_tokens = int(encoder_tokens * 0.25)
-    return {"arm": arm, "seconds_per_step": seconds_per_step,
-            "seconds_per_step_std": float(np.std(timings)) / steps,
-            "images_per_sec_per_device": batch_size / seconds_per_step / num_devices,
-            "encoder_patch_tokens": encoder_tokens, "compile_seconds": compile_seconds,
-            "final_loss": float(metrics["train/loss"]), "num_devices": num_devices}
+        self.compile_seconds = time.time() - start
+        self.batch_size = batch_size
+        from vitjax.models.vit import decode_variant
+        patch = recipe["model"].get("patch_size") or decode_variant(recipe["model"]["variant"])["patch_size"]
+        self.encoder_tokens = (img // patch) ** 2 // (4 if arm == "mae" else 1)
+        self.timings = []
+        self.metrics = metrics
+
+    def run(self, steps: int, record: bool = True) -> None:
+        """Runs `steps` train steps; records their wall time when `record`."""
+        import flax.linen as nn
+        with parallel.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.state, self.metrics = self.step(self.state, self.batch)
+            jax.block_until_ready(self.metrics)
+        if record:
+            self.timings.append((time.perf_counter() - start) / steps)
+
+    def result(self) -> Dict[str, Any]:
+        """Returns the raw figures: median seconds per step and images/s per device."""
+        seconds = float(np.median(self.timings))
+        return {"arm": self.arm, "seconds_per_step": seconds, "seconds_per_step_all": self.timings,
+                "images_per_sec_per_device": self.batch_size / seconds / self.mesh.size,
+                "encoder_patch_tokens": self.encoder_tokens, "compile_seconds": self.compile_seconds,
+                "final_loss": float(self.metrics["train/loss"]), "num_devices": self.mesh.size}
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -133,28 +138,37 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--batch_size", type=int, default=None, help="override the recipe's global batch")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--arms", default="mae,mae_all_tokens,supervised")
     parser.add_argument("--out_dir", default=OUT_DIR)
     args = parser.parse_args(argv)
     recipe = dict(GPU_RECIPE if args.gpu_recipe else CPU_RECIPE)
     if args.batch_size:
         recipe["batch_size"] = args.batch_size
-    results = []
+    runners = []
     for arm in args.arms.split(","):
         if arm not in ("mae", "mae_all_tokens", "supervised"):
             raise ValueError(f"Unknown arm {arm!r}; valid choices: ['mae', 'mae_all_tokens', 'supervised']")
-        result = time_arm(recipe, arm, args.warmup, args.steps, args.repeats)
-        print(f"{arm}: {result['images_per_sec_per_device']:.1f} images/s per device "
+        runners.append(ArmRunner(recipe, arm))
+        runners[-1].run(args.warmup, record=False)
+    # Interleave the arms, so a slow spell of a shared machine hits all of them alike; report medians.
+    for _ in range(args.repeats):
+        for runner in runners:
+            runner.run(args.steps)
+    results = [runner.result() for runner in runners]
+    for result in results:
+        print(f"{result['arm']}: {result['images_per_sec_per_device']:.1f} images/s per device "
               f"(compile {result['compile_seconds']:.1f} s)", flush=True)
-        results.append(result)
     by_arm = {r["arm"]: r for r in results}
     device = jax.devices()[0]
     device_name = getattr(device, "device_kind", device.platform)
-    model = recipe["model"]
+    from vitjax.models.vit import decode_variant
+    model = {**decode_variant(recipe["model"]["variant"]), **recipe["model"]}
     header = (f"Train-step throughput, {device_name} x {results[0]['num_devices']} ({platform.machine()}), "
-              f"ViT width {model.get('embed_dim', model['variant'])}, depth {model.get('depth', '')} "
-              f"{model['variant']}, {model['img_size']}px, global batch {recipe['batch_size']}, {recipe['dtype']}")
+              f"ViT width {model['embed_dim']}, depth {model['depth']}, patch {model['patch_size']}, "
+              f"{model['img_size']}px ({(model['img_size'] // model['patch_size']) ** 2} patches), MAE decoder "
+              f"{recipe['decoder']['decoder_embed_dim']} x {recipe['decoder']['decoder_depth']}, "
+              f"global batch {recipe['batch_size']}, {recipe['dtype']}")
     lines = [header, "", "| train step | encoder patch tokens | images/s per device | vs supervised |",
              "|---|---|---|---|"]
     for result in results:

@@ -29,6 +29,12 @@ def test_unknown_config_override_on_the_command_line():
     assert result.returncode != 0
     assert "config.optim has no key 'lrr'; valid keys: [" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "vitjax.main", "--config=configs/digits_vit.py:run_local", "--workdir=/tmp/unused"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Unknown config argument 'run_local' in 'run_local'; valid arguments: runlocal=False" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_bad_config_argument_and_values():

@@ -249,7 +249,10 @@ def test_mae_trains_on_digits_through_the_trainer(tmp_path):
     config.optim.warmup_steps = 2
     config.progress_bar = False
     workdir = tmp_path / "mae"
-    train.train_and_evaluate(config, str(workdir))
+    # Two devices, params sharded over fsdp: the MAE's logical axes (decoder included) must lay out.
+    from vitjax import parallel
+    mesh = parallel.create_mesh(dict(data=1, fsdp=2, model=1), devices=jax.devices()[:2])
+    train.train_and_evaluate(config, str(workdir), mesh=mesh)
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 12

@@ -80,3 +80,15 @@ def test_killed_and_resumed_run_matches_unbroken_run(tmp_path):
     assert jax.tree.structure(state_unbroken) == jax.tree.structure(state_resumed)
     with open(os.path.join(broken, "checkpoints", str(TOTAL_STEPS), "meta", "metadata")) as f:
         assert json.load(f)["data_step"] == TOTAL_STEPS
+
+
+def test_stop_after_steps_checkpoints_and_resumes(tmp_path):
+    """A graceful stop (as on preemption) saves its step; the next run picks up from there to the end."""
+    workdir = str(tmp_path / "stopped")
+    config = tiny_config(total_steps=4, log_every_steps=1, checkpoint_every_steps=0)
+    stopped = run(config, workdir, stop_after_steps=2)
+    assert stopped["step"] == 2 and "eval/top1" not in stopped
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == (2,)
+    final = run(tiny_config(total_steps=4, log_every_steps=1, checkpoint_every_steps=0), workdir)
+    assert final["step"] == 4 and "eval/top1" in final
+    assert [record["step"] for record in read_metrics(workdir)] == [1, 2, 3, 4]

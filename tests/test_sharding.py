@@ -1,6 +1,4 @@
 """Sharding on 8 fake CPU devices: the same 5 steps on data / fsdp / model meshes match one device."""
-import os
-
 import jax
 import numpy as np
 import pytest

@@ -72,7 +72,11 @@ def parse_flags(argv: List[str]) -> List[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        sys.exit(f"FATAL flags error: {error}\nPass --helpshort or --helpfull to see help on flags.")
+        message = str(error)
+        if "Traceback" in message:  # config_flags wraps the config file's error in its traceback
+            lines = [line for line in message.splitlines() if line.strip()]
+            message = f"{lines[0]} {lines[-1]}"
+        sys.exit(f"FATAL flags error: {message}\nPass --helpshort or --helpfull to see help on flags.")
     except (AttributeError, KeyError) as error:
         message = explain_override_error(argv) or f"Bad config override: {error}"
         sys.exit(f"FATAL config error: {message}")
