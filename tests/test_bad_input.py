@@ -95,7 +95,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
                                                  r"\(step 2\)"):
         run(config, workdir)
     checkpoints = os.path.join(workdir, "checkpoints")
-    assert checkpoint.Checkpointer(checkpoints).all_steps() == (1, 2)
+    assert checkpoint.complete_steps(checkpoints) == (1, 2)
     state = checkpoint.load_state(checkpoints)
     assert int(state["step"]) == 2
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(state["params"]))

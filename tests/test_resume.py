@@ -60,7 +60,7 @@ def test_killed_and_resumed_run_matches_unbroken_run(tmp_path):
     child = subprocess.run([sys.executable, str(script), broken], cwd=REPO, capture_output=True, text=True,
                            timeout=600)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
-    steps_after_kill = checkpoint.Checkpointer(os.path.join(broken, "checkpoints")).all_steps()
+    steps_after_kill = checkpoint.complete_steps(os.path.join(broken, "checkpoints"))
     assert steps_after_kill in ((2,), (4,)), steps_after_kill  # the newest complete one survives
 
     final_resumed = run(make_config(), broken)
@@ -88,7 +88,27 @@ def test_stop_after_steps_checkpoints_and_resumes(tmp_path):
     config = tiny_config(total_steps=4, log_every_steps=1, checkpoint_every_steps=0)
     stopped = run(config, workdir, stop_after_steps=2)
     assert stopped["step"] == 2 and "eval/top1" not in stopped
-    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == (2,)
+    assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints")) == (2,)
     final = run(tiny_config(total_steps=4, log_every_steps=1, checkpoint_every_steps=0), workdir)
     assert final["step"] == 4 and "eval/top1" in final
     assert [record["step"] for record in read_metrics(workdir)] == [1, 2, 3, 4]
+
+
+def test_unfinished_save_is_removed_before_the_same_step_is_saved_again(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    first = checkpoint.Checkpointer(directory, keep=1, async_save=False)
+    first.save(2, {"w": np.ones(3, np.float32)})
+    first.close()
+    unfinished = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000"
+    (unfinished / "state").mkdir(parents=True)
+    (unfinished / "state" / "half_written").write_bytes(b"\0" * 64)
+    assert checkpoint.complete_steps(directory) == (2,)  # inspection neither lists nor touches it
+    assert unfinished.exists()
+
+    resumed = checkpoint.Checkpointer(directory, keep=1)
+    assert not unfinished.exists()
+    assert resumed.save(4, {"w": np.full(3, 4.0, np.float32)})
+    resumed.close()
+    assert checkpoint.complete_steps(directory) == (4,)
+    assert sorted(os.listdir(directory)) == ["4"]
+    np.testing.assert_array_equal(checkpoint.load_state(directory)["w"], np.full(3, 4.0, np.float32))

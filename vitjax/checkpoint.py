@@ -16,6 +16,43 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+# Orbax writes step s into "s.orbax-checkpoint-tmp[-<timestamp>]" and renames it when complete.
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def remove_unfinished_steps(directory: str) -> Tuple[str, ...]:
+    """Deletes the temporary directories of saves that never completed; returns their names.
+
+    Runs on the primary host only and tolerates a directory vanishing underneath it. Call it
+    before a CheckpointManager opens `directory` for writing.
+    """
+    path = epath.Path(directory)
+    removed = []
+    if jax.process_index() == 0 and path.exists():
+        for child in path.iterdir():
+            if _TMP_MARKER not in child.name:
+                continue
+            try:
+                child.rmtree()
+            except FileNotFoundError:
+                pass
+            removed.append(child.name)
+            logging.warning("Checkpoint: removed the unfinished save %s", child)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("vitjax_remove_unfinished_steps")
+    return tuple(sorted(removed))
+
+
+def complete_steps(directory: str) -> Tuple[int, ...]:
+    """Returns the steps of all complete checkpoints under `directory`, oldest first (read only)."""
+    if not epath.Path(directory).exists():
+        return ()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_names=("state", "meta"))
+    return tuple(sorted(manager.all_steps()))
 
 
 class Checkpointer:
@@ -23,11 +60,12 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = directory
+        remove_unfinished_steps(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=False,  # done above, synchronously
         )
         self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
