@@ -349,6 +349,11 @@ def test_each_op_runs_on_a_tiny_image():
     normalized = ops.build_preprocess("normalize")(tf.constant(rgb), tf.constant([0, 0], tf.int64))
     np.testing.assert_allclose(normalized.numpy(), (rgb / 255 - ops.IMAGENET_MEAN)
                                / np.array(ops.IMAGENET_STD), rtol=1e-5, atol=1e-5)
+    for method in ops.RESIZE_METHODS:  # every method keeps uint8 (nearest returns it unconverted)
+        resized = ops.build_preprocess(f"resize(4, method={method!r})")(tf.constant(rgb), tf.constant([0, 0], tf.int64))
+        assert resized.dtype == tf.uint8 and resized.shape == (4, 4, 3), method
+    nearest = ops.build_preprocess("resize(4, method='nearest')")(tf.constant(rgb), tf.constant([0, 0], tf.int64))
+    np.testing.assert_array_equal(nearest.numpy(), rgb[1::2, 1::2])  # half-pixel centres
     with pytest.raises(ValueError, match="gray_to_rgb"):  # 3-channel stats on a gray image.
         ops.build_preprocess("normalize")(tf.constant(rgb[..., :1]), tf.constant([0, 0], tf.int64))
 

@@ -254,8 +254,10 @@ def _check_channels(image, values: tuple, name: str, op: str):
 def _cast_like(image, dtype):
     """Returns float `image` cast to `dtype`, rounded and clipped for uint8."""
     tf = import_tensorflow()
+    if image.dtype == dtype:  # 'nearest' keeps the input dtype
+        return image
     if dtype == tf.uint8:
-        return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+        return tf.cast(tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0), tf.uint8)
     return tf.cast(image, dtype)
 
 
