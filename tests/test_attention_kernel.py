@@ -248,3 +248,37 @@ def test_tiny_vit_with_pallas_attention_equals_xla():
     pallas_grad, pallas_logits = logits_and_input_gradient(pallas_model)
     assert _relative_error(pallas_logits, xla_logits) <= FP32_TOLERANCE
     assert _relative_error(pallas_grad, xla_grad) <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("bias_shape", [None, "full", "heads", "key"])
+def test_pallas_under_a_sharded_jit_runs_per_shard_and_matches_the_reference(bias_shape):
+    """On a data=2 x fsdp=2 x model=2 mesh the kernel is shard_mapped over batch and heads; values and grads hold."""
+    from flax import linen as nn
+    from vitjax import config_utils, parallel
+    mesh = parallel.create_mesh(dict(data=2, fsdp=2, model=2))
+    rng = np.random.default_rng(11)
+    q, k, v = (jnp.asarray(rng.standard_normal((8, 13, 4, 32), np.float32)) for _ in range(3))
+    bias = {None: None, "full": (8, 4, 13, 13), "heads": (4, 13, 13), "key": None}[bias_shape]
+    bias = None if bias is None else jnp.asarray(rng.standard_normal(bias, np.float32))
+    key_bias = jnp.asarray(rng.standard_normal((8, 13), np.float32)) if bias_shape == "key" else None
+    cotangent = jnp.asarray(rng.standard_normal(q.shape, np.float32))
+
+    def loss(impl):
+        def function(q, k, v, bias, key_bias):
+            out = dispatch.dot_product_attention(q, k, v, bias=bias, key_bias=key_bias, impl=impl)
+            return jnp.sum(out * cotangent)
+        return jax.value_and_grad(function, argnums=(0, 1, 2, 3))
+
+    rules = parallel.logical_rules(config_utils.DEFAULT_SHARDING_RULES)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "model", None))
+    q, k, v = (jax.device_put(x, sharding) for x in (q, k, v))
+    with parallel.use_mesh(mesh), nn.logical_axis_rules(rules):
+        jitted = jax.jit(loss("pallas"))
+        assert "shard_map" in str(jax.make_jaxpr(loss("pallas"))(q, k, v, bias, key_bias))
+        value, grads = jitted(q, k, v, bias, key_bias)
+    expected_value, expected_grads = jax.jit(loss("xla"))(q, k, v, bias, key_bias)
+    assert _relative_error(value, expected_value) <= FP32_TOLERANCE
+    for grad, expected in zip(grads, expected_grads):
+        if expected is not None:
+            assert grad.shape == expected.shape
+            assert _relative_error(grad, expected) <= FP32_TOLERANCE

@@ -7,12 +7,20 @@ impl chooses among:
 - "auto": the fastest expected for the platform and shape (see `AUTO_PREFERENCES`).
 An implementation that cannot take the call (cuDNN on a CPU, fp32 on cuDNN, a bias with an odd
 length on cuDNN, ...) falls back to "xla" with the reason logged once, never an error.
+
+Under a sharded `jax.jit` (a mesh set with `jax.set_mesh` and flax logical-axis rules active, as the
+trainer does) the Pallas kernel runs inside `jax.shard_map`: each device attends over its own
+batch shard and head shard. Without it XLA cannot partition the custom call and would gather
+q, k and v onto every device.
 """
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+from flax import linen as nn
+from jax.sharding import PartitionSpec
 
 from vitjax.kernels.attention import attention_reference, flash_attention, unsupported_reason
 
@@ -78,6 +86,63 @@ def _cudnn_attention(q, k, v, bias, key_bias):
     return jax.nn.dot_product_attention(q, k, v, bias=combined, implementation="cudnn")
 
 
+def _mesh_axes(logical_name: str, mesh, dim: int):
+    """Returns the mesh axes the active rules give `logical_name`, or None when they do not divide `dim`."""
+    axes = nn.logical_to_mesh_axes((logical_name,))[0]
+    if axes is None:
+        return None
+    axes_tuple = axes if isinstance(axes, tuple) else (axes,)
+    axes_tuple = tuple(axis for axis in axes_tuple if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    if not axes_tuple or dim % math.prod(mesh.shape[axis] for axis in axes_tuple):
+        return None
+    return axes_tuple if len(axes_tuple) > 1 else axes_tuple[0]
+
+
+def kernel_partition(q, *, bias=None, key_bias=None) -> Optional[Tuple[object, object]]:
+    """Returns the (batch, heads) mesh axes a fused kernel should be shard_mapped over, or None.
+
+    None when no multi-device mesh is set or the rules shard neither dim (then the kernel is called
+    as is). Batch follows the logical name "batch", heads "heads", each only where its size divides.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    batch_axes = _mesh_axes("batch", mesh, q.shape[0])
+    head_axes = _mesh_axes("heads", mesh, q.shape[2])
+    if batch_axes is None and head_axes is None:
+        return None
+    return batch_axes, head_axes
+
+
+def _shard_mapped_flash_attention(q, k, v, bias, key_bias, return_lse, partition):
+    """Returns `flash_attention` run per (batch shard, head shard) inside jax.shard_map."""
+    batch_axes, head_axes = partition
+    batch, heads = q.shape[0], q.shape[2]
+    qkv_spec = PartitionSpec(batch_axes, None, head_axes, None)
+    operands, specs = [q, k, v], [qkv_spec, qkv_spec, qkv_spec]
+    if bias is not None:
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+        specs.append(PartitionSpec(batch_axes if bias.shape[0] == batch else None, head_axes if bias.shape[1] == heads
+                                   else None, None, None))
+        operands.append(bias)
+    if key_bias is not None:
+        key_bias = jnp.reshape(key_bias, (1,) * (2 - key_bias.ndim) + key_bias.shape)
+        specs.append(PartitionSpec(batch_axes if key_bias.shape[0] == batch else None, None))
+        operands.append(key_bias)
+    has_bias, has_key_bias = bias is not None, key_bias is not None
+
+    def local(q, k, v, *rest):
+        rest = list(rest)
+        local_bias = rest.pop(0) if has_bias else None
+        local_key_bias = rest.pop(0) if has_key_bias else None
+        return flash_attention(q, k, v, bias=local_bias, key_bias=local_key_bias, return_lse=return_lse)
+
+    out_specs = (qkv_spec, PartitionSpec(batch_axes, head_axes, None)) if return_lse else qkv_spec
+    # check_vma=False: pallas_call does not declare how its outputs vary over the mesh axes.
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(specs),
+                         out_specs=out_specs, check_vma=False)(*operands)
+
+
 def _supported(impl, q, k, v, bias, key_bias, return_lse) -> Optional[str]:
     """Returns why `impl` cannot run this call, or None."""
     if impl == "cudnn":
@@ -129,6 +194,9 @@ def dot_product_attention(q, k, v, *, bias=None, key_bias=None, impl: str = "xla
             _log_fallback(requested, "xla", f"cuDNN refused the call: {error}")
             impl = "xla"
     if impl == "pallas":
+        partition = kernel_partition(q, bias=bias, key_bias=key_bias)
+        if partition is not None:
+            return _shard_mapped_flash_attention(q, k, v, bias, key_bias, return_lse, partition)
         return flash_attention(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
     return attention_reference(q, k, v, bias=bias, key_bias=key_bias,
                                return_weights=return_weights, return_lse=return_lse)
