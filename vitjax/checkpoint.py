@@ -126,4 +126,11 @@ def load_state(checkpoint_dir: str, step: Optional[int] = None) -> Dict[str, Any
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"No complete checkpoint in {checkpoint_dir}")
-    return ocp.StandardCheckpointer().restore(os.path.join(checkpoint_dir, str(step), "state"))
+    path = os.path.join(checkpoint_dir, str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    # Restore onto this process's first device whatever topology wrote it (a pod checkpoint on a laptop).
+    metadata = checkpointer.metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), metadata)
+    return checkpointer.restore(path, target)
