@@ -19,22 +19,10 @@ ConvNeXt name with `drop_path=...`); drop_path=RATE overrides the paper's; data_
 imagenet2012); runlocal: the variant shrunk to 4 blocks (16-64 channels) on the bundled digits upsampled
 to 32x32 (ConvNeXt's total stride), 10 steps on a CPU.
 """
-import importlib.util
-import os
-
 from vitjax import config_utils
 
 # Stochastic depth of the paper's ImageNet-1k runs (Table 5); timm's atto...nano are trained with 0.1 or less.
 PAPER_DROP_PATH = {"convnext_tiny": 0.1, "convnext_small": 0.4, "convnext_base": 0.5, "convnext_large": 0.5}
-
-
-def _mae_config_module():
-    """Returns configs/mae_b16.py as a module (its TFDS data-dir and ImageNet checks)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
-    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg=None):
@@ -50,20 +38,12 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, img_size=224, drop_path_rate=drop_path, dtype="bfloat16")
     config.objective = "supervised"
 
-    helpers = _mae_config_module()
-    data_dir = helpers.tfds_data_dir(arg.data_dir)
-    config.input = dict(
-        dataset="imagenet2012",
-        data_dir=data_dir,
-        train_split="train",
-        eval_split="validation",
-        pp_train=("decode_jpeg_and_inception_crop(224, method='bicubic', antialias=True)|flip_lr"
-                  "|randaug(2, 9, magnitude_std=0.5, increasing=True)|normalize()"),
-        pp_eval="decode|resize_small(256, method='bicubic', antialias=True)|central_crop(224)|normalize()",
-        label_smoothing=0.1,
-        mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5),
-        random_erasing=0.25,
-    )
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
+    # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
+    config.input = config_utils.imagenet_input(
+        data_dir, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
 
     config.batch_size = 4096
     config.total_epochs = 300.0
@@ -84,24 +64,11 @@ def get_config(arg=None):
     if arg.runlocal:
         config.model = dict(num_classes=10, img_size=32, in_chans=1, depths=(1, 1, 1, 1), dims=(16, 32, 48, 64),
                             drop_path_rate=0.0)
-        config.input = dict(
-            dataset="digits", train_split="train", eval_split="test",
-            # Upsampled to ConvNeXt's total stride (32) so every stage keeps at least one pixel.
-            pp_train="decode(channels=1)|resize(32)|random_crop(32, padding=4)|value_range(-1, 1)",
-            pp_eval="decode(channels=1)|resize(32)|value_range(-1, 1)",
-            label_smoothing=0.0)
-        config.batch_size = 32
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 10
+        # Upsampled to ConvNeXt's total stride (32) so every stage keeps at least one pixel.
+        config.input = config_utils.digits_input(32, padding=4, label_smoothing=0.0)
+        config_utils.runlocal_schedule(config, batch_size=32, total_steps=10, warmup_steps=2, log_every_steps=5)
         config.optim.blr = 8e-3  # lr 1e-3 at batch 32
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 2
         config.optim.min_lr = 0.0
-        config.log_every_steps = 5
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
     else:
-        helpers.require_imagenet(data_dir, "configs/convnext_i1k.py")
+        config_utils.require_imagenet(data_dir, "configs/convnext_i1k.py")
     return config

@@ -14,22 +14,10 @@ label smoothing 0.1, random erasing 0.25; eval: resize 274 (crop ratio 256/224),
 Not reproduced: DeiT's repeated augmentation (the input pipeline has none).
 `runlocal` trains a shrunk CrossViT on the bundled digits at 16 px (branch 2 bicubic-resized to 12 px).
 """
-import importlib.util
-import os
-
 from vitjax import config_utils
 
 VARIANTS = ("crossvit_tiny_240", "crossvit_small_240", "crossvit_base_240", "crossvit_9_240", "crossvit_15_240",
             "crossvit_18_240", "crossvit_9_dagger_240", "crossvit_15_dagger_240", "crossvit_18_dagger_240")
-
-
-def _imagenet_helpers():
-    """Returns configs/mae_b16.py as a module: the shared TFDS data-dir default and ImageNet check."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
-    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg=None):
@@ -43,20 +31,11 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, drop_path_rate=0.1, dtype="bfloat16")
     config.objective = "supervised"
 
-    helpers = _imagenet_helpers()
-    data_dir = helpers.tfds_data_dir(arg.data_dir)
-    config.input = dict(
-        dataset="imagenet2012",
-        data_dir=data_dir,
-        train_split="train",
-        eval_split="validation",
-        pp_train=("decode_jpeg_and_inception_crop(240, method='bicubic', antialias=True)|flip_lr"
-                  "|randaug(2, 9, magnitude_std=0.5, increasing=True)|normalize()"),
-        pp_eval="decode|resize_small(274, method='bicubic', antialias=True)|central_crop(240)|normalize()",
-        label_smoothing=0.1,
-        mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5),
-        random_erasing=0.25,
-    )
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    # Input 240; eval: resize floor(240 / 0.875) = 274 (bicubic), centre crop 240.
+    config.input = config_utils.imagenet_input(
+        data_dir, image_size=240, crop_pct=0.875, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
 
     config.batch_size = 4096
     config.total_epochs = 300.0
@@ -78,22 +57,10 @@ def get_config(arg=None):
         config.model_name = "crossvit_tiny_240"
         config.model = dict(num_classes=10, img_size=16, img_scale=(1.0, 0.75), patch_size=(2, 4), in_chans=1,
                             embed_dim=(32, 64), num_heads=(2, 4), depth=((1, 2, 0),), drop_path_rate=0.1)
-        config.input = dict(dataset="digits", train_split="train", eval_split="test",
-                            # No random shifts: they slow this tiny run down more than its 100 steps allow.
-                            pp_train="decode(channels=1)|resize(16)|value_range(-1, 1)",
-                            pp_eval="decode(channels=1)|resize(16)|value_range(-1, 1)",
-                            label_smoothing=0.1)
-        config.batch_size = 64
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 100
+        # No random shifts: they slow this tiny run down more than its 100 steps allow.
+        config.input = config_utils.digits_input(16, label_smoothing=0.1)
+        config_utils.runlocal_schedule(config)
         config.optim.blr = 8e-3  # lr 2e-3 at batch 64
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 10
-        config.log_every_steps = 10
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
     else:
-        helpers.require_imagenet(data_dir, "configs/crossvit_i1k.py")
+        config_utils.require_imagenet(data_dir, "configs/crossvit_i1k.py")
     return config

@@ -15,24 +15,12 @@ random-resized crop (bicubic) + flip + RandAugment m9 mstd0.5, mixup 0.8 / cutmi
 label smoothing 0.1, random erasing 0.25; eval: resize 256 (bicubic), centre crop 224.
 `runlocal` trains a shrunk CvT (8 / 4 / 2 token grids) on the bundled digits, resized to 32 px.
 """
-import importlib.util
-import os
-
 from vitjax import config_utils
 
 PAPER = {
     "cvt_13": dict(weight_decay=0.05, drop_path_rate=0.1),
     "cvt_21": dict(weight_decay=0.1, drop_path_rate=0.1),
 }
-
-
-def _imagenet_helpers():
-    """Returns configs/mae_b16.py as a module: the shared TFDS data-dir default and ImageNet check."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
-    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg=None):
@@ -47,20 +35,12 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, drop_path_rate=recipe["drop_path_rate"], dtype="bfloat16")
     config.objective = "supervised"
 
-    helpers = _imagenet_helpers()
-    data_dir = helpers.tfds_data_dir(arg.data_dir)
-    config.input = dict(
-        dataset="imagenet2012",
-        data_dir=data_dir,
-        train_split="train",
-        eval_split="validation",
-        pp_train=("decode_jpeg_and_inception_crop(224, method='bicubic', antialias=True)|flip_lr"
-                  "|randaug(2, 9, magnitude_std=0.5, increasing=True)|normalize()"),
-        pp_eval="decode|resize_small(256, method='bicubic', antialias=True)|central_crop(224)|normalize()",
-        label_smoothing=0.1,
-        mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5),
-        random_erasing=0.25,
-    )
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
+    # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
+    config.input = config_utils.imagenet_input(
+        data_dir, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
 
     config.batch_size = 2048
     config.total_epochs = 300.0
@@ -88,17 +68,8 @@ def get_config(arg=None):
                             pp_train="decode(channels=1)|random_crop(8, padding=1)|resize(32)|value_range(-1, 1)",
                             pp_eval="decode(channels=1)|resize(32)|value_range(-1, 1)",
                             label_smoothing=0.1)
-        config.batch_size = 64
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 100
+        config_utils.runlocal_schedule(config)
         config.optim.lr = 2e-3
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 10
-        config.log_every_steps = 10
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
     else:
-        helpers.require_imagenet(data_dir, "configs/cvt_i1k.py")
+        config_utils.require_imagenet(data_dir, "configs/cvt_i1k.py")
     return config

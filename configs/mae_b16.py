@@ -18,42 +18,9 @@ $TFDS_DATA_DIR or ~/tensorflow_datasets); runlocal (the bundled digits on a CPU,
 ImageNet must be prepared first (the tar files go to <data_dir>/downloads/manual/):
     tfds build imagenet2012 --data_dir=<data_dir>
 """
-import glob
-import os
-
 from vitjax import config_utils
 
 VARIANTS = ("B/16", "L/16", "H/14")
-
-
-def imagenet_prepared(data_dir: str) -> bool:
-    """Returns whether a prepared imagenet2012 (its dataset_info.json) is in the TFDS `data_dir`."""
-    return bool(glob.glob(os.path.join(data_dir, "imagenet2012", "*", "dataset_info.json")))
-
-
-def tfds_data_dir(data_dir: str) -> str:
-    """Returns the TFDS data dir a run uses: `data_dir`, $TFDS_DATA_DIR, or ~/tensorflow_datasets."""
-    return os.path.abspath(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
-                                              or "~/tensorflow_datasets"))
-
-
-# The runlocal encoder (digits 8x8 gray, 2x2 patches), shared by the fine-tuning and probing configs.
-RUNLOCAL_MODEL = dict(variant="mu/2", img_size=8, in_chans=1, embed_dim=64, depth=2, num_heads=4, mlp_dim=128)
-RUNLOCAL_INPUT = dict(dataset="digits", train_split="train", eval_split="test",
-                      pp_train="decode(channels=1)|random_crop(8, padding=1)|value_range(-1, 1)",
-                      pp_eval="decode(channels=1)|value_range(-1, 1)")
-
-
-def require_imagenet(data_dir: str, config_file: str) -> None:
-    """Raises ValueError saying how to prepare imagenet2012 (and naming runlocal) if it is not in `data_dir`."""
-    if imagenet_prepared(data_dir):
-        return
-    raise ValueError(
-        f"imagenet2012 is not prepared in the TFDS data dir {data_dir}. Download ILSVRC2012_img_train.tar "
-        f"and ILSVRC2012_img_val.tar from https://image-net.org into {data_dir}/downloads/manual/ and run "
-        f"`tfds build imagenet2012 --data_dir={data_dir}`; if it is prepared elsewhere pass "
-        f"--config={config_file}:data_dir=PATH (or set TFDS_DATA_DIR). To try the recipe on the bundled "
-        f"digits on a CPU instead: --config={config_file}:runlocal")
 
 
 def get_config(arg=None):
@@ -70,17 +37,10 @@ def get_config(arg=None):
     config.objective_kwargs = dict(mask_ratio=0.75, decoder_embed_dim=512, decoder_depth=8,
                                    decoder_num_heads=16, norm_pix_loss=True)
 
-    data_dir = tfds_data_dir(arg.data_dir)
-    config.input = dict(
-        dataset="imagenet2012",
-        data_dir=data_dir,
-        train_split="train",
-        eval_split="validation",
-        # torchvision's RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=3) on PIL images.
-        pp_train=("decode_jpeg_and_inception_crop(224, scale=(0.2, 1.0), method='bicubic', antialias=True)"
-                  "|flip_lr|normalize()"),
-        pp_eval="decode|resize_small(256, method='bicubic', antialias=True)|central_crop(224)|normalize()",
-    )
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    # torchvision's RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=3) on PIL images, flip; no other
+    # augmentation. Eval: resize 256 (bicubic), centre crop 224.
+    config.input = config_utils.imagenet_input(data_dir, crop_scale=(0.2, 1.0))
 
     config.batch_size = 4096
     config.total_epochs = 800.0
@@ -104,19 +64,11 @@ def get_config(arg=None):
 
     if arg.runlocal:
         # The bundled digits (8x8 gray) on a CPU: a tiny encoder on 2x2 patches, a minute.
-        config.model = dict(RUNLOCAL_MODEL)
+        config.model = dict(config_utils.MAE_RUNLOCAL_ENCODER)
         config.objective_kwargs.update(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
-        config.input = dict(RUNLOCAL_INPUT)
-        config.batch_size = 64
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 100
+        config.input = config_utils.digits_input(padding=1)
+        config_utils.runlocal_schedule(config)
         config.optim.blr = 1.5e-3
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 10
-        config.log_every_steps = 10
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
     else:
-        require_imagenet(data_dir, "configs/mae_b16.py")
+        config_utils.require_imagenet(data_dir, "configs/mae_b16.py")
     return config

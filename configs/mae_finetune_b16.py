@@ -18,9 +18,6 @@ random erasing 0.25; eval: resize 256 (bicubic), centre crop 224.
 Per variant (the official FINETUNE.md): B/16 blr 5e-4, layer decay 0.65, drop path 0.1, 100 epochs;
 L/16 blr 1e-3, 0.75, 0.2, 50 epochs; H/14 blr 1e-3, 0.75, 0.3, 50 epochs.
 """
-import importlib.util
-import os
-
 from vitjax import config_utils
 
 PAPER = {
@@ -30,20 +27,10 @@ PAPER = {
 }
 
 
-def _pretrain_config_module():
-    """Returns configs/mae_b16.py as a module (its ImageNet check and runlocal model)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
-    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
     """Returns the fine-tuning config; arguments: variant, init_from, data_dir, runlocal."""
     arg = config_utils.parse_arg(arg, variant="B/16", init_from="", runlocal=False, data_dir="",
                                  choices=dict(variant=tuple(PAPER)))
-    pretrain = _pretrain_config_module()
     recipe = PAPER[arg.variant]
     config = config_utils.default_config()
     config.seed = 0
@@ -54,20 +41,12 @@ def get_config(arg=None):
     config.objective = "mae_finetune"
     config.objective_kwargs = dict(init_from=arg.init_from or None, head_init_std=2e-5)
 
-    data_dir = pretrain.tfds_data_dir(arg.data_dir)
-    config.input = dict(
-        dataset="imagenet2012",
-        data_dir=data_dir,
-        train_split="train",
-        eval_split="validation",
-        # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25).
-        pp_train=("decode_jpeg_and_inception_crop(224, method='bicubic', antialias=True)|flip_lr"
-                  "|randaug(2, 9, magnitude_std=0.5, increasing=True)|normalize()"),
-        pp_eval="decode|resize_small(256, method='bicubic', antialias=True)|central_crop(224)|normalize()",
-        label_smoothing=0.1,
-        mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5),
-        random_erasing=0.25,
-    )
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
+    # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
+    config.input = config_utils.imagenet_input(
+        data_dir, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
 
     config.batch_size = 1024
     config.total_epochs = recipe["epochs"]
@@ -86,20 +65,11 @@ def get_config(arg=None):
     config.keep_checkpoints = 2
 
     if arg.runlocal:
-        config.model = dict(pretrain.RUNLOCAL_MODEL, num_classes=10, global_pool="avg", fc_norm=True,
+        config.model = dict(config_utils.MAE_RUNLOCAL_ENCODER, num_classes=10, global_pool="avg", fc_norm=True,
                             drop_path_rate=0.1)
-        config.input = dict(pretrain.RUNLOCAL_INPUT, label_smoothing=0.1)
-        config.batch_size = 64
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 100
+        config.input = config_utils.digits_input(padding=1, label_smoothing=0.1)
+        config_utils.runlocal_schedule(config)
         config.optim.blr = 2e-3
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 10
-        config.log_every_steps = 10
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
     else:
-        pretrain.require_imagenet(data_dir, "configs/mae_finetune_b16.py")
+        config_utils.require_imagenet(data_dir, "configs/mae_finetune_b16.py")
     return config

@@ -13,28 +13,15 @@ cosine; random-resized crop (bicubic) + flip, no other augmentation. Same recipe
 `init_from`: a vitjax workdir of an `mae` run or an official checkpoint; empty probes the random
 initialisation (the baseline).
 """
-import importlib.util
-import os
-
 from vitjax import config_utils
 
 VARIANTS = ("B/16", "L/16", "H/14")
-
-
-def _pretrain_config_module():
-    """Returns configs/mae_b16.py as a module (its ImageNet check and runlocal model)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
-    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg=None):
     """Returns the linear-probing config; arguments: variant, init_from, data_dir, runlocal."""
     arg = config_utils.parse_arg(arg, variant="B/16", init_from="", runlocal=False, data_dir="",
                                  choices=dict(variant=VARIANTS))
-    pretrain = _pretrain_config_module()
     config = config_utils.default_config()
     config.seed = 0
 
@@ -44,15 +31,9 @@ def get_config(arg=None):
     config.objective = "mae_linprobe"
     config.objective_kwargs = dict(init_from=arg.init_from or None, head_init_std=0.01)
 
-    data_dir = pretrain.tfds_data_dir(arg.data_dir)
-    config.input = dict(
-        dataset="imagenet2012",
-        data_dir=data_dir,
-        train_split="train",
-        eval_split="validation",
-        pp_train="decode_jpeg_and_inception_crop(224, method='bicubic', antialias=True)|flip_lr|normalize()",
-        pp_eval="decode|resize_small(256, method='bicubic', antialias=True)|central_crop(224)|normalize()",
-    )
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    # Random-resized crop (bicubic) + flip, no other augmentation; eval: resize 256 (bicubic), centre crop 224.
+    config.input = config_utils.imagenet_input(data_dir)
 
     config.batch_size = 16384
     config.total_epochs = 90.0
@@ -71,18 +52,9 @@ def get_config(arg=None):
     config.keep_checkpoints = 2
 
     if arg.runlocal:
-        config.model = dict(pretrain.RUNLOCAL_MODEL, num_classes=10, global_pool="token")
-        config.input = dict(pretrain.RUNLOCAL_INPUT)
-        config.batch_size = 128
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 100
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 10
-        config.log_every_steps = 10
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
+        config.model = dict(config_utils.MAE_RUNLOCAL_ENCODER, num_classes=10, global_pool="token")
+        config.input = config_utils.digits_input(padding=1)
+        config_utils.runlocal_schedule(config, batch_size=128)
     else:
-        pretrain.require_imagenet(data_dir, "configs/mae_linprobe_b16.py")
+        config_utils.require_imagenet(data_dir, "configs/mae_linprobe_b16.py")
     return config

@@ -21,10 +21,6 @@ Arguments: variant=any registered MetaFormer name (poolformer_s12 ... caformer_b
 with imagenet2012); runlocal: the variant shrunk to 4 blocks (32-128 channels) on the bundled digits
 upsampled to 32x32 (the total stride), 10 steps of AdamW on a CPU.
 """
-import importlib.util
-import math
-import os
-
 from vitjax import config_utils
 
 # variant: (optimizer, lr at batch 4096, warmup epochs, drop path, head dropout, eval crop_pct)
@@ -57,15 +53,6 @@ EXPECTED_TOP1 = {
 }
 
 
-def _mae_config_module():
-    """Returns configs/mae_b16.py as a module (its TFDS data-dir and ImageNet checks)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
-    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
     """Returns the MetaFormer ImageNet-1k config; see the module docstring for the arguments."""
     arg = config_utils.parse_arg(arg, variant="caformer_s18", runlocal=False, data_dir="",
@@ -80,21 +67,11 @@ def get_config(arg=None):
         config.model.head_dropout = head_dropout
     config.objective = "supervised"
 
-    helpers = _mae_config_module()
-    data_dir = helpers.tfds_data_dir(arg.data_dir)
-    resize = math.floor(224 / crop_pct)  # timm's eval transform
-    config.input = dict(
-        dataset="imagenet2012",
-        data_dir=data_dir,
-        train_split="train",
-        eval_split="validation",
-        pp_train=("decode_jpeg_and_inception_crop(224, method='bicubic', antialias=True)|flip_lr"
-                  "|randaug(2, 9, magnitude_std=0.5, increasing=True)|normalize()"),
-        pp_eval=f"decode|resize_small({resize}, method='bicubic', antialias=True)|central_crop(224)|normalize()",
-        label_smoothing=0.1,
-        mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5),
-        random_erasing=0.25,
-    )
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    # Eval as timm's: resize floor(224 / crop_pct) (bicubic), centre crop 224.
+    config.input = config_utils.imagenet_input(
+        data_dir, crop_pct=crop_pct, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
 
     config.batch_size = 4096
     config.total_epochs = 300.0
@@ -115,26 +92,13 @@ def get_config(arg=None):
     if arg.runlocal:
         config.model = dict(num_classes=10, img_size=32, in_chans=1, depths=(1, 1, 1, 1), dims=(32, 64, 96, 128),
                             drop_path_rate=0.0)
-        config.input = dict(
-            dataset="digits", train_split="train", eval_split="test",
-            # Upsampled to the total stride (32) so every stage keeps at least one pixel.
-            pp_train="decode(channels=1)|resize(32)|random_crop(32, padding=4)|value_range(-1, 1)",
-            pp_eval="decode(channels=1)|resize(32)|value_range(-1, 1)",
-            label_smoothing=0.0)
-        config.batch_size = 32
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 10
+        # Upsampled to the total stride (32) so every stage keeps at least one pixel.
+        config.input = config_utils.digits_input(32, padding=4, label_smoothing=0.0)
+        config_utils.runlocal_schedule(config, batch_size=32, total_steps=10, warmup_steps=2, log_every_steps=5)
         config.optim.name = "adamw"  # LAMB's layer-wise trust ratio moves too little in 10 steps
         config.optim.blr = 8e-3  # lr 1e-3 at batch 32
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 2
         config.optim.warmup_init_lr = 0.0
         config.optim.min_lr = 0.0
-        config.log_every_steps = 5
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
     else:
-        helpers.require_imagenet(data_dir, "configs/metaformer_i1k.py")
+        config_utils.require_imagenet(data_dir, "configs/metaformer_i1k.py")
     return config

@@ -19,9 +19,6 @@ use crop 0.95; the official evaluation crops 0.875).
 `runlocal` trains a shrunk TinyViT-5M (widths 16 / 32 / 48, one block per stage) on the bundled digits
 resized to 32x32, in seconds on a CPU.
 """
-import importlib.util
-import os
-
 from vitjax import config_utils
 
 PAPER = {
@@ -32,15 +29,6 @@ PAPER = {
 
 # Weight decay skips 1-D params (see vitjax.optim) and, as the reference's `no_weight_decay`, the biases.
 NO_DECAY = config_utils.DEFAULT_NO_DECAY + ("attention_biases",)
-
-
-def _imagenet_helpers():
-    """Returns configs/mae_b16.py as a module: its TFDS data-dir resolution and ImageNet check."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
-    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg=None):
@@ -54,21 +42,12 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, drop_path_rate=recipe["drop_path_rate"], dtype="bfloat16")
     config.objective = "supervised"
 
-    helpers = _imagenet_helpers()
-    data_dir = helpers.tfds_data_dir(arg.data_dir)
-    config.input = dict(
-        dataset="imagenet2012",
-        data_dir=data_dir,
-        train_split="train",
-        eval_split="validation",
-        # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic").
-        pp_train=("decode_jpeg_and_inception_crop(224, method='bicubic', antialias=True)|flip_lr"
-                  "|randaug(2, 9, magnitude_std=0.5, increasing=True)|normalize()"),
-        pp_eval="decode|resize_small(256, method='bicubic', antialias=True)|central_crop(224)|normalize()",
-        label_smoothing=0.1,
-        mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5),
-        random_erasing=0.25,
-    )
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
+    # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
+    config.input = config_utils.imagenet_input(
+        data_dir, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
 
     config.batch_size = 1024
     config.total_epochs = 300.0
@@ -92,24 +71,11 @@ def get_config(arg=None):
         # 32x32 in: the stem's stride 4 gives 8x8, then 4x4 and 2x2 maps, each one window.
         config.model = dict(num_classes=10, img_size=32, in_chans=1, embed_dims=(16, 32, 48), depths=(1, 1, 1),
                             num_heads=(1, 2, 3), window_sizes=(7, 4, 2))
-        config.input = dict(
-            dataset="digits", train_split="train", eval_split="test",
-            pp_train="decode(channels=1)|resize(32)|random_crop(32, padding=4)|value_range(-1, 1)",
-            pp_eval="decode(channels=1)|resize(32)|value_range(-1, 1)",
-            label_smoothing=0.1)
-        config.batch_size = 64
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 100
+        config.input = config_utils.digits_input(32, padding=4, label_smoothing=0.1)
+        config_utils.runlocal_schedule(config)
         config.optim.blr = 5e-3  # lr 1.25e-3 at batch 64
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 10
         config.optim.warmup_init_lr = 0.0
         config.optim.min_lr = 0.0
-        config.log_every_steps = 10
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
     else:
-        helpers.require_imagenet(data_dir, "configs/tiny_vit_i1k.py")
+        config_utils.require_imagenet(data_dir, "configs/tiny_vit_i1k.py")
     return config

@@ -29,36 +29,20 @@ Both compute in bf16 with fp32 master weights. `runlocal` keeps the recipe but t
 32 on the bundled digits (16x16, 4x4 patches) for 100 steps of 64, in seconds on a CPU. `data_dir=PATH`
 points at the TFDS data dir holding imagenet2012 (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
 """
-import importlib.util
-import os
-
 from vitjax import config_utils
 
 VARIANTS = ("S/16", "B/16")
 RECIPES = ("deit", "plain")
 
 
-def _imagenet_helpers():
-    """Returns configs/mae_b16.py as a module: its TFDS data-dir resolution and ImageNet check."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_b16.py")
-    spec = importlib.util.spec_from_file_location("_mae_b16_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _deit(config, variant: str) -> None:
+def _deit(config, variant: str, data_dir: str) -> None:
     """Sets the DeiT recipe (Touvron et al. 2021, Sec. 6 and Table 9)."""
     config.model = dict(variant=variant, num_classes=1000, img_size=224, drop_path_rate=0.1, dtype="bfloat16")
-    config.input.update(
-        # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic").
-        pp_train=("decode_jpeg_and_inception_crop(224, method='bicubic', antialias=True)|flip_lr"
-                  "|randaug(2, 9, magnitude_std=0.5, increasing=True)|normalize()"),
-        pp_eval="decode|resize_small(256, method='bicubic', antialias=True)|central_crop(224)|normalize()",
-        label_smoothing=0.1,
-        mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5),
-        random_erasing=0.25,
-    )
+    # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic");
+    # eval: resize 256 (bicubic), centre crop 224.
+    config.input = config_utils.imagenet_input(
+        data_dir, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
     config.total_epochs = 300.0
     config.optim.name = "adamw"
     config.optim.blr = 2.5e-4  # DeiT: 5e-4 * batch / 512
@@ -70,17 +54,15 @@ def _deit(config, variant: str) -> None:
     config.optim.min_lr = 1e-5
 
 
-def _plain(config, variant: str, epochs: int) -> None:
+def _plain(config, variant: str, epochs: int, data_dir: str) -> None:
     """Sets big_vision's plain ViT baseline (Beyer et al. 2022)."""
     width = {"S/16": 384, "B/16": 768}[variant]
     config.model = dict(variant=variant, num_classes=1000, img_size=224, class_token=False, global_pool="avg",
                         fc_norm=False, pos_embed="sincos2d", representation_size=width, head_zero_init=True,
                         dtype="bfloat16")
-    config.input.update(
-        pp_train="decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2, 10)|value_range(-1, 1)",
-        pp_eval="decode|resize_small(256)|central_crop(224)|value_range(-1, 1)",
-        mixup=dict(mixup_alpha=0.2, cutmix_alpha=0.0, prob=1.0, switch_prob=0.0),
-    )
+    # big_vision's inception crop + flip + RandAugment(2, 10), resize 256 + centre crop 224 (bilinear), in [-1, 1].
+    config.input = config_utils.imagenet_input(
+        data_dir, interpolation=None, randaug="randaug(2, 10)", normalize="value_range(-1, 1)", mixup=0.2)
     config.total_epochs = float(epochs)
     config.optim.name = "adamw"
     config.optim.lr = 1e-3
@@ -101,15 +83,13 @@ def get_config(arg=None):
     config.model_name = "vit"
     config.objective = "supervised"
 
-    helpers = _imagenet_helpers()
-    data_dir = helpers.tfds_data_dir(arg.data_dir)
-    config.input = dict(dataset="imagenet2012", data_dir=data_dir, train_split="train", eval_split="validation")
+    data_dir = config_utils.tfds_data_dir(arg.data_dir)
     config.batch_size = 1024
     config.eval_batch_size = 1000  # 50 batches cover the 50,000 validation images
     if arg.recipe == "deit":
-        _deit(config, arg.variant)
+        _deit(config, arg.variant, data_dir)
     else:
-        _plain(config, arg.variant, arg.epochs)
+        _plain(config, arg.variant, arg.epochs, data_dir)
 
     config.log_every_steps = 100
     config.eval_every_steps = 5000
@@ -124,22 +104,11 @@ def get_config(arg=None):
         if "representation_size" in model:
             model["representation_size"] = 32
         config.model = model
-        config.input.update(
-            dataset="digits", data_dir=None, train_split="train", eval_split="test",
-            pp_train="decode(channels=1)|resize(16)|random_crop(16, padding=1)|value_range(-1, 1)",
-            pp_eval="decode(channels=1)|resize(16)|value_range(-1, 1)")
-        config.batch_size = 64
-        config.eval_batch_size = 120
-        config.total_epochs = None
-        config.total_steps = 100
+        # The digits replace ImageNet; the recipe's label smoothing, mixup and random erasing stay.
+        config.input.update(config_utils.digits_input(16, padding=1), data_dir=None)
+        config_utils.runlocal_schedule(config, warmup_steps=2)
         if arg.recipe == "deit":
             config.optim.blr = 5e-3  # lr 1.25e-3 at batch 64: a width-32 ViT wants more than a ViT-S
-        config.optim.warmup_epochs = None
-        config.optim.warmup_steps = 2
-        config.log_every_steps = 10
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
     else:
-        helpers.require_imagenet(data_dir, "configs/vit_i1k.py")
+        config_utils.require_imagenet(data_dir, "configs/vit_i1k.py")
     return config

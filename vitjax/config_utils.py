@@ -22,8 +22,16 @@ Layout (the keys `default_config()` defines; see configs/digits_vit.py for a wor
   sharding_rules          (logical axis name, mesh axes) pairs, in priority order.
   log_every_steps, eval_every_steps, checkpoint_every_steps (0 -> only at the end), keep_checkpoints,
   checkpoint_async, progress_bar.
+
+Pieces the configs share: `tfds_data_dir` and `require_imagenet` (where imagenet2012 is, and the
+message naming `runlocal` when it is not prepared), `imagenet_input` (the DeiT-style ImageNet input:
+inception crop, flip, RandAugment, mixup / cutmix, ...), `digits_input` and `runlocal_schedule` (the
+short CPU run on the bundled digits that every ImageNet config offers as `runlocal`).
 """
 import ast
+import glob
+import math
+import os
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 import ml_collections
@@ -273,3 +281,110 @@ def _check_choice(name: str, value: Any, valid: Iterable) -> None:
     valid = list(valid)
     if value not in valid:
         raise ValueError(f"config.{name}={value!r} is not valid; valid choices: {valid}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces shared by the configs in configs/ (no TensorFlow here: `import vitjax` stays light).
+
+# The encoder of configs/mae_b16.py:runlocal (digits 8x8 gray, 2x2 patches); configs/mae_finetune_b16.py
+# and configs/mae_linprobe_b16.py build the same one so that their runlocal can load its checkpoint.
+MAE_RUNLOCAL_ENCODER = dict(variant="mu/2", img_size=8, in_chans=1, embed_dim=64, depth=2, num_heads=4,
+                            mlp_dim=128)
+
+
+def tfds_data_dir(data_dir: str) -> str:
+    """Returns the TFDS data dir a run uses: `data_dir`, $TFDS_DATA_DIR, or ~/tensorflow_datasets."""
+    return os.path.abspath(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
+                                              or "~/tensorflow_datasets"))
+
+
+def imagenet_prepared(data_dir: str) -> bool:
+    """Returns whether a prepared imagenet2012 (its dataset_info.json) is in the TFDS `data_dir`."""
+    return bool(glob.glob(os.path.join(data_dir, "imagenet2012", "*", "dataset_info.json")))
+
+
+def require_imagenet(data_dir: str, config_file: str) -> None:
+    """Raises ValueError saying how to prepare imagenet2012 (and naming runlocal) if it is not in `data_dir`."""
+    if imagenet_prepared(data_dir):
+        return
+    raise ValueError(
+        f"imagenet2012 is not prepared in the TFDS data dir {data_dir}. Download ILSVRC2012_img_train.tar "
+        f"and ILSVRC2012_img_val.tar from https://image-net.org into {data_dir}/downloads/manual/ and run "
+        f"`tfds build imagenet2012 --data_dir={data_dir}`; if it is prepared elsewhere pass "
+        f"--config={config_file}:data_dir=PATH (or set TFDS_DATA_DIR). To try the recipe on the bundled "
+        f"digits on a CPU instead: --config={config_file}:runlocal")
+
+
+def imagenet_input(data_dir: str, *, image_size: int = 224, crop_pct: float = 0.875,
+                   crop_scale: Optional[tuple] = None, interpolation: Optional[str] = "bicubic",
+                   randaug: Optional[str] = None, normalize: str = "normalize()",
+                   label_smoothing: Optional[float] = None, mixup: Optional[float] = None, cutmix: float = 0.0,
+                   random_erasing: Optional[float] = None) -> Dict[str, Any]:
+    """Returns the `config.input` dict of an ImageNet-1k (TFDS imagenet2012) run, timm / DeiT style.
+
+    Train: random-resized (inception) crop to `image_size` (area in `crop_scale`, default the op's
+    (0.08, 1)) | flip | the `randaug` op if given (e.g. "randaug(2, 9, magnitude_std=0.5, increasing=True)",
+    timm's "rand-m9-mstd0.5-inc1") | `normalize` (the op mapping uint8 pixels to the model's inputs).
+    Eval: resize the shorter side to floor(image_size / crop_pct) | centre crop `image_size` | `normalize`.
+    Both resize with `interpolation` (antialiased), or the ops' default where None.
+    `label_smoothing`, `mixup` (alpha; with `cutmix`, the cutmix alpha: timm's Mixup with prob 1 and
+    switch_prob 0.5 where both are on) and `random_erasing` (probability) are left out where None.
+    """
+    method = f"method='{interpolation}', antialias=True" if interpolation else ""
+    crop_args = ", ".join(arg for arg in (str(image_size), crop_scale and f"scale={crop_scale}", method) if arg)
+    resize_args = ", ".join(arg for arg in (str(math.floor(image_size / crop_pct)), method) if arg)
+    augment = f"|{randaug}" if randaug else ""
+    config = dict(
+        dataset="imagenet2012",
+        data_dir=data_dir,
+        train_split="train",
+        eval_split="validation",
+        pp_train=f"decode_jpeg_and_inception_crop({crop_args})|flip_lr{augment}|{normalize}",
+        pp_eval=f"decode|resize_small({resize_args})|central_crop({image_size})|{normalize}",
+    )
+    if label_smoothing is not None:
+        config["label_smoothing"] = label_smoothing
+    if mixup is not None:
+        switch_prob = 0.5 if mixup > 0 and cutmix > 0 else 0.0  # used only where both are on
+        config["mixup"] = dict(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=switch_prob)
+    if random_erasing is not None:
+        config["random_erasing"] = random_erasing
+    return config
+
+
+def digits_input(image_size: int = 8, *, padding: int = 0,
+                 label_smoothing: Optional[float] = None) -> Dict[str, Any]:
+    """Returns the `config.input` dict of a run on the bundled 8x8 gray digits (train / test, CPU).
+
+    Images are resized to `image_size` (where not 8), randomly shifted in training by up to
+    `padding` pixels (random_crop with zero padding; 0: no shifts), and mapped to [-1, 1].
+    `label_smoothing` is left out where None.
+    """
+    resize = f"|resize({image_size})" if image_size != 8 else ""
+    shift = f"|random_crop({image_size}, padding={padding})" if padding else ""
+    config = dict(dataset="digits", train_split="train", eval_split="test",
+                  pp_train=f"decode(channels=1){resize}{shift}|value_range(-1, 1)",
+                  pp_eval=f"decode(channels=1){resize}|value_range(-1, 1)")
+    if label_smoothing is not None:
+        config["label_smoothing"] = label_smoothing
+    return config
+
+
+def runlocal_schedule(config: ml_collections.ConfigDict, *, batch_size: int = 64, total_steps: int = 100,
+                      warmup_steps: int = 10, log_every_steps: int = 10) -> None:
+    """Shrinks `config`'s run to `total_steps` steps on a CPU (a config's `runlocal`), in place.
+
+    Sets the batch size, the step count with `warmup_steps` of warmup (no epochs), eval batches of 120
+    (the digits' 360 test images in 3), evaluation and checkpointing only at the end, one checkpoint kept.
+    The model, input and learning rate are the config's to shrink.
+    """
+    config.batch_size = batch_size
+    config.eval_batch_size = 120
+    config.total_epochs = None
+    config.total_steps = total_steps
+    config.optim.warmup_epochs = None
+    config.optim.warmup_steps = warmup_steps
+    config.log_every_steps = log_every_steps
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 0
+    config.keep_checkpoints = 1
