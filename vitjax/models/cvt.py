@@ -55,33 +55,6 @@ class ConvEmbed(nn.Module):
         return layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
 
 
-class ConvProjection(nn.Module):
-    """Depthwise conv (no bias) + BatchNorm of a (B, h, w, C) map (params `conv`, `bn`); returns (B, h', w', C).
-
-    Like `layers.ConvBN`, but the BatchNorm takes the two-pass batch variance, as torch does: flax's default
-    one-pass E[x^2] - E[x]^2 cancels badly on CvT's small key/value maps (train-mode logits then differ from
-    HF by ~2e-5 in fp32; two-pass: ~4e-6).
-    """
-
-    kernel_size: int
-    stride: int
-    padding: int
-    dtype: layers.Dtype = jnp.float32
-    param_dtype: layers.Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        channels = x.shape[-1]
-        x = nn.Conv(channels, (self.kernel_size, self.kernel_size), strides=(self.stride, self.stride),
-                    padding=[(self.padding, self.padding)] * 2, feature_group_count=channels, use_bias=False,
-                    kernel_init=layers.logical(layers.trunc_normal_init, (None, None, None, "embed")),
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
-        return nn.BatchNorm(use_running_average=not train, momentum=1.0 - BN_MOMENTUM, epsilon=BN_EPS,
-                            use_fast_variance=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                            scale_init=layers.logical(nn.initializers.ones, ("embed",)),
-                            bias_init=layers.logical(nn.initializers.zeros, ("embed",)), name="bn")(x)
-
-
 class ConvAttention(nn.Module):
     """CvT attention: conv projections of the token map to q/k/v, then multi-head attention; returns (B, N, C).
 
@@ -118,8 +91,10 @@ class ConvAttention(nn.Module):
         def conv_projection(name: str, stride: int, padding: int) -> jax.Array:
             if self.qkv_projection == "linear":
                 return x
-            projected = ConvProjection(self.kernel_size, stride, padding, dtype=self.dtype,
-                                       param_dtype=self.param_dtype, name=name)(token_map, train)
+            # Depthwise conv (no bias) + BatchNorm, torch's defaults and two-pass batch variance.
+            projected = layers.ConvBN(channels, self.kernel_size, stride, padding, groups=channels,
+                                      bn_momentum=BN_MOMENTUM, bn_eps=BN_EPS, kernel_init=layers.trunc_normal_init,
+                                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)(token_map, train)
             return projected.reshape(batch, -1, channels)
 
         query = conv_projection("conv_proj_q", self.stride_q, self.padding_q)
