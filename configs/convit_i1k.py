@@ -11,7 +11,7 @@ The recipe (DeiT's, as the official code): AdamW (0.9, 0.999), lr 5e-4 x batch /
 weight decay 0.05, 300 epochs, 5 warmup epochs from 1e-6 then cosine to 1e-5, stochastic depth 0.1,
 10 GPSA blocks (locality strength 1, the local init), random-resized crop (bicubic) + flip + RandAugment
 (9, 0.5), mixup 0.8, cutmix 1.0, random erasing 0.25, label smoothing 0.1; eval: resize 256 (bicubic),
-centre crop 224. DeiT's repeated augmentation is not part of this trainer.
+centre crop 224; DeiT's repeated augmentation (3 views of each image).
 
 Arguments: variant=convit_tiny | convit_small | convit_base; data_dir=PATH (TFDS dir with imagenet2012);
 runlocal: a 4-block ConViT (2 GPSA) of width 64 on the bundled 8x8 digits in 2x2 patches, 10 steps on a CPU.
@@ -37,7 +37,8 @@ def get_config(arg=None):
     # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
     config.input = config_utils.imagenet_input(
         data_dir, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
-        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25,
+        repeated_augmentation=3)
 
     config.batch_size = 1024
     config.total_epochs = 300.0

@@ -11,7 +11,7 @@ The recipe is DeiT's, as the official main.py: AdamW (0.9, 0.999), total batch 4
 = 4e-3, cosine to 1e-5 after 30 warmup epochs (paper Sec. 4.1; from 1e-6), 300 epochs, weight decay 0.05,
 drop path 0.1, random-resized crop 240 (bicubic) + flip + RandAugment m9 mstd0.5, mixup 0.8 / cutmix 1.0,
 label smoothing 0.1, random erasing 0.25; eval: resize 274 (crop ratio 256/224), centre crop 240.
-Not reproduced: DeiT's repeated augmentation (the input pipeline has none).
+DeiT's repeated augmentation (3 views of each image).
 `runlocal` trains a shrunk CrossViT on the bundled digits at 16 px (branch 2 bicubic-resized to 12 px).
 """
 from vitjax import config_utils
@@ -35,7 +35,8 @@ def get_config(arg=None):
     # Input 240; eval: resize floor(240 / 0.875) = 274 (bicubic), centre crop 240.
     config.input = config_utils.imagenet_input(
         data_dir, image_size=240, crop_pct=0.875, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
-        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25,
+        repeated_augmentation=3)
 
     config.batch_size = 4096
     config.total_epochs = 300.0

@@ -10,7 +10,7 @@ The recipe is the paper's Table 2 (DeiT's): AdamW (0.9, 0.999), batch 1024, lr 1
 5 warmup epochs, 300 epochs, weight decay 0.05, dropout 0, stochastic depth 0.1, label smoothing 0.1,
 random-resized crop (bicubic) + flip + RandAugment m9 mstd0.5, mixup 0.8 / cutmix 1.0, random erasing 0.25;
 inputs normalised with mean = std = 0.5 (timm's TNT config); eval: resize 248 (crop 0.9), centre crop 224.
-Not reproduced: DeiT's repeated augmentation (the input pipeline has none).
+DeiT's repeated augmentation (3 views of each image).
 `runlocal` trains a shrunk TNT on the bundled 8x8 digits: 2x2 patches of 4x4 px, each cut into 2x2 "pixels".
 """
 from vitjax import config_utils
@@ -34,7 +34,8 @@ def get_config(arg=None):
     config.input = config_utils.imagenet_input(
         data_dir, crop_pct=0.9, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
         normalize="normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))",
-        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25)
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_erasing=0.25,
+        repeated_augmentation=3)
 
     config.batch_size = 1024
     config.total_epochs = 300.0

@@ -195,6 +195,33 @@ def test_an_epoch_visits_each_kept_example_once(data_dir):
     assert epochs[0] != epochs[1]  # Each epoch has its own order.
 
 
+@pytest.mark.parametrize("source", ["memory", "stream"])
+def test_repeated_augmentation_gives_each_example_three_differently_augmented_views(data_dir, source):
+    """DeiT's repeated augmentation: 3 copies of each example in a row; an epoch holds 1/3 of the examples."""
+    plain = "decode(channels=1)|value_range(0, 255)" if source == "stream" else "value_range(0, 255)"
+    flipped = plain.replace("value_range", "flip_lr|random_crop(8, padding=2)|value_range")
+    kwargs = dict(data_dir=data_dir, source=source, train_fraction=0.01, shuffle_buffer=64)  # 14 examples
+    def batches(pp, repeats, count, start_step=0):
+        config = _config(pp_train=pp, repeated_augmentation=repeats, **kwargs)
+        return _take(data.make_train_iterator(config, global_batch_size=6, seed=0, start_step=start_step,
+                                              process_index=0, process_count=1), count)
+    views = np.concatenate([batch["image"] for batch in batches(plain, 3, 7)])  # 42 elements = 3 epochs
+    labels = np.concatenate([batch["label"] for batch in batches(plain, 3, 7)])
+    for group in range(14):
+        for copy in (1, 2):
+            np.testing.assert_array_equal(views[3 * group + copy], views[3 * group])
+            np.testing.assert_array_equal(labels[3 * group + copy], labels[3 * group])
+    train_images, _ = _digits_arrays(data_dir, "train")
+    kept = sorted(image.astype(np.float32).tobytes() for image in train_images[:14])
+    assert sorted(view.tobytes() for view in views[::3]) == kept  # 14 distinct, each 3 times
+    augmented = np.concatenate([batch["image"] for batch in batches(flipped, 3, 2)])
+    assert not all(np.array_equal(augmented[3 * g], augmented[3 * g + c]) for g in range(4) for c in (1, 2))
+    resumed = batches(flipped, 3, 1, start_step=1)[0]["image"]  # a resume replays the same views
+    np.testing.assert_array_equal(resumed, augmented[6:])
+    with pytest.raises(ValueError, match="repeated_augmentation must be an int >= 1"):
+        data.validate_input_config(_config(repeated_augmentation=0, **kwargs))
+
+
 # ---------------------------------------------------------------------------------------------
 # Eval batches.
 # ---------------------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ def imagenet_input(data_dir: str, *, image_size: int = 224, crop_pct: float = 0.
                    crop_scale: Optional[tuple] = None, interpolation: Optional[str] = "bicubic",
                    randaug: Optional[str] = None, normalize: str = "normalize()",
                    label_smoothing: Optional[float] = None, mixup: Optional[float] = None, cutmix: float = 0.0,
-                   random_erasing: Optional[float] = None) -> Dict[str, Any]:
+                   random_erasing: Optional[float] = None, repeated_augmentation: int = 1) -> Dict[str, Any]:
     """Returns the `config.input` dict of an ImageNet-1k (TFDS imagenet2012) run, timm / DeiT style.
 
     Train: random-resized (inception) crop to `image_size` (area in `crop_scale`, default the op's
@@ -329,6 +329,7 @@ def imagenet_input(data_dir: str, *, image_size: int = 224, crop_pct: float = 0.
     Both resize with `interpolation` (antialiased), or the ops' default where None.
     `label_smoothing`, `mixup` (alpha; with `cutmix`, the cutmix alpha: timm's Mixup with prob 1 and
     switch_prob 0.5 where both are on) and `random_erasing` (probability) are left out where None.
+    `repeated_augmentation` > 1: each image that many times in a row, differently augmented (DeiT's RA).
     """
     method = f"method='{interpolation}', antialias=True" if interpolation else ""
     crop_args = ", ".join(arg for arg in (str(image_size), crop_scale and f"scale={crop_scale}", method) if arg)
@@ -349,6 +350,8 @@ def imagenet_input(data_dir: str, *, image_size: int = 224, crop_pct: float = 0.
         config["mixup"] = dict(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=switch_prob)
     if random_erasing is not None:
         config["random_erasing"] = random_erasing
+    if repeated_augmentation != 1:
+        config["repeated_augmentation"] = repeated_augmentation
     return config
 
 

@@ -34,6 +34,7 @@ _DEFAULTS = dict(
     label_smoothing=0.0,
     mixup=None,
     random_erasing=0.0,  # Probability; appended to pp_train as random_erasing(p, mode="pixel").
+    repeated_augmentation=1,  # R > 1: each example R times in a row, differently augmented (DeiT's RA).
     shuffle_buffer=10_000,  # Only used by the "stream" source.
     prefetch=2,  # Batches tf.data prepares ahead.
     cache=False,  # Hold the split in host memory even when it is large.
@@ -111,6 +112,7 @@ def validate_input_config(input_config) -> dict:
     _number(config, "random_erasing", 0.0, 1.0)
     _number(config, "train_fraction", 0.0, 1.0, low_open=True)
     _integer(config, "shuffle_buffer", 0)
+    _integer(config, "repeated_augmentation", 1)
     _integer(config, "prefetch", 0)
 
     mixup = dict(_MIXUP_DEFAULTS)
@@ -316,7 +318,7 @@ class DataIterator:
 def build_train_dataset(source, preprocess: ops.Preprocess, *, num_classes: int,
                         global_batch_size: int, seed: int, start_step: int, process_index: int,
                         process_count: int, label_smoothing: float = 0.0, mixup=None,
-                        prefetch: int = 2):
+                        prefetch: int = 2, repeats: int = 1):
     """Returns the tf.data train pipeline over `source` (see make_train_iterator)."""
     tf = import_tensorflow()
     from vitjax.data import mixup as mixup_lib  # pylint: disable=g-import-not-at-top
@@ -328,7 +330,7 @@ def build_train_dataset(source, preprocess: ops.Preprocess, *, num_classes: int,
                          f"per-host batch, got {local_batch_size}.")
     raw = source.train_batches(seed=seed, start_step=start_step,
                                global_batch_size=global_batch_size, process_index=process_index,
-                               process_count=process_count)
+                               process_count=process_count, repeats=repeats)
     batches = _preprocess_steps(raw, preprocess, source, seed=seed,
                                 local_batch_size=local_batch_size)
     mix_key = sources.key(seed, sources.SALT_MIX)
@@ -406,7 +408,7 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int, star
         global_batch_size=global_batch_size, seed=seed, start_step=start_step,
         process_index=process_index, process_count=process_count,
         label_smoothing=config["label_smoothing"], mixup=config["mixup"],
-        prefetch=config["prefetch"])
+        prefetch=config["prefetch"], repeats=config["repeated_augmentation"])
     return DataIterator(dataset, first_step=start_step, num_steps=None,
                         num_bad_examples=source.num_bad_examples,
                         description=f"{config['dataset']} {config['train_split']}")

@@ -23,6 +23,11 @@ a function of (seed, step, process count), but the shuffle is weaker (shard orde
 and a resume at step s re-reads, without decoding, the records of the current epoch up to that
 position. Prepare the dataset as ArrayRecord to get the exact behaviour.
 
+Repeated augmentation (`repeats` R > 1, DeiT's RASampler): element i reads the example that element
+i div R would have read without repeats, so every example comes R times in a row, each copy with
+its own augmentation (augmentations are keyed by the element index). An epoch of steps then holds
+n / R distinct examples, R views each, as in DeiT, where an epoch keeps its length.
+
 Each source hands out per-step raw batches: dicts with image (encoded bytes or uint8), label
 (int32), element_id (int64, the global element index that keys per-example randomness) and
 step; eval batches add valid (False for padding), slot and num_valid.
@@ -170,7 +175,7 @@ class IndexedSource:
         return examples
 
     def train_batches(self, *, seed: int, start_step: int, global_batch_size: int,
-                      process_index: int, process_count: int):
+                      process_index: int, process_count: int, repeats: int = 1):
         """Returns the infinite dataset of this host's raw batches from `start_step` on."""
         tf = import_tensorflow()
         local_batch_size = global_batch_size // process_count
@@ -179,7 +184,7 @@ class IndexedSource:
         def raw_step(step):
             element_ids = (step * global_batch_size + process_index * local_batch_size
                            + tf.range(local_batch_size, dtype=tf.int64))
-            batch = self.fetch(self._shuffled(element_ids, seed, local_batch_size))
+            batch = self.fetch(self._shuffled(element_ids // repeats, seed, local_batch_size))
             return dict(batch, element_id=element_ids, step=step)
 
         return tf.data.Dataset.counter(start_step, dtype=tf.int64).map(
@@ -357,16 +362,22 @@ class StreamSource:
         return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def train_batches(self, *, seed: int, start_step: int, global_batch_size: int,
-                      process_index: int, process_count: int):
+                      process_index: int, process_count: int, repeats: int = 1):
         """Returns the infinite dataset of this host's raw batches from `start_step` on."""
         tf = import_tensorflow()
         local_batch_size = global_batch_size // process_count
         host_split = self._host_split(process_index, process_count)
         host_examples = self._builder.info.splits[host_split].num_examples
-        first_epoch, offset = divmod(start_step * local_batch_size, host_examples)
+        first_epoch, offset = divmod(start_step * local_batch_size, host_examples * repeats)
+
+        def read_epoch(epoch):
+            records = self._read(host_split, seed, epoch)
+            if repeats > 1:
+                records = records.flat_map(
+                    lambda image, label: tf.data.Dataset.from_tensors((image, label)).repeat(repeats))
+            return records
         # Skipping reads the records of the current epoch but decodes none of them.
-        records = tf.data.Dataset.counter(first_epoch, dtype=tf.int64).flat_map(
-            lambda epoch: self._read(host_split, seed, epoch)).skip(offset)
+        records = tf.data.Dataset.counter(first_epoch, dtype=tf.int64).flat_map(read_epoch).skip(offset)
         records = records.batch(local_batch_size, drop_remainder=True)
         steps = tf.data.Dataset.counter(start_step, dtype=tf.int64)
 
