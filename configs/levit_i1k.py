@@ -14,8 +14,9 @@ official 8-GPU command: 256 per GPU), 5 linear warmup epochs from 1e-6, cosine t
 0.25. Eval: resize 256 (bicubic), centre crop 224.
 Differences from the paper that lower the expected accuracy: vitjax has no DeiT distillation objective yet,
 so both heads learn the labels (`distilled_training`: DeiT's no-teacher baseline) instead of the second
-learning the teacher's hard labels; the reference also clips gradients adaptively (AGC 0.01) and keeps a
-model EMA (0.99996), which vitjax does not have. Repeated augmentation (3 views) is on, as in the reference.
+learning the teacher's hard labels; the reference also clips gradients adaptively (AGC 0.01), which vitjax
+does not have. As in the reference: repeated augmentation (3 views) and a model EMA (0.99996, reported
+as eval_ema/*).
 
 `runlocal` trains a shrunk LeViT-128S (widths 32 / 48, one block per stage) on the bundled digits resized
 to 64x64 (4x4 tokens after the stride-16 stem), in seconds on a CPU.
@@ -58,6 +59,7 @@ def get_config(arg=None):
     config.optim.schedule = "cosine"
     config.optim.min_lr = 1e-5
 
+    config.ema_decay = 0.99996
     config.log_every_steps = 100
     config.eval_every_steps = 2500
     config.checkpoint_every_steps = 2500

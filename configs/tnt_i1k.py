@@ -10,7 +10,8 @@ The recipe is the paper's Table 2 (DeiT's): AdamW (0.9, 0.999), batch 1024, lr 1
 5 warmup epochs, 300 epochs, weight decay 0.05, dropout 0, stochastic depth 0.1, label smoothing 0.1,
 random-resized crop (bicubic) + flip + RandAugment m9 mstd0.5, mixup 0.8 / cutmix 1.0, random erasing 0.25;
 inputs normalised with mean = std = 0.5 (timm's TNT config); eval: resize 248 (crop 0.9), centre crop 224.
-DeiT's repeated augmentation (3 views of each image).
+DeiT's repeated augmentation (3 views of each image), and a model EMA (0.99996, reported as eval_ema/*)
+as the official command.
 `runlocal` trains a shrunk TNT on the bundled 8x8 digits: 2x2 patches of 4x4 px, each cut into 2x2 "pixels".
 """
 from vitjax import config_utils
@@ -49,6 +50,7 @@ def get_config(arg=None):
     config.optim.schedule = "cosine"
     config.optim.min_lr = 1e-5
 
+    config.ema_decay = 0.99996
     config.log_every_steps = 100
     config.eval_every_steps = 2500
     config.checkpoint_every_steps = 2500

@@ -105,7 +105,10 @@ def get_config(arg=None):
             model["representation_size"] = 32
         config.model = model
         # The digits replace ImageNet; the recipe's label smoothing, mixup and random erasing stay.
+        # Repeated augmentation does not: 3 copies in a batch of 64 leave too few distinct digits.
         config.input.update(config_utils.digits_input(16, padding=1), data_dir=None)
+        if "repeated_augmentation" in config.input:
+            del config.input["repeated_augmentation"]
         config_utils.runlocal_schedule(config, warmup_steps=2)
         if arg.recipe == "deit":
             config.optim.blr = 5e-3  # lr 1.25e-3 at batch 64: a width-32 ViT wants more than a ViT-S

@@ -116,6 +116,24 @@ def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
     assert all(np.isfinite(r["train/loss"]) for r in read_metrics(workdir) if "train/loss" in r)
 
 
+def test_ema_follows_its_recurrence_is_checkpointed_and_evaluated(tmp_path):
+    workdir = str(tmp_path / "ema")
+    decay = 0.75
+    config = tiny_config(total_steps=4, log_every_steps=1, eval_every_steps=4, checkpoint_every_steps=1,
+                         keep_checkpoints=4, ema_decay=decay)
+    final = run(config, workdir)
+    assert {"eval_ema/top1", "eval_ema/loss"} <= set(final) and {"eval/top1", "eval/loss"} <= set(final)
+    states = [checkpoint.load_state(os.path.join(workdir, "checkpoints"), step) for step in range(1, 5)]
+    for previous, current in zip(states, states[1:]):
+        expected = jax.tree.map(lambda ema, new: decay * ema + (1 - decay) * new, previous["ema_params"],
+                                current["params"])
+        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(current["ema_params"])):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(jax.tree.leaves(states[-1]["ema_params"])[0], jax.tree.leaves(states[-1]["params"])[0])
+    with pytest.raises(ValueError, match="ema_decay must be 0 .off. or in .0, 1."):
+        run(tiny_config(ema_decay=1.0), str(tmp_path / "bad"))
+
+
 def test_quickstart_command_runlocal(tmp_path):
     """The README command (shrunk by :runlocal) through absl flags, with a --config override."""
     workdir = str(tmp_path / "cli")

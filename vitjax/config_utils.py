@@ -20,6 +20,8 @@ Layout (the keys `default_config()` defines; see configs/digits_vit.py for a wor
   optim.*                 see `vitjax.optim.make_optimizer`.
   mesh.{data,fsdp,model}  device-mesh axis sizes; one may be -1 (fills the remaining devices).
   sharding_rules          (logical axis name, mesh axes) pairs, in priority order.
+  ema_decay               0 (off) or d in (0, 1): keep ema = d * ema + (1 - d) * params after every
+                          step (timm's ModelEma; e.g. 0.99996); evaluations then also report eval_ema/*.
   log_every_steps, eval_every_steps, checkpoint_every_steps (0 -> only at the end), keep_checkpoints,
   checkpoint_async, progress_bar.
 
@@ -102,6 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
     optim.frozen = ()                             # regexes of param paths ("a/b/kernel") not trained
     optim.no_decay = DEFAULT_NO_DECAY             # regexes of param paths not weight-decayed
     config.optim = optim
+
+    config.ema_decay = 0.0                # 0: no EMA of the params
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     config.sharding_rules = DEFAULT_SHARDING_RULES
@@ -241,6 +245,9 @@ def validate_config(config) -> ml_collections.ConfigDict:
             raise ValueError(f"config.{key} must be >= 0, got {merged[key]}")
     if merged["log_every_steps"] == 0:
         raise ValueError("config.log_every_steps must be >= 1")
+    ema_decay = merged["ema_decay"]
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"config.ema_decay must be 0 (off) or in (0, 1), e.g. 0.99996; got {ema_decay!r}")
     if merged["keep_checkpoints"] < 1:
         raise ValueError(f"config.keep_checkpoints must be >= 1, got {merged['keep_checkpoints']}")
 

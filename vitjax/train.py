@@ -55,6 +55,7 @@ class TrainState:
     opt_state: Any
     model_state: Any         # non-param collections (e.g. batch_stats); {} for ViTs
     rng: jax.Array           # base key; step s uses fold_in(rng, s)
+    ema_params: Any = None   # exponential moving average of params (config.ema_decay > 0), else None
 
 
 def unbox(tree: Any) -> Any:
@@ -106,8 +107,11 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable,
-                    grad_accum_steps: int, batch_sharding) -> Callable:
-    """Returns train_step(state, batch) -> (new state, {"train/...": scalar}); jit it with donated state."""
+                    grad_accum_steps: int, batch_sharding, ema_decay: float = 0.0) -> Callable:
+    """Returns train_step(state, batch) -> (new state, {"train/...": scalar}); jit it with donated state.
+
+    With `ema_decay` > 0 the step also updates state.ema_params = d * ema + (1 - d) * new params.
+    """
 
     def loss_fn(params, model_state, batch, rng):
         loss, aux = objective.train_loss({"params": params, **model_state}, batch, rng)
@@ -152,8 +156,11 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
         metrics["train/grad_norm"] = global_norm(grads)
         metrics["train/param_norm"] = global_norm(params)
         metrics["train/lr"] = schedule(state.step)
+        ema_params = state.ema_params
+        if ema_decay > 0:
+            ema_params = jax.tree.map(lambda ema, new: ema_decay * ema + (1.0 - ema_decay) * new, ema_params, params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  model_state=model_state)
+                                  model_state=model_state, ema_params=ema_params)
         return new_state, metrics
 
     return train_step
@@ -348,12 +355,14 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
         variables = unbox(dict(objective.init_variables(init_rng, dummy_batch())))
         params = variables.pop("params")
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          model_state=variables, rng=train_rng)
+                          model_state=variables, rng=train_rng,
+                          ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay > 0 else None)
 
     abstract_state = jax.eval_shape(init_state, rng)
     params_shardings = parallel.param_shardings(abstract_params, logical_specs, mesh, rules)
     state_shardings = parallel.state_shardings(abstract_state, abstract_params, params_shardings, mesh)
-    state_shardings = state_shardings.replace(params=params_shardings)
+    state_shardings = state_shardings.replace(
+        params=params_shardings, ema_params=params_shardings if config.ema_decay > 0 else None)
 
     if resume_step is not None:
         state, meta = checkpointer.restore(
@@ -363,7 +372,9 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
         state = jax.jit(init_state, out_shardings=state_shardings)(rng)
         if hasattr(objective, "load_pretrained"):
             # Optional hook: pretrained weights (e.g. an MAE encoder to fine-tune) replace some fresh params.
-            state = state.replace(params=place_params(objective.load_pretrained(state.params), params_shardings))
+            params = place_params(objective.load_pretrained(state.params), params_shardings)
+            state = state.replace(params=params, ema_params=(jax.tree.map(jnp.copy, params)
+                                                             if config.ema_decay > 0 else None))
     if is_main:
         trainable = optim.trainable_mask(config.optim, abstract_params)
         logging.info("Model %s, objective %s:\n%s", config.model_name, config.objective,
@@ -371,14 +382,15 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
 
     with parallel.use_mesh(mesh), nn.logical_axis_rules(rules):
         train_step = jax.jit(
-            make_train_step(objective, tx, schedule, int(config.optim.grad_accum_steps), batch_sharding),
+            make_train_step(objective, tx, schedule, int(config.optim.grad_accum_steps), batch_sharding,
+                            ema_decay=float(config.ema_decay)),
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=(state_shardings, parallel.replicated(mesh)),
             donate_argnums=(0,))
         eval_step = jax.jit(make_eval_step(objective), in_shardings=(state_shardings, batch_sharding),
                             out_shardings=parallel.replicated(mesh))
 
-        def run_eval(state) -> Dict[str, float]:
+        def run_eval(state, ema: bool = False) -> Dict[str, float]:
             eval_keys = keys + ("mask",)
             iterator = data.make_eval_iterator(config.input, global_batch_size=eval_batch_size)
             batches = (parallel.global_batch({key: batch[key] for key in eval_keys}, mesh) for batch in iterator)
@@ -387,6 +399,9 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
             # the middle of building the next pipeline, it once broke TF's graph construction.
             del batches, iterator
             gc.collect()
+            if state.ema_params is not None and not ema:
+                ema_result = run_eval(state.replace(params=state.ema_params), ema=True)
+                result.update({key.replace("eval/", "eval_ema/", 1): value for key, value in ema_result.items()})
             return result
 
         # ---- 5. Loop ---------------------------------------------------------------------------
