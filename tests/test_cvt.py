@@ -5,44 +5,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from vitjax import convert, models  # noqa: E402
 from vitjax.convert import cvt as cvt_convert  # noqa: E402
 
-
-def randomize_(module: "torch.nn.Module", seed: int = 0, std: float = 0.15) -> None:
-    """Redraws every float tensor: norm scales 1 + N(0, 0.1), BN variances 0.5 + U(0, 1), the rest N(0, std)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if key.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif "norm" in key and key.endswith("weight"):
-                tensor.copy_(1.0 + 0.1 * noise)
-            else:
-                tensor.copy_(std * noise)
-
-
-def random_variables(model, image_shape, seed: int = 0):
-    """Returns variables of the model's shapes drawn from N(0, 0.05) (BN variances 1), without compiling init."""
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1,) + image_shape)))
-    shapes = flax.linen.meta.unbox(shapes)
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, s: np.ones(s.shape, np.float32) if path[-1].key == "var"
-        else rng.normal(0.0, 0.05, s.shape).astype(np.float32), shapes)
-
-
-def relative_error(ours, reference) -> float:
-    """Returns max |ours - reference| / max |reference|."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+from parity_utils import (  # noqa: E402
+    assert_converter_errors, assert_create_rejects, parameter_count, random_variables, randomize_, relative_error,
+    run_parity)
 
 
 # HF indexes its per-stage drop-path list by the stage number, so every stage needs depth > its index.
@@ -60,20 +31,20 @@ def hf_reference(cls_token=(False, False, True)):
     return reference
 
 
+def hf_logits(reference, images):
+    """Returns the HF CvT's logits; its head crashes without a cls token, so then its layers are applied as its
+    forward intends."""
+    if reference.config.cls_token[-1]:
+        return reference(images).logits
+    tokens = reference.cvt(images).last_hidden_state.flatten(2).transpose(1, 2)
+    return reference.classifier(reference.layernorm(tokens).mean(dim=1))
+
+
 @pytest.mark.parametrize("cls_token", [(False, False, True), (False, False, False)])
 def test_huggingface_parity(cls_token):
-    reference = hf_reference(cls_token)
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        if cls_token[-1]:
-            expected = reference(images).logits.numpy()
-        else:  # HF's head crashes without a cls token; apply its layers as its forward intends
-            tokens = reference.cvt(images).last_hidden_state.flatten(2).transpose(1, 2)
-            expected = reference.classifier(reference.layernorm(tokens).mean(dim=1)).numpy()
-    variables = convert.from_timm(reference.state_dict(), "cvt_13", cls_token=cls_token, **SMALL)
+    expected, ours, intermediates, _, variables, _ = run_parity(
+        hf_reference(cls_token), "cvt_13", forward=hf_logits, cls_token=cls_token, **SMALL)
     assert "batch_stats" in variables
-    model = models.create("cvt_13", cls_token=cls_token, **SMALL)
-    ours, intermediates = jax.jit(model.apply)(variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
     assert ours.shape == expected.shape == (2, 5)
     assert relative_error(ours, expected) <= 1e-5
     assert [stage.shape for stage in intermediates["stages"]] == [(2, 8, 8, 16), (2, 4, 4, 32), (2, 2, 2, 48)]
@@ -110,14 +81,11 @@ def test_from_huggingface_alias_and_converter_errors():
     model = models.create("cvt_13", **SMALL)
     variables = cvt_convert.from_huggingface(state, model)
     assert variables["batch_stats"]["stages_2"]["blocks_0"]["attn"]["conv_proj_k"]["bn"]["var"].shape == (48,)
-    missing = "cvt.encoder.stages.1.layers.0.attention.attention.projection_key.weight"
-    with pytest.raises(KeyError, match=missing.replace(".", r"\.")):
-        convert.from_timm({k: v for k, v in state.items() if k != missing}, "cvt_13", **SMALL)
-    bad = "cvt.encoder.stages.2.layers.2.intermediate.dense.bias"
-    with pytest.raises(ValueError, match="stages_2/blocks_2/mlp/fc1/bias"):
-        convert.from_timm({**state, bad: np.zeros(7, np.float32)}, "cvt_13", **SMALL)
-    with pytest.raises(KeyError, match="unexpected_key"):
-        convert.from_timm({**state, "unexpected_key": np.zeros(1)}, "cvt_13", **SMALL)
+    assert_converter_errors(
+        state, "cvt_13", SMALL, missing="cvt.encoder.stages.1.layers.0.attention.attention.projection_key.weight",
+        misshapen={"cvt.encoder.stages.2.layers.2.intermediate.dense.bias": (
+            np.zeros(7, np.float32), "stages_2/blocks_2/mlp/fc1/bias")},
+        unexpected={"unexpected_key": np.zeros(1)})
 
 
 def test_param_counts_match_huggingface():
@@ -125,9 +93,7 @@ def test_param_counts_match_huggingface():
     from transformers import CvtConfig, CvtForImageClassification
     config = CvtConfig(num_labels=1000)
     expected = sum(p.numel() for p in CvtForImageClassification(config).parameters())
-    model = models.create("cvt_13")
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3))))
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(flax.linen.meta.unbox(shapes["params"])))
+    count = parameter_count(models.create("cvt_13"))
     assert count == expected
     assert 19.9e6 < count < 20.1e6
 
@@ -136,12 +102,11 @@ def test_registry_and_validation():
     names = models.list_models("cvt")
     assert names == ["cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24", "cvt_w24_384"]
     assert models.create("cvt_w24_384").img_size == 384
-    with pytest.raises(ValueError, match="qkv_projection"):
-        models.create("cvt_13", qkv_projection="avg_pool")
-    with pytest.raises(ValueError, match="divisible"):
-        models.create("cvt_13", num_heads=(1, 5, 6))
-    with pytest.raises(ValueError, match="entries"):
-        models.create("cvt_13", depths=(1, 2))
+    assert_create_rejects("cvt_13", [
+        (dict(qkv_projection="avg_pool"), "qkv_projection"),
+        (dict(num_heads=(1, 5, 6)), "divisible"),
+        (dict(depths=(1, 2)), "entries"),
+    ])
 
 
 def test_train_mode_updates_batch_stats_and_has_gradients():

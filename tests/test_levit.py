@@ -10,34 +10,14 @@ timm = pytest.importorskip("timm")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from vitjax import convert, models  # noqa: E402
+from vitjax import models  # noqa: E402
 from vitjax.models import levit  # noqa: E402
+
+from parity_utils import (  # noqa: E402
+    assert_converter_errors, assert_create_rejects, parameter_count, randomize_, relative_error, run_parity)
 
 # At 64 px the s16 stem gives 4x4 tokens, the shrinking attentions 2x2 and 1x1.
 SHRUNK = dict(img_size=64, embed_dim=(32, 48, 64), depth=(1, 2, 1), num_heads=(2, 3, 4), num_classes=10)
-
-
-def randomize_(module: "torch.nn.Module", seed: int = 0, std: float = 0.15) -> None:
-    """Redraws every tensor: BatchNorm scales 1 + N(0, 0.1) (the zero-initialised residual ones too), running
-    variances U(0.5, 1.5), everything else N(0, std)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if key.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif key.endswith("bn.weight"):
-                tensor.copy_(1.0 + 0.1 * noise)
-            else:
-                tensor.copy_(std * noise)
-
-
-def relative_error(ours, reference) -> float:
-    """Returns max |ours - reference| / max |reference|."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +33,8 @@ def test_timm_parity(name, reference):
     if name != "levit_128s":
         reference = timm.create_model(name, pretrained=False, **SHRUNK).eval()
         randomize_(reference, seed=1)
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(images).numpy()
-    variables = convert.from_timm(reference.state_dict(), name, **SHRUNK)
+    expected, ours, intermediates, _, variables, _ = run_parity(reference, name, **SHRUNK)
     assert set(variables) == {"params", "batch_stats"}
-    model = models.create(name, **SHRUNK)
-    ours, intermediates = jax.jit(model.apply)(variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
     assert ours.shape == expected.shape
     assert relative_error(ours, expected) <= 1e-5
     assert [stage.shape[1:] for stage in intermediates["stages"]] == [(4, 4, 32), (2, 2, 48), (1, 1, 64)]
@@ -78,33 +53,25 @@ def test_attention_bias_indices_match_timm(reference):
 
 def test_converter_names_missing_and_misshapen_keys(reference):
     state = {key: value.numpy() for key, value in reference.state_dict().items()}
-    missing = dict(state)
-    del missing["stages.1.downsample.attn_downsample.q.ln.bn.running_var"]
-    with pytest.raises(KeyError, match="stages.1.downsample.attn_downsample.q.ln.bn.running_var"):
-        convert.from_timm(missing, "levit_128s", **SHRUNK)
-    misshapen = dict(state)
-    misshapen["stages.2.blocks.0.attn.attention_biases"] = np.zeros((4, 4), np.float32)
-    with pytest.raises(ValueError, match="stages_2/blocks_0/attn/attention_biases"):
-        convert.from_timm(misshapen, "levit_128s", **SHRUNK)
+    assert_converter_errors(
+        state, "levit_128s", SHRUNK, missing="stages.1.downsample.attn_downsample.q.ln.bn.running_var",
+        misshapen={"stages.2.blocks.0.attn.attention_biases": (
+            np.zeros((4, 4), np.float32), "stages_2/blocks_0/attn/attention_biases")})
 
 
 def test_registered_sizes_match_timm_parameter_counts():
     assert set(models.list_models("levit")) == set(timm.list_models("levit*"))
-    model = models.create("levit_128s")
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3))))
-    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(flax.linen.meta.unbox(shapes["params"])))
-    assert count == 7_777_058  # timm.create_model("levit_128s") parameters, both heads included
+    # timm.create_model("levit_128s") parameters, both heads included
+    assert parameter_count(models.create("levit_128s")) == 7_777_058
 
 
 def test_validate_rejects_bad_settings():
-    with pytest.raises(ValueError, match="divisible by the s16 stem"):
-        models.create("levit_128s", img_size=40)
-    with pytest.raises(ValueError, match="valid choices"):
-        models.create("levit_128s", activation="relu")
-    with pytest.raises(ValueError, match="valid choices"):
-        models.create("levit_128s", stem_type="s4")
-    with pytest.raises(ValueError, match="one entry per stage"):
-        models.create("levit_128s", depth=(2, 3))
+    assert_create_rejects("levit_128s", [
+        (dict(img_size=40), "divisible by the s16 stem"),
+        (dict(activation="relu"), "valid choices"),
+        (dict(stem_type="s4"), "valid choices"),
+        (dict(depth=(2, 3)), "one entry per stage"),
+    ])
 
 
 def test_trains_with_distillation_heads_batch_stats_and_grad():

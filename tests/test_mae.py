@@ -13,13 +13,10 @@ from vitjax.models import mae as mae_model
 from vitjax.models import vit
 from vitjax.objectives import mae as mae_objective
 
+from parity_utils import relative_error
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared/fixtures/mae/mae_reference_tiny.npz"
-
-
-def rel_err(ours, reference) -> float:
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +41,10 @@ def test_fixture_parity_encoder_mask_and_prediction(reference):
         (64, 2, 32, 2)
     np.testing.assert_array_equal(np.asarray(aux["ids_restore"]), data["out/ids_restore"])
     np.testing.assert_array_equal(np.asarray(aux["mask"]), data["out/mask"])
-    assert rel_err(aux["latent"], data["out/latent"]) < 1e-5
+    assert relative_error(aux["latent"], data["out/latent"]) < 1e-5
     # The prediction does not depend on the loss; the fixture stores it for both settings.
-    assert rel_err(reference["pred"], data["out/raw_pix/pred"]) < 1e-5
-    assert rel_err(reference["pred"], data["out/norm_pix/pred"]) < 1e-5
+    assert relative_error(reference["pred"], data["out/raw_pix/pred"]) < 1e-5
+    assert relative_error(reference["pred"], data["out/norm_pix/pred"]) < 1e-5
 
 
 @pytest.mark.parametrize("norm_pix_loss,key", [(False, "raw_pix"), (True, "norm_pix")])
@@ -101,7 +98,7 @@ def test_encoder_loads_into_classifier(reference):
     # All patches kept (noise order = identity) makes the MAE latent the classifier's token sequence.
     identity = jnp.tile(jnp.arange(64, dtype=jnp.float32)[None], (3, 1))
     _, aux = jax.jit(lambda v, x, n: module.apply(v, x, noise=n, mask_ratio=0.0))(variables, images, identity)
-    assert rel_err(inter["encoded"], aux["latent"]) < 1e-5
+    assert relative_error(inter["encoded"], aux["latent"]) < 1e-5
     np.testing.assert_array_equal(np.asarray(params["head"]["kernel"]), np.asarray(fresh["head"]["kernel"]))
 
 

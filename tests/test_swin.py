@@ -12,29 +12,12 @@ import jax.numpy as jnp  # noqa: E402
 from vitjax import convert, models  # noqa: E402
 from vitjax.models import swin  # noqa: E402
 
+from parity_utils import (  # noqa: E402
+    assert_converter_errors, assert_create_rejects, parameter_count, randomize_, relative_error, run_parity)
+
 # Three stages at 40 px: stage 0 (10x10, window 4) pads to 12 and shifts, stage 1 (5x5) pads,
 # stage 2 (3x3) is smaller than the window, so its window is clipped to 3 and unshifted (as timm).
 SHRUNK = dict(img_size=40, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 2, 4), window_size=4, num_classes=10)
-
-
-def randomize_(module: "torch.nn.Module", seed: int = 0, std: float = 0.15) -> None:
-    """Redraws every tensor of a torch module: norm scales 1 + N(0, 0.1), everything else N(0, std)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if "norm" in key and key.endswith("weight"):
-                tensor.copy_(1.0 + 0.1 * noise)
-            else:
-                tensor.copy_(std * noise)
-
-
-def relative_error(ours, reference) -> float:
-    """Returns max |ours - reference| / max |reference|."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +38,7 @@ def test_timm_parity(name, settings, reference):
     if name != "swin_tiny_patch4_window7_224":
         reference = timm.create_model(name, pretrained=False, **settings).eval()
         randomize_(reference)
-    size = settings["img_size"]
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(images).numpy()
-    variables = convert.from_timm(reference.state_dict(), name, **settings)
-    model = models.create(name, **settings)
-    ours, intermediates = jax.jit(model.apply)(variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
+    expected, ours, intermediates, model, _, _ = run_parity(reference, name, **settings)
     assert ours.shape == expected.shape
     assert relative_error(ours, expected) <= 1e-5
     assert [stage.shape[-1] for stage in intermediates["stages"]] == list(model.stage_dims)
@@ -100,37 +77,28 @@ def test_original_checkpoint_layout_converts_alike(reference):
 
 def test_converter_names_missing_and_misshapen_keys(reference):
     state = {key: value.numpy() for key, value in reference.state_dict().items()}
-    missing = dict(state)
-    del missing["layers.1.blocks.0.attn.relative_position_bias_table"]
-    with pytest.raises(KeyError, match="layers.1.blocks.0.attn.relative_position_bias_table"):
-        convert.from_timm(missing, "swin_tiny_patch4_window7_224", **SHRUNK)
-    misshapen = dict(state)
-    misshapen["layers.2.blocks.1.attn.relative_position_bias_table"] = np.zeros((49, 4), np.float32)
-    with pytest.raises(ValueError, match="layers_2/blocks_1/relative_position_bias_table"):
-        convert.from_timm(misshapen, "swin_tiny_patch4_window7_224", **SHRUNK)
-    unexpected = dict(state, **{"layers.9.blocks.0.norm1.weight": np.ones(4, np.float32)})
-    with pytest.raises(KeyError, match="layers.9.blocks.0.norm1.weight"):
-        convert.from_timm(unexpected, "swin_tiny_patch4_window7_224", **SHRUNK)
+    assert_converter_errors(
+        state, "swin_tiny_patch4_window7_224", SHRUNK,
+        missing="layers.1.blocks.0.attn.relative_position_bias_table",
+        misshapen={"layers.2.blocks.1.attn.relative_position_bias_table": (
+            np.zeros((49, 4), np.float32), "layers_2/blocks_1/relative_position_bias_table")},
+        unexpected={"layers.9.blocks.0.norm1.weight": np.ones(4, np.float32)})
 
 
 def test_registered_sizes_match_timm_parameter_counts():
     assert set(models.list_models("swin")) == {name for name in timm.list_models("swin_*")
                                                if not name.startswith("swinv2")}
-    model = models.create("swin_tiny_patch4_window7_224")
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3))))
-    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(flax.linen.meta.unbox(shapes["params"])))
+    count = parameter_count(models.create("swin_tiny_patch4_window7_224"))
     assert count == 28_288_354  # timm.create_model("swin_tiny_patch4_window7_224") parameters
 
 
 def test_validate_rejects_bad_settings():
-    with pytest.raises(ValueError, match="not divisible by patch_size"):
-        models.create("swin_tiny_patch4_window7_224", img_size=30)
-    with pytest.raises(ValueError, match="one int per stage"):
-        models.create("swin_tiny_patch4_window7_224", window_size=(7, 7))
-    with pytest.raises(ValueError, match="valid choices"):
-        models.create("swin_tiny_patch4_window7_224", attention_impl="flash")
-    with pytest.raises(ValueError, match="valid choices"):
-        models.create("swin_tiny_patch4_window7_224", global_pool="max")
+    assert_create_rejects("swin_tiny_patch4_window7_224", [
+        (dict(img_size=30), "not divisible by patch_size"),
+        (dict(window_size=(7, 7)), "one int per stage"),
+        (dict(attention_impl="flash"), "valid choices"),
+        (dict(global_pool="max"), "valid choices"),
+    ])
 
 
 def test_trains_with_dropout_drop_path_and_grad():

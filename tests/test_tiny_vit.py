@@ -10,8 +10,11 @@ timm = pytest.importorskip("timm")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from vitjax import convert, models  # noqa: E402
+from vitjax import models  # noqa: E402
 from vitjax.models import tiny_vit  # noqa: E402
+
+from parity_utils import (  # noqa: E402
+    assert_converter_errors, assert_create_rejects, parameter_count, randomize_, relative_error, run_parity)
 
 NAME = "tiny_vit_5m_224"
 # At 64 px: the MBConv stage sees 16x16; stage 1 (8x8, window 8) is one whole window (timm's unpartitioned
@@ -19,29 +22,6 @@ NAME = "tiny_vit_5m_224"
 SHRUNK = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4), window_sizes=(7, 8, 3, 2),
               num_classes=10)
 IMAGE_SIZE = 64
-
-
-def randomize_(module: "torch.nn.Module", seed: int = 0, std: float = 0.15) -> None:
-    """Redraws every tensor: LayerNorm/BatchNorm scales 1 + N(0, 0.1), running variances U(0.5, 1.5), the rest
-    N(0, std) (BatchNorm-zero-initialised residual scales included)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if key.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif key.endswith("weight") and ("norm" in key or ".bn." in key):
-                tensor.copy_(1.0 + 0.1 * noise)
-            else:
-                tensor.copy_(std * noise)
-
-
-def relative_error(ours, reference) -> float:
-    """Returns max |ours - reference| / max |reference|."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +33,8 @@ def reference():
 
 
 def test_timm_parity(reference):
-    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(images).numpy()
-    variables = convert.from_timm(reference.state_dict(), NAME, img_size=IMAGE_SIZE, **SHRUNK)
+    expected, ours, intermediates, _, variables, _ = run_parity(reference, NAME, img_size=IMAGE_SIZE, **SHRUNK)
     assert set(variables) == {"params", "batch_stats"}
-    model = models.create(NAME, img_size=IMAGE_SIZE, **SHRUNK)
-    ours, intermediates = jax.jit(model.apply)(variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
     assert ours.shape == expected.shape
     assert relative_error(ours, expected) <= 1e-5
     assert [stage.shape[1:] for stage in intermediates["stages"]] == [
@@ -77,35 +52,27 @@ def test_attention_bias_index_matches_timm(reference):
 
 def test_converter_names_missing_and_misshapen_keys(reference):
     state = {key: value.numpy() for key, value in reference.state_dict().items()}
-    missing = dict(state)
-    del missing["stages.2.blocks.0.local_conv.bn.running_mean"]
-    with pytest.raises(KeyError, match="stages.2.blocks.0.local_conv.bn.running_mean"):
-        convert.from_timm(missing, NAME, img_size=IMAGE_SIZE, **SHRUNK)
-    misshapen = dict(state)
-    misshapen["stages.1.blocks.1.attn.attention_biases"] = np.zeros((2, 9), np.float32)
-    with pytest.raises(ValueError, match="stages_1/blocks_1/attention_biases"):
-        convert.from_timm(misshapen, NAME, img_size=IMAGE_SIZE, **SHRUNK)
-    misshapen_stats = dict(state)
-    misshapen_stats["stages.0.blocks.0.conv2.bn.running_var"] = np.ones(3, np.float32)
-    with pytest.raises(ValueError, match="stages_0/blocks_0/conv2/bn/var"):
-        convert.from_timm(misshapen_stats, NAME, img_size=IMAGE_SIZE, **SHRUNK)
+    assert_converter_errors(
+        state, NAME, dict(img_size=IMAGE_SIZE, **SHRUNK), missing="stages.2.blocks.0.local_conv.bn.running_mean",
+        misshapen={
+            "stages.1.blocks.1.attn.attention_biases": (np.zeros((2, 9), np.float32),
+                                                        "stages_1/blocks_1/attention_biases"),
+            "stages.0.blocks.0.conv2.bn.running_var": (np.ones(3, np.float32), "stages_0/blocks_0/conv2/bn/var"),
+        })
 
 
 def test_registered_sizes_match_timm_parameter_counts():
     assert set(models.list_models("tiny_vit")) == set(timm.list_models("tiny_vit_*"))
-    model = models.create(NAME)
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3))))
-    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(flax.linen.meta.unbox(shapes["params"])))
-    assert count == 5_392_764  # timm.create_model("tiny_vit_5m_224", num_classes=1000) parameters
+    # timm.create_model("tiny_vit_5m_224", num_classes=1000) parameters
+    assert parameter_count(models.create(NAME)) == 5_392_764
 
 
 def test_validate_rejects_bad_settings():
-    with pytest.raises(ValueError, match="one entry per stage"):
-        models.create(NAME, window_sizes=(7, 7, 14))
-    with pytest.raises(ValueError, match="not divisible by its num_heads"):
-        models.create(NAME, num_heads=(2, 3, 5, 10))
-    with pytest.raises(ValueError, match="valid choices"):
-        models.create(NAME, attention_impl="flash")
+    assert_create_rejects(NAME, [
+        (dict(window_sizes=(7, 7, 14)), "one entry per stage"),
+        (dict(num_heads=(2, 3, 5, 10)), "not divisible by its num_heads"),
+        (dict(attention_impl="flash"), "valid choices"),
+    ])
 
 
 def test_trains_with_batch_stats_drop_path_and_grad():

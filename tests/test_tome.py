@@ -11,6 +11,8 @@ from vitjax import models
 from vitjax.kernels import tome_merge
 from vitjax.tokens import tome, visualize
 
+from parity_utils import random_variables
+
 TINY = dict(num_classes=5, img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2)
 # Compiled once per shape: op-by-op execution of the merge is slower than compiling it on a CPU.
 merge_reference = jax.jit(tome_merge.merge_reference, static_argnums=(3, 4))
@@ -52,13 +54,6 @@ def paper_merge(x, metric, sizes, r, num_protected):
         outputs.append(np.stack(order_tokens))
         out_sizes.append(np.asarray(order_sizes))
     return np.stack(outputs), np.stack(out_sizes)
-
-
-def random_variables(model, images, seed=0):
-    """Returns random variables for `model` without compiling its init (eval_shape only traces it)."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: jnp.asarray(0.2 * rng.normal(size=leaf.shape), leaf.dtype), shapes)
 
 
 def random_inputs(batch, num_tokens, channels, metric_dim, seed=0, integer_sizes=True):
@@ -154,7 +149,7 @@ def test_schedules():
 @pytest.fixture(scope="module")
 def tiny_variables():
     """Returns the variables of the TINY ViT (ToMe adds no parameters, so every variant shares them)."""
-    return random_variables(models.create("vit_tiny_patch16_224", **TINY), jnp.zeros((2, 16, 16, 3)))
+    return random_variables(models.create("vit_tiny_patch16_224", **TINY), (16, 16, 3), std=0.2)
 
 
 def test_r0_is_bit_identical_and_counts_follow_schedule(tiny_variables):
@@ -182,7 +177,7 @@ def test_r0_is_bit_identical_and_counts_follow_schedule(tiny_variables):
 def test_distilled_and_pooled_models():
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
     deit = models.create("deit_tiny_distilled_patch16_224", tome=dict(r=3, trace_source=True), **TINY)
-    variables = random_variables(deit, images)
+    variables = random_variables(deit, (16, 16, 3), std=0.2)
     _, intermediates = jax.jit(deit.apply)(variables, images)
     source = np.asarray(intermediates["tome"]["sources"][-1])
     assert source.shape == (2, 18 - 9, 18)
@@ -195,7 +190,7 @@ def test_distilled_and_pooled_models():
     tokens = jnp.ones((2, 7, 32)) * jnp.arange(32.0)
     pooled = tome.weighted_average(tokens, jnp.asarray([[1.0, 2, 3, 1, 1, 4, 4]] * 2))
     np.testing.assert_allclose(np.asarray(pooled), np.asarray(tokens[:, 0]), rtol=1e-6)
-    features, intermediates = jax.eval_shape(gap.apply, random_variables(gap, images), images)
+    features, intermediates = jax.eval_shape(gap.apply, random_variables(gap, (16, 16, 3), std=0.2), images)
     assert features.shape == (2, 32) and [tokens.shape[1] for tokens in intermediates["blocks"]] == [12, 8, 4]
 
 

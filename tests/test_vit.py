@@ -11,38 +11,16 @@ import jax.numpy as jnp  # noqa: E402
 from vitjax import convert, models  # noqa: E402
 from vitjax.models import layers, vit  # noqa: E402
 
-
-def randomize_(module: "torch.nn.Module", seed: int = 0, std: float = 0.15) -> None:
-    """Redraws every tensor of a torch module: norm scales 1 + N(0, 0.1), everything else N(0, std)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if "norm" in key and key.endswith("weight"):
-                tensor.copy_(1.0 + 0.1 * noise)
-            else:
-                tensor.copy_(std * noise)
-
-
-def relative_error(ours, reference) -> float:
-    """Returns max |ours - reference| / max |reference|."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+from parity_utils import (  # noqa: E402
+    assert_converter_errors, assert_create_rejects, parameter_count, randomize_, relative_error, run_parity)
 
 
 def timm_and_vitjax(name: str, image_size: int, std: float, **overrides):
     """Returns (timm logits, vitjax logits) for a re-randomised timm model converted to vitjax."""
     reference = timm.create_model(name, pretrained=False, img_size=image_size, **overrides).eval()
     randomize_(reference, std=std)
-    images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(images).numpy()
-    variables = convert.from_timm(reference.state_dict(), name, img_size=image_size, **overrides)
-    model = models.create(name, img_size=image_size, **overrides)
-    ours, _ = jax.jit(model.apply)(variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
-    return expected, np.asarray(ours)
+    expected, ours, *_ = run_parity(reference, name, img_size=image_size, **overrides)
+    return expected, ours
 
 
 # Full-depth models use std 0.1: at 0.15, 12 random blocks saturate the softmax and torch's own fp32 result
@@ -152,12 +130,11 @@ def flax_unbox(tree):
 def test_registry_errors_name_valid_choices():
     with pytest.raises(ValueError, match="vit_tiny_patch16_224"):
         models.create("vit_tinny_patch16_224")
-    with pytest.raises(ValueError, match="Unknown option.*valid choices.*drop_path_rate"):
-        models.create("vit_tiny_patch16_224", drop_pth_rate=0.1)
-    with pytest.raises(ValueError, match="not divisible by patch_size"):
-        models.create("vit_tiny_patch16_224", img_size=100)
-    with pytest.raises(ValueError, match="valid choices"):
-        models.create("vit_tiny_patch16_224", global_pool="mean")
+    assert_create_rejects("vit_tiny_patch16_224", [
+        (dict(drop_pth_rate=0.1), "Unknown option.*valid choices.*drop_path_rate"),
+        (dict(img_size=100), "not divisible by patch_size"),
+        (dict(global_pool="mean"), "valid choices"),
+    ])
     with pytest.raises(ValueError, match="valid sizes"):
         models.create("vit", variant="XXL/16")
     assert "deit_tiny_distilled_patch16_224" in models.list_models("deit")
@@ -168,25 +145,16 @@ def test_variants_match_published_sizes():
     expected = {"vit_base_patch16_224": 86.57e6, "vit_large_patch16_224": 304.33e6,
                 "vit_huge_patch14_224": 632.05e6, "deit_tiny_distilled_patch16_224": 5.91e6}
     for name, count in expected.items():
-        model = models.create(name)
-        shapes = jax.eval_shape(lambda m=model: m.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3))))
-        total = sum(np.prod(x.shape) for x in jax.tree.leaves(flax_unbox(shapes["params"])))
+        total = parameter_count(models.create(name))
         assert abs(total - count) / count < 2e-3, (name, total)
 
 
 def test_bad_state_dict_names_the_key():
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
-    state = dict(reference.state_dict())
-    missing = dict(state)
-    del missing["blocks.0.mlp.fc1.bias"]
-    with pytest.raises(KeyError, match="blocks.0.mlp.fc1.bias"):
-        convert.from_timm(missing, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
-    extra = dict(state, **{"blocks.0.surprise": torch.zeros(3)})
-    with pytest.raises(KeyError, match="blocks.0.surprise"):
-        convert.from_timm(extra, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
-    wrong = dict(state, **{"blocks.0.norm2.weight": torch.zeros(7)})
-    with pytest.raises(ValueError, match="blocks_0/norm2/scale"):
-        convert.from_timm(wrong, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    assert_converter_errors(
+        reference.state_dict(), "vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1),
+        missing="blocks.0.mlp.fc1.bias", unexpected={"blocks.0.surprise": torch.zeros(3)},
+        misshapen={"blocks.0.norm2.weight": (torch.zeros(7), "blocks_0/norm2/scale")})
 
 
 def test_checkpoint_files_and_posemb_resampling(tmp_path):
@@ -204,7 +172,7 @@ def test_checkpoint_files_and_posemb_resampling(tmp_path):
     big.load_state_dict(timm.models.vision_transformer.checkpoint_filter_fn(reference.state_dict(), big))
     resampled = convert.from_timm(tmp_path / "ckpt.pth", "vit_tiny_patch16_224", depth=2, img_size=96)
     assert relative_error(resampled["params"]["pos_embed"], big.pos_embed.detach().numpy()) <= 1e-5
-    images = torch.randn(2, 3, 96, 96)
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = big(images).numpy()
     ours, _ = models.create("vit_tiny_patch16_224", depth=2, img_size=96).apply(
