@@ -194,6 +194,27 @@ def test_distilled_and_pooled_models():
     assert features.shape == (2, 32) and [tokens.shape[1] for tokens in intermediates["blocks"]] == [12, 8, 4]
 
 
+def test_map_pooling_weighs_a_merged_token_by_its_size():
+    """Attention pooling with log(size) on the keys: a token of size 2 pools like the same token twice."""
+    from vitjax.models import layers
+    head = layers.MapHead(num_heads=2)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.standard_normal((2, 5, 32), np.float32))
+    variables = head.init(jax.random.PRNGKey(0), tokens)
+    variables = jax.tree.map(lambda leaf: jnp.asarray(rng.normal(0, 0.2, leaf.shape), jnp.float32), variables)
+    duplicated = jnp.concatenate([tokens, tokens[:, 2:3]], axis=1)  # token 2 appears twice
+    sizes = jnp.asarray([[1.0, 1.0, 2.0, 1.0, 1.0]] * 2)
+    merged = head.apply(variables, tokens, key_bias=jnp.log(sizes))
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(head.apply(variables, duplicated)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(merged), np.asarray(head.apply(variables, tokens)), atol=1e-4)
+
+    vit = models.create("vit_tiny_patch16_224", tome=dict(r=4), class_token=False, global_pool="map",
+                        **{k: v for k, v in TINY.items()})
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    logits, intermediates = jax.jit(vit.apply)(random_variables(vit, (16, 16, 3), std=0.2), images)
+    assert logits.shape == (2, TINY["num_classes"]) and np.all(np.isfinite(np.asarray(logits)))
+
+
 def test_training_with_tome_gradients_flow(tiny_variables):
     model = models.create("vit_tiny_patch16_224", tome=dict(r=3), **dict(TINY, depth=2))  # 17 -> 14 -> 11
     images = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))

@@ -354,7 +354,8 @@ class MapHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, key_bias: Optional[jax.Array] = None) -> jax.Array:
+        """`key_bias` (B, N) is added to every key's logit: log(size) makes a merged token count `size` times."""
         batch, _, channels = x.shape
         head_dim = channels // self.num_heads
         latent = self.param("latent", logical(nn.initializers.normal(channels ** -0.5), (None, None, "embed")),
@@ -366,7 +367,8 @@ class MapHead(nn.Module):
         key_value = nn.DenseGeneral((2, self.num_heads, head_dim), use_bias=self.qkv_bias,
                                     kernel_init=logical(trunc_normal_init, ("embed", None, "heads", "kv")),
                                     dtype=self.dtype, param_dtype=self.param_dtype, name="kv")(x)
-        out, _ = multihead_attention(query, key_value[:, :, 0], key_value[:, :, 1], impl=self.attention_impl)
+        out, _ = multihead_attention(query, key_value[:, :, 0], key_value[:, :, 1], key_bias=key_bias,
+                                     impl=self.attention_impl)
         out = nn.DenseGeneral(channels, axis=(-2, -1),
                               kernel_init=logical(trunc_normal_init, ("heads", "kv", "embed")),
                               dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)

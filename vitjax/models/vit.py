@@ -295,15 +295,19 @@ class VisionTransformer(nn.Module):
         intermediates["encoded"] = x
         if self.distilled:
             return self._distilled_head(x, train, intermediates)
+        sizes = block_aux.get("tome", {}).get("size")
         if self.global_pool == "map":
+            # timm pools the patch tokens only; after ToMe, proportional attention (log size on every
+            # key) lets a merged token weigh as the patches it holds, as in the blocks.
+            proportional = sizes is not None and tome_lib.parse_config(self.tome).prop_attn
+            pool_bias = jnp.log(sizes[:, self.num_prefix_tokens:]) if proportional else None
             pooled = layers.MapHead(self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                                     norm_eps=self.norm_eps, attention_impl=self.attention_impl, dtype=self.dtype,
                                     param_dtype=self.param_dtype, name="attn_pool")(
-                x[:, self.num_prefix_tokens:], train)  # timm pools the patch tokens only
-        elif self.global_pool == "avg" and block_aux.get("tome", {}).get("size") is not None:
+                x[:, self.num_prefix_tokens:], train, key_bias=pool_bias)
+        elif self.global_pool == "avg" and sizes is not None:
             # A merged token stands for `size` patches, so it counts that many times in the mean.
-            pooled = tome_lib.weighted_average(x[:, self.num_prefix_tokens:],
-                                               block_aux["tome"]["size"][:, self.num_prefix_tokens:])
+            pooled = tome_lib.weighted_average(x[:, self.num_prefix_tokens:], sizes[:, self.num_prefix_tokens:])
         else:
             pooled = layers.pool_tokens(x, self.global_pool, self.num_prefix_tokens)
         if use_fc_norm:
