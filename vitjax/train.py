@@ -375,6 +375,10 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
             params = place_params(objective.load_pretrained(state.params), params_shardings)
             state = state.replace(params=params, ema_params=(jax.tree.map(jnp.copy, params)
                                                              if config.ema_decay > 0 else None))
+        if hasattr(objective, "load_pretrained_state"):
+            # Optional hook: non-trained collections loaded once (e.g. a distillation teacher).
+            model_state = objective.load_pretrained_state(state.model_state)
+            state = state.replace(model_state=place_params(model_state, state_shardings.model_state))
     if is_main:
         trainable = optim.trainable_mask(config.optim, abstract_params)
         logging.info("Model %s, objective %s:\n%s", config.model_name, config.objective,

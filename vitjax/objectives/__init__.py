@@ -10,6 +10,7 @@ _OBJECTIVES = {
     "mae": "vitjax.objectives.mae:MAE",
     "mae_finetune": "vitjax.objectives.mae:MaeFinetune",
     "mae_linprobe": "vitjax.objectives.mae:MaeLinearProbe",
+    "distill": "vitjax.objectives.distill:Distillation",
 }
 
 

@@ -22,6 +22,8 @@ Optional hooks the trainer uses when present:
   layer_ids_fn(params) -> ({path: layer id}, num_layers), for layer-wise lr decay (see vitjax.optim).
   load_pretrained(params) -> params: called once on the freshly initialized params of a new run (not
                       on resume), e.g. to load a pretrained encoder for fine-tuning or probing.
+  load_pretrained_state(model_state) -> model_state: the same for the non-param collections, e.g. a
+                      distillation teacher's weights.
 """
 from typing import Any, Dict, Tuple
 
