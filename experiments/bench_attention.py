@@ -19,7 +19,6 @@ Goal (issue 5): Pallas at or above cuDNN at every N, and >= 1.5x XLA forward+bac
 """
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from experiment_io import write_outputs  # noqa: E402
 from vitjax.kernels import attention  # noqa: E402
 
 # Dense bf16 tensor-core peak in TFLOP/s, matched against jax's device_kind (longest key first).
@@ -356,14 +356,10 @@ def main(argv=None):
 
     report = markdown(args, device_kind, peak, records, vit_records, tune_records)
     print(report)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "bench_attention_smoke" if args.smoke else "bench_attention")
-    with open(stem + ".md", "w") as f:
-        f.write(report)
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(device_kind=device_kind, platform=jax.default_backend(), bf16_peak_tflops=peak,
-                       jax_version=jax.__version__, args=vars(args), kernels=records, tune=tune_records,
-                       vit=vit_records), f, indent=1)
+    stem = write_outputs(args.out, "bench_attention_smoke" if args.smoke else "bench_attention", report,
+                         dict(device_kind=device_kind, platform=jax.default_backend(), bf16_peak_tflops=peak,
+                              jax_version=jax.__version__, args=vars(args), kernels=records, tune=tune_records,
+                              vit=vit_records))
     print(f"wrote {stem}.md and {stem}.json")
 
 

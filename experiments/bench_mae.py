@@ -13,7 +13,6 @@ Images/s per device (the median of --repeats timings of --steps steps after --wa
 interleaved), printed as a markdown table and saved to experiments/out/bench_mae{,_gpu}.{md,json}.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ from typing import Any, Dict
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiment_io import write_outputs  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -182,13 +182,8 @@ def main(argv=None) -> Dict[str, Any]:
                       f"encoding every patch (paper: about 3x, Table 1c)."]
     table = "\n".join(lines)
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = "bench_mae_gpu" if args.gpu_recipe else "bench_mae"
-    with open(os.path.join(args.out_dir, f"{stem}.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out_dir, f"{stem}.json"), "w") as f:
-        json.dump({"recipe": recipe, "device": device_name, "jax": jax.__version__, "results": results}, f,
-                  indent=2)
+    write_outputs(args.out_dir, "bench_mae_gpu" if args.gpu_recipe else "bench_mae", table,
+                  {"recipe": recipe, "device": device_name, "jax": jax.__version__, "results": results})
     return {"recipe": recipe, "results": results}
 
 

@@ -16,7 +16,6 @@ The two merges are also compared on the device (same slots, max |difference| of 
 Writes experiments/out/bench_tome.{md,json} (--smoke: bench_tome_smoke.{md,json}).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiment_io import write_outputs  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -178,15 +178,10 @@ def main(argv=None) -> Dict[str, Any]:
     merge = bench_merge_step(args, dtype)
     table = markdown(args, device_kind, records, merge)
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, "bench_tome_smoke" if args.smoke else "bench_tome")
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
     results = dict(device_kind=device_kind, platform=jax.default_backend(), jax_version=jax.__version__,
                    settings={k: v for k, v in vars(args).items() if k != "out_dir"}, models=records,
                    merge_step=merge, seconds=time.time() - started)
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    stem = write_outputs(args.out_dir, "bench_tome_smoke" if args.smoke else "bench_tome", table, results)
     print(f"wrote {stem}.md and {stem}.json")
     return results
 

@@ -15,7 +15,6 @@ Writes experiments/out/distill_digits.{md,json}.
 """
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from experiment_io import write_outputs  # noqa: E402
 
 from vitjax import train as trainer  # noqa: E402
 
@@ -120,11 +120,7 @@ def main(argv=None) -> Dict[str, Any]:
     lines += ["", f"Total {results['seconds'] / 60:.1f} min."]
     table = "\n".join(lines)
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "distill_digits.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out_dir, "distill_digits.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    write_outputs(args.out_dir, "distill_digits", table, results)
     return results
 
 

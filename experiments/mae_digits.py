@@ -19,7 +19,6 @@ steps, the data pipeline, checkpoints); the steps of one kind are compiled once 
 every seed and arm, which keeps the whole study within the CPU budget.
 """
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiment_io import write_outputs  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -231,11 +231,7 @@ def main(argv=None) -> Dict[str, Any]:
               f"Total {results['seconds'] / 60:.1f} min."]
     table = "\n".join(lines)
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "mae_digits.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out_dir, "mae_digits.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    write_outputs(args.out_dir, "mae_digits", table, results)
     return results
 
 

@@ -9,7 +9,6 @@ lowered forward pass at batch 1. XLA counts a multiply-add as 2 FLOPs; papers (a
 count it as 1 and call it "FLOPs", so the table reports XLA FLOPs / 2 as GMACs to compare like with like.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from experiment_io import write_outputs  # noqa: E402
 from vitjax import models  # noqa: E402
 
 # (params in millions, GFLOPs as the paper reports them = GMACs), from each paper's tables.
@@ -113,11 +113,7 @@ def main() -> None:
         print(f"{name}: {rows[name]['params_m']:.2f}M, {rows[name]['gmacs']:.3f} GMACs "
               f"({rows[name]['seconds']:.1f}s)", flush=True)
     table = markdown(rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "model_table.md"), "w") as file:
-        file.write(table + "\n")
-    with open(os.path.join(args.out, "model_table.json"), "w") as file:
-        json.dump({"jax": jax.__version__, "rows": rows, "published": PUBLISHED}, file, indent=1)
+    write_outputs(args.out, "model_table", table, {"jax": jax.__version__, "rows": rows, "published": PUBLISHED})
     print(table)
     if args.update_readme:
         update_readme(table, os.path.join(os.path.dirname(__file__), "..", "README.md"))

@@ -17,7 +17,6 @@ Writes experiments/out/tome_digits.{md,json} and tome_digits_groups.png, tome_di
 Images/s on a shared 2-core CPU is noisy: read the ratios, not the absolute numbers.
 """
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -28,6 +27,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiment_io import write_outputs  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -184,10 +184,7 @@ def main(argv=None) -> Dict[str, Any]:
     results = dict(model=MODEL, steps=args.steps, seed=args.seed, train_seconds=train_seconds,
                    train_final_metrics=final, runs=runs, pictures=pictures, platform=jax.default_backend(),
                    device_kind=jax.devices()[0].device_kind, seconds=time.time() - started)
-    with open(os.path.join(args.out_dir, "tome_digits.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out_dir, "tome_digits.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    write_outputs(args.out_dir, "tome_digits", table, results)
     return results
 
 
