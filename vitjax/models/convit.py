@@ -122,12 +122,7 @@ class GPSA(nn.Module):
         else:
             out = ((1.0 - gate).astype(content_out.dtype) * content_out
                    + gate.astype(positional_out.dtype) * positional_out)
-        out = nn.DenseGeneral(channels, axis=(-2, -1), kernel_init=layers.logical(
-            layers.trunc_normal_init, ("heads", "kv", "embed")),
-            bias_init=layers.logical(nn.initializers.zeros, ("embed",)), dtype=self.dtype,
-            param_dtype=self.param_dtype, name="proj")(out)
-        out = nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
-        return out, aux
+        return layers.project_heads(self, out, channels, train=train), aux
 
 
 class ConViTBlock(nn.Module):

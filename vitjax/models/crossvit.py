@@ -88,23 +88,10 @@ class CrossAttention(nn.Module):
         channels = x.shape[-1]
         head_dim = channels // self.num_heads
 
-        def linear(name: str, tokens: jax.Array) -> jax.Array:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), use_bias=self.qkv_bias,
-                kernel_init=layers.logical(layers.trunc_normal_init, ("embed", "heads", "kv")),
-                bias_init=layers.logical(nn.initializers.zeros, ("heads", "kv")),
-                dtype=self.dtype, param_dtype=self.param_dtype, name=name)(tokens)
-
-        query, key, value = linear("wq", x[:, :1]), linear("wk", x), linear("wv", x)
-        out, _ = layers.multihead_attention(
-            query, key, value, impl=self.attention_impl,
-            dropout_rate=self.attn_drop_rate if train else 0.0,
-            dropout_rng=self.make_rng("dropout") if (train and self.attn_drop_rate > 0) else None)
-        out = nn.DenseGeneral(channels, axis=(-2, -1),
-                              kernel_init=layers.logical(layers.trunc_normal_init, ("heads", "kv", "embed")),
-                              bias_init=layers.logical(nn.initializers.zeros, ("embed",)),
-                              dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
-        return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
+        query, key, value = (layers.heads_dense(self, tokens, self.num_heads, head_dim, name, self.qkv_bias)
+                             for tokens, name in ((x[:, :1], "wq"), (x, "wk"), (x, "wv")))
+        out, _ = layers.attend(self, query, key, value, train=train)
+        return layers.project_heads(self, out, channels, train=train)
 
 
 class CrossAttentionBlock(nn.Module):

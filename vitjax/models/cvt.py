@@ -103,26 +103,12 @@ class ConvAttention(nn.Module):
         if self.with_cls_token:
             query, key, value = (jnp.concatenate([cls_token, t], axis=1) for t in (query, key, value))
 
-        def linear(name: str, tokens: jax.Array) -> jax.Array:
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), use_bias=self.qkv_bias,
-                kernel_init=layers.logical(layers.trunc_normal_init, ("embed", "heads", "kv")),
-                bias_init=layers.logical(nn.initializers.zeros, ("heads", "kv")),
-                dtype=self.dtype, param_dtype=self.param_dtype, name=name)(tokens)
-
-        query, key, value = linear("proj_q", query), linear("proj_k", key), linear("proj_v", value)
+        query, key, value = (layers.heads_dense(self, tokens, self.num_heads, head_dim, name, self.qkv_bias)
+                             for tokens, name in ((query, "proj_q"), (key, "proj_k"), (value, "proj_v")))
         # The reference scales logits by embed_dim ** -0.5; the shared kernel applies head_dim ** -0.5.
         query = query * jnp.asarray((head_dim / channels) ** 0.5, query.dtype)
-        out, aux = layers.multihead_attention(
-            query, key, value, impl=self.attention_impl,
-            dropout_rate=self.attn_drop_rate if train else 0.0,
-            dropout_rng=self.make_rng("dropout") if (train and self.attn_drop_rate > 0) else None,
-            capture_attention=capture_attention)
-        out = nn.DenseGeneral(channels, axis=(-2, -1),
-                              kernel_init=layers.logical(layers.trunc_normal_init, ("heads", "kv", "embed")),
-                              bias_init=layers.logical(nn.initializers.zeros, ("embed",)),
-                              dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
-        return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train), aux
+        out, aux = layers.attend(self, query, key, value, train=train, capture_attention=capture_attention)
+        return layers.project_heads(self, out, channels, train=train), aux
 
 
 class CvtBlock(nn.Module):

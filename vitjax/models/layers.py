@@ -123,20 +123,49 @@ class Attention(nn.Module):
                                  name="q_norm")(query)
             key = nn.LayerNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                name="k_norm")(key)
-        out, aux = multihead_attention(
-            query, key, value, bias=bias, key_bias=key_bias, impl=self.attention_impl,
-            dropout_rate=self.attn_drop_rate if train else 0.0,
-            dropout_rng=self.make_rng("dropout") if (train and self.attn_drop_rate > 0) else None,
-            capture_attention=capture_attention)
+        out, aux = attend(self, query, key, value, bias=bias, key_bias=key_bias, train=train,
+                          capture_attention=capture_attention)
         if return_keys:
             aux["key_mean"] = key.mean(axis=2)
-        out = nn.DenseGeneral(
-            channels, axis=(-2, -1), use_bias=self.proj_bias,
-            kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
-            bias_init=logical(nn.initializers.zeros, ("embed",)),
-            dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
-        out = nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
+        out = project_heads(self, out, channels, train=train, use_bias=self.proj_bias, kernel_init=self.kernel_init)
         return out, aux
+
+
+def heads_dense(module: nn.Module, tokens: jax.Array, num_heads: int, head_dim: int, name: str,
+                use_bias: bool = True) -> jax.Array:
+    """Returns tokens (B, N, C) projected to heads (B, N, H, D) by a DenseGeneral `name` of `module`.
+
+    Call it inside `module`'s compact __call__ (the Dense becomes its submodule); uses module.dtype / param_dtype.
+    """
+    return nn.DenseGeneral(
+        (num_heads, head_dim), use_bias=use_bias,
+        kernel_init=logical(trunc_normal_init, ("embed", "heads", "kv")),
+        bias_init=logical(nn.initializers.zeros, ("heads", "kv")),
+        dtype=module.dtype, param_dtype=module.param_dtype, name=name)(tokens)
+
+
+def attend(module: nn.Module, query, key, value, *, train: bool, bias=None, key_bias=None,
+           capture_attention: bool = False):
+    """Returns `multihead_attention` with `module`'s attention_impl and attention dropout (attn_drop_rate)."""
+    dropping = train and module.attn_drop_rate > 0
+    return multihead_attention(
+        query, key, value, bias=bias, key_bias=key_bias, impl=module.attention_impl,
+        dropout_rate=module.attn_drop_rate if train else 0.0,
+        dropout_rng=module.make_rng("dropout") if dropping else None, capture_attention=capture_attention)
+
+
+def project_heads(module: nn.Module, out: jax.Array, channels: int, *, train: bool, use_bias: bool = True,
+                  kernel_init: Initializer = trunc_normal_init) -> jax.Array:
+    """Returns heads (B, N, H, D) projected back to (B, N, channels) by `module`'s "proj", then proj dropout.
+
+    Call it inside `module`'s compact __call__; uses module.proj_drop_rate, dtype and param_dtype.
+    """
+    out = nn.DenseGeneral(
+        channels, axis=(-2, -1), use_bias=use_bias,
+        kernel_init=logical(kernel_init, ("heads", "kv", "embed")),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        dtype=module.dtype, param_dtype=module.param_dtype, name="proj")(out)
+    return nn.Dropout(module.proj_drop_rate)(out, deterministic=not train)
 
 
 def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xla",
@@ -467,7 +496,7 @@ class ConvBN(nn.Module):
                           dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
 
 
-__all__ += ["ConvBN", "batch_norm", "torch_default_init"]
+__all__ += ["ConvBN", "attend", "batch_norm", "heads_dense", "project_heads", "torch_default_init"]
 
 
 # --- windows (Swin, TinyViT, ...) -------------------------------------------------------------------------------

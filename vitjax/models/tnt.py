@@ -41,15 +41,8 @@ class TntAttention(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         qk = dense((2, self.num_heads, head_dim), ("embed", None, "heads", "kv"), "qk")(x)
         value = dense((self.num_heads, head_dim), ("embed", "heads", "kv"), "v")(x)
-        out, _ = layers.multihead_attention(
-            qk[:, :, 0], qk[:, :, 1], value, impl=self.attention_impl,
-            dropout_rate=self.attn_drop_rate if train else 0.0,
-            dropout_rng=self.make_rng("dropout") if (train and self.attn_drop_rate > 0) else None)
-        out = nn.DenseGeneral(channels, axis=(-2, -1),
-                              kernel_init=layers.logical(layers.trunc_normal_init, ("heads", "kv", "embed")),
-                              bias_init=layers.logical(nn.initializers.zeros, ("embed",)),
-                              dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
-        return nn.Dropout(self.proj_drop_rate)(out, deterministic=not train)
+        out, _ = layers.attend(self, qk[:, :, 0], qk[:, :, 1], value, train=train)
+        return layers.project_heads(self, out, channels, train=train)
 
 
 class TntBlock(nn.Module):
