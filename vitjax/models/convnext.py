@@ -41,40 +41,9 @@ def _kernel_init(axes: Tuple[Optional[str], ...], scale: float = 1.0) -> layers.
                           axes)
 
 
-class ChannelNorm(nn.Module):
-    """Normalises over the channel (last) axis: LayerNorm, RMSNorm or timm's SimpleNorm; returns x's shape.
-
-    Params `scale` (and `bias` for LayerNorm). SimpleNorm is timm's `x * rsqrt(var(x) + eps) * weight`,
-    with the *unbiased* variance and no centring. Statistics are computed in fp32 with a two-pass
-    variance, as PyTorch does: deep in a residual stream the mean can dwarf the spread.
-    """
-
-    norm_type: str = "layernorm"
-    eps: float = 1e-6
-    dtype: layers.Dtype = jnp.float32
-    param_dtype: layers.Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.norm_type not in NORM_TYPES:
-            raise ValueError(f"Unknown norm_type {self.norm_type!r}; valid choices: {NORM_TYPES}")
-        channels = x.shape[-1]
-        scale = self.param("scale", layers.logical(nn.initializers.ones, ("embed",)), (channels,),
-                           self.param_dtype)
-        compute = x.astype(jnp.float32)
-        if self.norm_type == "layernorm":
-            compute = compute - jnp.mean(compute, axis=-1, keepdims=True)
-            denominator = jnp.mean(jnp.square(compute), axis=-1, keepdims=True)
-        elif self.norm_type == "rmsnorm":
-            denominator = jnp.mean(jnp.square(compute), axis=-1, keepdims=True)
-        else:
-            denominator = jnp.var(compute, axis=-1, keepdims=True, ddof=1)
-        out = compute * jax.lax.rsqrt(denominator + self.eps) * scale.astype(jnp.float32)
-        if self.norm_type == "layernorm":
-            bias = self.param("bias", layers.logical(nn.initializers.zeros, ("embed",)), (channels,),
-                              self.param_dtype)
-            out = out + bias.astype(jnp.float32)
-        return out.astype(self.dtype)
+def channel_norm(norm_type: str, eps: float, dtype, param_dtype, name: str) -> layers.ChannelNorm:
+    """Returns ConvNeXt's channel norm: `layers.ChannelNorm`, with a bias for LayerNorm only (as timm)."""
+    return layers.ChannelNorm(norm_type, eps, norm_type == "layernorm", dtype, param_dtype, name=name)
 
 
 class GrnMlp(nn.Module):
@@ -148,7 +117,7 @@ class ConvNeXtBlock(nn.Module):
                     dtype=self.dtype, param_dtype=self.param_dtype, name="conv_dw")(x)
         # The channels-last part runs on tokens (B, L, C), so the shared MLP's sharding constraints apply.
         x = x.reshape(batch, height * width, channels)
-        x = ChannelNorm(self.norm_type, self.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+        x = channel_norm(self.norm_type, self.norm_eps, self.dtype, self.param_dtype, "norm")(x)
         hidden = int(self.mlp_ratio * channels)
         if self.use_grn:
             x = GrnMlp(hidden, use_bias=self.conv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -189,8 +158,8 @@ class ConvNeXtStage(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         kwargs = dict(self.block_kwargs or {})
         if x.shape[-1] != self.features or self.stride > 1:
-            x = ChannelNorm(kwargs["norm_type"], kwargs["norm_eps"], self.dtype, self.param_dtype,
-                            name="downsample_norm")(x)
+            x = channel_norm(kwargs["norm_type"], kwargs["norm_eps"], self.dtype, self.param_dtype,
+                             "downsample_norm")(x)
             kernel = 2 if self.stride > 1 else 1
             x = _conv(self.features, kernel, self.stride, 0, kwargs["conv_bias"], self.dtype, self.param_dtype,
                       "downsample_conv")(x)
@@ -271,8 +240,8 @@ class ConvNeXt(nn.Module):
             raise ValueError(f"img_size {self.img_size} is not divisible by the total stride {self.total_stride}; "
                              f"valid sizes are multiples of {self.total_stride}")
 
-    def _norm(self, name: str) -> ChannelNorm:
-        return ChannelNorm(self.norm_type, self.norm_eps, self.dtype, self.param_dtype, name=name)
+    def _norm(self, name: str) -> layers.ChannelNorm:
+        return channel_norm(self.norm_type, self.norm_eps, self.dtype, self.param_dtype, name)
 
     def stem(self, images: jax.Array) -> jax.Array:
         """Returns the stem's NHWC feature map; module names follow timm's `stem.{index}`."""
@@ -331,7 +300,7 @@ class ConvNeXtHead(nn.Module):
     def __call__(self, pooled: jax.Array, train: bool,
                  intermediates: Dict[str, Any]) -> Tuple[jax.Array, Dict[str, Any]]:
         if not self.norm_first:
-            pooled = ChannelNorm(self.norm_type, self.norm_eps, self.dtype, self.param_dtype, name="norm")(pooled)
+            pooled = channel_norm(self.norm_type, self.norm_eps, self.dtype, self.param_dtype, "norm")(pooled)
             if self.hidden_size:
                 pooled = layers.gelu(nn.Dense(
                     self.hidden_size, kernel_init=_kernel_init(("embed", "mlp")),

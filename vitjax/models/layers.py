@@ -468,6 +468,45 @@ def batch_norm(train: bool, *, momentum: float = 0.1, eps: float = 1e-5, scale_i
                         bias_init=logical(nn.initializers.zeros, ("embed",)))
 
 
+CHANNEL_NORM_TYPES = ("layernorm", "rmsnorm", "simplenorm", "groupnorm")
+
+
+class ChannelNorm(nn.Module):
+    """PyTorch-exact normalisation of NHWC maps or tokens: params `scale` (and `bias` with use_bias).
+
+    `layernorm` and `rmsnorm` normalise over the channel (last) axis; `simplenorm` is timm's
+    `x * rsqrt(var(x) + eps) * weight` with the *unbiased* variance and no centring; `groupnorm` is
+    GroupNorm with one group (over every axis but the batch). Statistics are computed in fp32 with a
+    two-pass variance, as PyTorch does: deep in a residual stream the mean can dwarf the spread.
+    """
+
+    norm_type: str = "layernorm"
+    eps: float = 1e-6
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.norm_type not in CHANNEL_NORM_TYPES:
+            raise ValueError(f"Unknown norm_type {self.norm_type!r}; valid choices: {CHANNEL_NORM_TYPES}")
+        channels = x.shape[-1]
+        axes = tuple(range(1, x.ndim)) if self.norm_type == "groupnorm" else (-1,)
+        compute = x.astype(jnp.float32)
+        if self.norm_type == "simplenorm":
+            denominator = jnp.var(compute, axis=axes, keepdims=True, ddof=1)
+        else:
+            if self.norm_type != "rmsnorm":
+                compute = compute - jnp.mean(compute, axis=axes, keepdims=True)
+            denominator = jnp.mean(jnp.square(compute), axis=axes, keepdims=True)
+        scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (channels,), self.param_dtype)
+        out = compute * jax.lax.rsqrt(denominator + self.eps) * scale.astype(jnp.float32)
+        if self.use_bias:
+            bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (channels,), self.param_dtype)
+            out = out + bias.astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
 class ConvBN(nn.Module):
     """Bias-free conv then BatchNorm (timm's ConvNorm); NHWC in, NHWC out; params `conv` and `bn`.
 
@@ -496,7 +535,8 @@ class ConvBN(nn.Module):
                           dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
 
 
-__all__ += ["ConvBN", "attend", "batch_norm", "heads_dense", "project_heads", "torch_default_init"]
+__all__ += ["CHANNEL_NORM_TYPES", "ChannelNorm", "ConvBN", "attend", "batch_norm", "heads_dense", "project_heads",
+            "torch_default_init"]
 
 
 # --- windows (Swin, TinyViT, ...) -------------------------------------------------------------------------------

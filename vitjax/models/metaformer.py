@@ -34,35 +34,6 @@ def _zeros(axes: Tuple[Optional[str], ...]) -> layers.Initializer:
     return layers.logical(nn.initializers.zeros, axes)
 
 
-class Norm(nn.Module):
-    """Channel LayerNorm or GroupNorm with one group (over H, W, C) on NHWC; optional bias; returns x's shape.
-
-    Statistics in fp32 with a two-pass (biased) variance, as PyTorch's layer_norm / group_norm.
-    """
-
-    norm_type: str = "layernorm"
-    eps: float = 1e-6
-    use_bias: bool = False
-    dtype: layers.Dtype = jnp.float32
-    param_dtype: layers.Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.norm_type not in NORM_TYPES:
-            raise ValueError(f"Unknown norm_type {self.norm_type!r}; valid choices: {NORM_TYPES}")
-        channels = x.shape[-1]
-        axes = (-1,) if self.norm_type == "layernorm" else tuple(range(1, x.ndim))
-        compute = x.astype(jnp.float32)
-        compute = compute - jnp.mean(compute, axis=axes, keepdims=True)
-        variance = jnp.mean(jnp.square(compute), axis=axes, keepdims=True)
-        scale = self.param("scale", layers.logical(nn.initializers.ones, ("embed",)), (channels,),
-                           self.param_dtype)
-        out = compute * jax.lax.rsqrt(variance + self.eps) * scale.astype(jnp.float32)
-        if self.use_bias:
-            out = out + self.param("bias", _zeros(("embed",)), (channels,), self.param_dtype).astype(jnp.float32)
-        return out.astype(self.dtype)
-
-
 class StarReLU(nn.Module):
     """StarReLU: scale * relu(x)^2 + bias, with learned scalars `scale` (init 1) and `bias` (init 0)."""
 
@@ -159,8 +130,8 @@ class MetaFormerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        norm = lambda name: Norm(self.norm_type, self.norm_eps, self.norm_bias, self.dtype,  # noqa: E731
-                                 self.param_dtype, name=name)
+        norm = lambda name: layers.ChannelNorm(self.norm_type, self.norm_eps, self.norm_bias,  # noqa: E731
+                                               self.dtype, self.param_dtype, name=name)
         for index, branch in ((1, self._mix), (2, self._mlp)):
             y = branch(norm(f"norm{index}")(x), train)
             y = layers.DropPath(self.drop_path_rate)(y, train)
@@ -210,7 +181,8 @@ class _Downsampling(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # LayerNorm without bias, eps 1e-6: timm's LayerNorm2dNoBias for the stem and downsampling layers.
-        norm = lambda: Norm("layernorm", 1e-6, False, self.dtype, self.param_dtype, name="norm")  # noqa: E731
+        norm = lambda: layers.ChannelNorm("layernorm", 1e-6, False, self.dtype,  # noqa: E731
+                                          self.param_dtype, name="norm")
         if self.use_norm and not self.norm_after:
             x = norm()(x)
         pad = self.padding
@@ -239,7 +211,7 @@ class MlpHead(nn.Module):
         x = nn.Dense(int(self.mlp_ratio * x.shape[-1]), kernel_init=_kernel_init(("embed", "mlp")),
                      bias_init=_zeros(("mlp",)), dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
         x = jnp.square(nn.relu(x))
-        x = Norm("layernorm", 1e-6, True, self.dtype, self.param_dtype, name="norm")(x)
+        x = layers.ChannelNorm("layernorm", 1e-6, True, self.dtype, self.param_dtype, name="norm")(x)
         x = nn.Dropout(self.head_dropout)(x, deterministic=not train)
         return nn.Dense(self.num_classes, kernel_init=_kernel_init(("mlp", "classes")),
                         bias_init=_zeros(("classes",)), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -355,7 +327,8 @@ class MetaFormerHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool,
                  intermediates: Dict[str, Any]) -> Tuple[jax.Array, Dict[str, Any]]:
-        pooled = Norm("layernorm", 1e-6, True, self.dtype, self.param_dtype, name="norm")(jnp.mean(x, axis=(1, 2)))
+        pooled = layers.ChannelNorm("layernorm", 1e-6, True, self.dtype, self.param_dtype,
+                                    name="norm")(jnp.mean(x, axis=(1, 2)))
         intermediates["pre_logits"] = pooled
         pooled = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
         if not self.num_classes:
