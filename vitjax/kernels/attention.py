@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from vitjax.kernels.pallas_io import load as _load, store as _store
+
 BACKENDS = ("triton", "mosaic")
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -235,28 +237,6 @@ def _and(*masks):
     for m in masks[1:]:
         result = result & m
     return result
-
-
-def _load(cfg: _Config, ref, rows=None, cols=None, mask=None):
-    """Returns ref[rows, cols]; on Triton, entries outside `mask` read as 0 and never touch memory."""
-    index = (slice(None) if rows is None else rows, slice(None) if cols is None else cols)
-    if cfg.masked_io and mask is not None:
-        from jax.experimental.pallas import triton as plgpu
-        view = ref.at[index] if (rows is not None or cols is not None) else ref
-        return plgpu.load(view, mask=mask, other=0)
-    # Mosaic arrays are zero-padded to whole tiles, so nothing is out of bounds there.
-    return ref[index]
-
-
-def _store(cfg: _Config, ref, value, rows=None, mask=None):
-    """Writes value to ref[rows, :]; on Triton only the entries inside `mask` are written."""
-    index = (slice(None) if rows is None else rows, slice(None))
-    if cfg.masked_io and mask is not None:
-        from jax.experimental.pallas import triton as plgpu
-        view = ref.at[index] if rows is not None else ref
-        plgpu.store(view, value, mask=mask)
-    else:
-        ref[index] = value
 
 
 def _dot(cfg, a, b, transpose_b=False):

@@ -39,6 +39,8 @@ from absl import logging
 from jax import lax
 from jax.experimental import pallas as pl
 
+from vitjax.kernels.pallas_io import load as _load, store as _store
+
 MERGE_IMPLS = ("jnp", "pallas")
 BACKENDS = ("triton", "mosaic")
 _SUBLANES, _LANES = 8, 128
@@ -268,27 +270,6 @@ def _make_config(x, metric, r, num_protected, backend, interpret, channel_block,
 
 def _iota(shape, axis):
     return lax.broadcasted_iota(jnp.int32, shape, axis)
-
-
-def _load(cfg: _Config, ref, rows=None, cols=None, mask=None):
-    """Returns ref[rows, cols]; on Triton, entries outside `mask` read as 0 and never touch memory."""
-    index = (slice(None) if rows is None else rows, slice(None) if cols is None else cols)
-    if cfg.masked_io and mask is not None:
-        from jax.experimental.pallas import triton as plgpu
-        view = ref.at[index] if (rows is not None or cols is not None) else ref
-        return plgpu.load(view, mask=mask, other=0)
-    return ref[index]
-
-
-def _store(cfg: _Config, ref, value, rows=None, cols=None, mask=None):
-    """Writes ref[rows, cols] = value; on Triton only the entries inside `mask`."""
-    index = (slice(None) if rows is None else rows, slice(None) if cols is None else cols)
-    if cfg.masked_io and mask is not None:
-        from jax.experimental.pallas import triton as plgpu
-        view = ref.at[index] if (rows is not None or cols is not None) else ref
-        plgpu.store(view, value, mask=mask)
-    else:
-        ref[index] = value
 
 
 def _column_to_row(column, length: int, fill):
