@@ -167,9 +167,17 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
 
 
 def make_eval_step(objective) -> Callable:
-    """Returns eval_step(state, batch) -> masked sums of the objective's per-example metrics."""
-    return classification.make_eval_step(
-        lambda state, batch: objective.eval_metrics({"params": state.params, **state.model_state}, batch))
+    """Returns eval_step(state, batch) -> masked sums of the objective's per-example metrics.
+
+    With EMA params in the state, the same batch is also evaluated with them, as "ema/<name>".
+    """
+    def metrics(state, batch):
+        per_example = objective.eval_metrics({"params": state.params, **state.model_state}, batch)
+        if state.ema_params is not None:
+            ema = objective.eval_metrics({"params": state.ema_params, **state.model_state}, batch)
+            per_example.update({f"ema/{name}": value for name, value in ema.items()})
+        return per_example
+    return classification.make_eval_step(metrics)
 
 
 # =============================================================================================
@@ -394,7 +402,7 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
         eval_step = jax.jit(make_eval_step(objective), in_shardings=(state_shardings, batch_sharding),
                             out_shardings=parallel.replicated(mesh))
 
-        def run_eval(state, ema: bool = False) -> Dict[str, float]:
+        def run_eval(state) -> Dict[str, float]:
             eval_keys = keys + ("mask",)
             iterator = data.make_eval_iterator(config.input, global_batch_size=eval_batch_size)
             batches = (parallel.global_batch({key: batch[key] for key in eval_keys}, mesh) for batch in iterator)
@@ -403,9 +411,9 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
             # the middle of building the next pipeline, it once broke TF's graph construction.
             del batches, iterator
             gc.collect()
-            if state.ema_params is not None and not ema:
-                ema_result = run_eval(state.replace(params=state.ema_params), ema=True)
-                result.update({key.replace("eval/", "eval_ema/", 1): value for key, value in ema_result.items()})
+            if state.ema_params is not None:  # one pass over the data served both (see make_eval_step)
+                result = {key.replace("eval/ema/", "eval_ema/", 1): value for key, value in result.items()}
+                result["eval_ema/num_examples"] = result["eval/num_examples"]
             return result
 
         # ---- 5. Loop ---------------------------------------------------------------------------
