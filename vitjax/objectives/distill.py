@@ -154,10 +154,8 @@ class Distillation(Supervised):
 
     def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
         """Returns the student's per-example {"loss", "top1", "top5"} and `teacher_agreement`."""
-        metrics = super().eval_metrics(self._student(variables), batch)
-        student, _ = self._apply(self._student(variables), batch["image"], False)
-        if isinstance(student, (tuple, list)):
-            student = sum(student) / len(student)
+        student = self.eval_logits(self._student(variables), batch["image"])
+        metrics = self.metrics_of(student, batch["label"])
         teacher = self._teacher_logits(variables, batch["image"])
         metrics["teacher_agreement"] = (jnp.argmax(student, -1) == jnp.argmax(teacher, -1)).astype(jnp.float32)
         return metrics

@@ -69,13 +69,21 @@ class Supervised(Objective):
         top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
         return loss, {"metrics": {"loss": loss, "top1": top1}, "updates": updates}
 
-    def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
-        """Returns per-example {"loss", "top1", "top5"} for integer labels."""
-        logits, _ = self._apply(variables, batch["image"], False)
+    def eval_logits(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Returns the eval-mode logits (B, classes) in fp32 (a distilled DeiT's: the mean of its heads)."""
+        logits, _ = self._apply(variables, images, False)
         if isinstance(logits, (tuple, list)):
             logits = sum(logits) / len(logits)
-        logits = logits.astype(jnp.float32)
-        labels = batch["label"].astype(jnp.int32)
+        return logits.astype(jnp.float32)
+
+    def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
+        """Returns per-example {"loss", "top1", "top5"} for integer labels."""
+        return self.metrics_of(self.eval_logits(variables, batch["image"]), batch["label"])
+
+    @staticmethod
+    def metrics_of(logits: jax.Array, labels: jax.Array) -> Dict[str, jax.Array]:
+        """Returns per-example {"loss", "top1", "top5"} of fp32 logits for integer labels."""
+        labels = labels.astype(jnp.int32)
         return {
             "loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
             "top1": top_k_correct(logits, labels, 1),
