@@ -118,14 +118,14 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 def load_state(checkpoint_dir: str, step: Optional[int] = None) -> Dict[str, Any]:
     """Returns the saved train state of `step` (default: the newest) as a dict of host arrays.
 
-    {"params", "opt_state", "model_state", "step", "rng"}, without shardings: for inspection,
-    evaluation or initializing another run from these params.
+    {"params", "opt_state", "model_state", "step", "rng", "ema_params"}, without shardings: for
+    inspection, evaluation or initializing another run from these params.
     """
-    manager = ocp.CheckpointManager(checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=("state", "meta"))
-    step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"No complete checkpoint in {checkpoint_dir}")
+        steps = complete_steps(checkpoint_dir)
+        if not steps:
+            raise FileNotFoundError(f"No complete checkpoint in {checkpoint_dir}")
+        step = steps[-1]
     path = os.path.join(checkpoint_dir, str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
     # Restore onto this process's first device whatever topology wrote it (a pod checkpoint on a laptop).
