@@ -38,7 +38,7 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, img_size=224, drop_path_rate=drop_path, dtype="bfloat16")
     config.objective = "supervised"
 
-    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    data_dir = arg.data_dir or None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts
     # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
     # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
     config.input = config_utils.imagenet_input(
@@ -70,6 +70,4 @@ def get_config(arg=None):
         config_utils.runlocal_schedule(config, batch_size=32, total_steps=10, warmup_steps=2, log_every_steps=5)
         config.optim.blr = 8e-3  # lr 1e-3 at batch 32
         config.optim.min_lr = 0.0
-    else:
-        config_utils.require_imagenet(data_dir, "configs/convnext_i1k.py")
     return config

@@ -35,7 +35,7 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, drop_path_rate=recipe["drop_path_rate"], dtype="bfloat16")
     config.objective = "supervised"
 
-    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    data_dir = arg.data_dir or None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts
     # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
     # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
     config.input = config_utils.imagenet_input(
@@ -70,6 +70,4 @@ def get_config(arg=None):
                             label_smoothing=0.1)
         config_utils.runlocal_schedule(config)
         config.optim.lr = 2e-3
-    else:
-        config_utils.require_imagenet(data_dir, "configs/cvt_i1k.py")
     return config

@@ -48,7 +48,7 @@ def get_config(arg=None):
         config.objective_kwargs = dict(teacher=arg.teacher, teacher_init=arg.teacher_init or None,
                                        distillation_type="hard", alpha=0.5)
 
-    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    data_dir = arg.data_dir or None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts
     # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
     # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
     config.input = config_utils.imagenet_input(
@@ -82,6 +82,4 @@ def get_config(arg=None):
         config.optim.blr = 5e-3  # lr 1.25e-3 at batch 64
         config.optim.warmup_init_lr = 0.0
         config.optim.min_lr = 0.0
-    else:
-        config_utils.require_imagenet(data_dir, "configs/levit_i1k.py")
     return config

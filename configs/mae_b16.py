@@ -37,7 +37,7 @@ def get_config(arg=None):
     config.objective_kwargs = dict(mask_ratio=0.75, decoder_embed_dim=512, decoder_depth=8,
                                    decoder_num_heads=16, norm_pix_loss=True)
 
-    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    data_dir = arg.data_dir or None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts
     # torchvision's RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=3) on PIL images, flip; no other
     # augmentation. Eval: resize 256 (bicubic), centre crop 224.
     config.input = config_utils.imagenet_input(data_dir, crop_scale=(0.2, 1.0))
@@ -69,6 +69,4 @@ def get_config(arg=None):
         config.input = config_utils.digits_input(padding=1)
         config_utils.runlocal_schedule(config)
         config.optim.blr = 1.5e-3
-    else:
-        config_utils.require_imagenet(data_dir, "configs/mae_b16.py")
     return config

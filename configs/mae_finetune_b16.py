@@ -39,9 +39,10 @@ def get_config(arg=None):
     config.model = dict(variant=arg.variant, img_size=224, num_classes=1000, global_pool="avg", fc_norm=True,
                         drop_path_rate=recipe["drop_path_rate"], dtype="bfloat16")
     config.objective = "mae_finetune"
-    config.objective_kwargs = dict(init_from=arg.init_from or None, head_init_std=2e-5)
+    config.objective_kwargs = dict(head_init_std=2e-5)
+    config.init_from = arg.init_from or None  # also --config.init_from=PATH
 
-    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    data_dir = arg.data_dir or None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts
     # timm's create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")
     # and DeiT's regularisation; eval: resize 256 (bicubic), centre crop 224.
     config.input = config_utils.imagenet_input(
@@ -70,6 +71,4 @@ def get_config(arg=None):
         config.input = config_utils.digits_input(padding=1, label_smoothing=0.1)
         config_utils.runlocal_schedule(config)
         config.optim.blr = 2e-3
-    else:
-        config_utils.require_imagenet(data_dir, "configs/mae_finetune_b16.py")
     return config

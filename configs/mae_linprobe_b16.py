@@ -29,9 +29,10 @@ def get_config(arg=None):
     config.model = dict(variant=arg.variant, img_size=224, num_classes=1000, global_pool="token",
                         dtype="bfloat16")
     config.objective = "mae_linprobe"
-    config.objective_kwargs = dict(init_from=arg.init_from or None, head_init_std=0.01)
+    config.objective_kwargs = dict(head_init_std=0.01)
+    config.init_from = arg.init_from or None  # also --config.init_from=PATH
 
-    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    data_dir = arg.data_dir or None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts
     # Random-resized crop (bicubic) + flip, no other augmentation; eval: resize 256 (bicubic), centre crop 224.
     config.input = config_utils.imagenet_input(data_dir)
 
@@ -55,6 +56,4 @@ def get_config(arg=None):
         config.model = dict(config_utils.MAE_RUNLOCAL_ENCODER, num_classes=10, global_pool="token")
         config.input = config_utils.digits_input(padding=1)
         config_utils.runlocal_schedule(config, batch_size=128)
-    else:
-        config_utils.require_imagenet(data_dir, "configs/mae_linprobe_b16.py")
     return config

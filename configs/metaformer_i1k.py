@@ -67,7 +67,7 @@ def get_config(arg=None):
         config.model.head_dropout = head_dropout
     config.objective = "supervised"
 
-    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    data_dir = arg.data_dir or None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts
     # Eval as timm's: resize floor(224 / crop_pct) (bicubic), centre crop 224.
     config.input = config_utils.imagenet_input(
         data_dir, crop_pct=crop_pct, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
@@ -99,6 +99,4 @@ def get_config(arg=None):
         config.optim.blr = 8e-3  # lr 1e-3 at batch 32
         config.optim.warmup_init_lr = 0.0
         config.optim.min_lr = 0.0
-    else:
-        config_utils.require_imagenet(data_dir, "configs/metaformer_i1k.py")
     return config

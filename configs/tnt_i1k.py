@@ -30,7 +30,7 @@ def get_config(arg=None):
     config.model = dict(num_classes=1000, drop_path_rate=0.1, dtype="bfloat16")
     config.objective = "supervised"
 
-    data_dir = config_utils.tfds_data_dir(arg.data_dir)
+    data_dir = arg.data_dir or None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts
     # Eval: resize floor(224 / 0.9) = 248 (bicubic), centre crop 224; mean = std = 0.5 as timm's TNT config.
     config.input = config_utils.imagenet_input(
         data_dir, crop_pct=0.9, randaug="randaug(2, 9, magnitude_std=0.5, increasing=True)",
@@ -64,6 +64,4 @@ def get_config(arg=None):
         config.input = config_utils.digits_input(label_smoothing=0.1)
         config_utils.runlocal_schedule(config)
         config.optim.lr = 2e-3
-    else:
-        config_utils.require_imagenet(data_dir, "configs/tnt_i1k.py")
     return config

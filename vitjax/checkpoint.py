@@ -14,6 +14,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -47,12 +48,23 @@ def remove_unfinished_steps(directory: str) -> Tuple[str, ...]:
 
 
 def complete_steps(directory: str) -> Tuple[int, ...]:
-    """Returns the steps of all complete checkpoints under `directory`, oldest first (read only)."""
-    if not epath.Path(directory).exists():
+    """Returns the steps of all complete checkpoints under `directory`, oldest first (read only).
+
+    Orbax writes a step under a temporary name and renames it when complete (on object stores, where a
+    rename is not atomic, it writes `commit_success.txt` last), so a numeric directory is a complete step.
+    """
+    path = epath.Path(directory)
+    if not path.exists():
         return ()
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                    item_names=("state", "meta"))
-    return tuple(sorted(manager.all_steps()))
+    object_store = str(directory).startswith(("gs://", "s3://"))
+    steps = []
+    for child in path.iterdir():
+        if not child.name.isdigit() or not child.is_dir():
+            continue
+        if object_store and not (child / "commit_success.txt").exists():
+            continue
+        steps.append(int(child.name))
+    return tuple(sorted(steps))
 
 
 class Checkpointer:
@@ -115,17 +127,65 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
                         tree, shardings)
 
 
+def find_step(path: str, step: Optional[int] = None) -> Tuple[str, int]:
+    """Returns (checkpoints directory, step) for a workdir, its `checkpoints/` or a `checkpoints/<step>` directory.
+
+    The step is `step`, the one a step directory names, or the newest complete one; raises
+    FileNotFoundError saying what was looked for.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No checkpoint directory at {path}")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    elif os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+        named = int(os.path.basename(path))
+        if step is not None and step != named:
+            raise ValueError(f"{path} is step {named}, not step {step}")
+        return os.path.dirname(path), named
+    steps = complete_steps(path)
+    if not steps:
+        raise FileNotFoundError(f"No complete checkpoint under {path} (a vitjax workdir holds checkpoints/<step>/)")
+    if step is None:
+        return path, steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"No complete checkpoint of step {step} under {path}; steps: {list(steps)}")
+    return path, int(step)
+
+
+def _state_metadata(state_dir: str) -> Any:
+    """Returns the saved tree of a state item: a nested dict of array metadata (no data read)."""
+    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+    return getattr(tree, "tree", tree)
+
+
+def load_params(path: str, step: Optional[int] = None, *, parts: Tuple[str, ...] = ("params", "model_state")
+                ) -> Dict[str, Any]:
+    """Returns {part: nested dict of numpy arrays} of a saved train state, reading only `parts` (partial restore).
+
+    `path` is a workdir, its checkpoints/ or one step's directory (see `find_step`). The optimizer
+    state is never read, so loading a large run's weights costs their size only. Parts the state
+    does not hold (e.g. `ema_params` of a run without EMA) come back as None.
+    """
+    directory, step = find_step(path, step)
+    state_dir = os.path.join(directory, str(step), "state")
+    tree = _state_metadata(state_dir)
+    present = {part: tree[part] for part in parts if part in tree and tree[part] is not None}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), present)
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=present, restore_args=restore_args, partial_restore=True))
+    return {part: (restored.get(part) if part in present else None) for part in parts}
+
+
 def load_state(checkpoint_dir: str, step: Optional[int] = None) -> Dict[str, Any]:
     """Returns the saved train state of `step` (default: the newest) as a dict of host arrays.
 
     {"params", "opt_state", "model_state", "step", "rng", "ema_params"}, without shardings: for
-    inspection, evaluation or initializing another run from these params.
+    inspection and tests. To initialise another run from its weights use `load_params`, which reads
+    no optimizer state.
     """
-    if step is None:
-        steps = complete_steps(checkpoint_dir)
-        if not steps:
-            raise FileNotFoundError(f"No complete checkpoint in {checkpoint_dir}")
-        step = steps[-1]
+    checkpoint_dir, step = find_step(checkpoint_dir, step)
     path = os.path.join(checkpoint_dir, str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
     # Restore onto this process's first device whatever topology wrote it (a pod checkpoint on a laptop).

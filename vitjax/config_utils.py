@@ -21,20 +21,31 @@ Layout (the keys `default_config()` defines; see configs/digits_vit.py for a wor
   mesh.{data,fsdp,model}  device-mesh axis sizes; one may be -1 (fills the remaining devices).
   sharding_rules          (logical axis name, mesh axes) pairs, in priority order.
   ema_decay               0 (off) or d in (0, 1): keep ema = d * ema + (1 - d) * params after every
-                          step (timm's ModelEma; e.g. 0.99996); evaluations then also report eval_ema/*.
+                          step (timm's ModelEma; e.g. 0.99996); evaluations then also report <name>_ema/*.
+  init_from               pretrained weights for a new run (never re-applied on resume): a vitjax
+                          workdir (`PATH@STEP` for a step), a `.msgpack` from `vitjax.convert`, a timm /
+                          torch `.pth` / `.bin` / `.safetensors`, or an official MAE `.pth`; see
+                          `vitjax.weights`. init_from_skip / init_from_keep: regexes of param paths to
+                          leave at their initialisation / to load exclusively.
+  evals                   {name: evaluator settings}; empty: one classification evaluator "eval" on
+                          input.eval_split with input.pp_eval. See `vitjax.evaluate.evaluators`.
   log_every_steps, eval_every_steps, checkpoint_every_steps (0 -> only at the end), keep_checkpoints,
   checkpoint_async, progress_bar.
 
-Pieces the configs share: `tfds_data_dir` and `require_imagenet` (where imagenet2012 is, and the
-message naming `runlocal` when it is not prepared), `imagenet_input` (the DeiT-style ImageNet input:
-inception crop, flip, RandAugment, mixup / cutmix, ...), `digits_input` and `runlocal_schedule` (the
-short CPU run on the bundled digits that every ImageNet config offers as `runlocal`).
+`get_config` is pure: it reads no file and raises nothing about data; a dataset that is not prepared
+is reported when the run starts. `load_config("configs/FILE.py:ARGS")` loads a config file the way
+`vitjax.main` does (tests, experiments and notebooks use it too).
+
+Pieces the configs share: `imagenet_input` (the DeiT-style ImageNet input: inception crop, flip,
+RandAugment, mixup / cutmix, ...), `digits_input` and `runlocal_schedule` (the short CPU run on the
+bundled digits that every ImageNet config offers as `runlocal`).
 """
 import ast
-import glob
+import importlib.util
+import json
 import math
 import os
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import ml_collections
 from ml_collections import config_dict
@@ -64,7 +75,11 @@ DEFAULT_SHARDING_RULES = (
 
 # Sub-dicts whose keys are owned by someone else (model registry, objective, data pipeline):
 # the validator checks only that they are dicts, their owners check their keys.
-_OPEN_SECTIONS = ("model", "objective_kwargs", "input")
+_OPEN_SECTIONS = ("model", "objective_kwargs", "input", "evals")
+
+# Keys a resumed run may change without being a different run: its length and its cadences.
+RUN_LENGTH_KEYS = ("total_steps", "total_epochs", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                   "keep_checkpoints", "checkpoint_async", "progress_bar")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -107,6 +122,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.ema_decay = 0.0                # 0: no EMA of the params
 
+    config.init_from = config_dict.placeholder(str)  # pretrained weights for a new run (vitjax.weights)
+    config.init_from_skip = ()            # regexes of param paths kept at their initialisation
+    config.init_from_keep = ()            # regexes: when given, only matching params are loaded
+    config.evals = ml_collections.ConfigDict()  # {name: evaluator}; empty: classification on input.eval_split
+
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     config.sharding_rules = DEFAULT_SHARDING_RULES
 
@@ -117,6 +137,92 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint_async = True
     config.progress_bar = True
     return config
+
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_config_path(path: str) -> str:
+    """Returns `path` as given if it exists, else relative to the vitjax checkout (so "configs/x.py" works anywhere)."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    in_repo = os.path.join(_REPO_ROOT, path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
+def load_config(spec: str, overrides: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
+    """Returns get_config(ARGS) of a config file given as "path/to/file.py[:ARGS]", with dotted-key `overrides`.
+
+    The same as `--config=path/to/file.py:ARGS --config.KEY=VALUE` on the command line: a relative path is
+    taken from the working directory, else from the vitjax checkout. An override of a key the config does
+    not have raises ValueError naming the valid keys.
+    """
+    path, _, arg = spec.partition(":")
+    resolved = resolve_config_path(path)
+    if not os.path.isfile(resolved):
+        raise FileNotFoundError(f"No config file {path!r} (looked in {os.getcwd()} and {_REPO_ROOT}); "
+                                f"configs: {sorted(os.listdir(os.path.join(_REPO_ROOT, 'configs')))}")
+    module_spec = importlib.util.spec_from_file_location(
+        "vitjax_config_" + os.path.splitext(os.path.basename(resolved))[0], resolved)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"Config file {resolved} defines no get_config(arg=None)")
+    config = module.get_config(arg) if arg else module.get_config()
+    for key, value in (overrides or {}).items():
+        set_key(config, key, value)
+    return config
+
+
+def set_key(config: ml_collections.ConfigDict, dotted_key: str, value: Any) -> None:
+    """Sets config[a][b][c] = value for "a.b.c"; raises ValueError naming the valid keys where one is missing."""
+    node, walked = config, []
+    *parents, leaf = dotted_key.split(".")
+    for key in parents:
+        if not hasattr(node, "keys") or key not in node:
+            where = f"config.{'.'.join(walked)}" if walked else "config"
+            raise ValueError(f"{where} has no key {key!r}; valid keys: "
+                             f"{sorted(node.keys()) if hasattr(node, 'keys') else []}")
+        node, walked = node[key], walked + [key]
+    if leaf not in node and not (walked and walked[0] in _OPEN_SECTIONS):
+        where = f"config.{'.'.join(walked)}" if walked else "config"
+        raise ValueError(f"{where} has no key {leaf!r}; valid keys: {sorted(node.keys())}")
+    node[leaf] = value
+
+
+def config_as_json(config) -> Dict[str, Any]:
+    """Returns the config as the plain JSON data `config.json` holds (tuples as lists)."""
+    text = config.to_json_best_effort() if isinstance(config, ml_collections.ConfigDict) else json.dumps(
+        config, default=str)
+    return json.loads(text)
+
+
+def config_diff(saved: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = RUN_LENGTH_KEYS
+                ) -> List[str]:
+    """Returns one line per key whose value differs ("key: saved -> new"), keys in `ignore` (and cadences) left out.
+
+    Both sides are JSON data (`config_as_json`); an evaluator's `every_steps` counts as cadence.
+    """
+    ignore = set(ignore)
+    lines: List[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for key in sorted(set(a) | set(b)):
+                name = f"{prefix}{key}"
+                if name in ignore or (prefix.startswith("evals.") and key == "every_steps"):
+                    continue
+                if key not in a:
+                    lines.append(f"{name}: (absent) -> {json.dumps(b[key])}")
+                elif key not in b:
+                    lines.append(f"{name}: {json.dumps(a[key])} -> (absent)")
+                else:
+                    walk(a[key], b[key], f"{name}.")
+        elif a != b:
+            lines.append(f"{prefix[:-1]}: {json.dumps(a)} -> {json.dumps(b)}")
+
+    walk(dict(saved), dict(new), "")
+    return lines
 
 
 def parse_arg(arg: Optional[str], *, choices: Optional[Mapping[str, Iterable]] = None,
@@ -248,6 +354,11 @@ def validate_config(config) -> ml_collections.ConfigDict:
     ema_decay = merged["ema_decay"]
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"config.ema_decay must be 0 (off) or in (0, 1), e.g. 0.99996; got {ema_decay!r}")
+    if merged["init_from"] is not None and (not isinstance(merged["init_from"], str) or not merged["init_from"]):
+        raise ValueError(f"config.init_from must be a path (or None), got {merged['init_from']!r}")
+    for key in ("init_from_skip", "init_from_keep"):
+        if isinstance(merged[key], str):
+            raise ValueError(f"config.{key} must be a list of regexes, got the string {merged[key]!r}")
     if merged["keep_checkpoints"] < 1:
         raise ValueError(f"config.keep_checkpoints must be >= 1, got {merged['keep_checkpoints']}")
 
@@ -299,35 +410,14 @@ MAE_RUNLOCAL_ENCODER = dict(variant="mu/2", img_size=8, in_chans=1, embed_dim=64
                             mlp_dim=128)
 
 
-def tfds_data_dir(data_dir: str) -> str:
-    """Returns the TFDS data dir a run uses: `data_dir`, $TFDS_DATA_DIR, or ~/tensorflow_datasets."""
-    return os.path.abspath(os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
-                                              or "~/tensorflow_datasets"))
-
-
-def imagenet_prepared(data_dir: str) -> bool:
-    """Returns whether a prepared imagenet2012 (its dataset_info.json) is in the TFDS `data_dir`."""
-    return bool(glob.glob(os.path.join(data_dir, "imagenet2012", "*", "dataset_info.json")))
-
-
-def require_imagenet(data_dir: str, config_file: str) -> None:
-    """Raises ValueError saying how to prepare imagenet2012 (and naming runlocal) if it is not in `data_dir`."""
-    if imagenet_prepared(data_dir):
-        return
-    raise ValueError(
-        f"imagenet2012 is not prepared in the TFDS data dir {data_dir}. Download ILSVRC2012_img_train.tar "
-        f"and ILSVRC2012_img_val.tar from https://image-net.org into {data_dir}/downloads/manual/ and run "
-        f"`tfds build imagenet2012 --data_dir={data_dir}`; if it is prepared elsewhere pass "
-        f"--config={config_file}:data_dir=PATH (or set TFDS_DATA_DIR). To try the recipe on the bundled "
-        f"digits on a CPU instead: --config={config_file}:runlocal")
-
-
-def imagenet_input(data_dir: str, *, image_size: int = 224, crop_pct: float = 0.875,
+def imagenet_input(data_dir: Optional[str], *, image_size: int = 224, crop_pct: float = 0.875,
                    crop_scale: Optional[tuple] = None, interpolation: Optional[str] = "bicubic",
                    randaug: Optional[str] = None, normalize: str = "normalize()",
                    label_smoothing: Optional[float] = None, mixup: Optional[float] = None, cutmix: float = 0.0,
                    random_erasing: Optional[float] = None, repeated_augmentation: int = 1) -> Dict[str, Any]:
     """Returns the `config.input` dict of an ImageNet-1k (TFDS imagenet2012) run, timm / DeiT style.
+
+    `data_dir` None: $TFDS_DATA_DIR or ~/tensorflow_datasets, resolved when the run starts.
 
     Train: random-resized (inception) crop to `image_size` (area in `crop_scale`, default the op's
     (0.08, 1)) | flip | the `randaug` op if given (e.g. "randaug(2, 9, magnitude_std=0.5, increasing=True)",

@@ -10,7 +10,6 @@ is built or compiled. A run on a WORKDIR holding checkpoints resumes from the ne
 Multi-host runs (TPU pods, SLURM, ...) call `jax.distributed.initialize()`: automatically when the
 launcher's environment is detected, or with --multihost=on.
 """
-import importlib.util
 import logging as logging_std
 import re
 import sys
@@ -24,33 +23,31 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard logs.")
 _MULTIHOST = flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"],
                                "Call jax.distributed.initialize(): auto = when a multi-host launch is detected.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir even though its saved config differs from this one in more "
+    "than run length and cadences (the differences are logged).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _load_config_file(argv: List[str]):
-    """Returns get_config(arg) of the --config file named in argv, or None if there is none."""
-    spec = None
+def _config_spec(argv: List[str]) -> Optional[str]:
+    """Returns the --config value named in argv ("path.py[:args]"), or None."""
     for index, item in enumerate(argv):
         if item.startswith("--config="):
-            spec = item.split("=", 1)[1]
-        elif item == "--config" and index + 1 < len(argv):
-            spec = argv[index + 1]
-    if not spec:
-        return None
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_vitjax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+            return item.split("=", 1)[1]
+        if item == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
 
 
 def explain_override_error(argv: List[str]) -> Optional[str]:
     """Returns a message naming the first `--config.KEY=...` override whose key the config lacks, with the valid keys."""
-    try:
-        config = _load_config_file(argv)
-    except Exception:  # noqa: BLE001 - the config file's own error is reported by config_flags
+    from vitjax import config_utils
+    spec = _config_spec(argv)
+    if not spec:
         return None
-    if config is None:
+    try:
+        config = config_utils.load_config(spec)
+    except Exception:  # noqa: BLE001 - the config file's own error is reported by config_flags
         return None
     for item in argv:
         match = re.match(r"--config\.([\w.]+)(=|$)", item)
@@ -100,29 +97,45 @@ def main(argv: List[str]) -> None:
     from vitjax import parallel, train  # after flag parsing, so --help stays fast
 
     parallel.maybe_initialize_distributed({"auto": None, "on": True, "off": False}[_MULTIHOST.value])
+    config = _CONFIG.value
     try:
-        train.build(_CONFIG.value)  # every config error, before anything is compiled
-    except ValueError as error:
+        train.build(config)  # every config error, before anything is compiled
+    except (ValueError, FileNotFoundError) as error:
         sys.exit(f"FATAL config error: {error}")
+    from vitjax.data import DatasetNotPreparedError
     try:
-        final = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        final = train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except DatasetNotPreparedError as error:
+        spec = (_config_spec(sys.argv) or "configs/FILE.py").split(":")[0]
+        sys.exit(f"FATAL: {error}\nTo try the recipe on the bundled digits on a CPU instead: "
+                 f"--config={spec}:runlocal")
+    except train.ConfigChangedError as error:
+        sys.exit(f"FATAL: {error}")
     except FloatingPointError as error:
         logging.error("%s", error)
         sys.exit(f"FATAL: {error}")
-    print(final_summary(final, _CONFIG.value.get("input", {}).get("eval_split", "eval")), flush=True)
+    print(final_summary(final, config), flush=True)
 
 
-def final_summary(final, split: str) -> str:
-    """Returns the closing line: top-1 (and top-5, loss) for classification, else every eval metric."""
-    if "eval/top1" in final:
-        extras = [f"top-5 {100 * final['eval/top5']:.2f}%" if "eval/top5" in final else None,
-                  f"loss {final['eval/loss']:.4f}" if "eval/loss" in final else None,
-                  f"{final.get('eval/num_examples')} examples", f"step {final.get('step')}"]
-        return (f"Final {split} top-1: {100 * final['eval/top1']:.2f}%  "
-                f"({', '.join(extra for extra in extras if extra)})")
+def final_summary(final, config) -> str:
+    """Returns the closing line: top-1 (top-5, loss) of each classification evaluator, else every eval metric."""
+    from vitjax.evaluate import evaluators
+    lines = []
+    for name, settings in evaluators.default_evals(config).items():
+        if f"{name}/top1" not in final:
+            continue
+        split = (settings.get("split") or config.get("input", {}).get("eval_split") or name)
+        label = split if name == "eval" else f"{name} ({split})"
+        extras = [f"top-5 {100 * final[f'{name}/top5']:.2f}%" if f"{name}/top5" in final else None,
+                  f"loss {final[f'{name}/loss']:.4f}" if f"{name}/loss" in final else None,
+                  f"{final.get(f'{name}/num_examples')} examples", f"step {final.get('step')}"]
+        lines.append(f"Final {label} top-1: {100 * final[f'{name}/top1']:.2f}%  "
+                     f"({', '.join(extra for extra in extras if extra)})")
+    if lines:
+        return "\n".join(lines)
     metrics = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                         for key, value in sorted(final.items()))
-    return f"Final {split} metrics: {metrics}"
+    return f"Final metrics: {metrics}"
 
 
 if __name__ == "__main__":

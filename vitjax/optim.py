@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vitjax.pytree import map_with_path, param_paths, path_to_str
+
 Schedule = Callable[[Any], jax.Array]
 LayerIds = Union[int, Sequence[int]]
 # params -> ({path: layer id, or one id per entry of the param's "layers" axis}, number of layers)
@@ -41,28 +43,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 # ---------------------------------------------------------------------------------------------
 # Paths
 # ---------------------------------------------------------------------------------------------
-def _key_name(key) -> str:
-    """Returns the name of one key-path entry."""
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
-def path_to_str(path) -> str:
-    """Returns the "/"-joined name of a jax key path."""
-    return "/".join(_key_name(key) for key in path)
-
-
-def param_paths(params) -> Dict[str, Any]:
-    """Returns {path string: leaf} for a params tree (leaves may be arrays or ShapeDtypeStructs)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return {path_to_str(path): leaf for path, leaf in flat}
-
-
 def _map_with_path(fn: Callable[[str, Any], Any], tree) -> Any:
     """Returns `tree` with each leaf replaced by fn(path string, leaf); empty nodes are kept."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(path_to_str(path), leaf), tree)
+    return map_with_path(fn, tree)
 
 
 def layers_axes(param_axes) -> Dict[str, Optional[int]]:

@@ -14,8 +14,11 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vitjax.pytree import path_to_str
 
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -126,7 +129,6 @@ def _fit_spec(spec: PartitionSpec, shape: Tuple[int, ...], mesh: Mesh, path: str
 
 def param_shardings(abstract_params, logical_specs, mesh: Mesh, rules) -> Any:
     """Returns a NamedSharding per param from its logical spec and the rules; unnamed params replicate."""
-    from vitjax.optim import path_to_str  # the same path names as the optimizer's
     mesh_specs = nn.logical_to_mesh(logical_specs, logical_rules(rules))
     is_spec = lambda x: isinstance(x, PartitionSpec) or x is None  # noqa: E731
 
@@ -142,31 +144,24 @@ def param_shardings(abstract_params, logical_specs, mesh: Mesh, rules) -> Any:
     return jax.tree_util.tree_map_with_path(sharding, abstract_params)
 
 
-def state_shardings(abstract_state, abstract_params, params_shardings, mesh: Mesh) -> Any:
-    """Returns shardings for a train state: params, and optimizer slots shaped like a param, follow the param.
+def logical_shardings(abstract_variables, mesh: Mesh, rules) -> Any:
+    """Returns a NamedSharding per leaf of a (possibly abstract) variables tree, from the leaves' logical axes.
 
-    An optimizer leaf takes the sharding of the param whose path is a suffix of its own path and
-    whose shape it has (adam's mu/nu, momentum); every other leaf (counts, rng) is replicated.
+    Every collection is laid out the same way: leaves boxed with logical axis names (params of any
+    module, a frozen teacher's included) by the rules, unboxed leaves (batch statistics, counters)
+    replicated.
     """
-    from vitjax.optim import _key_name
+    specs = logical_param_specs(abstract_variables)
+    return param_shardings(nn.meta.unbox(abstract_variables), specs, mesh, rules)
 
-    def names_of(path):
-        return tuple(_key_name(key) for key in path)
 
-    shapes = {names_of(path): tuple(leaf.shape)
-              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-    by_path = {names_of(path): sharding
-               for path, sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
-
-    def sharding(path, leaf):
-        names = names_of(path)
-        for start in range(len(names)):
-            suffix = names[start:]
-            if suffix in by_path and shapes[suffix] == tuple(leaf.shape):
-                return by_path[suffix]
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(sharding, abstract_state)
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_shardings, mesh: Mesh) -> Any:
+    """Returns the shardings of an optimizer state: each param-shaped slot (adam's mu / nu, momentum) as its
+    param, every other leaf (step counts) replicated. Uses optax's own map from state leaves to params."""
+    is_leaf = lambda x: isinstance(x, (NamedSharding, optax.MaskedNode))  # noqa: E731
+    return optax.tree_map_params(
+        tx, lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
+        abstract_opt_state, params_shardings, transform_non_params=lambda _: replicated(mesh), is_leaf=is_leaf)
 
 
 def global_batch(local_batch, mesh: Mesh) -> Any:

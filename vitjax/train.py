@@ -2,22 +2,30 @@
 
     python -m vitjax.main --config=configs/digits_vit.py --workdir=/tmp/digits
 
-`train_and_evaluate(config, workdir)` builds, in this order (anything that can be wrong in the
-config fails in the first two, before anything is traced or compiled):
+`train_and_evaluate(config, workdir)` runs these named parts, in this order (anything that can be
+wrong in the config or the weights fails in the first three, before anything is compiled):
 
-  1. config    validated (`config_utils.validate_config`), input config validated, objective and
-               model built from their registries (bad names, sizes raise here);
-  2. mesh      `parallel.create_mesh(config.mesh)`; batch sizes checked against it;
-  3. data      train iterator at the resume step, eval iterator per evaluation;
-  4. state     params initialized sharded by their logical axes, or restored from the newest
-               complete checkpoint in WORKDIR/checkpoints (with the step = data position);
-  5. loop      jitted train step (donated state, explicit shardings, micro-batched gradient
-               accumulation), logging, evaluation, checkpoints, NaN guard.
+  1. build         config validated (`config_utils.validate_config`), input config and evaluators
+                   validated, objective and model built from their registries (bad names raise here);
+  2. resume check  a workdir holding checkpoints resumes from the newest complete one; its saved
+                   config must equal this one except for run-length and cadence keys (or the caller
+                   accepts the change); `config.init_from` is read and fitted (`vitjax.weights`) for
+                   a new run only;
+  3. setup         `create_train_setup`: mesh, optimizer, abstract train state and its shardings
+                   from the logical axes of every variable (params, optimizer slots, EMA, a frozen
+                   teacher); no compilation;
+  4. state         `initial_state` (init, then pretrained weights) or the restored checkpoint;
+  5. loop          jitted train step (donated state, explicit shardings, micro-batched gradient
+                   accumulation), batches prefetched to the devices, logging, the evaluators of
+                   `config.evals` at their own cadence, checkpoints, NaN guard.
+
+Experiments reuse the parts: `create_train_setup`, `initial_state`, `make_train_step` and
+`vitjax.evaluate.evaluators`.
 
 Outputs in WORKDIR: metrics.jsonl (one JSON object per logged step), tensorboard/ event files,
 checkpoints/, config.json.
 """
-import gc
+import dataclasses
 import itertools
 import json
 import math
@@ -35,13 +43,18 @@ import optax
 from absl import logging
 
 from vitjax import checkpoint as checkpoint_lib
-from vitjax import config_utils, optim, parallel
+from vitjax import config_utils, optim, parallel, weights
 from vitjax import objectives as objectives_lib
-from vitjax.evaluate import classification
+from vitjax.evaluate import evaluators as evaluators_lib
+from vitjax.pytree import param_paths
 
 # Metrics whose non-finite value stops the run: a non-finite loss, gradient or updated param
 # means the next checkpoint would be corrupt.
 _GUARDED_METRICS = ("train/loss", "train/grad_norm", "train/param_norm")
+
+
+class ConfigChangedError(ValueError):
+    """A workdir's saved config differs from the new run's in more than its length and cadences."""
 
 
 # =============================================================================================
@@ -53,7 +66,7 @@ class TrainState:
     step: jax.Array          # number of optimizer updates done
     params: Any              # fp32 master weights
     opt_state: Any
-    model_state: Any         # non-param collections (e.g. batch_stats); {} for ViTs
+    model_state: Any         # non-param collections (e.g. batch_stats, a frozen teacher); {} for ViTs
     rng: jax.Array           # base key; step s uses fold_in(rng, s)
     ema_params: Any = None   # exponential moving average of params (config.ema_decay > 0), else None
 
@@ -78,7 +91,7 @@ def param_overview(params: Any, trainable: Any = None) -> str:
     """Returns a table of parameter counts per top-level module (numbered blocks grouped) and totals."""
     groups: Dict[str, List[int]] = {}
     shapes: Dict[str, set] = {}
-    for path, leaf in optim.param_paths(params).items():
+    for path, leaf in param_paths(params).items():
         top = path.split("/")[0]
         group = re.sub(r"_\d+$", "_*", top)
         groups.setdefault(group, [0, 0])
@@ -94,8 +107,120 @@ def param_overview(params: Any, trainable: Any = None) -> str:
     if trainable is not None:
         trained = sum(int(np.prod(leaf.shape)) for leaf, use in
                       zip(jax.tree.leaves(params), jax.tree.leaves(trainable)) if use)
-        lines.append(f"{'trainable':<28} {trained:>14,}")
+        lines.append(f"{'trainable':<28} {trained:>14,} ({100.0 * trained / max(total, 1):.2f}%)")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """A run's optimizer, abstract train state and shardings: everything to create and step a state, uncompiled."""
+    config: Any
+    objective: Any
+    mesh: jax.sharding.Mesh
+    rules: Tuple[Tuple[str, Any], ...]
+    tx: optax.GradientTransformation
+    schedule: Callable[[Any], jax.Array]
+    total_steps: int
+    steps_per_epoch: Optional[float]
+    example_batch: Dict[str, jax.Array]      # zeros with the batch's shapes (one row per batch shard)
+    abstract_variables: Any                  # the objective's variables, boxed with logical axes
+    abstract_state: TrainState               # ShapeDtypeStructs
+    state_shardings: TrainState              # a NamedSharding per leaf
+    batch_sharding: jax.sharding.Sharding
+
+    @property
+    def params_shardings(self) -> Any:
+        """Returns the shardings of the params (and of the EMA params)."""
+        return self.state_shardings.params
+
+    def init_fn(self, rng: jax.Array) -> TrainState:
+        """Returns a freshly initialised TrainState (traceable; jit it with out_shardings=state_shardings)."""
+        init_rng, train_rng = jax.random.split(rng)
+        variables = unbox(dict(self.objective.init_variables(init_rng, self.example_batch)))
+        params = variables.pop("params")
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                          model_state=variables, rng=train_rng,
+                          ema_params=jax.tree.map(jnp.copy, params) if self.config.ema_decay > 0 else None)
+
+
+def create_train_setup(config, objective, mesh: jax.sharding.Mesh, example_batch: Dict[str, Any], *,
+                       total_steps: int, steps_per_epoch: Optional[float] = None) -> TrainSetup:
+    """Returns the TrainSetup of a validated config: optimizer, abstract state and shardings (no compilation).
+
+    Every leaf of the state is laid out from logical axis names: params and the model's other
+    collections (a teacher, batch statistics) by their own boxes (unnamed leaves replicate), optimizer
+    slots by the param they belong to (`optax.tree_map_params`), EMA params as the params.
+    """
+    rules = parallel.logical_rules(config.sharding_rules)
+    divisor = parallel.batch_divisor(mesh)
+    example = {key: jnp.zeros((divisor,) + tuple(np.shape(value))[1:], np.asarray(value).dtype)
+               for key, value in example_batch.items()}
+    rng = jax.random.PRNGKey(config.seed)
+    abstract_variables = jax.eval_shape(lambda r: objective.init_variables(r, example), rng)
+    logical_specs = parallel.logical_param_specs(abstract_variables["params"])
+    abstract_params = unbox(abstract_variables["params"])
+    tx, schedule = optim.make_optimizer(
+        config.optim, abstract_params, batch_size=config.batch_size, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, param_axes=logical_specs,
+        layer_ids_fn=getattr(objective, "layer_ids_fn", None))
+    setup = TrainSetup(config=config, objective=objective, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
+                       total_steps=total_steps, steps_per_epoch=steps_per_epoch, example_batch=example,
+                       abstract_variables=abstract_variables, abstract_state=None, state_shardings=None,
+                       batch_sharding=parallel.batch_sharding(mesh))
+    setup.abstract_state = jax.eval_shape(setup.init_fn, rng)
+    variable_shardings = parallel.logical_shardings(abstract_variables, mesh, rules)
+    params_shardings = variable_shardings.pop("params")
+    replicated = parallel.replicated(mesh)
+    setup.state_shardings = TrainState(
+        step=replicated, params=params_shardings,
+        opt_state=parallel.optimizer_shardings(tx, setup.abstract_state.opt_state, params_shardings, mesh),
+        model_state=variable_shardings, rng=replicated,
+        ema_params=params_shardings if config.ema_decay > 0 else None)
+    return setup
+
+
+# =============================================================================================
+# Pretrained weights (config.init_from, frozen weights such as a teacher)
+# =============================================================================================
+def plan_init_from(config, objective, abstract_variables) -> Optional[weights.Plan]:
+    """Returns the plan of loading `config.init_from` into the objective's variables (None without one).
+
+    Reads the checkpoint and checks every shape against the abstract variables: a missing path or a
+    checkpoint of another architecture fails here, before anything compiles.
+    """
+    if not config.get("init_from"):
+        return None
+    pretrained = weights.load(config.init_from, model_name=config.model_name,
+                              model_overrides=objectives_lib.base.model_overrides(config.model))
+    return weights.plan(unbox(abstract_variables), pretrained, objective.init_from_rules())
+
+
+def load_frozen_weights(objective, abstract_variables) -> Dict[str, Any]:
+    """Returns {collection: numpy variables} of the objective's frozen weights (a teacher), fitted exactly."""
+    loaded = {}
+    for collection, spec in objective.frozen_weights().items():
+        target = unbox(abstract_variables[collection])
+        loaded[collection] = weights.load_exact(spec["source"], target, spec["model_name"],
+                                                spec.get("model_overrides") or {})
+    return loaded
+
+
+def initial_state(setup: TrainSetup, rng: jax.Array, init_plan: Optional[weights.Plan] = None,
+                  frozen: Optional[Dict[str, Any]] = None) -> TrainState:
+    """Returns a new run's state on the mesh: initialised, then `init_plan`'s weights and `frozen` collections in place."""
+    state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(rng)
+    if init_plan is not None:
+        variables = init_plan.apply({"params": state.params, **state.model_state})
+        params = place_params(variables.pop("params"), setup.state_shardings.params)
+        model_state = place_params(variables, setup.state_shardings.model_state)
+        state = state.replace(params=params, model_state=model_state,
+                              ema_params=jax.tree.map(jnp.copy, params) if state.ema_params is not None else None)
+    if frozen:
+        model_state = dict(state.model_state)
+        for collection, values in frozen.items():
+            model_state[collection] = place_params(values, setup.state_shardings.model_state[collection])
+        state = state.replace(model_state=model_state)
+    return state
 
 
 # =============================================================================================
@@ -107,9 +232,12 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable,
-                    grad_accum_steps: int, batch_sharding, ema_decay: float = 0.0) -> Callable:
+                    grad_accum_steps: int, batch_sharding, ema_decay: float = 0.0,
+                    batch_transform: Optional[Callable[[Dict[str, jax.Array], jax.Array], Dict[str, jax.Array]]] = None
+                    ) -> Callable:
     """Returns train_step(state, batch) -> (new state, {"train/...": scalar}); jit it with donated state.
 
+    `batch_transform(batch, rng)`, when given, runs first on the device (one-hot labels, mixup / cutmix).
     With `ema_decay` > 0 the step also updates state.ema_params = d * ema + (1 - d) * new params.
     """
 
@@ -121,6 +249,9 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         step_rng = jax.random.fold_in(state.rng, state.step)
+        if batch_transform is not None:
+            step_rng, transform_rng = jax.random.split(step_rng)
+            batch = batch_transform(batch, transform_rng)
         if grad_accum_steps == 1:
             (loss, aux), grads = grad_fn(state.params, state.model_state, batch, step_rng)
             model_state = {**state.model_state, **aux.get("updates", {})}
@@ -166,18 +297,13 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
     return train_step
 
 
-def make_eval_step(objective) -> Callable:
-    """Returns eval_step(state, batch) -> masked sums of the objective's per-example metrics.
-
-    With EMA params in the state, the same batch is also evaluated with them, as "ema/<name>".
-    """
-    def metrics(state, batch):
-        per_example = objective.eval_metrics({"params": state.params, **state.model_state}, batch)
-        if state.ema_params is not None:
-            ema = objective.eval_metrics({"params": state.ema_params, **state.model_state}, batch)
-            per_example.update({f"ema/{name}": value for name, value in ema.items()})
-        return per_example
-    return classification.make_eval_step(metrics)
+def jit_train_step(setup: TrainSetup, batch_transform=None) -> Callable:
+    """Returns the run's jitted train step: donated state, the setup's shardings, replicated metrics."""
+    config = setup.config
+    step = make_train_step(setup.objective, setup.tx, setup.schedule, int(config.optim.grad_accum_steps),
+                           setup.batch_sharding, ema_decay=float(config.ema_decay), batch_transform=batch_transform)
+    return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                   out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)), donate_argnums=(0,))
 
 
 # =============================================================================================
@@ -271,10 +397,14 @@ def check_batch_sizes(config, mesh, eval_batch_size: int) -> None:
         raise ValueError(f"config.batch_size={config.batch_size} / grad_accum_steps={accum} = {micro} is not "
                          f"divisible by the {divisor} batch shards (mesh data x fsdp = "
                          f"{mesh.shape['data']} x {mesh.shape['fsdp']})")
-    if eval_batch_size % divisor:
-        raise ValueError(f"The eval batch size {eval_batch_size} is not divisible by the {divisor} batch shards "
-                         f"(mesh data x fsdp); set config.eval_batch_size")
-    for name, size in (("batch_size", config.batch_size), ("eval batch size", eval_batch_size)):
+    sizes = [("eval batch size", eval_batch_size)] + [
+        (f"config.evals.{name}.batch_size", settings["batch_size"])
+        for name, settings in evaluators_lib.validate_evals(config).items() if settings.get("batch_size")]
+    for name, size in sizes:
+        if size % divisor:
+            raise ValueError(f"The {name} {size} is not divisible by the {divisor} batch shards "
+                             f"(mesh data x fsdp); set config.eval_batch_size")
+    for name, size in [("batch_size", config.batch_size)] + sizes:
         if size % jax.process_count():
             raise ValueError(f"The {name} {size} is not divisible by the {jax.process_count()} hosts")
 
@@ -283,21 +413,50 @@ def build(config) -> Tuple[Any, Any]:
     """Returns (validated config, objective): every config error surfaces here, before any tracing."""
     config = config_utils.validate_config(config)
     _data_module().validate_input_config(config.input)
+    evaluators_lib.validate_evals(config)
     objective = objectives_lib.create(config.objective, config)
+    if config.init_from:
+        weights.check_source(config.init_from)
     return config, objective
+
+
+def check_config_change(workdir: str, config, *, allow: bool = False) -> List[str]:
+    """Returns the differences between WORKDIR/config.json and `config` (run length and cadence aside).
+
+    Raises ConfigChangedError showing them unless `allow`: resuming a run with another model, data or
+    recipe would silently mix two experiments in one workdir.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as file:
+        saved = json.load(file)
+    # Keys a workdir written by an older vitjax lacks count at their defaults.
+    defaults = config_utils.config_as_json(config_utils.default_config())
+    saved = {**defaults, **saved, "optim": {**defaults["optim"], **saved.get("optim", {})}}
+    lines = config_utils.config_diff(saved, config_utils.config_as_json(config))
+    if lines and not allow:
+        raise ConfigChangedError(
+            f"The workdir {workdir} holds a run whose config differs from this one (saved -> new):\n  "
+            + "\n  ".join(lines) + "\nRun-length and cadence keys may change on resume; these may not. Use a new "
+            "--workdir, or pass --allow_config_change to continue this run with the new config.")
+    if lines:
+        logging.warning("Resuming %s with a changed config (saved -> new):\n  %s", workdir, "\n  ".join(lines))
+    return lines
 
 
 # =============================================================================================
 # Train and evaluate
 # =============================================================================================
 def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh] = None,
-                       stop_after_steps: Optional[int] = None) -> Dict[str, Any]:
+                       stop_after_steps: Optional[int] = None, allow_config_change: bool = False) -> Dict[str, Any]:
     """Returns the final metrics (eval/top1, ...) after training `config` in `workdir`, resuming if possible.
 
     `mesh` overrides `config.mesh` (tests run one config on several meshes); `stop_after_steps`
-    stops (with a checkpoint) after that global step, as a preempted run would.
+    stops (with a checkpoint) after that global step, as a preempted run would;
+    `allow_config_change` lets a resumed run continue with a config that differs from the saved one.
     """
-    # ---- 1. Config, objective, model ----------------------------------------------------------
+    # ---- 1. Build: config, objective, model, data sizes ----------------------------------------
     config, objective = build(config)
     data = _data_module()
     info = data.dataset_info(config.input)
@@ -309,26 +468,21 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
     total_steps, steps_per_epoch = steps_from_config(config, info.get("num_train_examples"))
     is_main = jax.process_index() == 0
 
-    # ---- 2. Mesh -------------------------------------------------------------------------------
-    mesh = mesh or parallel.create_mesh(config.mesh)
-    rules = parallel.logical_rules(config.sharding_rules)
-    eval_batch_size = config.eval_batch_size or config.batch_size
-    check_batch_sizes(config, mesh, eval_batch_size)
-    batch_sharding = parallel.batch_sharding(mesh)
-    logging.info("Mesh %s over %d devices (%d hosts); total steps %d, global batch %d",
-                 dict(mesh.shape), mesh.size, jax.process_count(), total_steps, config.batch_size)
-
+    # ---- 2. Resume check ---------------------------------------------------------------------
     os.makedirs(workdir, exist_ok=True)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
-                                               async_save=config.checkpoint_async)
-    resume_step = checkpointer.latest_step()
-    start_step = int(resume_step or 0)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    existing = checkpoint_lib.complete_steps(checkpoint_dir)
+    resume_step = existing[-1] if existing else None
+    if resume_step is not None:
+        check_config_change(workdir, config, allow=allow_config_change)
 
-    # ---- 3. Data ---------------------------------------------------------------------------
+    # ---- 3. Setup: mesh, data, optimizer, abstract state, shardings, pretrained weights -----------
+    mesh = mesh or parallel.create_mesh(config.mesh)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    check_batch_sizes(config, mesh, eval_batch_size)
+    logging.info("Mesh %s over %d devices (%d hosts); total steps %d, global batch %d",
+                 dict(mesh.shape), mesh.size, jax.process_count(), total_steps, config.batch_size)
+    start_step = int(resume_step or 0)
     keys = tuple(objective.batch_keys)
     train_iter = data.make_train_iterator(config.input, global_batch_size=config.batch_size,
                                           seed=config.seed, start_step=start_step)
@@ -338,98 +492,54 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
         raise ValueError(f"Objective {config.objective!r} needs batch keys {missing}; the pipeline gives "
                          f"{sorted(first_batch)}")
     train_iter = itertools.chain([first_batch], train_iter)
+    setup = create_train_setup(config, objective, mesh, {key: first_batch[key] for key in keys},
+                               total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    init_plan, frozen = None, None
+    if resume_step is None:  # pretrained weights go into a new run only, never over a resumed one
+        init_plan = plan_init_from(config, objective, setup.abstract_variables)
+        frozen = load_frozen_weights(objective, setup.abstract_variables)
+        if init_plan is not None and is_main:
+            logging.info("%s", init_plan.table())
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
-    # ---- 4. State: abstract shapes, shardings, then init or restore ----------------------
-    # Params are initialized outside the mesh context: flax's DenseGeneral applies its kernel's
-    # logical constraint to the flattened kernel at init, which fails under a global mesh. The
-    # init's out_shardings lay the params out instead.
-    divisor = parallel.batch_divisor(mesh)
-
-    def dummy_batch():
-        return {key: jnp.zeros((divisor,) + np.shape(first_batch[key])[1:], first_batch[key].dtype)
-                for key in keys}
-
-    rng = jax.random.PRNGKey(config.seed)
-    abstract_variables = jax.eval_shape(lambda r: objective.init_variables(r, dummy_batch()), rng)
-    logical_specs = parallel.logical_param_specs(abstract_variables["params"])
-    abstract_params = unbox(abstract_variables["params"])
-    tx, schedule = optim.make_optimizer(
-        config.optim, abstract_params, batch_size=config.batch_size, total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch, param_axes=logical_specs,
-        layer_ids_fn=getattr(objective, "layer_ids_fn", None))
-
-    def init_state(rng):
-        init_rng, train_rng = jax.random.split(rng)
-        variables = unbox(dict(objective.init_variables(init_rng, dummy_batch())))
-        params = variables.pop("params")
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          model_state=variables, rng=train_rng,
-                          ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay > 0 else None)
-
-    abstract_state = jax.eval_shape(init_state, rng)
-    params_shardings = parallel.param_shardings(abstract_params, logical_specs, mesh, rules)
-    state_shardings = parallel.state_shardings(abstract_state, abstract_params, params_shardings, mesh)
-    state_shardings = state_shardings.replace(
-        params=params_shardings, ema_params=params_shardings if config.ema_decay > 0 else None)
-
+    # ---- 4. State: init (+ pretrained weights) or restore -------------------------------------
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
+                                               async_save=config.checkpoint_async)
     if resume_step is not None:
-        state, meta = checkpointer.restore(
-            resume_step, checkpoint_lib.abstract_like(abstract_state, state_shardings))
+        state, _ = checkpointer.restore(
+            resume_step, checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings))
         logging.info("Resuming from step %d (%s)", resume_step, checkpoint_dir)
     else:
-        state = jax.jit(init_state, out_shardings=state_shardings)(rng)
-        if hasattr(objective, "load_pretrained"):
-            # Optional hook: pretrained weights (e.g. an MAE encoder to fine-tune) replace some fresh params.
-            params = place_params(objective.load_pretrained(state.params), params_shardings)
-            state = state.replace(params=params, ema_params=(jax.tree.map(jnp.copy, params)
-                                                             if config.ema_decay > 0 else None))
-        if hasattr(objective, "load_pretrained_state"):
-            # Optional hook: non-trained collections loaded once (e.g. a distillation teacher).
-            model_state = objective.load_pretrained_state(state.model_state)
-            state = state.replace(model_state=place_params(model_state, state_shardings.model_state))
+        state = initial_state(setup, jax.random.PRNGKey(config.seed), init_plan, frozen)
     if is_main:
-        trainable = optim.trainable_mask(config.optim, abstract_params)
+        abstract_params = setup.abstract_state.params
         logging.info("Model %s, objective %s:\n%s", config.model_name, config.objective,
-                     param_overview(abstract_params, trainable))
+                     param_overview(abstract_params, optim.trainable_mask(config.optim, abstract_params)))
 
-    with parallel.use_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step = jax.jit(
-            make_train_step(objective, tx, schedule, int(config.optim.grad_accum_steps), batch_sharding,
-                            ema_decay=float(config.ema_decay)),
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, parallel.replicated(mesh)),
-            donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(objective), in_shardings=(state_shardings, batch_sharding),
-                            out_shardings=parallel.replicated(mesh))
-
-        def run_eval(state) -> Dict[str, float]:
-            eval_keys = keys + ("mask",)
-            iterator = data.make_eval_iterator(config.input, global_batch_size=eval_batch_size)
-            batches = (parallel.global_batch({key: batch[key] for key in eval_keys}, mesh) for batch in iterator)
-            result = classification.evaluate(eval_step, state, batches)
-            # Free the finished tf.data iterator now: finalized later by the garbage collector, in
-            # the middle of building the next pipeline, it once broke TF's graph construction.
-            del batches, iterator
-            gc.collect()
-            if state.ema_params is not None:  # one pass over the data served both (see make_eval_step)
-                result = {key.replace("eval/ema/", "eval_ema/", 1): value for key, value in result.items()}
-                result["eval_ema/num_examples"] = result["eval/num_examples"]
-            return result
+    with parallel.use_mesh(mesh), nn.logical_axis_rules(setup.rules):
+        train_step = jit_train_step(setup)
+        evaluators = evaluators_lib.build_evaluators(config, evaluators_lib.EvalContext(
+            objective=objective, input_config=config.input, mesh=mesh, state_shardings=setup.state_shardings,
+            batch_sharding=setup.batch_sharding, eval_batch_size=eval_batch_size,
+            default_every_steps=int(config.eval_every_steps), data=data))
+        batches = data.prefetch_to_device(({key: batch[key] for key in keys} for batch in train_iter), 2,
+                                          setup.batch_sharding)
 
         # ---- 5. Loop ---------------------------------------------------------------------------
         writer = MetricsWriter(workdir, is_main, start_step)
         progress = _progress_bar(config.progress_bar and is_main, total_steps, start_step)
+        log = lambda message: _log(progress, message)  # noqa: E731
         pending: List[Tuple[int, Dict[str, Any]]] = []  # device metrics since the last log
         last_checkpoint = resume_step
         final: Dict[str, Any] = {}
         timer_start, timer_step = time.time(), start_step
         try:
             if start_step >= total_steps:  # already complete: evaluate the final state
-                final.update(run_eval(state))
+                final.update(evaluators_lib.run_evaluators(evaluators, state, start_step, True, log))
             for step in range(start_step + 1, total_steps + 1):
-                batch = parallel.global_batch({key: value for key, value in next(train_iter).items()
-                                               if key in keys}, mesh)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, next(batches))
                 pending.append((step, metrics))
                 progress.update(1)
                 if step == start_step + 1:
@@ -458,12 +568,11 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                                          img_per_s=f"{record.get('images_per_sec', 0.0):.0f}", refresh=False)
                     if not progress.enabled:
                         logging.info("step %d/%d: %s", step, total_steps, _format(record))
-                if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
-                    eval_start = time.time()
-                    eval_metrics = run_eval(state)
+                eval_start = time.time()
+                eval_metrics = evaluators_lib.run_evaluators(evaluators, state, step, is_last, log)
+                if eval_metrics:
                     record.update(eval_metrics)
                     final.update(eval_metrics)
-                    _log(progress, f"step {step}: {_format(eval_metrics)} ({time.time() - eval_start:.1f} s)")
                     timer_start += time.time() - eval_start  # eval time is not training throughput
                 if ((config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
                         or is_last or stopping):
@@ -476,6 +585,7 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                     logging.info("Stopping after step %d (a resumed run continues from here)", step)
                     break
         finally:
+            batches.close()
             progress.close()
             writer.close()
             checkpointer.close()

@@ -14,8 +14,7 @@ Three kinds of released file load, told apart by their keys:
     import vitjax.convert.mae as mae_convert
     variables = mae_convert.from_official("mae_visualize_vit_large.pth")            # variables only
     module, variables = mae_convert.load_official("mae_visualize_vit_large.pth")    # and the module
-    # fine-tune: copy a pretrained encoder into a classifier's params (head and fc_norm kept fresh)
-    params = mae_convert.encoder_to_classifier(variables["params"]["encoder"], classifier_params)
+    # fine-tune or probe: config.init_from = "mae_pretrain_vit_base.pth" (see vitjax.weights)
 
 The architecture (width, depth, patch and image size) is read from the shapes; the number of heads
 is not in the shapes, so it defaults to the paper's (ViT-B 12, L and H 16; decoder 16) and must be
@@ -47,6 +46,27 @@ def checkpoint_kind(state_dict: Dict[str, np.ndarray]) -> str:
         return "encoder"
     raise ValueError("Not an MAE checkpoint: no 'patch_embed.proj.weight' key; keys start with "
                      f"{sorted(state_dict)[:8]}")
+
+
+def is_official_mae(state_dict: Dict[str, np.ndarray]) -> bool:
+    """Returns whether a state dict is an MAE pretraining checkpoint (with decoder, or an encoder whose
+    position embeddings are MAE's fixed sin-cos table); timm-style classifiers are not."""
+    if "decoder_embed.weight" in state_dict:
+        return True
+    if "head.weight" in state_dict or "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
+        return False
+    try:
+        settings = encoder_settings(state_dict, num_heads=1)
+    except (KeyError, ValueError):
+        return False
+    if "img_size" not in settings:
+        return False
+    side = settings["img_size"] // settings["patch_size"]
+    try:
+        _check_sincos(common.KeyTable(state_dict), "pos_embed", (side, side), settings["embed_dim"])
+    except ValueError:
+        return False
+    return True
 
 
 def _heads(width: int, given: Optional[int], table: Dict[int, int], what: str) -> int:
@@ -181,54 +201,5 @@ def from_official(source: common.StateDictSource, **kwargs) -> Dict[str, Any]:
     return load_official(source, **kwargs)[1]
 
 
-def encoder_to_classifier(encoder_params: Dict[str, Any], classifier_params: Dict[str, Any]) -> Dict[str, Any]:
-    """Returns `classifier_params` with every param the MAE encoder has copied in (MAE's fine-tune init).
-
-    As MAE's `main_finetune.py`: the head and `fc_norm` (global pooling drops the encoder's final
-    `norm`) keep the classifier's fresh init, and a classifier with learned position embeddings gets
-    the encoder's fixed sin-cos table as their start (resampled if the grid differs).
-    Works on plain or boxed (logically partitioned) trees; the result has the classifier's structure.
-    """
-    encoder_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(
-        flax.linen.meta.unbox(encoder_params)), sep="/")
-    is_box = lambda x: isinstance(x, flax.linen.LogicallyPartitioned)  # noqa: E731
-    target = flax.core.unfreeze(classifier_params)
-    flat = flax.traverse_util.flatten_dict(target, sep="/", is_leaf=lambda _, x: is_box(x))
-    copied = []
-    for path, leaf in flat.items():
-        value = leaf.value if is_box(leaf) else leaf
-        if path in encoder_flat:
-            source = np.asarray(encoder_flat[path])
-            if source.shape != tuple(value.shape):
-                raise ValueError(f"Encoder param {path} has shape {source.shape}, the classifier's {value.shape}")
-        elif path == "pos_embed":
-            source = _sincos_posemb_like(value.shape, "cls_token" in encoder_flat)
-        else:
-            continue
-        # Host arrays: the caller lays them out on its mesh (e.g. `vitjax.train.place_params`).
-        new_value = np.asarray(source, dtype=value.dtype)
-        flat[path] = leaf.replace_boxed(new_value) if is_box(leaf) else new_value
-        copied.append(path)
-    missing = [p for p in encoder_flat if p not in flat and p != "norm/scale" and p != "norm/bias"]
-    if missing:
-        raise ValueError(f"Encoder params with no place in the classifier: {missing}")
-    if not copied:
-        raise ValueError("No encoder param matched the classifier's params")
-    return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
-def _sincos_posemb_like(shape: Tuple[int, ...], class_token: bool) -> np.ndarray:
-    """Returns MAE's (1, 1 + N, C) fixed sin-cos table for a square grid of N patches."""
-    _, length, width = shape
-    num_patches = length - int(class_token)
-    side = int(round(np.sqrt(num_patches)))
-    if side * side != num_patches:
-        raise ValueError(f"Cannot build a sin-cos table for {num_patches} positions (not a square grid)")
-    table = layers.posemb_sincos_2d(side, side, width)
-    if class_token:
-        table = np.concatenate([np.zeros((1, width), np.float32), table])
-    return table[None]
-
-
-__all__ = ["build_module", "checkpoint_kind", "convert_encoder", "convert_pretrain", "encoder_to_classifier",
+__all__ = ["build_module", "checkpoint_kind", "is_official_mae", "convert_encoder", "convert_pretrain",
            "from_official", "load_official"]

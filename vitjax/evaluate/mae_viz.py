@@ -140,8 +140,7 @@ def load_workdir(workdir: str) -> Tuple[Any, Dict[str, Any], Any]:
     """Returns (module, variables, config) of the newest checkpoint of an `mae` run in `workdir`."""
     import ml_collections
 
-    from vitjax import objectives
-    from vitjax.objectives.mae import _restore_vitjax_params
+    from vitjax import checkpoint, objectives
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: is {workdir} a vitjax workdir?")
@@ -150,7 +149,7 @@ def load_workdir(workdir: str) -> Tuple[Any, Dict[str, Any], Any]:
     if config.objective != "mae":
         raise ValueError(f"{workdir} is a {config.objective!r} run; pictures need an 'mae' run")
     objective = objectives.create("mae", config)
-    params = _restore_vitjax_params(workdir)
+    params = checkpoint.load_params(workdir, parts=("params",))["params"]
     return objective.module, {"params": params}, config
 
 

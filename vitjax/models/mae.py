@@ -7,7 +7,7 @@ un-shuffle, transformer blocks, norm, per-patch pixel prediction) reconstructs e
 Params: {"encoder": <the VisionTransformer's params>, "decoder": {"embed", "mask_token",
 "blocks_{i}" (or stacked "blocks" when scanned), "norm", "pred"}}. The encoder subtree is exactly a
 `VisionTransformer`'s, so a pretrained encoder loads into a classifier for fine-tuning
-(`vitjax.convert.mae.encoder_to_classifier`).
+(`config.init_from`, see `vitjax.weights`).
 
     module = MaskedAutoencoder(encoder=vit.VisionTransformer(**mae_encoder_settings("B/16")))
     variables = init_variables(module, jax.random.key(0), images)    # the paper's initialisation
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax.models import layers
+from vitjax.pytree import path_to_str
 from vitjax.models.vit import Block, VisionTransformer, decode_variant
 
 
@@ -264,8 +265,6 @@ def mae_initialization(params: Any) -> Any:
     partitioned) or plain trees, scanned (a stacked "layers" axis) or not. The patch-embed bias
     stays zero (MAE leaves PyTorch's default conv bias init there, a negligible difference).
     """
-    from vitjax.optim import path_to_str
-
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)
     new_leaves = []
@@ -284,6 +283,21 @@ def mae_initialization(params: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
+def sincos_position_table(shape: Tuple[int, ...], num_prefix_tokens: int) -> np.ndarray:
+    """Returns MAE's fixed (1, prefix + N, C) sin-cos table (prefix rows zero) for a square grid of N patches.
+
+    The start MAE gives learned position embeddings when a sin-cos encoder is fine-tuned.
+    """
+    _, length, width = shape
+    num_patches = length - num_prefix_tokens
+    side = int(round(np.sqrt(num_patches)))
+    if side * side != num_patches:
+        raise ValueError(f"Cannot build a sin-cos table for {num_patches} positions (not a square grid)")
+    table = layers.posemb_sincos_2d(side, side, width)
+    table = np.concatenate([np.zeros((num_prefix_tokens, width), np.float32), table])
+    return table[None]
+
+
 def init_variables(module: MaskedAutoencoder, rng: jax.Array, images: jax.Array) -> Dict[str, Any]:
     """Returns the MAE's initial variables with the paper's initialisation (boxed with logical axes)."""
     init_rng, masking_rng = jax.random.split(rng)
@@ -296,4 +310,5 @@ def init_variables(module: MaskedAutoencoder, rng: jax.Array, images: jax.Array)
 
 
 __all__ = ["MaeDecoder", "MaskedAutoencoder", "transformer_stack", "init_variables", "mae_encoder_settings",
-           "mae_initialization", "num_kept_patches", "patchify", "random_masking", "unpatchify"]
+           "mae_initialization", "num_kept_patches", "patchify", "random_masking", "sincos_position_table",
+           "unpatchify"]

@@ -17,18 +17,22 @@ per micro-batch under gradient accumulation): split it for the model's named rng
 
 Settings of an objective live in `config.objective_kwargs`; a subclass lists them with their
 defaults in `default_kwargs`, and `self.kwargs` holds them merged (unknown names raise).
-Optional hooks the trainer uses when present:
-  num_classes         int; checked against the dataset's number of classes.
-  layer_ids_fn(params) -> ({path: layer id}, num_layers), for layer-wise lr decay (see vitjax.optim).
-  load_pretrained(params) -> params: called once on the freshly initialized params of a new run (not
-                      on resume), e.g. to load a pretrained encoder for fine-tuning or probing.
-  load_pretrained_state(model_state) -> model_state: the same for the non-param collections, e.g. a
-                      distillation teacher's weights.
+
+Hooks with defaults (override where the objective needs something else):
+  num_classes             int or None; checked against the dataset's number of classes.
+  init_from_rules()       how `config.init_from` fits this objective's params (`vitjax.weights.Rules`):
+                          where the model sits, what the checkpoint may lack or carry extra.
+  frozen_weights()        {collection: dict(source, model_name, model_overrides)}: non-trained weights
+                          the trainer loads once for a new run (a distillation teacher).
+  features(variables, images) -> (B, D) features for the kNN and few-shot evaluators.
 """
 from typing import Any, Dict, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
+
+from vitjax import weights
 
 Variables = Dict[str, Any]  # flax collections: {"params": ..., "batch_stats": ...}
 
@@ -76,3 +80,25 @@ class Objective:
     def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
         """Returns {name: per-example values of shape (batch,)}; the trainer averages them over batch["mask"]."""
         raise NotImplementedError
+
+    # ---- hooks with defaults ---------------------------------------------------------------------
+    def init_from_rules(self) -> weights.Rules:
+        """Returns how `config.init_from` fits this objective: the user's skip/keep patterns, the model's posemb prefix."""
+        module = getattr(self, "module", None)
+        prefix = None
+        if module is not None and hasattr(module, "num_prefix_tokens"):
+            prefix = 0 if getattr(module, "no_embed_class", False) else int(module.num_prefix_tokens)
+        return weights.Rules(skip=tuple(self.config.get("init_from_skip") or ()),
+                             keep=tuple(self.config.get("init_from_keep") or ()), posemb_prefix=prefix)
+
+    def frozen_weights(self) -> Dict[str, Dict[str, Any]]:
+        """Returns {collection: dict(source, model_name, model_overrides)} to load once into a new run (none here)."""
+        return {}
+
+    def features(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Returns (B, D) fp32 features of the images: the model's pre-logits (its pooled representation)."""
+        chex.assert_rank(images, 4)
+        _, intermediates = self.module.apply(variables, images, train=False)
+        features = intermediates["pre_logits"]
+        chex.assert_rank(features, 2)
+        return features.astype(jnp.float32)

@@ -16,22 +16,22 @@ With s the class-head logits, d the distillation-head logits, t the teacher's lo
   B x classes as the official code does (so alpha weighs a per-logit mean).
 
 The teacher is any registered model (`teacher`, with `teacher_model` overrides) loaded from
-`teacher_init`: a vitjax workdir or checkpoint directory (its newest step), or a timm `.pth` /
-`.bin` / `.safetensors` file (converted by `vitjax.convert.from_timm`). Its variables live in the
-train state's non-trained collections under "teacher", so checkpoints hold them and a resumed run
-needs no reload. Evaluation reports the student (the mean of its two heads for a distilled DeiT),
+`teacher_init` by `vitjax.weights` (every parameter must fit exactly): a vitjax workdir or checkpoint
+directory (its newest step; `PATH@STEP` for another), a `.msgpack` from `vitjax.convert`, or a timm
+`.pth` / `.bin` / `.safetensors` file. Its variables live in the train state's non-trained collections
+under "teacher", sharded by their own logical axes, so checkpoints hold them and a resumed run needs
+no reload. Evaluation reports the student (the mean of its two heads for a distilled DeiT),
 plus `teacher_agreement`, the fraction of examples where the student's prediction equals the
 teacher's.
 """
-import os
 from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import vitjax.models as models
+from vitjax import weights
 from vitjax.objectives.base import Variables, model_overrides
 from vitjax.objectives.supervised import Supervised
 
@@ -57,23 +57,6 @@ def distillation_loss(class_logits: jax.Array, dist_logits: jax.Array, teacher_l
     return loss, {"base_loss": base, "distill_loss": distill}
 
 
-def load_teacher_variables(source: str, name: str, **overrides) -> Dict[str, Any]:
-    """Returns flax variables of teacher `name` from a vitjax checkpoint directory or a timm weights file."""
-    if not isinstance(source, str) or not source:
-        raise ValueError("objective_kwargs.teacher_init must name the teacher's weights: a vitjax workdir or "
-                         "checkpoint directory, or a timm .pth / .bin / .safetensors file")
-    if os.path.isdir(source):
-        from vitjax import checkpoint
-        directory = os.path.join(source, "checkpoints") if os.path.isdir(os.path.join(source, "checkpoints")) \
-            else source
-        state = checkpoint.load_state(directory)
-        return {"params": state["params"], **dict(state.get("model_state") or {})}
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"objective_kwargs.teacher_init={source!r} does not exist")
-    from vitjax import convert
-    return convert.from_timm(source, name, **overrides)
-
-
 class Distillation(Supervised):
     """A student classifier trained on the labels and on a frozen teacher's predictions."""
 
@@ -96,6 +79,7 @@ class Distillation(Supervised):
         if not kwargs["teacher_init"]:
             raise ValueError("objective 'distill' needs objective_kwargs.teacher_init: a vitjax workdir or "
                              "checkpoint directory, or a timm .pth / .bin / .safetensors file")
+        weights.check_source(kwargs["teacher_init"])
         self.teacher_overrides = model_overrides(kwargs["teacher_model"])
         self.teacher = models.create(kwargs["teacher"], **self.teacher_overrides)
         teacher_classes = getattr(self.teacher, "num_classes", None)
@@ -104,30 +88,21 @@ class Distillation(Supervised):
                              f"{self.num_classes}; set objective_kwargs.teacher_model.num_classes")
 
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
-        """Returns the student's variables plus the teacher's (random here; `load_pretrained_state` loads them)."""
+        """Returns the student's variables plus the teacher's (random here; the trainer loads `frozen_weights`)."""
         student_rng, teacher_rng = jax.random.split(rng)
         variables = super().init_variables(student_rng, batch)
         teacher = self.teacher.init({"params": teacher_rng}, batch["image"], train=False)
-        # The trainer shards non-param collections like the student params whose path and shape they
-        # share, and replicates the rest.
+        # The teacher's params keep their logical-axis boxes: the trainer shards them by their own names.
         return {**variables, TEACHER: dict(teacher)}
 
-    def load_pretrained_state(self, model_state: Dict[str, Any]) -> Dict[str, Any]:
-        """Returns `model_state` with the teacher's variables loaded from `teacher_init` (shapes checked)."""
-        loaded = load_teacher_variables(self.kwargs["teacher_init"], self.kwargs["teacher"], **self.teacher_overrides)
-        expected = model_state[TEACHER]
-        want = jax.tree_util.tree_structure(expected)
-        got = jax.tree_util.tree_structure(loaded)
-        if want != got:
-            raise ValueError(f"The teacher weights in {self.kwargs['teacher_init']!r} do not fit "
-                             f"{self.kwargs['teacher']!r} with overrides {self.kwargs['teacher_model']}: "
-                             f"expected collections {sorted(expected)}, got {sorted(loaded)}")
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(loaded)):
-            if tuple(a.shape) != tuple(jnp.shape(b)):
-                raise ValueError(f"Teacher weight {jax.tree_util.keystr(path)} has shape {jnp.shape(b)}, "
-                                 f"the teacher model wants {a.shape}")
-        loaded = jax.tree.map(lambda a, b: np.asarray(b, a.dtype), expected, loaded)
-        return {**model_state, TEACHER: loaded}
+    def frozen_weights(self) -> Dict[str, Dict[str, Any]]:
+        """Returns the teacher's weights to load once into a new run: `teacher_init` fitted exactly to `teacher`."""
+        return {TEACHER: dict(source=self.kwargs["teacher_init"], model_name=self.kwargs["teacher"],
+                              model_overrides=self.teacher_overrides)}
+
+    def features(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Returns the student's pre-logits features."""
+        return super().features(self._student(variables), images)
 
     def _teacher_logits(self, variables: Variables, images: jax.Array) -> jax.Array:
         logits, _ = self.teacher.apply(variables[TEACHER], images, train=False)

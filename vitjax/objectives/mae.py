@@ -9,20 +9,20 @@
                  (eps 1e-6) -> Dense head (trunc_normal 0.01), as MAE's `main_linprobe.py`.
                  Freeze the encoder with `config.optim.frozen = ("^encoder/",)`.
 
-`init_from` (fine-tuning, probing) is an official MAE `.pth` (`vitjax.convert.mae`), a vitjax
-workdir or one of its `checkpoints/<step>` directories (the `encoder` subtree of an `mae` run), or
-None (train from the initialisation: the from-scratch baseline, or the random-encoder probe).
-The trainer calls `load_pretrained(params)` once after initialising a fresh run.
+The pretrained encoder of fine-tuning and probing is `config.init_from` (`vitjax.weights`): an official
+MAE `.pth`, a vitjax workdir of an `mae` run (its `encoder` subtree is taken), or None (train from the
+initialisation: the from-scratch baseline, or the random-encoder probe). Each objective's
+`init_from_rules` says how the encoder fits its params.
 """
-import os
+import dataclasses
 from typing import Any, Dict, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import vitjax.models as models
+from vitjax import weights
 from vitjax.models import layers
 from vitjax.models import mae as mae_model
 from vitjax.models.vit import VisionTransformer
@@ -125,101 +125,38 @@ class MAE(Objective):
                                        jax.random.key(int(self.kwargs["eval_seed"])))
         return {"loss": per_example}
 
-
-# =============================================================================================
-# Loading a pretrained encoder
-# =============================================================================================
-_OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-
-def load_encoder_params(source: str) -> Dict[str, np.ndarray]:
-    """Returns the MAE encoder's params (nested dict of numpy arrays, unscanned) from `source`.
-
-    `source`: an official MAE checkpoint (pretrain, encoder-only or fine-tuned `.pth`), a vitjax workdir
-    (its newest checkpoint) or a `checkpoints/<step>` directory of an `mae` run.
-    """
-    from vitjax.models.vit import unscan_params
-    if source.endswith(_OFFICIAL_SUFFIXES):
-        from vitjax.convert import mae as mae_convert
-        _, variables = mae_convert.load_official(source)
-        params = variables["params"]
-        params = params.get("encoder", params)
-        return {k: v for k, v in params.items() if k not in ("head", "fc_norm")}
-    params = _restore_vitjax_params(source)
-    if "encoder" not in params:
-        raise ValueError(f"{source} holds no 'encoder' params (top-level keys {sorted(params)}): "
-                         "is it the workdir of an 'mae' run?")
-    encoder = dict(params["encoder"])
-    if "blocks" in encoder:
-        encoder = unscan_params(encoder)
-    return jax.tree.map(np.asarray, encoder)
-
-
-def _restore_vitjax_params(source: str) -> Dict[str, Any]:
-    """Returns the params of a vitjax checkpoint (a workdir, its checkpoints/ dir, or one step's dir)."""
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(source)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No checkpoint at {source}: give a vitjax workdir, a checkpoints/<step> "
-                                f"directory, or an official MAE file ({', '.join(_OFFICIAL_SUFFIXES)})")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if not os.path.isdir(os.path.join(path, "state")):
-        steps = sorted(int(name) for name in os.listdir(path) if name.isdigit())
-        if not steps:
-            raise FileNotFoundError(f"No complete checkpoint step under {path}")
-        path = os.path.join(path, str(steps[-1]))
-    state_dir = os.path.join(path, "state")
-    # Restore on the host as numpy: the target run's mesh lays the params out afterwards.
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(state_dir)
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = checkpointer.restore(state_dir, restore_args=restore_args)
-    return state["params"]
-
-
-class _Pretrained:
-    """Mixin: `load_pretrained(params)` copies an MAE encoder (`init_from`) into freshly initialised params."""
-
-    #: where the encoder params sit in this objective's params ("" = at the top level)
-    encoder_scope = ""
-
-    def load_pretrained(self, params: Any) -> Any:
-        """Returns `params` with the encoder's params replaced by those of `init_from` (unchanged if None)."""
-        from vitjax.convert import mae as mae_convert
-        source = self.kwargs.get("init_from")
-        if not source:
-            return params
-        encoder = load_encoder_params(source)
-        scanned = self._encoder_module().scan
-        target = params[self.encoder_scope] if self.encoder_scope else params
-        if scanned:
-            from vitjax.models.vit import scan_params
-            encoder = scan_params(encoder, self._encoder_module().depth)
-        loaded = mae_convert.encoder_to_classifier(encoder, target)
-        if self.encoder_scope:
-            return {**params, self.encoder_scope: loaded}
-        return loaded
-
-    def _encoder_module(self) -> VisionTransformer:
-        raise NotImplementedError
+    def features(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Returns the encoder's features of the whole (unmasked) image: the class token after the final norm
+        (the token MAE's linear probe reads), or the mean patch token without one."""
+        encoder = self.module.encoder
+        tokens, _ = encoder.apply({"params": variables["params"]["encoder"]}, images, train=False)
+        pooled = tokens[:, 0] if encoder.class_token else tokens[:, encoder.num_prefix_tokens:].mean(axis=1)
+        return pooled.astype(jnp.float32)
 
 
 # =============================================================================================
 # Fine-tuning
 # =============================================================================================
-class MaeFinetune(_Pretrained, Supervised):
-    """Supervised fine-tuning from an MAE encoder; the head starts at trunc_normal(`head_init_std`)."""
+class MaeFinetune(Supervised):
+    """Supervised fine-tuning from an MAE encoder (`config.init_from`); the head starts at trunc_normal(`head_init_std`)."""
 
-    default_kwargs: Dict[str, Any] = dict(init_from=None, head_init_std=2e-5)
+    default_kwargs: Dict[str, Any] = dict(head_init_std=2e-5)
 
-    def _encoder_module(self) -> VisionTransformer:
-        return self.module
+    def init_from_rules(self) -> weights.Rules:
+        """Returns MAE's fine-tuning init: the encoder's trunk; learned position embeddings start from the encoder's
+        sin-cos table; with global pooling the encoder's final norm is dropped and `fc_norm` starts fresh."""
+        rules = super().init_from_rules()
+        fill, ignore, optional = [], [], []
+        if self.module.pos_embed == "learn":
+            prefix = 0 if self.module.no_embed_class else self.module.num_prefix_tokens
+            fill.append(("^pos_embed$", lambda shape: mae_model.sincos_position_table(shape, prefix)))
+        if self.module.global_pool == "avg" or self.module.fc_norm:
+            ignore.append("^norm/")
+            optional.append("^fc_norm/")
+        return dataclasses.replace(rules, fill=tuple(fill), ignore=tuple(ignore), optional=tuple(optional))
 
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
-        """Returns the classifier's variables with MAE's fine-tuning head init (before `load_pretrained`)."""
+        """Returns the classifier's variables with MAE's fine-tuning head init (before `config.init_from` loads the encoder)."""
         init_rng, head_rng = jax.random.split(rng)
         variables = dict(super().init_variables(init_rng, batch))
         params = dict(variables["params"])
@@ -269,11 +206,10 @@ class LinearProbe(nn.Module):
         return logits, dict(intermediates, pre_logits=features)
 
 
-class MaeLinearProbe(_Pretrained, Supervised):
-    """Linear probing of a (frozen) MAE encoder; pooling from `config.model.global_pool` ("token" in MAE)."""
+class MaeLinearProbe(Supervised):
+    """Linear probing of a (frozen) MAE encoder (`config.init_from`); pooling from `config.model.global_pool`."""
 
-    default_kwargs: Dict[str, Any] = dict(init_from=None, head_init_std=0.01)
-    encoder_scope = "encoder"
+    default_kwargs: Dict[str, Any] = dict(head_init_std=0.01)
 
     def __init__(self, config):
         Objective.__init__(self, config)
@@ -291,8 +227,16 @@ class MaeLinearProbe(_Pretrained, Supervised):
         self.module = LinearProbe(encoder=encoder, num_classes=int(self.num_classes),
                                   head_init_std=float(self.kwargs["head_init_std"]))
 
-    def _encoder_module(self) -> VisionTransformer:
-        return self.module.encoder
+    def init_from_rules(self) -> weights.Rules:
+        """Returns the rules that put a pretrained encoder under "encoder/" (the probe's head_norm and head stay fresh)."""
+        encoder = self.module.encoder
+        prefix = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
+        return dataclasses.replace(super().init_from_rules(), scope="encoder", posemb_prefix=prefix)
+
+    def features(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Returns the frozen encoder's pooled features (before the probe's BatchNorm)."""
+        _, intermediates = self.module.apply(variables, images, train=False)
+        return intermediates["pre_logits"].astype(jnp.float32)
 
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
         """Returns the probe's variables; a xavier encoder gets MAE's initialisation (the random-encoder baseline)."""
@@ -304,5 +248,4 @@ class MaeLinearProbe(_Pretrained, Supervised):
         return variables
 
 
-__all__ = ["MAE", "LinearProbe", "MaeFinetune", "MaeLinearProbe", "build_encoder", "load_encoder_params",
-           "masked_mse", "per_patch_loss", "reconstruction_target"]
+__all__ = ["MAE", "LinearProbe", "MaeFinetune", "MaeLinearProbe", "build_encoder", "masked_mse", "per_patch_loss", "reconstruction_target"]
