@@ -78,5 +78,5 @@ def test_bad_settings_name_the_valid_choices(tmp_path):
         objectives.create("distill", _student_config(None))
     with pytest.raises(ValueError, match="Unknown objective_kwargs .'temperature'."):
         objectives.create("distill", _student_config(str(tmp_path), temperature=2.0))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        distill.load_teacher_variables(str(tmp_path / "missing.pth"), "vit_tiny_patch16_224")
+    with pytest.raises(FileNotFoundError, match="nothing at .*missing.pth. Valid sources: a vitjax workdir"):
+        objectives.create("distill", _student_config(str(tmp_path / "missing.pth")))

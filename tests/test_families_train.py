@@ -4,7 +4,6 @@ Each family's `configs/<family>_i1k.py:runlocal` is the paper recipe shrunk to a
 here it runs 80 steps at the config's learning rate, held constant after warm-up on one device and the mean loss of the last steps must be below that of the first.
 """
 import glob
-import importlib.util
 import json
 import os
 
@@ -12,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from vitjax import parallel, train
+from vitjax import config_utils, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILY_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*_i1k.py")))
@@ -20,10 +19,7 @@ FAMILY_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*_i1k.py")))
 
 def load_runlocal(path: str):
     """Returns the config file's get_config("runlocal")."""
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("runlocal")
+    return config_utils.load_config(f"{path}:runlocal")
 
 
 def test_every_family_has_a_config():

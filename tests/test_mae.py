@@ -31,7 +31,8 @@ def reference():
         mask_ratio=meta["mask_ratio"])
     images = np.transpose(data["in/imgs_nchw"], (0, 2, 3, 1))
     pred, aux = jax.jit(lambda v, x, n: module.apply(v, x, noise=n))(variables, images, data["in/noise"])
-    return dict(data=data, meta=meta, module=module, variables=variables, images=images, pred=pred, aux=aux)
+    return dict(data=data, meta=meta, module=module, variables=variables, images=images, pred=pred, aux=aux,
+                state_dict=state_dict)
 
 
 def test_fixture_parity_encoder_mask_and_prediction(reference):
@@ -85,15 +86,32 @@ def test_converter_reads_encoder_only_and_finetuned_checkpoints(reference):
     np.testing.assert_array_equal(variables["params"]["pos_embed"], finetuned["pos_embed"])
 
 
-def test_encoder_loads_into_classifier(reference):
-    """The pretrained encoder becomes a classifier's trunk: its features equal the MAE encoder's."""
+def test_encoder_loads_into_classifier(reference, tmp_path):
+    """The official pretrain file, as `config.init_from` of `mae_finetune`, becomes a classifier's trunk whose
+    features equal the MAE encoder's; the learned position embeddings start from its sin-cos table."""
+    import torch
+    from vitjax import config_utils, objectives, weights
     module, variables = reference["module"], reference["variables"]
-    classifier = vit.VisionTransformer(**mae_model.mae_encoder_settings(
-        "mu", embed_dim=64, depth=2, num_heads=4, mlp_dim=256, img_size=32, patch_size=4,
-        num_classes=10, global_pool="token", pos_embed="learn", weight_init="timm"))
+    path = tmp_path / "mae_pretrain_tiny.pth"
+    torch.save({"model": {key: torch.from_numpy(np.asarray(value)) for key, value in reference["state_dict"].items()}},
+               path)
+    config = config_utils.default_config()
+    config.model_name = "vit"
+    config.model = dict(variant="mu", embed_dim=64, depth=2, num_heads=4, mlp_dim=256, img_size=32, patch_size=4,
+                        num_classes=10, global_pool="token", fc_norm=False, pos_embed="learn")
+    config.objective, config.optim.lr, config.total_steps = "mae_finetune", 1e-3, 1
+    config.init_from = str(path)
+    objective = objectives.create("mae_finetune", config_utils.validate_config(config))
+    classifier = objective.module
     images = reference["images"]
-    fresh = jax.jit(classifier.init)(jax.random.key(0), images)["params"]
-    params = mae_convert.encoder_to_classifier(variables["params"]["encoder"], fresh)
+    fresh = jax.jit(objective.init_variables)(jax.random.key(0), {"image": images})
+    pretrained = weights.load(str(path), model_name="vit", model_overrides=config.model)
+    plan = weights.plan(fresh, pretrained, objective.init_from_rules())
+    assert plan.counts()["filled"] == 1 and plan.actions["params/pos_embed"][0] == "filled"
+    assert {path for path, (action, _) in plan.actions.items() if action == "re-initialised"} == \
+        {"params/head/kernel", "params/head/bias"}
+    params = plan.apply(fresh)["params"]
+    fresh = jax.tree.map(lambda x: getattr(x, "value", x), fresh["params"], is_leaf=lambda x: hasattr(x, "value"))
     _, inter = jax.jit(classifier.apply)({"params": params}, images)
     # All patches kept (noise order = identity) makes the MAE latent the classifier's token sequence.
     identity = jnp.tile(jnp.arange(64, dtype=jnp.float32)[None], (3, 1))
@@ -199,24 +217,13 @@ def test_reconstruction_picture_size(tiny, tmp_path):
 
 
 def _load_config(name, arg=None):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"_config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def test_mae_b16_config_without_imagenet_names_runlocal(tmp_path, monkeypatch):
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
-    with pytest.raises(ValueError, match=r"downloads/manual.*runlocal"):
-        _load_config("mae_b16")
+    from vitjax import config_utils
+    return config_utils.load_config(f"configs/{name}.py:{arg}" if arg else f"configs/{name}.py")
 
 
 @pytest.mark.parametrize("variant,width,patch", [("B/16", 768, 16), ("L/16", 1024, 16), ("H/14", 1280, 14)])
 def test_mae_configs_build_the_paper_models(tmp_path, variant, width, patch):
     from vitjax import config_utils, objectives
-    (tmp_path / "imagenet2012" / "5.1.0").mkdir(parents=True)
-    (tmp_path / "imagenet2012" / "5.1.0" / "dataset_info.json").write_text("{}")
     config = config_utils.validate_config(_load_config("mae_b16", f"variant={variant},data_dir={tmp_path}"))
     assert (config.batch_size, config.total_epochs, config.optim.warmup_epochs) == (4096, 800, 40)
     assert (config.optim.b2, config.optim.blr, config.optim.weight_decay) == (0.95, 1.5e-4, 0.05)
@@ -256,7 +263,8 @@ def test_mae_trains_on_digits_through_the_trainer(tmp_path):
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
     assert "eval/loss" in records[-1]
 
-    encoder = mae_objective.load_encoder_params(str(workdir))
+    from vitjax import checkpoint
+    encoder = checkpoint.load_params(str(workdir), parts=("params",))["params"]["encoder"]
     assert {"blocks_0", "cls_token", "patch_embed", "norm"} <= set(encoder)
 
     # Linear probe from the workdir: the encoder is the pretrained one, the head fresh, BN statistics move.
@@ -268,7 +276,9 @@ def test_mae_trains_on_digits_through_the_trainer(tmp_path):
     variables = jax.jit(probe.init_variables)(jax.random.key(0), batch)
     variables = jax.tree.map(lambda x: getattr(x, "value", x), variables,
                              is_leaf=lambda x: hasattr(x, "value"))
-    params = probe.load_pretrained(variables["params"])
+    plan = train.plan_init_from(probe.config, probe, variables)
+    assert plan.description.endswith("its 'encoder' subtree") and plan.counts()["re-initialised"] == 2  # the head
+    params = plan.apply(variables)["params"]
     np.testing.assert_array_equal(params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"],
                                   encoder["blocks_0"]["attn"]["qkv"]["kernel"])
     loss, aux = jax.jit(probe.train_loss)({**variables, "params": params}, batch, jax.random.key(1))

@@ -143,14 +143,53 @@ def load(source: str, *, model_name: Optional[str] = None, model_overrides: Opti
     from vitjax.convert import mae as mae_convert
     state_dict = common.load_state_dict(path)
     if mae_convert.is_official_mae(state_dict):
-        _, variables = mae_convert.load_official(state_dict)
-        kind = mae_convert.checkpoint_kind(state_dict)
-        return Pretrained(dict(variables), source, "mae", f"official MAE checkpoint ({kind}) {path}", {})
+        return _load_mae(state_dict, source, path, model_name, model_overrides)
     if not model_name:
         raise ValueError(f"init_from {source!r} is a timm / PyTorch checkpoint: converting it needs the model name "
                          "(config.model_name, or --model)")
-    return Pretrained(convert_timm(state_dict, model_name, model_overrides), source, "timm",
-                      f"timm checkpoint {path}", {"model_name": model_name})
+    try:
+        variables = convert_timm(state_dict, model_name, model_overrides)
+    except (KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        raise ValueError(f"init_from {source!r}: the timm checkpoint does not fit model {model_name!r} with settings "
+                         f"{dict(model_overrides or {})}: {message}") from None
+    return Pretrained(variables, source, "timm", f"timm checkpoint {path}",
+                      {"model_name": model_name, "resampled": _resampled_by_converter(state_dict, variables),
+                       "num_classes": checkpoint_classes(state_dict)})
+
+
+def _load_mae(state_dict, source: str, path: str, model_name: Optional[str],
+              model_overrides: Optional[Mapping[str, Any]]) -> Pretrained:
+    """Returns an official MAE checkpoint's weights, its heads taken from the run's model where it has them."""
+    from vitjax.convert import mae as mae_convert
+    num_heads = None
+    if model_name:
+        from vitjax import models
+        settings = {key: value for key, value in dict(model_overrides or {}).items()
+                    if key not in ("dtype", "param_dtype")}
+        num_heads = getattr(models.create(model_name, **settings), "num_heads", None)
+    kind = mae_convert.checkpoint_kind(state_dict)
+    try:
+        _, variables = mae_convert.load_official(state_dict, num_heads=num_heads)
+    except ValueError as error:
+        if kind != "pretrain" or "decoder_num_heads" not in str(error):
+            raise
+        # The decoder's heads are not in its shapes: a run that needs only the encoder takes it alone.
+        encoder_keys = {key: value for key, value in state_dict.items() if not key.startswith(("decoder", "mask_token"))}
+        _, variables = mae_convert.load_official(encoder_keys, num_heads=num_heads)
+        kind = "pretrain, encoder only"
+    return Pretrained(dict(variables), source, "mae", f"official MAE checkpoint ({kind}) {path}", {})
+
+
+def _resampled_by_converter(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any]) -> Dict[str, str]:
+    """Returns {param path: "N -> M rows"} for the position embeddings a converter resampled to the model's grid."""
+    resampled = {}
+    for path, value in _flat(variables.get("params", {})).items():
+        key = path.replace("/", ".")
+        if _POSEMB.search(path) and key in state_dict and np.ndim(state_dict[key]) == 3 \
+                and np.shape(state_dict[key])[1] != np.shape(value)[1]:
+            resampled[path] = f"{np.shape(state_dict[key])[1]} -> {np.shape(value)[1]} rows"
+    return resampled
 
 
 def convert_timm(state_dict: Mapping[str, np.ndarray], model_name: str,
@@ -327,6 +366,7 @@ def plan(target: Mapping[str, Any], pretrained: Pretrained, rules: Rules = Rules
     source_flat = _align_blocks(_flat(source_params), target_flat)
     fills = dict(rules.fill)
     classifier_dropped = ""
+    resampled_on_load = dict(pretrained.meta.get("resampled", {})) if taken == "" else {}
 
     for path, leaf in target_flat.items():
         key = f"params/{prefix}{path}"
@@ -338,7 +378,8 @@ def plan(target: Mapping[str, Any], pretrained: Pretrained, rules: Rules = Rules
         if path in source_flat:
             value = np.asarray(source_flat[path])
             if value.shape == shape:
-                actions[key] = ("loaded", "")
+                # A timm checkpoint's position embeddings were resampled by its converter already.
+                actions[key] = ("resampled", resampled_on_load[path]) if path in resampled_on_load else ("loaded", "")
                 values.setdefault("params", {})[prefix + path] = value
             elif _POSEMB.search(path) and value.ndim == 3 and len(shape) == 3 and value.shape[2] == shape[2] \
                     and not rules.strict:
@@ -359,7 +400,9 @@ def plan(target: Mapping[str, Any], pretrained: Pretrained, rules: Rules = Rules
             values.setdefault("params", {})[prefix + path] = np.asarray(fills[pattern](shape))
             actions[key] = ("filled", "by the objective")
         elif _CLASSIFIER.match(path):
-            actions[key] = ("re-initialised", "not in the checkpoint")
+            classes = pretrained.meta.get("num_classes")
+            actions[key] = ("re-initialised", f"the checkpoint has {classes} classes" if classes
+                            else "not in the checkpoint")
         elif _matches(path, rules.optional):
             actions[key] = ("re-initialised", "not in the checkpoint (expected)")
         else:
