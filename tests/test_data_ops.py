@@ -95,6 +95,9 @@ def test_eval_batches_carry_every_field_and_pad_them_all(data_dir):
     np.testing.assert_array_equal(label, digit % 2)  # The padding too: a repeated example.
     assert np.bincount(digit[mask], minlength=10).min() >= 35  # All ten digits, ~36 each.
     assert image.shape == (384, 8, 8, 1) and 0 <= image.min() and image.max() == 1
+    with pytest.raises(ValueError, match="makes a field 'mask', the name of the eval batches'"):
+        next(data.make_eval_iterator(_config(data_dir, pp_eval='copy("label", "mask")'),
+                                     global_batch_size=128, process_index=0, process_count=1))
 
 
 # ---------------------------------------------------------------------------------------------

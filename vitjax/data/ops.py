@@ -8,9 +8,11 @@ without arguments may drop its parentheses ("flip_lr").
 Every op maps an example dict to an example dict: `op(example, seed) -> example`. An example
 starts as {"image": image, "label": int32 label} (the dataset's `input.image_key` and
 `input.label_key`, renamed); whatever fields the pp leaves in it become the fields of the
-batch. `seed` is a stateless TF seed (int64, shape [2]) derived from (run seed, global element
-index, op position), so the random ops give the same augmentation for the same element after a
-resume.
+batch (uint8 fields as float32, int64 as int32; each field needs one shape across examples).
+`seed` is a stateless TF seed (int64, shape [2]) derived from (run seed, global element index,
+op position), so the random ops give the same augmentation for the same element after a
+resume. An op that reads a field the example lacks fails when the pipeline is built, naming
+the fields there are.
 
 Image ops read the field `key` and write the field `outkey` (default: `key`, in place), as in
 big_vision: `inception_crop(224, key="image", outkey="image_1")` writes a crop of "image" to
