@@ -1,6 +1,8 @@
 """Test set-up: 8 fake CPU devices, and torch imported before TensorFlow."""
 import os
 
+import pytest
+
 # Sharding tests need several devices; XLA reads this once, before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,3 +15,9 @@ try:
     import torchvision  # noqa: F401
 except ImportError:
     pass
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Returns a fresh TFDS data dir in which the digits dataset gets built once (offline)."""
+    return str(tmp_path_factory.mktemp("tensorflow_datasets"))

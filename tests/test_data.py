@@ -12,12 +12,6 @@ import vitjax.data as data
 _DIGITS_PP = "gray_to_rgb|resize(16)|value_range(0, 1)"
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """Returns a fresh TFDS data dir in which the digits dataset gets built (offline)."""
-    return str(tmp_path_factory.mktemp("tensorflow_datasets"))
-
-
 def _config(data_dir, **overrides):
     config = dict(dataset="digits", data_dir=data_dir, pp_train=_DIGITS_PP, pp_eval=_DIGITS_PP)
     config.update(overrides)
@@ -48,16 +42,24 @@ def test_import_and_validation_need_no_tensorflow():
         "    data.validate_input_config(dict(dataset='digits', pp_train='decode|blur(3)'))\n"
         "except ValueError as error:\n"
         "    print(error)\n"
-        "print('tensorflow' in sys.modules, 'tensorflow_datasets' in sys.modules)\n")
+        "import jax, jax.numpy as jnp\n"
+        "transform = data.make_batch_transform(dict(dataset='digits', pp_train='decode',"
+        " label_smoothing=0.1, mixup=dict(mixup_alpha=0.8)), num_classes=10)\n"
+        "batch = transform(dict(image=jnp.ones((2, 4, 4, 3)), label=jnp.array([1, 2])),"
+        " jax.random.key(0))\n"
+        "print(batch['label'].shape, float(batch['label'].sum()))\n"
+        "print('tensorflow' in sys.modules, 'tensorflow_datasets' in sys.modules,"
+        " 'torch' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=120)
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == "False False"
+    assert lines[-1] == "False False False"
+    assert lines[-2] == "(2, 10) 2.0"
     assert "Unknown op 'blur'" in lines[0] and "inception_crop" in lines[0]
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(pp_train="decode|random_resized_crop(224)"), "valid ops: central_crop, decode"),
+    (dict(pp_train="decode|random_resized_crop(224)"), "valid ops: central_crop, copy, decode"),
     (dict(pp_train="decode|resize(0)"), "op 'resize'"),
     (dict(pp_train="decode|resize(32, 64, 1, 2)"), "too many positional arguments"),
     (dict(pp_train="decode|flip_lr(probability=2)"), "op 'flip_lr'"),
@@ -72,6 +74,20 @@ def test_import_and_validation_need_no_tensorflow():
     (dict(source="disk"), "auto, memory, random_access, stream"),
     (dict(batch_size=8), "valid keys:"),
     (dict(random_erasing=0.25, pp_train="decode|random_erasing(0.5)"), "asked twice"),
+    (dict(pp_modules="my_ops"), "must be a tuple of module names"),
+    (dict(pp_modules=("vitjax_no_such_ops",)),
+     "input.pp_modules: importing module 'vitjax_no_such_ops' failed: ModuleNotFoundError"),
+    (dict(pp_train="decode|views(2, 'flip_lr|blur(3)')"), "in a view's pp: Unknown op 'blur'"),
+    (dict(pp_train="views(2, 'decode|flip_lr')"), "cannot decode: put the decode op before"),
+    (dict(pp_train="decode|views(2)"), "views takes (num_views, pp) pairs"),
+    (dict(pp_train="decode|views(0, 'flip_lr')"), "num_views must be an int >= 1"),
+    (dict(pp_train="decode|views(2, 'flip_lr')", mixup=dict(cutmix_alpha=1.0)),
+     "mixup / cutmix with several views is not supported"),
+    (dict(pp_train="decode|views(2, 'flip_lr')", random_erasing=0.25), "in each view's pp"),
+    (dict(pp_train="decode|flip_lr(key='')"), "key must be a field name"),
+    (dict(pp_train="decode|keep()"), "keep needs at least one field name"),
+    (dict(pp_train="decode|label_map({0: 'cat'})"), "new labels must be ints"),
+    (dict(pp_train="decode|onehot(10, smoothing=1.0)"), "smoothing must be in [0, 1)"),
 ])
 def test_validation_errors_name_valid_choices(overrides, message):
     with pytest.raises(ValueError, match=None) as error:
@@ -142,6 +158,7 @@ def test_unknown_split_lists_valid_splits(data_dir):
 # ---------------------------------------------------------------------------------------------
 
 def test_train_batches_depend_only_on_seed_and_step(data_dir):
+    import jax
     config = _config(
         data_dir, label_smoothing=0.1, random_erasing=0.5,
         pp_train=("gray_to_rgb|resize(16)|flip_lr|randaug(1, 9, magnitude_std=0.5)|"
@@ -151,11 +168,19 @@ def test_train_batches_depend_only_on_seed_and_step(data_dir):
                                          process_count=1), 4)
     resumed = _take(data.make_train_iterator(config, global_batch_size=4, seed=3, start_step=2,
                                              process_index=0, process_count=1), 2)
-    for batch in run:
+    # One-hot, smoothing and mixup run on the device, as the trainer runs them: jitted, keyed
+    # by the step.
+    transform = jax.jit(data.make_batch_transform(config, num_classes=10))
+    key = jax.random.key(3)
+    for step, batch in enumerate(run):
+        assert set(batch) == {"image", "label"}
         assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
-        assert batch["label"].shape == (4, 10) and batch["label"].dtype == np.float32
-        np.testing.assert_allclose(batch["label"].sum(axis=1), 1.0, atol=1e-5)
-        assert batch["label"].min() >= 0.01 - 1e-6  # Smoothing 0.1 over 10 classes.
+        assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+        assert 0 <= batch["label"].min() and batch["label"].max() < 10
+        labels = np.asarray(transform(batch, jax.random.fold_in(key, step))["label"])
+        assert labels.shape == (4, 10) and labels.dtype == np.float32
+        np.testing.assert_allclose(labels.sum(axis=1), 1.0, atol=1e-5)
+        assert labels.min() >= 0.01 - 1e-6  # Smoothing 0.1 over 10 classes.
     for expected, actual in zip(run[2:], resumed):
         np.testing.assert_array_equal(expected["image"], actual["image"])
         np.testing.assert_array_equal(expected["label"], actual["label"])
@@ -312,16 +337,16 @@ def test_bad_encodings_are_skipped_and_counted():
     source = sources.MemorySource(encoded, np.arange(6))
     preprocess = ops.build_preprocess("decode(channels=1)|value_range(0, 255)")
     train = pipeline.build_train_dataset(
-        source, preprocess, num_classes=6, global_batch_size=3, seed=0, start_step=0,
-        process_index=0, process_count=1)
+        source, preprocess, global_batch_size=3, seed=0, start_step=0, process_index=0,
+        process_count=1)
     iterator = pipeline.DataIterator(train, first_step=0, num_steps=None, num_bad_examples=0,
                                      description="test")
     batches = _take(iterator, 4)  # Two epochs of 6: the bad image comes twice.
     assert iterator.num_bad_examples == 2
-    labels = np.concatenate([batch["label"].argmax(axis=1) for batch in batches])
+    labels = np.concatenate([batch["label"] for batch in batches])
     assert len(labels) == 12 and 2 not in labels
     for batch in batches:  # A filled slot repeats a good image with its own label.
-        np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], 10 * batch["label"].argmax(1))
+        np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], 10 * batch["label"])
 
     evaluation, num_steps = pipeline.build_eval_dataset(
         source, preprocess, global_batch_size=4, process_index=0, process_count=1)
@@ -339,24 +364,41 @@ def test_bad_encodings_are_skipped_and_counted():
 # The ops.
 # ---------------------------------------------------------------------------------------------
 
+# name: (pp, input image, output field, output shape, output dtype); the example also has label 3.
 _OP_CASES = {
-    "decode": ("decode", "encoded", (8, 8, 3), np.uint8),
+    "decode": ("decode", "encoded", "image", (8, 8, 3), np.uint8),
     "decode_jpeg_and_inception_crop": ("decode_jpeg_and_inception_crop(6, scale=(0.5, 1.0))",
-                                       "jpeg", (6, 6, 3), np.uint8),
-    "inception_crop": ("inception_crop((6, 5))", "rgb", (6, 5, 3), np.uint8),
-    "resize": ("resize(12, method='bicubic')", "gray", (12, 12, 1), np.uint8),
-    "resize_small": ("resize_small(4)", "wide", (4, 8, 3), np.uint8),
-    "central_crop": ("central_crop((4, 6))", "rgb", (4, 6, 3), np.uint8),
-    "random_crop": ("random_crop(8, padding=2)", "rgb", (8, 8, 3), np.uint8),
-    "flip_lr": ("flip_lr(1.0)", "rgb", (8, 8, 3), np.uint8),
-    "gray_to_rgb": ("gray_to_rgb", "gray", (8, 8, 3), np.uint8),
-    "randaug": ("randaug(3, 10, magnitude_std=0.5, probability=1.0)", "gray", (8, 8, 1),
+                                       "jpeg", "image", (6, 6, 3), np.uint8),
+    "inception_crop": ("inception_crop((6, 5))", "rgb", "image", (6, 5, 3), np.uint8),
+    "resize": ("resize(12, method='bicubic')", "gray", "image", (12, 12, 1), np.uint8),
+    "resize_small": ("resize_small(4)", "wide", "image", (4, 8, 3), np.uint8),
+    "central_crop": ("central_crop((4, 6))", "rgb", "image", (4, 6, 3), np.uint8),
+    "random_crop": ("random_crop(8, padding=2)", "rgb", "image", (8, 8, 3), np.uint8),
+    "flip_lr": ("flip_lr(1.0)", "rgb", "image", (8, 8, 3), np.uint8),
+    "gray_to_rgb": ("gray_to_rgb", "gray", "image", (8, 8, 3), np.uint8),
+    "randaug": ("randaug(3, 10, magnitude_std=0.5, probability=1.0)", "gray", "image", (8, 8, 1),
                 np.uint8),
-    "value_range": ("value_range(-1, 1)", "rgb", (8, 8, 3), np.float32),
-    "normalize": ("normalize", "rgb", (8, 8, 3), np.float32),
-    "random_erasing": ("value_range|random_erasing(1.0, mode='rand')", "rgb", (8, 8, 3),
+    "value_range": ("value_range(-1, 1)", "rgb", "image", (8, 8, 3), np.float32),
+    "normalize": ("normalize", "rgb", "image", (8, 8, 3), np.float32),
+    "random_erasing": ("value_range|random_erasing(1.0, mode='rand')", "rgb", "image", (8, 8, 3),
                        np.float32),
+    "views": ("views(2, 'resize(4)', 1, 'resize(2)')", "rgb", "image_2", (2, 2, 3), np.uint8),
+    "copy": ("copy('image', 'original')", "rgb", "original", (8, 8, 3), np.uint8),
+    "rename": ("rename('label', 'target')", "rgb", "target", (), np.int32),
+    "keep": ("keep('label')", "rgb", "label", (), np.int32),
+    "drop": ("drop('label')", "rgb", "image", (8, 8, 3), np.uint8),
+    "label_map": ("label_map((0, 0, 0, 7))", "rgb", "label", (), np.int32),
+    "onehot": ("onehot(5)", "rgb", "label", (5,), np.float32),
 }
+
+
+def _apply(pp, image, seed=(0, 0), label=3):
+    """Returns the numpy fields of pp applied to the example {image, label}."""
+    import tensorflow as tf
+    from vitjax.data import ops
+    example = dict(image=tf.constant(image), label=tf.constant(label, tf.int32))
+    output = ops.build_preprocess(pp)(example, tf.constant(seed, tf.int64))
+    return {name: value.numpy() for name, value in output.items()}
 
 
 def test_each_op_runs_on_a_tiny_image():
@@ -367,22 +409,19 @@ def test_each_op_runs_on_a_tiny_image():
     rgb = rng.integers(0, 256, (8, 8, 3), np.uint8)
     inputs = dict(rgb=rgb, gray=rgb[..., :1], wide=rng.integers(0, 256, (6, 12, 3), np.uint8),
                   encoded=_png(rgb), jpeg=tf.io.encode_jpeg(rgb).numpy())
-    for name, (pp, image_name, shape, dtype) in _OP_CASES.items():
-        preprocess = ops.build_preprocess(pp)
-        output = preprocess(tf.constant(inputs[image_name]), tf.constant([1, 2], tf.int64)).numpy()
+    for name, (pp, image_name, field, shape, dtype) in _OP_CASES.items():
+        output = _apply(pp, inputs[image_name], seed=(1, 2))[field]
         assert output.shape == shape and output.dtype == dtype, name
-    flipped = ops.build_preprocess("flip_lr(1.0)")(tf.constant(rgb), tf.constant([0, 0], tf.int64))
-    np.testing.assert_array_equal(flipped.numpy(), rgb[:, ::-1])
-    normalized = ops.build_preprocess("normalize")(tf.constant(rgb), tf.constant([0, 0], tf.int64))
-    np.testing.assert_allclose(normalized.numpy(), (rgb / 255 - ops.IMAGENET_MEAN)
+    np.testing.assert_array_equal(_apply("flip_lr(1.0)", rgb)["image"], rgb[:, ::-1])
+    np.testing.assert_allclose(_apply("normalize", rgb)["image"], (rgb / 255 - ops.IMAGENET_MEAN)
                                / np.array(ops.IMAGENET_STD), rtol=1e-5, atol=1e-5)
     for method in ops.RESIZE_METHODS:  # every method keeps uint8 (nearest returns it unconverted)
-        resized = ops.build_preprocess(f"resize(4, method={method!r})")(tf.constant(rgb), tf.constant([0, 0], tf.int64))
-        assert resized.dtype == tf.uint8 and resized.shape == (4, 4, 3), method
-    nearest = ops.build_preprocess("resize(4, method='nearest')")(tf.constant(rgb), tf.constant([0, 0], tf.int64))
-    np.testing.assert_array_equal(nearest.numpy(), rgb[1::2, 1::2])  # half-pixel centres
+        resized = _apply(f"resize(4, method={method!r})", rgb)["image"]
+        assert resized.dtype == np.uint8 and resized.shape == (4, 4, 3), method
+    nearest = _apply("resize(4, method='nearest')", rgb)["image"]
+    np.testing.assert_array_equal(nearest, rgb[1::2, 1::2])  # half-pixel centres
     with pytest.raises(ValueError, match="gray_to_rgb"):  # 3-channel stats on a gray image.
-        ops.build_preprocess("normalize")(tf.constant(rgb[..., :1]), tf.constant([0, 0], tf.int64))
+        _apply("normalize", rgb[..., :1])
 
 
 def test_rand_augment_ops_match_timm_within_one_grey_level(monkeypatch):
@@ -417,7 +456,7 @@ def test_rand_augment_is_deterministic_per_seed():
     from vitjax.data import ops
     image = tf.constant(np.random.default_rng(1).integers(0, 256, (8, 8, 3), np.uint8))
     preprocess = ops.build_preprocess("randaug(2, 9, magnitude_std=0.5)")
-    outputs = [preprocess(image, tf.constant(seed, tf.int64)).numpy()
+    outputs = [preprocess(dict(image=image), tf.constant(seed, tf.int64))["image"].numpy()
                for seed in ([0, 1], [0, 1], [0, 2], [0, 3], [0, 4])]
     np.testing.assert_array_equal(outputs[0], outputs[1])
     assert any(not np.array_equal(outputs[0], other) for other in outputs[2:])
@@ -444,7 +483,7 @@ def test_random_erasing_box_has_timm_area_bounds():
 # ---------------------------------------------------------------------------------------------
 
 def test_mixup_and_cutmix_match_timm_and_labels_sum_to_one():
-    import tensorflow as tf
+    import jax
     import torch
     from timm.data import mixup as timm_mixup
     from vitjax.data import mixup
@@ -453,11 +492,11 @@ def test_mixup_and_cutmix_match_timm_and_labels_sum_to_one():
     labels = np.array([0, 3, 3, 1])
     uses = set()
     for seed in range(12):
-        params = mixup.sample_mix_params(tf.constant([seed, 0], tf.int64), 6, 8, mixup_alpha=0.8,
+        params = mixup.sample_mix_params(jax.random.key(seed), 6, 8, mixup_alpha=0.8,
                                          cutmix_alpha=1.0, prob=0.9, switch_prob=0.5)
         mixed_images, mixed_labels = mixup.apply_mix(
-            tf.constant(images), mixup.one_hot(tf.constant(labels), 5, 0.1), params)
-        mixed_images, mixed_labels = mixed_images.numpy(), mixed_labels.numpy()
+            images, mixup.one_hot(labels, 5, 0.1), params)
+        mixed_images, mixed_labels = np.asarray(mixed_images), np.asarray(mixed_labels)
         lam, use_cutmix = float(params["lam"]), bool(params["use_cutmix"])
         uses.add(use_cutmix if lam < 1 else None)
         np.testing.assert_allclose(mixed_labels.sum(axis=1), 1.0, atol=1e-6)
@@ -466,7 +505,7 @@ def test_mixup_and_cutmix_match_timm_and_labels_sum_to_one():
         # timm's Mixup(mode="batch") with the same draws (its box comes from np.random).
         mixer = timm_mixup.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.9, switch_prob=0.5,
                                  label_smoothing=0.1, num_classes=5)
-        top, bottom, left, right = (int(value) for value in params["box"].numpy())
+        top, bottom, left, right = (int(value) for value in np.asarray(params["box"]))
         mixer._params_per_batch = lambda: (lam if not use_cutmix else 0.5, use_cutmix)
         original = timm_mixup.cutmix_bbox_and_lam
         timm_mixup.cutmix_bbox_and_lam = lambda *args, **kwargs: ((top, bottom, left, right), lam)
@@ -482,6 +521,89 @@ def test_mixup_and_cutmix_match_timm_and_labels_sum_to_one():
             kept = np.mean(np.all(mixed_images == images, axis=(0, 3)))
             assert abs(kept - lam) < 1e-6
     assert {True, False} <= uses  # Both cutmix and mixup were exercised.
+    # timm's one-hot smoothing, bit for bit.
+    np.testing.assert_array_equal(
+        np.asarray(mixup.one_hot(labels, 5, 0.1)),
+        timm_mixup.mixup_target(torch.from_numpy(labels), 5, 1.0, 0.1).numpy())
+
+
+def test_cutmix_box_is_timms_rand_bbox(monkeypatch):
+    from timm.data import mixup as timm_mixup
+    from vitjax.data import mixup
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        height, width = (int(v) for v in rng.integers(1, 40, 2))
+        lam = float(rng.choice([rng.uniform(), 0.0, 1.0, 0.5]))
+        center = (int(rng.integers(0, height)), int(rng.integers(0, width)))
+        draws = iter(center)
+        monkeypatch.setattr(timm_mixup.np.random, "randint", lambda *args, **kwargs: next(draws))
+        expected_box, expected_lam = timm_mixup.cutmix_bbox_and_lam((2, 3, height, width), lam)
+        box, corrected = mixup.cutmix_box(np.float32(lam), *center, height, width)
+        assert tuple(int(v) for v in box) == tuple(int(v) for v in expected_box), (height, width,
+                                                                                   lam, center)
+        assert abs(float(corrected) - expected_lam) < 1e-6
+
+
+def test_mix_draws_follow_their_distributions():
+    import jax
+    from vitjax.data import mixup
+    sample = jax.jit(jax.vmap(lambda key: mixup.sample_mix_params(
+        key, 32, 32, mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.9, switch_prob=0.3)))
+    params = jax.tree.map(np.asarray, sample(jax.random.split(jax.random.key(0), 8000)))
+    lam, use_cutmix = params["lam"], params["use_cutmix"]
+    applied = use_cutmix | (lam < 1)  # Not applied: lam 1 without cutmix.
+    assert abs(applied.mean() - 0.9) < 0.015  # prob
+    assert abs(use_cutmix[applied].mean() - 0.3) < 0.02  # switch_prob
+    mixup_lam = lam[applied & ~use_cutmix]
+    # Beta(0.8, 0.8): mean 1/2, variance 1 / (4 (2 alpha + 1)) = 0.0962.
+    assert abs(mixup_lam.mean() - 0.5) < 0.015
+    assert abs(mixup_lam.var() - 1 / (4 * 2.6)) < 0.006
+    box = params["box"][use_cutmix]
+    kept = 1 - (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]) / 32**2
+    np.testing.assert_allclose(lam[use_cutmix], kept, atol=1e-6)  # corrected lambda
+
+
+def test_batch_transform_one_hots_and_mixes_the_global_batch():
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    config = _config(None, label_smoothing=0.2, mixup=dict(mixup_alpha=0.8))
+    rng = np.random.default_rng(0)
+    batch = dict(image=rng.normal(size=(8, 4, 4, 3)).astype(np.float32),
+                 label=np.array([0, 1, 2, 3, 4, 0, 1, 2], np.int32), other=np.arange(8))
+    key = jax.random.key(5)
+    plain = data.make_batch_transform(_config(None, label_smoothing=0.2), 5)(batch, key)
+    np.testing.assert_array_equal(plain["image"], batch["image"])
+    np.testing.assert_allclose(np.asarray(plain["label"])[1], [0.04, 0.84, 0.04, 0.04, 0.04],
+                               rtol=1e-6)
+
+    transform = data.make_batch_transform(config, 5)
+    mixed = jax.tree.map(np.asarray, transform(batch, key))
+    # Example i is mixed with example 7 - i of the global batch, by one lambda, read off the
+    # class-0 target of example 0 (label 0; example 7 has label 2).
+    one_hot, flipped_labels = np.asarray(plain["label"]), np.asarray(plain["label"])[::-1]
+    lam = (mixed["label"][0, 0] - 0.04) / (0.84 - 0.04)
+    assert 0.01 < lam < 0.99
+    np.testing.assert_allclose(mixed["image"], lam * batch["image"]
+                               + (1 - lam) * batch["image"][::-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mixed["label"], lam * one_hot + (1 - lam) * flipped_labels,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mixed["other"], batch["other"])
+
+    # Jitted on a batch sharded over 8 devices, as in the train step: the same numbers.
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+    sharded = jax.device_put(batch, sharding)
+    jitted = jax.tree.map(np.asarray, jax.jit(transform)(sharded, key))
+    for name in batch:
+        np.testing.assert_allclose(jitted[name], mixed[name], rtol=1e-6, atol=1e-6)
+
+    with pytest.raises(ValueError, match="mixes the fields 'image' and 'label'.*only: image"):
+        transform(dict(image=batch["image"]), key)
+    with pytest.raises(ValueError, match="already float"):
+        transform(dict(batch, label=np.asarray(plain["label"])), key)
+    with pytest.raises(ValueError, match="even batch"):
+        transform(dict(image=batch["image"][:3], label=batch["label"][:3]), key)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        data.make_batch_transform(config, 0)
 
 
 # ---------------------------------------------------------------------------------------------

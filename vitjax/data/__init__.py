@@ -7,13 +7,19 @@ Importing this package does not import TensorFlow; the functions that need it do
     info = data.dataset_info(config.input)       # num_classes, num_train / num_eval examples
     train = data.make_train_iterator(config.input, global_batch_size=256, seed=0, start_step=0)
     batches = data.prefetch_to_device(train, 2, sharding)
+    transform = data.make_batch_transform(config.input, info["num_classes"])
+    ...  # in the jitted train step: batch = transform(batch, step_key)  (one-hot, mixup)
     for batch in data.make_eval_iterator(config.input, global_batch_size=256): ...
 
 "digits" is a bundled offline dataset (scikit-learn's 8x8 digits, built into the TFDS data dir
 on first use); any other name is a TFDS dataset. See `vitjax.data.ops` for the pp ops and
 `vitjax.data.sources` for how examples are read, sharded and ordered.
 """
+from vitjax.data.mixup import make_batch_transform
+from vitjax.data.ops import build_preprocess
+from vitjax.data.ops import image_op
 from vitjax.data.ops import parse_pp
+from vitjax.data.ops import register_op
 from vitjax.data.ops import valid_ops
 from vitjax.data.pipeline import DataIterator
 from vitjax.data.pipeline import dataset_info
@@ -26,11 +32,15 @@ from vitjax.data.sources import DatasetNotPreparedError
 __all__ = [
     "DataIterator",
     "DatasetNotPreparedError",
+    "build_preprocess",
     "dataset_info",
+    "image_op",
+    "make_batch_transform",
     "make_eval_iterator",
     "make_train_iterator",
     "parse_pp",
     "prefetch_to_device",
+    "register_op",
     "valid_ops",
     "validate_input_config",
 ]

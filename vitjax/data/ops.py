@@ -5,11 +5,21 @@ validated without importing TensorFlow; the ops themselves are TF functions that
 example inside `tf.data`. Arguments are Python literals, positional or by keyword, and an op
 without arguments may drop its parentheses ("flip_lr").
 
-Every op maps one image to one image: `op(image, seed) -> image`, where `seed` is a stateless
-TF seed (int64, shape [2]) derived from (run seed, global element index, op position), so the
-random ops give the same augmentation for the same element after a resume.
+Every op maps an example dict to an example dict: `op(example, seed) -> example`. An example
+starts as {"image": image, "label": int32 label} (the dataset's `input.image_key` and
+`input.label_key`, renamed); whatever fields the pp leaves in it become the fields of the
+batch (uint8 fields as float32, int64 as int32; each field needs one shape across examples).
+`seed` is a stateless TF seed (int64, shape [2]) derived from (run seed, global element index,
+op position), so the random ops give the same augmentation for the same element after a
+resume. An op that reads a field the example lacks fails when the pipeline is built, naming
+the fields there are.
 
-Ops (arguments as in Python; defaults shown):
+Image ops read the field `key` and write the field `outkey` (default: `key`, in place), as in
+big_vision: `inception_crop(224, key="image", outkey="image_1")` writes a crop of "image" to
+"image_1" and keeps "image".
+
+Image ops (each also takes `key="image"`, `outkey=None`; other arguments as in Python, defaults
+shown):
 
 - `decode(channels=3)`: encoded JPEG/PNG/GIF/BMP bytes -> uint8 (H, W, channels); an image that
   is already decoded (in-memory datasets) passes through unchanged.
@@ -36,17 +46,71 @@ Ops (arguments as in Python; defaults shown):
   min_aspect=0.3)`: timm's RandomErasing on a normalised float image; mode "pixel", "rand" or
   "const".
 
+Multi-view op:
+
+- `views(num_views, pp, [num_views, pp, ...], key="image", outkey=None)`: replaces the field
+  `key` by views `{outkey}_0`, `{outkey}_1`, ... (outkey defaults to `key`): `num_views` views
+  through the sub-pipeline `pp`, then the next group's views, and so on. Every view draws its
+  own seeds (from this op's seed and the view index), so the views of one image differ and each
+  replays exactly. The sub-pipeline sees the example with the input image as "image"; its
+  "image" becomes the view, and every field it adds gets the view's suffix too (a sub-pipeline
+  `...|copy("image", "small")` gives `small_0`, `small_1`, ...); its changes to other fields are
+  dropped. Decode ops cannot be in a view: decode before `views`.
+  Two views (SimCLR, SiT): `decode|views(2, "inception_crop(224)|flip_lr|value_range(-1, 1)")`
+  gives image_0 and image_1. DINO's crops: `views(2, "inception_crop(224, scale=(0.4, 1))|...",
+  6, "inception_crop(96, scale=(0.05, 0.4))|...")` gives image_0, image_1 at 224 and image_2 ...
+  image_7 at 96. Keep the full image beside the views with `copy("image", "full")` before.
+
+Field ops (deterministic):
+
+- `copy(inkey, outkey)`: the field `outkey` becomes a copy of `inkey`.
+- `rename(old, new)`: the field `old` is renamed `new`.
+- `keep(*keys)`: keeps only these fields.
+- `drop(*keys)`: removes these fields.
+
+Label ops (each takes `key="label"`, `outkey=None`):
+
+- `label_map(mapping, default=None)`: replaces an int label by `mapping[label]`; `mapping` is a
+  dict {old: new} or a sequence indexed by the old label (e.g. CIFAR-100's 100 fine classes to
+  its 20 coarse ones). A label outside the mapping gets `default`, or stops the pipeline with an
+  error where `default` is None. Ops cannot drop examples, so a subset of classes is a relabel
+  (e.g. the others to a `default` class), not a filter.
+- `onehot(num_classes, smoothing=0.0)`: float32 (num_classes,) with timm's label smoothing
+  (1 - smoothing + smoothing / num_classes on the class, smoothing / num_classes elsewhere).
+  Training needs no such op: the device-side transform (`vitjax.data.make_batch_transform`)
+  one-hots and smooths int labels; it takes already-float labels as they are.
+
 Decode ops must come first: only their failures (bad encodings) are forgiven by the pipeline.
 
 Resize methods: bilinear, bicubic, nearest, area, lanczos3, lanczos5, gaussian, mitchellcubic
 (`tf.image.resize`). Resizing keeps the dtype: a uint8 image stays uint8 (rounded, clipped) so
 RandAugment can follow a crop, as in timm where it runs on PIL images.
+
+Your own ops: register a builder, which checks its arguments in Python and returns the op, with
+`vitjax.data.register_op(name, kind)`; kind "random" for an op that uses its seed, "decode"
+for one that reads encoded bytes (it must come first; its failures are forgiven), else
+"deterministic". `vitjax.data.image_op` turns a builder of `apply(image, seed) -> image` into
+one of a dict op with the `key` / `outkey` arguments. List the module in `input.pp_modules` so
+that it is imported before the pp strings are parsed. Import TensorFlow inside the op
+(`vitjax.data.ops.import_tensorflow()`) to keep config validation free of it.
+
+    @vitjax.data.register_op("solarize_half", kind="random")
+    @vitjax.data.image_op
+    def solarize_half(threshold=128):  # The op's arguments, checked here.
+        def apply(image, seed):
+            tf = import_tensorflow()
+            solarized = tf.where(image >= threshold, 255 - image, image)
+            return tf.where(tf.random.stateless_uniform([], seed) < 0.5, solarized, image)
+        return apply
 """
 import ast
+import collections.abc
 import dataclasses
+import functools
+import importlib
 import inspect
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from vitjax.data._tf import import_tensorflow
 
@@ -58,7 +122,8 @@ ERASING_MODES = ("pixel", "rand", "const")
 
 # Op kinds: a "decode" op reads encoded bytes (its failures are the bad encodings that get
 # skipped); a "random" op consumes its seed.
-_DECODE, _RANDOM, _DETERMINISTIC = "decode", "random", "deterministic"
+DECODE, RANDOM, DETERMINISTIC = "decode", "random", "deterministic"
+KINDS = (DETERMINISTIC, RANDOM, DECODE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +135,73 @@ class _OpSpec:
 _OPS: dict[str, _OpSpec] = {}
 
 
-def _register(name: str, kind: str):
+def register_op(name: str, kind: str = DETERMINISTIC) -> Callable:
+    """Returns a decorator registering an op builder under `name` for pp strings.
+
+    The builder takes the op's arguments, checks them (ValueError) and returns
+    `op(example: dict, seed) -> dict`. Registering a taken name raises, unless it is the same
+    function again (a reloaded module).
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"An op name must be a Python identifier, got {name!r}.")
+    if kind not in KINDS:
+        raise ValueError(f"Op kind must be one of {', '.join(KINDS)}; got {kind!r}.")
+
     def decorator(builder):
+        if name in _OPS and _qualified_name(_OPS[name].builder) != _qualified_name(builder):
+            raise ValueError(f"Op {name!r} is already registered by "
+                             f"{_qualified_name(_OPS[name].builder)}; pick another name.")
         _OPS[name] = _OpSpec(builder, kind)
         return builder
     return decorator
 
 
+def _qualified_name(function) -> str:
+    return f"{function.__module__}.{function.__qualname__}"
+
+
 def valid_ops() -> list[str]:
     """Returns the sorted names of all preprocessing ops."""
     return sorted(_OPS)
+
+
+def import_pp_modules(modules: Iterable[str], role: str = "input.pp_modules"):
+    """Imports the modules that register ops; raises ValueError naming one that fails."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # pylint: disable=broad-except  # Anything a module raises.
+            raise ValueError(f"{role}: importing module {module!r} failed: "
+                             f"{type(error).__name__}: {error}") from error
+
+
+def image_op(builder: Callable) -> Callable:
+    """Returns `builder` (of `apply(image, seed) -> image`) as a builder of a dict op.
+
+    The returned builder takes the same arguments plus keyword-only `key="image"` (the field
+    read) and `outkey=None` (the field written; default `key`).
+    """
+    signature = inspect.signature(builder)
+    parameters = list(signature.parameters.values())
+    if {"key", "outkey"} & {parameter.name for parameter in parameters}:
+        raise TypeError(f"{builder.__name__} already has a key or outkey argument.")
+    extra = [inspect.Parameter("key", inspect.Parameter.KEYWORD_ONLY, default="image"),
+             inspect.Parameter("outkey", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    has_var_keyword = parameters and parameters[-1].kind == inspect.Parameter.VAR_KEYWORD
+    parameters = (parameters[:-1] + extra + parameters[-1:] if has_var_keyword
+                  else parameters + extra)
+
+    @functools.wraps(builder)
+    def build(*args, key="image", outkey=None, **kwargs):
+        key, outkey = _field(key, "key"), _field(key if outkey is None else outkey, "outkey")
+        apply_to_image = builder(*args, **kwargs)
+
+        def apply(example, seed):
+            return {**example, outkey: apply_to_image(example[key], seed)}
+        return apply
+
+    build.__signature__ = signature.replace(parameters=parameters)
+    return build
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +262,15 @@ def parse_pp(pp: str) -> list[tuple[str, tuple, dict]]:
                              "'name(args)'.")
         if name not in _OPS:
             raise ValueError(f"Unknown op {name!r} in pp string {pp!r}; valid ops: "
-                             f"{', '.join(valid_ops())}.")
+                             f"{', '.join(valid_ops())} (register more with "
+                             "vitjax.data.register_op and input.pp_modules).")
         parsed.append((name, args, kwargs))
     return parsed
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """A parsed pp string: callable as `preprocess(image, seed) -> image` inside tf.data."""
+    """A parsed pp string: callable as `preprocess(example, seed) -> example` inside tf.data."""
 
     pp: str
     names: tuple[str, ...]
@@ -157,23 +280,38 @@ class Preprocess:
     @property
     def num_decode_ops(self) -> int:
         """Returns how many leading ops (up to and including the last decode op) read bytes."""
-        decode_positions = [i for i, kind in enumerate(self.kinds) if kind == _DECODE]
+        decode_positions = [i for i, kind in enumerate(self.kinds) if kind == DECODE]
         return decode_positions[-1] + 1 if decode_positions else 0
 
     def stage(self, start: int, stop: int | None = None) -> Callable:
         """Returns a function applying ops [start, stop), with the seeds the full chain uses."""
         stop = len(self.functions) if stop is None else stop
 
-        def apply(image, seed):
+        def apply(example, seed):
             tf = import_tensorflow()
             for position in range(start, stop):
                 op_seed = tf.random.experimental.stateless_fold_in(seed, position)
-                image = self.functions[position](image, op_seed)
-            return image
+                fields = ", ".join(example) or "none"
+                try:
+                    example = self.functions[position](example, op_seed)
+                except KeyError as error:  # Raised while tracing, so the fields are known.
+                    raise ValueError(f"Op {self.names[position]!r} (op {position} of pp string "
+                                     f"{self.pp!r}) reads the field {error.args[0]!r}, which the "
+                                     f"example does not have; its fields: {fields}.") from None
+                if not isinstance(example, collections.abc.Mapping):
+                    raise TypeError(f"Op {self.names[position]!r} in pp string {self.pp!r} "
+                                    f"returned a {type(example).__name__}; an op returns the "
+                                    "example dict (wrap an image function with "
+                                    "vitjax.data.image_op).")
+                example = dict(example)
+            return example
         return apply
 
-    def __call__(self, image, seed):
-        return self.stage(0)(image, seed)
+    def __call__(self, example, seed):
+        if not isinstance(example, collections.abc.Mapping):
+            raise TypeError(f"A Preprocess takes an example dict such as {{'image': image}}, got "
+                            f"a {type(example).__name__}.")
+        return self.stage(0)(dict(example), seed)
 
 
 def build_preprocess(pp: str) -> Preprocess:
@@ -192,7 +330,7 @@ def build_preprocess(pp: str) -> Preprocess:
         except (TypeError, ValueError) as error:
             raise ValueError(f"Bad arguments for op {name!r} in pp string {pp!r}: {error}. "
                              f"Signature: {name}{signature}.") from None
-        if spec.kind == _DECODE and kinds and kinds[-1] != _DECODE:
+        if spec.kind == DECODE and kinds and kinds[-1] != DECODE:
             raise ValueError(f"Op {name!r} decodes bytes, so it must come first in pp string "
                              f"{pp!r}, before {names[-1]!r}.")
         names.append(name)
@@ -204,6 +342,12 @@ def build_preprocess(pp: str) -> Preprocess:
 # ---------------------------------------------------------------------------------------------
 # Argument checks (pure Python, run when the pp string is built).
 # ---------------------------------------------------------------------------------------------
+
+def _field(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a field name (a non-empty string), got {value!r}")
+    return value
+
 
 def _size(value: Any, name: str = "size") -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else value
@@ -231,6 +375,12 @@ def _probability(value: Any, name: str = "probability") -> float:
 def _choice(value: Any, choices: tuple[str, ...], name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _int(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
 
 
@@ -278,49 +428,11 @@ def _crop_box(image_shape, seed, scale, ratio):
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops. Each builder checks its arguments in Python and returns `apply(image, seed)`.
+# Image ops. Each builder checks its arguments in Python and returns `apply(image, seed)`;
+# `image_op` makes it an op on the example's field `key`.
 # ---------------------------------------------------------------------------------------------
 
-@_register("decode", _DECODE)
-def decode(channels=3):
-    """Returns an op decoding JPEG/PNG/GIF/BMP bytes to uint8 (H, W, channels)."""
-    _choice(channels, (1, 3), "channels")
-
-    def apply(image, seed):
-        del seed
-        tf = import_tensorflow()
-        if image.dtype != tf.string:
-            return image  # Already decoded (in-memory datasets hold decoded arrays).
-        return tf.io.decode_image(image, channels=channels, dtype=tf.uint8, expand_animations=False)
-    return apply
-
-
-@_register("decode_jpeg_and_inception_crop", _DECODE)
-def decode_jpeg_and_inception_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                                   method="bilinear", antialias=False):
-    """Returns an op decoding only a random inception crop of a JPEG, resized to `size`."""
-    height, width = _size(size)
-    scale = _interval(scale, "scale", 0.0, 1.0)
-    ratio = _interval(ratio, "ratio", 0.0, math.inf)
-    _choice(method, RESIZE_METHODS, "method")
-    crop = inception_crop(size, scale, ratio, method, antialias)
-
-    def apply(image, seed):
-        tf = import_tensorflow()
-        if image.dtype != tf.string:
-            return crop(image, seed)
-        shape = tf.image.extract_jpeg_shape(image)
-        begin, crop_size = _crop_box(shape, seed, scale, ratio)
-        window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-        image = tf.io.decode_and_crop_jpeg(image, window, channels=3)
-        return _resize(image, height, width, method, antialias)
-    return apply
-
-
-@_register("inception_crop", _RANDOM)
-def inception_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="bilinear",
-                   antialias=False):
-    """Returns an op taking a random-resized (inception) crop resized to `size`."""
+def _inception_crop_image(size, scale, ratio, method, antialias):
     height, width = _size(size)
     scale = _interval(scale, "scale", 0.0, 1.0)
     ratio = _interval(ratio, "ratio", 0.0, math.inf)
@@ -334,7 +446,53 @@ def inception_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="biline
     return apply
 
 
-@_register("resize", _DETERMINISTIC)
+@register_op("decode", DECODE)
+@image_op
+def decode(channels=3):
+    """Returns an op decoding JPEG/PNG/GIF/BMP bytes to uint8 (H, W, channels)."""
+    _choice(channels, (1, 3), "channels")
+
+    def apply(image, seed):
+        del seed
+        tf = import_tensorflow()
+        if image.dtype != tf.string:
+            return image  # Already decoded (in-memory datasets hold decoded arrays).
+        return tf.io.decode_image(image, channels=channels, dtype=tf.uint8, expand_animations=False)
+    return apply
+
+
+@register_op("decode_jpeg_and_inception_crop", DECODE)
+@image_op
+def decode_jpeg_and_inception_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                   method="bilinear", antialias=False):
+    """Returns an op decoding only a random inception crop of a JPEG, resized to `size`."""
+    height, width = _size(size)
+    crop = _inception_crop_image(size, scale, ratio, method, antialias)
+    scale = _interval(scale, "scale", 0.0, 1.0)
+    ratio = _interval(ratio, "ratio", 0.0, math.inf)
+
+    def apply(image, seed):
+        tf = import_tensorflow()
+        if image.dtype != tf.string:
+            return crop(image, seed)
+        shape = tf.image.extract_jpeg_shape(image)
+        begin, crop_size = _crop_box(shape, seed, scale, ratio)
+        window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+        image = tf.io.decode_and_crop_jpeg(image, window, channels=3)
+        return _resize(image, height, width, method, antialias)
+    return apply
+
+
+@register_op("inception_crop", RANDOM)
+@image_op
+def inception_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), method="bilinear",
+                   antialias=False):
+    """Returns an op taking a random-resized (inception) crop resized to `size`."""
+    return _inception_crop_image(size, scale, ratio, method, antialias)
+
+
+@register_op("resize", DETERMINISTIC)
+@image_op
 def resize(size, method="bilinear", antialias=False):
     """Returns an op resizing to `size` (int or (height, width)), keeping the dtype."""
     height, width = _size(size)
@@ -346,7 +504,8 @@ def resize(size, method="bilinear", antialias=False):
     return apply
 
 
-@_register("resize_small", _DETERMINISTIC)
+@register_op("resize_small", DETERMINISTIC)
+@image_op
 def resize_small(size, method="bilinear", antialias=False):
     """Returns an op resizing so that the shorter side is `size`, keeping the aspect ratio."""
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -367,7 +526,8 @@ def resize_small(size, method="bilinear", antialias=False):
     return apply
 
 
-@_register("central_crop", _DETERMINISTIC)
+@register_op("central_crop", DETERMINISTIC)
+@image_op
 def central_crop(size):
     """Returns an op taking the central crop of `size` (int or (height, width))."""
     height, width = _size(size)
@@ -382,7 +542,8 @@ def central_crop(size):
     return apply
 
 
-@_register("random_crop", _RANDOM)
+@register_op("random_crop", RANDOM)
+@image_op
 def random_crop(size, padding=0):
     """Returns an op zero-padding by `padding` then cropping a random `size` window."""
     height, width = _size(size)
@@ -399,7 +560,8 @@ def random_crop(size, padding=0):
     return apply
 
 
-@_register("flip_lr", _RANDOM)
+@register_op("flip_lr", RANDOM)
+@image_op
 def flip_lr(probability=0.5):
     """Returns an op mirroring the image left-right with `probability`."""
     probability = _probability(probability)
@@ -411,7 +573,8 @@ def flip_lr(probability=0.5):
     return apply
 
 
-@_register("gray_to_rgb", _DETERMINISTIC)
+@register_op("gray_to_rgb", DETERMINISTIC)
+@image_op
 def gray_to_rgb():
     """Returns an op repeating a single channel three times (3-channel images pass through)."""
 
@@ -431,7 +594,8 @@ def gray_to_rgb():
     return apply
 
 
-@_register("randaug", _RANDOM)
+@register_op("randaug", RANDOM)
+@image_op
 def randaug(num_layers=2, magnitude=9, magnitude_std=0.0, increasing=True, probability=0.5,
             fill=(124, 116, 104)):
     """Returns an op applying timm's RandAugment (see `vitjax.data.augment`) to a uint8 image."""
@@ -455,7 +619,8 @@ def randaug(num_layers=2, magnitude=9, magnitude_std=0.0, increasing=True, proba
     return apply
 
 
-@_register("value_range", _DETERMINISTIC)
+@register_op("value_range", DETERMINISTIC)
+@image_op
 def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, clip_values=False):
     """Returns an op mapping [in_min, in_max] linearly to [vmin, vmax] as float32."""
     for name, value in (("vmin", vmin), ("vmax", vmax), ("in_min", in_min), ("in_max", in_max)):
@@ -474,7 +639,8 @@ def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, clip_values=False
     return apply
 
 
-@_register("normalize", _DETERMINISTIC)
+@register_op("normalize", DETERMINISTIC)
+@image_op
 def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Returns an op computing float32 (image / 255 - mean) / std per channel."""
     mean, std = _per_channel(mean, "mean"), _per_channel(std, "std")
@@ -491,7 +657,8 @@ def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return apply
 
 
-@_register("random_erasing", _RANDOM)
+@register_op("random_erasing", RANDOM)
+@image_op
 def random_erasing(probability=0.25, mode="pixel", min_area=0.02, max_area=1 / 3, min_aspect=0.3):
     """Returns an op applying timm's RandomErasing (one box) to a normalised float image."""
     probability = _probability(probability)
@@ -504,4 +671,178 @@ def random_erasing(probability=0.25, mode="pixel", min_area=0.02, max_area=1 / 3
         from vitjax.data import augment  # pylint: disable=g-import-not-at-top
         return augment.random_erasing(image, seed, probability=probability, mode=mode,
                                       min_area=min_area, max_area=max_area, min_aspect=min_aspect)
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------
+# The multi-view op.
+# ---------------------------------------------------------------------------------------------
+
+@register_op("views", RANDOM)
+def views(*groups, key="image", outkey=None):
+    """Returns an op replacing field `key` by views {outkey}_0, {outkey}_1, ... (see the doc)."""
+    if not groups or len(groups) % 2:
+        raise ValueError(f"views takes (num_views, pp) pairs, e.g. views(2, 'inception_crop(224)"
+                         f"|flip_lr'), got {len(groups)} positional argument(s)")
+    key = _field(key, "key")
+    outkey = _field(key if outkey is None else outkey, "outkey")
+    pipelines = []
+    for num_views, pp in zip(groups[::2], groups[1::2]):
+        _int(num_views, "num_views", 1)
+        if not isinstance(pp, str):
+            raise ValueError(f"a view's pp must be a string like 'inception_crop(224)|flip_lr', "
+                             f"got {pp!r}")
+        try:
+            preprocess = build_preprocess(pp)
+        except ValueError as error:
+            raise ValueError(f"in a view's pp: {error}") from None
+        if DECODE in preprocess.kinds:
+            raise ValueError(f"a view's pp {pp!r} cannot decode: put the decode op before views")
+        pipelines += [preprocess] * num_views
+
+    def apply(example, seed):
+        tf = import_tensorflow()
+        source = example[key]
+        rest = {name: value for name, value in example.items() if name != key}
+        result = dict(rest)
+        for index, preprocess in enumerate(pipelines):
+            view_seed = tf.random.experimental.stateless_fold_in(seed, index)
+            view = preprocess({**rest, "image": source}, view_seed)
+            if "image" not in view:
+                raise ValueError(f"views: the pp {preprocess.pp!r} removed the field 'image', "
+                                 "which holds the view")
+            result[f"{outkey}_{index}"] = view["image"]
+            result.update({f"{name}_{index}": value for name, value in view.items()
+                           if name != "image" and name not in rest})
+        return result
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------
+# Field ops.
+# ---------------------------------------------------------------------------------------------
+
+def _fields(keys: tuple, op: str) -> tuple[str, ...]:
+    if not keys:
+        raise ValueError(f"{op} needs at least one field name, e.g. {op}('image')")
+    return tuple(_field(key, "a field") for key in keys)
+
+
+@register_op("copy", DETERMINISTIC)
+def copy_field(inkey, outkey):
+    """Returns an op setting field `outkey` to a copy of field `inkey`."""
+    inkey, outkey = _field(inkey, "inkey"), _field(outkey, "outkey")
+
+    def apply(example, seed):
+        del seed
+        return {**example, outkey: example[inkey]}
+    return apply
+
+
+@register_op("rename", DETERMINISTIC)
+def rename_field(old, new):
+    """Returns an op renaming field `old` to `new`."""
+    old, new = _field(old, "old"), _field(new, "new")
+
+    def apply(example, seed):
+        del seed
+        value = example[old]
+        return {**{name: v for name, v in example.items() if name != old}, new: value}
+    return apply
+
+
+@register_op("keep", DETERMINISTIC)
+def keep_fields(*keys):
+    """Returns an op keeping only the fields `keys`."""
+    keys = _fields(keys, "keep")
+
+    def apply(example, seed):
+        del seed
+        return {key: example[key] for key in keys}
+    return apply
+
+
+@register_op("drop", DETERMINISTIC)
+def drop_fields(*keys):
+    """Returns an op removing the fields `keys`."""
+    keys = _fields(keys, "drop")
+
+    def apply(example, seed):
+        del seed
+        for key in keys:
+            example[key]  # pylint: disable=pointless-statement  # A missing field is an error.
+        return {name: value for name, value in example.items() if name not in keys}
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------
+# Label ops.
+# ---------------------------------------------------------------------------------------------
+
+def _label_table(mapping) -> dict[int, int]:
+    if isinstance(mapping, dict):
+        table = mapping
+    elif isinstance(mapping, (tuple, list)):
+        table = dict(enumerate(mapping))
+    else:
+        raise ValueError(f"mapping must be a dict {{old: new}} or a sequence of new labels, "
+                         f"got {mapping!r}")
+    for old, new in table.items():
+        if isinstance(old, bool) or not isinstance(old, int) or old < 0:
+            raise ValueError(f"mapping's old labels must be ints >= 0, got {old!r}")
+        if isinstance(new, bool) or not isinstance(new, int):
+            raise ValueError(f"mapping's new labels must be ints, got {new!r} for {old}")
+    if not table:
+        raise ValueError("mapping is empty")
+    return table
+
+
+@register_op("label_map", DETERMINISTIC)
+def label_map(mapping, default=None, *, key="label", outkey=None):
+    """Returns an op replacing int label l by mapping[l] (`default` outside it, or an error)."""
+    table = _label_table(mapping)
+    if default is not None and (isinstance(default, bool) or not isinstance(default, int)):
+        raise ValueError(f"default must be an int or None, got {default!r}")
+    key, outkey = _field(key, "key"), _field(key if outkey is None else outkey, "outkey")
+    size = max(table) + 1
+    values = [table.get(old, 0 if default is None else default) for old in range(size)]
+    known = [old in table for old in range(size)]
+
+    def apply(example, seed):
+        del seed
+        tf = import_tensorflow()
+        label = example[key]
+        as_int = tf.cast(label, tf.int32)
+        inside = (as_int >= 0) & (as_int < size)
+        index = tf.clip_by_value(as_int, 0, size - 1)
+        mapped = tf.gather(tf.constant(values, tf.int32), index)
+        known_label = inside & tf.gather(tf.constant(known), index)
+        if default is None:
+            check = tf.debugging.Assert(tf.reduce_all(known_label), [
+                f"label_map: a label is not in the mapping (keys {sorted(table)}) and default is "
+                "None; label:", label])
+            with tf.control_dependencies([check]):
+                mapped = tf.identity(mapped)
+        else:
+            mapped = tf.where(known_label, mapped, default)
+        return {**example, outkey: tf.cast(mapped, label.dtype)}
+    return apply
+
+
+@register_op("onehot", DETERMINISTIC)
+def onehot(num_classes, smoothing=0.0, *, key="label", outkey=None):
+    """Returns an op making int label float32 (num_classes,) one-hot with timm's smoothing."""
+    _int(num_classes, "num_classes", 1)
+    if not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+    key, outkey = _field(key, "key"), _field(key if outkey is None else outkey, "outkey")
+    off_value = smoothing / num_classes
+
+    def apply(example, seed):
+        del seed
+        tf = import_tensorflow()
+        labels = tf.one_hot(tf.cast(example[key], tf.int32), num_classes,
+                            on_value=1.0 - smoothing + off_value, off_value=off_value,
+                            dtype=tf.float32)
+        return {**example, outkey: labels}
     return apply

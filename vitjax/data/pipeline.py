@@ -3,14 +3,21 @@
 A train batch at step s is a function of (seed, s) only (with source "stream": and of the
 process count): a run restarted with `start_step=s` gets exactly batches s, s+1, ... of an
 uninterrupted run, augmentations included, because every random op draws from a stateless seed
-derived from (seed, global element index) and mixup / cutmix from (seed, step).
+derived from (seed, global element index).
 
-Per step, each host takes its raw examples (see `vitjax.data.sources`), decodes them (an image
-that fails to decode is dropped and counted; its slot in the batch is filled by repeating a good
-example of the same batch, so the batch keeps its size and stays a function of the step), runs
-the rest of the pp ops, then builds one-hot labels with label smoothing and applies mixup /
-cutmix to the batch. Eval batches are padded to the fixed batch size with mask False, and a bad
-image in eval becomes a masked-out slot.
+Per step, each host takes its raw examples (see `vitjax.data.sources`), each an example dict
+{"image", "label"}, decodes them (an image that fails to decode is dropped and counted; its slot
+in the batch is filled by repeating a good example of the same batch, all its fields, so the
+batch keeps its size and stays a function of the step), and runs the rest of the pp ops. A batch
+holds every field the pp leaves in the examples (image, image_0, image_1, label, ...), uint8
+fields as float32 and int64 fields as int32; train labels stay int32 class ids: one-hot, label
+smoothing and mixup / cutmix run on the device (`vitjax.data.make_batch_transform`). Eval
+batches are padded to the fixed batch size with mask False (the padding repeats an example), and
+a bad image in eval becomes a masked-out slot whose fields are all zero. The bookkeeping (element
+index, step) never enters a batch.
+
+`input.pp_modules` names modules that register more ops (`vitjax.data.register_op`); they are
+imported before the pp strings are parsed.
 """
 import collections.abc
 import logging
@@ -43,6 +50,7 @@ _DEFAULTS = dict(
     label_key="label",
     source="auto",  # "auto", "memory", "random_access" or "stream": see vitjax.data.sources.
     download=True,  # Let TFDS download and prepare datasets that need no manual step.
+    pp_modules=(),  # Modules imported before parsing the pp strings: they register more ops.
 )
 _MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5)
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+(\.[0-9*]+){0,2})?$")
@@ -115,6 +123,14 @@ def validate_input_config(input_config) -> dict:
     _integer(config, "repeated_augmentation", 1)
     _integer(config, "prefetch", 0)
 
+    modules = config["pp_modules"]
+    if isinstance(modules, str) or not isinstance(modules, (tuple, list)) or not all(
+            isinstance(module, str) and module for module in modules):
+        raise ValueError(f"input.pp_modules must be a tuple of module names such as "
+                         f"('my_package.my_ops',), got {modules!r}.")
+    config["pp_modules"] = tuple(modules)
+    ops.import_pp_modules(config["pp_modules"])
+
     mixup = dict(_MIXUP_DEFAULTS)
     if config["mixup"] is not None:
         given_mixup = _to_dict(config["mixup"], "input.mixup")
@@ -136,11 +152,24 @@ def validate_input_config(input_config) -> dict:
                 preprocess = ops.build_preprocess(config[name])
             except ValueError as error:
                 raise ValueError(f"input.{name}: {error}") from None
-            if name == "pp_train" and config["random_erasing"] > 0 and (
-                    "random_erasing" in preprocess.names):
+            if name != "pp_train":
+                continue
+            if config["random_erasing"] > 0 and "random_erasing" in preprocess.names:
                 raise ValueError("Random erasing is asked twice: by input.random_erasing and in "
                                  "input.pp_train; keep one.")
+            if config["random_erasing"] > 0 and "views" in preprocess.names:
+                raise ValueError("input.random_erasing erases the field 'image', which views "
+                                 "replaces; put random_erasing(p) in each view's pp instead.")
+            if mixing(config) and "views" in preprocess.names:
+                raise ValueError("input.mixup mixes the field 'image' and the labels, and "
+                                 "input.pp_train makes views: mixup / cutmix with several views "
+                                 "is not supported; set input.mixup=None.")
     return config
+
+
+def mixing(config: dict) -> bool:
+    """Returns whether a validated input config asks for mixup or cutmix."""
+    return config["mixup"]["mixup_alpha"] > 0 or config["mixup"]["cutmix_alpha"] > 0
 
 
 def _train_pp(config: dict) -> str:
@@ -221,9 +250,14 @@ def _processes(process_index, process_count, global_batch_size):
 # Per-step preprocessing.
 # ---------------------------------------------------------------------------------------------
 
+# The fields of a raw example that the pp sees; the rest of a raw batch is bookkeeping.
+_EXAMPLE_FIELDS = ("image", "label")
+_STEP_FIELDS = ("step", "num_valid")
+
+
 def _preprocess_steps(raw_batches, preprocess: ops.Preprocess, source, *, seed: int,
                       local_batch_size: int):
-    """Returns per-step batches of preprocessed examples (bad encodings dropped)."""
+    """Returns per-step (fields, bookkeeping) batches of preprocessed examples, bad ones dropped."""
     tf = import_tensorflow()
     num_decode_ops = preprocess.num_decode_ops
     if getattr(source, "encoded", False) and not num_decode_ops:
@@ -235,17 +269,19 @@ def _preprocess_steps(raw_batches, preprocess: ops.Preprocess, source, *, seed: 
 
     def apply(stage):
         @tf.autograph.experimental.do_not_convert
-        def apply_stage(element):
+        def apply_stage(example, bookkeeping):
             element_seed = tf.random.experimental.stateless_fold_in(element_key,
-                                                                    element["element_id"])
-            return dict(element, image=stage(element["image"], element_seed))
+                                                                    bookkeeping["element_id"])
+            return stage(example, element_seed), bookkeeping
         return apply_stage
 
     @tf.autograph.experimental.do_not_convert
     def per_step(raw):
         raw = dict(raw)
-        scalars = {name: raw.pop(name) for name in ("step", "num_valid") if name in raw}
-        elements = tf.data.Dataset.from_tensor_slices(raw)
+        scalars = {name: raw.pop(name) for name in _STEP_FIELDS if name in raw}
+        example = {name: raw.pop(name) for name in _EXAMPLE_FIELDS}
+        # The bookkeeping travels beside the example, so no op can see, drop or overwrite it.
+        elements = tf.data.Dataset.from_tensor_slices((example, raw))
         if num_decode_ops:
             elements = elements.map(apply(decode_stage), num_parallel_calls=tf.data.AUTOTUNE,
                                     deterministic=True)
@@ -253,11 +289,26 @@ def _preprocess_steps(raw_batches, preprocess: ops.Preprocess, source, *, seed: 
             elements = elements.ignore_errors()
         elements = elements.map(apply(rest_stage), num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=True)
+        if not elements.element_spec[0]:
+            raise ValueError(f"pp string {preprocess.pp!r} leaves no field in the examples.")
         # An empty step (every image bad) yields no batch; the iterator reports it.
-        return elements.batch(local_batch_size).map(lambda batch: dict(batch, **scalars))
+        return elements.batch(local_batch_size).map(
+            lambda fields, bookkeeping: (fields, dict(bookkeeping, **scalars)))
 
     return raw_batches.interleave(per_step, cycle_length=_STEPS_IN_FLIGHT,
                                   num_parallel_calls=_STEPS_IN_FLIGHT, deterministic=True)
+
+
+def _batch_field(value, local_batch_size: int):
+    """Returns a batched field with its static batch size, uint8 as float32, int64 as int32."""
+    tf = import_tensorflow()
+    value = tf.ensure_shape(value, [local_batch_size] + value.shape[1:].as_list())
+    # Images were always float32 batches; JAX's default integer is int32.
+    if value.dtype == tf.uint8:
+        return tf.cast(value, tf.float32)
+    if value.dtype == tf.int64:
+        return tf.cast(value, tf.int32)
+    return value
 
 
 def _finish(dataset, prefetch: int):
@@ -294,16 +345,16 @@ class DataIterator:
         if self._iterator is None:
             self._iterator = self._dataset.as_numpy_iterator()
         try:
-            batch = next(self._iterator)
+            batch, bookkeeping = next(self._iterator)
         except StopIteration:
             if self.num_steps is not None and self._next_step < self._first_step + self.num_steps:
                 self._raise_lost_step()
             raise
-        step = int(batch.pop("step"))
+        step = int(bookkeeping["step"])
         if step != self._next_step:
             self._raise_lost_step()
         self._next_step += 1
-        num_bad = int(batch.pop("num_bad"))
+        num_bad = int(bookkeeping["num_bad"])
         if num_bad:
             self.num_bad_examples += num_bad
             _LOG.warning("%s: %d image(s) of step %d failed to decode and were skipped (%d so "
@@ -315,41 +366,25 @@ class DataIterator:
                            "decode; the data is likely corrupt.")
 
 
-def build_train_dataset(source, preprocess: ops.Preprocess, *, num_classes: int,
-                        global_batch_size: int, seed: int, start_step: int, process_index: int,
-                        process_count: int, label_smoothing: float = 0.0, mixup=None,
+def build_train_dataset(source, preprocess: ops.Preprocess, *, global_batch_size: int, seed: int,
+                        start_step: int, process_index: int, process_count: int,
                         prefetch: int = 2, repeats: int = 1):
     """Returns the tf.data train pipeline over `source` (see make_train_iterator)."""
     tf = import_tensorflow()
-    from vitjax.data import mixup as mixup_lib  # pylint: disable=g-import-not-at-top
-    mixup = dict(_MIXUP_DEFAULTS, **(mixup or {}))
-    mixing = mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0
     local_batch_size = global_batch_size // process_count
-    if mixing and local_batch_size % 2:
-        raise ValueError(f"Mixup / cutmix pair example i with example batch-1-i and need an even "
-                         f"per-host batch, got {local_batch_size}.")
     raw = source.train_batches(seed=seed, start_step=start_step,
                                global_batch_size=global_batch_size, process_index=process_index,
                                process_count=process_count, repeats=repeats)
     batches = _preprocess_steps(raw, preprocess, source, seed=seed,
                                 local_batch_size=local_batch_size)
-    mix_key = sources.key(seed, sources.SALT_MIX)
 
     @tf.autograph.experimental.do_not_convert
-    def finalize(batch):
-        count = tf.shape(batch["label"])[0]
-        fill = tf.range(local_batch_size) % count  # Repeat good images into bad images' slots.
-        images = tf.cast(tf.gather(batch["image"], fill), tf.float32)
-        images = tf.ensure_shape(images, [local_batch_size] + batch["image"].shape[1:].as_list())
-        labels = mixup_lib.one_hot(tf.gather(batch["label"], fill), num_classes, label_smoothing)
-        if mixing:
-            shape = tf.shape(images)
-            params = mixup_lib.sample_mix_params(
-                tf.random.experimental.stateless_fold_in(mix_key, batch["step"]), shape[1],
-                shape[2], **mixup)
-            images, labels = mixup_lib.apply_mix(images, labels, params)
-        return dict(image=images, label=labels, step=batch["step"],
-                    num_bad=local_batch_size - count)
+    def finalize(fields, bookkeeping):
+        count = tf.shape(bookkeeping["element_id"])[0]
+        fill = tf.range(local_batch_size) % count  # Repeat good examples into bad ones' slots.
+        fields = {name: _batch_field(tf.gather(value, fill), local_batch_size)
+                  for name, value in fields.items()}
+        return fields, dict(step=bookkeeping["step"], num_bad=local_batch_size - count)
 
     batches = batches.map(finalize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _finish(batches, prefetch)
@@ -365,17 +400,29 @@ def build_eval_dataset(source, preprocess: ops.Preprocess, *, global_batch_size:
     batches = _preprocess_steps(raw, preprocess, source, seed=0, local_batch_size=local_batch_size)
 
     @tf.autograph.experimental.do_not_convert
-    def finalize(batch):
-        slots = batch["slot"][:, None]
-        image_shape = tf.shape(batch["image"])[1:]
-        images = tf.scatter_nd(slots, tf.cast(batch["image"], tf.float32),
-                               tf.concat([[local_batch_size], image_shape], axis=0))
-        images = tf.ensure_shape(images, [local_batch_size] + batch["image"].shape[1:].as_list())
-        labels = tf.scatter_nd(slots, tf.cast(batch["label"], tf.int32), [local_batch_size])
-        valid = tf.cast(batch["valid"], tf.int32)
-        mask = tf.scatter_nd(slots, valid, [local_batch_size]) > 0
-        return dict(image=images, label=labels, mask=mask, step=batch["step"],
-                    num_bad=batch["num_valid"] - tf.reduce_sum(valid))
+    def finalize(fields, bookkeeping):
+        if "mask" in fields:
+            raise ValueError(f"pp string {preprocess.pp!r} makes a field 'mask', the name of the "
+                             "eval batches' padding mask; rename it (rename('mask', ...)).")
+        slots = bookkeeping["slot"]
+        # position[j]: the kept example in slot j, or -1 where slot j lost its image.
+        position = tf.scatter_nd(slots[:, None], tf.range(1, tf.shape(slots)[0] + 1),
+                                 [local_batch_size]) - 1
+        present = position >= 0
+        index = tf.maximum(position, 0)
+
+        def place(value):
+            gathered = tf.gather(value, index)
+            where = tf.reshape(present, [local_batch_size] + [1] * (len(value.shape) - 1))
+            return _batch_field(tf.where(where, gathered, tf.zeros_like(gathered)),
+                                local_batch_size)
+
+        fields = {name: place(value) for name, value in fields.items()}
+        valid = bookkeeping["valid"]
+        fields["mask"] = tf.ensure_shape(tf.gather(valid, index) & present, [local_batch_size])
+        return fields, dict(step=bookkeeping["step"],
+                            num_bad=bookkeeping["num_valid"]
+                            - tf.reduce_sum(tf.cast(valid, tf.int32)))
 
     batches = batches.map(finalize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _finish(batches, prefetch), num_steps
@@ -390,8 +437,10 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int, star
                         process_count: int | None = None) -> DataIterator:
     """Returns an infinite iterator of this host's train batches from `start_step` on.
 
-    Each batch is dict(image=float32 (local_batch, H, W, C), label=float32 (local_batch,
-    num_classes)), labels one-hot, smoothed and mixed as configured.
+    Each batch is a dict of the fields the pp leaves, with a leading axis local_batch: with
+    the usual pp dict(image=float32 (local_batch, H, W, C), label=int32 (local_batch,)); uint8
+    fields become float32, int64 fields int32. Labels stay class ids: the trainer one-hots,
+    smooths and mixes them on the device with `vitjax.data.make_batch_transform`.
     """
     config = validate_input_config(input_config)
     process_index, process_count = _processes(process_index, process_count, global_batch_size)
@@ -399,16 +448,17 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int, star
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}.")
     if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
         raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
+    if mixing(config) and global_batch_size % 2:
+        raise ValueError(f"Mixup / cutmix pair example i with example batch-1-i and need an even "
+                         f"global batch, got {global_batch_size}.")
     builder = _builder(config)
     source = _source(config, builder, config["train_split"], "input.train_split",
                      fraction=config["train_fraction"])
     dataset = build_train_dataset(
-        source, ops.build_preprocess(_train_pp(config)),
-        num_classes=_num_classes(builder, config["label_key"]),
-        global_batch_size=global_batch_size, seed=seed, start_step=start_step,
-        process_index=process_index, process_count=process_count,
-        label_smoothing=config["label_smoothing"], mixup=config["mixup"],
-        prefetch=config["prefetch"], repeats=config["repeated_augmentation"])
+        source, ops.build_preprocess(_train_pp(config)), global_batch_size=global_batch_size,
+        seed=seed, start_step=start_step, process_index=process_index,
+        process_count=process_count, prefetch=config["prefetch"],
+        repeats=config["repeated_augmentation"])
     return DataIterator(dataset, first_step=start_step, num_steps=None,
                         num_bad_examples=source.num_bad_examples,
                         description=f"{config['dataset']} {config['train_split']}")
@@ -418,8 +468,9 @@ def make_eval_iterator(input_config, *, global_batch_size: int, process_index: i
                        process_count: int | None = None) -> DataIterator:
     """Returns a finite iterator over the eval split: every example once over all hosts.
 
-    Each batch is dict(image=float32 (local_batch, H, W, C), label=int32 (local_batch,),
-    mask=bool (local_batch,)), mask False on the padding that fills the last batch.
+    Each batch holds the fields the pp leaves (as in make_train_iterator; usually image=float32
+    (local_batch, H, W, C), label=int32 (local_batch,)) and mask=bool (local_batch,), False on
+    the padding that fills the last batch and on images that failed to decode.
     """
     config = validate_input_config(input_config)
     process_index, process_count = _processes(process_index, process_count, global_batch_size)
