@@ -249,9 +249,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         step_rng = jax.random.fold_in(state.rng, state.step)
-        if batch_transform is not None:
-            step_rng, transform_rng = jax.random.split(step_rng)
-            batch = batch_transform(batch, transform_rng)
+        if batch_transform is not None:  # it folds its own salt into the key: the model's draws stay independent
+            batch = batch_transform(batch, step_rng)
         if grad_accum_steps == 1:
             (loss, aux), grads = grad_fn(state.params, state.model_state, batch, step_rng)
             model_state = {**state.model_state, **aux.get("updates", {})}
@@ -519,7 +518,7 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                      param_overview(abstract_params, optim.trainable_mask(config.optim, abstract_params)))
 
     with parallel.use_mesh(mesh), nn.logical_axis_rules(setup.rules):
-        train_step = jit_train_step(setup)
+        train_step = jit_train_step(setup, data.make_batch_transform(config.input, dataset_classes or objective_classes))
         evaluators = evaluators_lib.build_evaluators(config, evaluators_lib.EvalContext(
             objective=objective, input_config=config.input, mesh=mesh, state_shardings=setup.state_shardings,
             batch_sharding=setup.batch_sharding, eval_batch_size=eval_batch_size,
