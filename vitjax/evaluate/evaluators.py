@@ -175,7 +175,7 @@ class Classification(Evaluator):
 
     def evaluate(self, state) -> Dict[str, float]:
         """Returns loss / top-1 / ... (and ema/...) averaged over the real examples of the split."""
-        keys = tuple(self.context.objective.batch_keys)
+        keys = tuple(self.context.objective.eval_batch_keys)
         result = classification.evaluate(self.step, state, self.batches(keys), prefix="",
                                          max_batches=self.settings.get("max_batches"))
         return result
@@ -260,7 +260,7 @@ register_evaluator("knn", KNearestNeighbours)
 
 
 def build_evaluators(config, context: EvalContext) -> List[Evaluator]:
-    """Returns the run's evaluators (validated), in the order `config.evals` names them."""
+    """Returns the run's evaluators (validated), in the order of `config.evals` (a ConfigDict sorts its keys)."""
     return [_KINDS[settings["kind"]](name, settings, context) for name, settings in validate_evals(config).items()]
 
 

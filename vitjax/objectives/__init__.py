@@ -1,6 +1,8 @@
 """Objectives: what is learned. Each owns its loss, its metrics and the model outputs it needs.
 
 `create(name, config)` builds one by name; the trainer knows only the interface in `base.py`.
+A new objective (in this package or in a user's module) plugs in with
+`register_objective("name", MyObjective)` or `register_objective("name", "my.module:MyObjective")`.
 """
 import importlib
 
@@ -14,6 +16,13 @@ _OBJECTIVES = {
 }
 
 
+def register_objective(name: str, target) -> None:
+    """Registers an Objective subclass (or its "module:Class" path, imported on first use) under `name`."""
+    if name in _OBJECTIVES:
+        raise ValueError(f"Objective {name!r} is registered twice; registered: {list_objectives()}")
+    _OBJECTIVES[name] = target
+
+
 def list_objectives():
     """Returns the sorted names of the registered objectives."""
     return sorted(_OBJECTIVES)
@@ -23,5 +32,8 @@ def create(name: str, config):
     """Returns the objective `name` built from the full run config."""
     if name not in _OBJECTIVES:
         raise ValueError(f"Unknown objective {name!r}; valid choices: {list_objectives()}")
-    module_name, class_name = _OBJECTIVES[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(config)
+    target = _OBJECTIVES[name]
+    if isinstance(target, str):
+        module_name, class_name = target.split(":")
+        target = getattr(importlib.import_module(module_name), class_name)
+    return target(config)

@@ -49,9 +49,12 @@ def model_overrides(model_config) -> Dict[str, Any]:
 class Objective:
     """Base class: subclasses set `module` and implement the three methods below."""
 
-    #: Keys of the batch the objective reads, e.g. ("image", "label"); the data pipeline
-    #: is asked for exactly these.
+    #: Keys of the train batch the objective reads, e.g. ("image", "label") or ("image_0", "image_1");
+    #: the trainer passes exactly these to the train step.
     batch_keys: Tuple[str, ...] = ("image", "label")
+
+    #: Keys of the eval batch `eval_metrics` reads (eval pipelines give "image", "label" and "mask").
+    eval_batch_keys: Tuple[str, ...] = ("image", "label")
 
     #: The objective's settings (config.objective_kwargs) and their defaults.
     default_kwargs: Dict[str, Any] = {}
