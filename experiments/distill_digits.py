@@ -14,7 +14,6 @@ r"""DeiT distillation on the bundled digits: a small DeiT student with no teache
 Writes experiments/out/distill_digits.{md,json}.
 """
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
@@ -28,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from experiment_io import write_outputs  # noqa: E402
 
+from vitjax import config_utils  # noqa: E402
 from vitjax import train as trainer  # noqa: E402
 
 OUT_DIR = os.path.join(REPO, "experiments", "out")
@@ -42,15 +42,8 @@ METHODS = {
 
 def quickstart_config():
     """Returns configs/digits_vit.py's config with quiet logging and no intermediate checkpoints."""
-    spec = importlib.util.spec_from_file_location("digits_vit", os.path.join(REPO, "configs", "digits_vit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.progress_bar = False
-    config.eval_every_steps = 0
-    config.checkpoint_every_steps = 0
-    config.checkpoint_async = False
-    return config
+    return config_utils.load_config("configs/digits_vit.py", dict(
+        progress_bar=False, eval_every_steps=0, checkpoint_every_steps=0, checkpoint_async=False))
 
 
 def student_config(method: str, seed: int, steps: int, teacher_dir: str, teacher_model: Dict[str, Any]):

@@ -32,13 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiment_io import write_outputs  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from vitjax import checkpoint as checkpoint_lib  # noqa: E402
-from vitjax import config_utils, optim  # noqa: E402
+from vitjax import config_utils, parallel  # noqa: E402
 from vitjax import objectives as objectives_lib  # noqa: E402
 from vitjax import train as trainer  # noqa: E402
-from vitjax.evaluate import classification  # noqa: E402
+from vitjax.evaluate import evaluators  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -69,7 +68,8 @@ def finetune_config(steps: int, init_from: Optional[str] = None):
     config = config_utils.default_config()
     config.model = dict(ENCODER, num_classes=10, global_pool="avg", fc_norm=True, drop_path_rate=0.1)
     config.objective = "mae_finetune"
-    config.objective_kwargs = dict(init_from=init_from, head_init_std=2e-5)
+    config.objective_kwargs = dict(head_init_std=2e-5)
+    config.init_from = init_from
     config.input = dict(dataset="digits", train_split="train", eval_split="test", pp_train=SHIFT, pp_eval=PLAIN,
                         train_fraction=LABEL_FRACTION, label_smoothing=0.1)
     config.batch_size = 64
@@ -85,7 +85,8 @@ def probe_config(steps: int, init_from: Optional[str] = None):
     config = config_utils.default_config()
     config.model = dict(ENCODER, num_classes=10, global_pool="token")   # the cls token, as MAE's probe
     config.objective = "mae_linprobe"
-    config.objective_kwargs = dict(init_from=init_from, head_init_std=0.01)
+    config.objective_kwargs = dict(head_init_std=0.01)
+    config.init_from = init_from
     config.input = dict(dataset="digits", train_split="train", eval_split="test", pp_train=SHIFT, pp_eval=PLAIN)
     config.batch_size = 128
     config.total_steps = steps
@@ -97,7 +98,7 @@ def probe_config(steps: int, init_from: Optional[str] = None):
 
 
 class Arm:
-    """One kind of run (pretrain, fine-tune or probe): the objective, optimizer and compiled steps, built once."""
+    """One kind of run (pretrain, fine-tune or probe): the trainer's setup and steps, built and compiled once."""
 
     def __init__(self, config):
         import vitjax.data as data
@@ -106,56 +107,51 @@ class Arm:
         self.objective = objectives_lib.create(config.objective, config)
         info = data.dataset_info(config.input)
         self.steps = int(config.total_steps)
-        keys = tuple(self.objective.batch_keys)
-        self.keys = keys
-        first = next(iter(data.make_eval_iterator(config.input, global_batch_size=config.batch_size)))
-        self.dummy = {key: jnp.zeros((1,) + np.shape(first[key])[1:], np.asarray(first[key]).dtype) for key in keys}
-        abstract = jax.eval_shape(lambda r: self.objective.init_variables(r, self.dummy), jax.random.key(0))
-        self.abstract_params = trainer.unbox(abstract["params"])
-        specs = self._param_axes(abstract["params"])
-        self.tx, self.schedule = optim.make_optimizer(
-            config.optim, self.abstract_params, batch_size=config.batch_size, total_steps=self.steps,
-            steps_per_epoch=info["num_train_examples"] / config.batch_size, param_axes=specs,
-            layer_ids_fn=getattr(self.objective, "layer_ids_fn", None))
-        self.train_step = jax.jit(trainer.make_train_step(self.objective, self.tx, self.schedule, 1, None),
-                                  donate_argnums=(0,))
-        self.eval_step = jax.jit(trainer.make_eval_step(self.objective))
-        self.init = jax.jit(self._init_state)
+        self.keys = tuple(self.objective.batch_keys)
+        self.mesh = parallel.create_mesh(dict(data=1, fsdp=1, model=1), devices=jax.devices()[:1])
+        first = next(data.make_train_iterator(config.input, global_batch_size=config.batch_size, seed=0))
+        self.setup = trainer.create_train_setup(
+            config, self.objective, self.mesh, {key: first[key] for key in self.keys}, total_steps=self.steps,
+            steps_per_epoch=info["num_train_examples"] / config.batch_size)
+        with self._context():
+            self.train_step = trainer.jit_train_step(self.setup, data.make_batch_transform(config.input,
+                                                                                           info["num_classes"]))
+            self.evaluator = evaluators.build_evaluators(config, evaluators.EvalContext(
+                objective=self.objective, input_config=config.input, mesh=self.mesh,
+                state_shardings=self.setup.state_shardings, batch_sharding=self.setup.batch_sharding,
+                eval_batch_size=120, default_every_steps=0, data=data))[0]
 
-    @staticmethod
-    def _param_axes(boxed):
-        from vitjax import parallel
-        return parallel.logical_param_specs(boxed)
+    def _context(self):
+        import contextlib
 
-    def _init_state(self, rng):
-        init_rng, train_rng = jax.random.split(rng)
-        variables = trainer.unbox(dict(self.objective.init_variables(init_rng, self.dummy)))
-        params = variables.pop("params")
-        return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                                  model_state=variables, rng=train_rng)
+        import flax.linen as nn
+        stack = contextlib.ExitStack()
+        stack.enter_context(parallel.use_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.setup.rules))
+        return stack
 
     def run(self, seed: int, init_from: Optional[str] = None, workdir: Optional[str] = None) -> Dict[str, Any]:
         """Returns {"eval": metrics, "seconds", "losses"}; loads `init_from` first, saves to `workdir` at the end."""
         start = time.time()
-        state = self.init(jax.random.key(seed))
+        plan = None
         if init_from is not None:
             config = self.config.copy_and_resolve_references()
-            config.objective_kwargs.init_from = init_from
-            loader = objectives_lib.create(config.objective, config)
-            state = state.replace(params=jax.tree.map(jnp.asarray, loader.load_pretrained(state.params)))
-        batches = self.data.make_train_iterator(self.config.input, global_batch_size=self.config.batch_size,
-                                                seed=seed)
-        losses = []
-        for _ in range(self.steps):
-            batch = next(batches)
-            state, metrics = self.train_step(state, {key: batch[key] for key in self.keys})
-            losses.append(metrics["train/loss"])
-        losses = [float(x) for x in jax.device_get(losses)]
-        if not np.all(np.isfinite(losses)):
-            raise FloatingPointError(f"non-finite loss in {self.config.objective} seed {seed}")
-        eval_batches = ({key: b[key] for key in self.keys + ("mask",)} for b in
-                        self.data.make_eval_iterator(self.config.input, global_batch_size=120))
-        metrics = classification.evaluate(self.eval_step, state, eval_batches)
+            config.init_from = init_from
+            plan = trainer.plan_init_from(config, self.objective, self.setup.abstract_variables)
+        with self._context():
+            state = trainer.initial_state(self.setup, jax.random.key(seed), plan)
+            batches = self.data.make_train_iterator(self.config.input, global_batch_size=self.config.batch_size,
+                                                    seed=seed)
+            losses = []
+            for _ in range(self.steps):
+                batch = next(batches)
+                state, metrics = self.train_step(state, parallel.global_batch(
+                    {key: batch[key] for key in self.keys}, self.mesh))
+                losses.append(metrics["train/loss"])
+            losses = [float(x) for x in jax.device_get(losses)]
+            if not np.all(np.isfinite(losses)):
+                raise FloatingPointError(f"non-finite loss in {self.config.objective} seed {seed}")
+            metrics = {f"eval/{key}": value for key, value in self.evaluator.evaluate(state).items()}
         if workdir is not None:
             checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1,
                                                        async_save=False)
