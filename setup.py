@@ -1,4 +1,9 @@
-"""vitjax: Vision Transformers in JAX/Flax."""
+"""vitjax: Vision Transformers in JAX/Flax.
+
+Requirement floors are the versions the test suite ran with (CI installs the newest that pip resolves,
+into a fresh virtual environment): Python 3.11, jax 0.10.2, flax 0.12.8, optax 0.2.8,
+orbax-checkpoint 0.12.8, chex 0.1.92, TensorFlow 2.21, TFDS 4.9.10.
+"""
 from setuptools import find_packages, setup
 
 setup(
@@ -6,23 +11,24 @@ setup(
     version="0.1.0",
     description="A JAX/Flax research codebase for Vision Transformers.",
     packages=find_packages(include=["vitjax", "vitjax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "ml-collections>=0.1.1",
-        "chex>=0.1.87",
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "etils[epath]",           # orbax's path layer; vitjax.checkpoint lists step directories with it
+        "ml-collections>=1.1.0",
+        "chex>=0.1.92",
         "numpy",
         "absl-py",
         "tqdm",
         "tensorboardX",
         "pillow",
         # The input pipeline: imported lazily, only by vitjax.data.
-        "tensorflow-cpu>=2.16; platform_machine=='x86_64'",
-        "tensorflow>=2.16; platform_machine!='x86_64'",
-        "tensorflow-datasets>=4.9",
+        "tensorflow-cpu>=2.21; platform_machine=='x86_64'",
+        "tensorflow>=2.21; platform_machine!='x86_64'",
+        "tensorflow-datasets>=4.9.10",
         # TFDS 4.9 imports it to locate its dataset code but no longer requires it on Python >= 3.9.
         "importlib_resources",
         "scikit-learn",  # ships the bundled offline `digits` dataset
@@ -30,6 +36,8 @@ setup(
     extras_require={
         # Weight conversion from PyTorch checkpoints; torch is never imported by `import vitjax`.
         "convert": ["torch", "safetensors"],
+        # The notebooks in colabs/ (plots).
+        "colab": ["matplotlib"],
         "test": [
             "pytest",
             "pytest-xdist",
@@ -38,6 +46,7 @@ setup(
             "timm==1.0.31",
             "transformers",
             "safetensors",
+            "matplotlib",  # tests/test_colabs.py runs the notebooks
         ],
     },
 )

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -115,8 +116,7 @@ def test_ema_follows_its_recurrence_is_checkpointed_and_evaluated(tmp_path):
     for previous, current in zip(states, states[1:]):
         expected = jax.tree.map(lambda ema, new: decay * ema + (1 - decay) * new, previous["ema_params"],
                                 current["params"])
-        for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(current["ema_params"])):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(expected, current["ema_params"], rtol=1e-6, atol=1e-7)
     assert not np.allclose(jax.tree.leaves(states[-1]["ema_params"])[0], jax.tree.leaves(states[-1]["params"])[0])
     with pytest.raises(ValueError, match="ema_decay must be 0 .off. or in .0, 1."):
         run(tiny_config(ema_decay=1.0), str(tmp_path / "bad"))

@@ -6,6 +6,7 @@ learn the labels and the loss is the mean of the two (DeiT's "no distillation" b
 """
 from typing import Any, Dict, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -60,6 +61,9 @@ class Supervised(Objective):
     def train_loss(self, variables: Variables, batch: Dict[str, Any], rng: jax.Array
                    ) -> Tuple[jax.Array, Dict[str, Any]]:
         """Returns (mean cross-entropy on the soft labels, {"metrics": loss and top1, "updates": ...})."""
+        # The batch's contract (the trainer's batch transform makes the labels one-hot): checked at trace time.
+        chex.assert_rank(batch["image"], 4)
+        chex.assert_shape(batch["label"], (batch["image"].shape[0], self.num_classes))
         output, updates = self._apply(variables, batch["image"], True, rng)
         labels = batch["label"].astype(jnp.float32)
         heads = output if isinstance(output, (tuple, list)) else (output,)
@@ -78,6 +82,7 @@ class Supervised(Objective):
 
     def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
         """Returns per-example {"loss", "top1", "top5"} for integer labels."""
+        chex.assert_rank(batch["label"], 1)
         return self.metrics_of(self.eval_logits(variables, batch["image"]), batch["label"])
 
     @staticmethod
