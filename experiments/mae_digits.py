@@ -116,7 +116,7 @@ class Arm:
         self.tx, self.schedule = optim.make_optimizer(
             config.optim, self.abstract_params, batch_size=config.batch_size, total_steps=self.steps,
             steps_per_epoch=info["num_train_examples"] / config.batch_size, param_axes=specs,
-            layer_ids_fn=getattr(self.objective, "layer_ids_fn", None))
+            layer_ids_fn=self.objective.layer_ids, no_weight_decay=self.objective.no_weight_decay())
         self.train_step = jax.jit(trainer.make_train_step(self.objective, self.tx, self.schedule, 1, None),
                                   donate_argnums=(0,))
         self.eval_step = jax.jit(trainer.make_eval_step(self.objective))

@@ -356,7 +356,7 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
     tx, schedule = optim.make_optimizer(
         config.optim, abstract_params, batch_size=config.batch_size, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, param_axes=logical_specs,
-        layer_ids_fn=getattr(objective, "layer_ids_fn", None))
+        layer_ids_fn=objective.layer_ids, no_weight_decay=objective.no_weight_decay())
 
     def init_state(rng):
         init_rng, train_rng = jax.random.split(rng)

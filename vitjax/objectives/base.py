@@ -17,9 +17,13 @@ per micro-batch under gradient accumulation): split it for the model's named rng
 
 Settings of an objective live in `config.objective_kwargs`; a subclass lists them with their
 defaults in `default_kwargs`, and `self.kwargs` holds them merged (unknown names raise).
+
+The parameter groups of the optimizer are the trained model's: `layer_ids(params)` (layer-wise lr
+decay) and `no_weight_decay()` delegate to `self.module` (see vitjax.models.param_groups); an objective
+whose params are not the module's alone overrides them.
+
 Optional hooks the trainer uses when present:
   num_classes         int; checked against the dataset's number of classes.
-  layer_ids_fn(params) -> ({path: layer id}, num_layers), for layer-wise lr decay (see vitjax.optim).
   load_pretrained(params) -> params: called once on the freshly initialized params of a new run (not
                       on resume), e.g. to load a pretrained encoder for fine-tuning or probing.
   load_pretrained_state(model_state) -> model_state: the same for the non-param collections, e.g. a
@@ -76,3 +80,16 @@ class Objective:
     def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
         """Returns {name: per-example values of shape (batch,)}; the trainer averages them over batch["mask"]."""
         raise NotImplementedError
+
+    def layer_ids(self, params: Any) -> Tuple[Dict[str, Any], int]:
+        """Returns ({path: layer id}, num_layers) of the trained params, for layer-wise lr decay (see vitjax.optim)."""
+        if not hasattr(self.module, "layer_ids"):
+            raise ValueError(f"optim.layer_decay needs layer ids, and the model {type(self.module).__name__} declares "
+                             "no layer ids (a `layer_ids(params)` method, see vitjax.models.param_groups)")
+        return self.module.layer_ids(params)
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths never weight-decayed: the model's (none if it declares none)."""
+        if not hasattr(self.module, "no_weight_decay"):
+            return ()
+        return tuple(self.module.no_weight_decay())
