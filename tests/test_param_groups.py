@@ -132,8 +132,9 @@ def test_cvt_matches_the_official_groups_on_huggingface():
 
 
 def test_number_groups_is_timms_group_with_matcher():
-    names = ["cls_token", "patch_embed/proj/kernel", "layers_0/blocks_0/w", "layers_0/blocks_1/w", "layers_1/downsample/w",
-             "layers_1/blocks_0/w", "layers_1/blocks_10/w", "layers_1/blocks_2/w", "norm/scale", "head/kernel"]
+    names = ["cls_token", "patch_embed/proj/kernel", "layers_0/blocks_0/w", "layers_0/blocks_1/w",
+             "layers_1/downsample/w", "layers_1/blocks_0/w", "layers_1/blocks_10/w", "layers_1/blocks_2/w",
+             "norm/scale", "head/kernel"]
     matcher = dict(stem=r"^(?:cls_token|patch_embed)",
                    blocks=[(r"^layers_(\d+)/downsample", (0,)), (r"^layers_(\d+)/blocks_(\d+)", None),
                            (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
