@@ -48,8 +48,8 @@ def get_config(arg=None):
     config.optim.lr = 2e-3
     config.optim.b1, config.optim.b2 = 0.9, 0.999
     config.optim.weight_decay = recipe["weight_decay"]
-    # The official WITHOUT_WD_LIST is norms and biases (1-D, never decayed here); the cls token is decayed.
-    config.optim.no_decay = ()
+    # The official set_wd skips norms and biases (1-D, never decayed here) and the model's no_weight_decay
+    # (the cls token), which the model declares.
     config.optim.warmup_epochs = 5.0
     config.optim.warmup_init_lr = 1e-6
     config.optim.schedule = "cosine"

@@ -28,9 +28,6 @@ from vitjax import config_utils
 
 VARIANTS = ("128s", "128", "192", "256", "384")
 
-# Weight decay skips 1-D params (see vitjax.optim) and, as the reference's `no_weight_decay`, the biases.
-NO_DECAY = config_utils.DEFAULT_NO_DECAY + ("attention_biases",)
-
 
 def get_config(arg=None):
     """Returns the LeViT ImageNet-1k config; arguments: variant (128s|128|192|256|384), teacher, teacher_init,
@@ -62,7 +59,6 @@ def get_config(arg=None):
     config.optim.blr = 2.5e-4  # lr = 2e-3 at batch 2048
     config.optim.b1, config.optim.b2 = 0.9, 0.999
     config.optim.weight_decay = 0.025
-    config.optim.no_decay = NO_DECAY
     config.optim.warmup_epochs = 5.0
     config.optim.warmup_init_lr = 1e-6
     config.optim.schedule = "cosine"

@@ -53,8 +53,9 @@ def get_config(arg=None):
     config.optim.warmup_epochs = 40.0
     config.optim.schedule = "cosine"
     config.optim.min_lr = 0.0
-    # The official pretraining decays every >= 2-D param, tokens included (timm's add_weight_decay
-    # without a skip list); the fixed position embeddings are not params here.
+    # Deliberately not the model's no_weight_decay(): the official pretraining decays every >= 2-D param,
+    # the cls and mask tokens included (timm's add_weight_decay without a skip list); the fixed position
+    # embeddings are not params here.
     config.optim.no_decay = ()
 
     config.log_every_steps = 100

@@ -24,9 +24,6 @@ PAPER = {
     "base": dict(model_name="swin_base_patch4_window7_224", drop_path_rate=0.5),
 }
 
-# Weight decay skips 1-D params (see vitjax.optim) and, as the reference's `no_weight_decay`, the bias tables.
-NO_DECAY = config_utils.DEFAULT_NO_DECAY + ("relative_position_bias_table",)
-
 
 def get_config(arg=None):
     """Returns the Swin ImageNet-1k config; arguments: variant (tiny|small|base), data_dir, runlocal."""
@@ -52,7 +49,6 @@ def get_config(arg=None):
     config.optim.blr = 2.5e-4  # lr = 1e-3 at batch 1024
     config.optim.b1, config.optim.b2 = 0.9, 0.999
     config.optim.weight_decay = 0.05
-    config.optim.no_decay = NO_DECAY
     config.optim.warmup_epochs = 20.0
     config.optim.warmup_init_lr = 1e-6
     config.optim.schedule = "cosine"

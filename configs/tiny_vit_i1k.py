@@ -27,9 +27,6 @@ PAPER = {
     "21m": dict(model_name="tiny_vit_21m_224", drop_path_rate=0.2),
 }
 
-# Weight decay skips 1-D params (see vitjax.optim) and, as the reference's `no_weight_decay`, the biases.
-NO_DECAY = config_utils.DEFAULT_NO_DECAY + ("attention_biases",)
-
 
 def get_config(arg=None):
     """Returns the TinyViT ImageNet-1k config; arguments: variant (5m|11m|21m), data_dir, runlocal."""
@@ -55,7 +52,6 @@ def get_config(arg=None):
     config.optim.blr = 2.5e-4  # lr = 1e-3 at batch 1024
     config.optim.b1, config.optim.b2 = 0.9, 0.999
     config.optim.weight_decay = 0.05
-    config.optim.no_decay = NO_DECAY
     config.optim.warmup_epochs = 20.0
     config.optim.warmup_init_lr = 1e-6
     config.optim.schedule = "cosine"

@@ -44,7 +44,6 @@ def get_config(arg=None):
     config.optim.lr = 1e-3
     config.optim.b1, config.optim.b2 = 0.9, 0.999
     config.optim.weight_decay = 0.05
-    config.optim.no_decay = ("cls_token", "patch_pos", "pixel_pos")  # timm's TNT.no_weight_decay
     config.optim.warmup_epochs = 5.0
     config.optim.warmup_init_lr = 1e-6
     config.optim.schedule = "cosine"

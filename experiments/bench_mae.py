@@ -81,7 +81,9 @@ class ArmRunner:
         specs = parallel.logical_param_specs(abstract["params"])
         abstract_params = trainer.unbox(abstract["params"])
         tx, schedule = optim.make_optimizer(config.optim, abstract_params, batch_size=batch_size,
-                                            total_steps=config.total_steps, param_axes=specs)
+                                            total_steps=config.total_steps, param_axes=specs,
+                                            layer_ids_fn=objective.layer_ids,
+                                            no_weight_decay=objective.no_weight_decay())
 
         def init_state(rng):
             variables = trainer.unbox(dict(objective.init_variables(rng, dummy)))

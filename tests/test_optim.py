@@ -10,6 +10,10 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from vitjax import config_utils, optim
+from vitjax.models.vit import VisionTransformer
+
+# What a ViT declares in its `no_weight_decay()`, for the ViT-shaped trees below.
+NO_DECAY = VisionTransformer().no_weight_decay()
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -61,8 +65,8 @@ def max_relative_error(tree_a, tree_b) -> float:
 
 
 def decayed(path: str, shape) -> bool:
-    """Returns whether the default mask decays a param: >= 2-D and not a token / position embedding."""
-    return len(shape) >= 2 and not any(name in path for name in config_utils.DEFAULT_NO_DECAY)
+    """Returns whether a ViT's mask decays a param: >= 2-D and not a token / position embedding."""
+    return len(shape) >= 2 and path not in ("cls_token", "pos_embed")
 
 
 def torch_step(name: str, params, grads_list, lr: float, weight_decay: float):
@@ -87,7 +91,8 @@ def torch_step(name: str, params, grads_list, lr: float, weight_decay: float):
 def test_parity_with_torch(name):
     params = small_params()
     grads_list = random_grads(params, steps=4)
-    tx, _ = optim.make_optimizer(optim_config(name=name, weight_decay=0.1), params, batch_size=256, total_steps=10)
+    tx, _ = optim.make_optimizer(optim_config(name=name, weight_decay=0.1), params, batch_size=256, total_steps=10,
+                                 no_weight_decay=NO_DECAY)
     ours = optim.param_paths(run_steps(tx, params, grads_list))
     reference = torch_step(name, params, grads_list, lr=0.01, weight_decay=0.1)
     assert max_relative_error([ours[p] for p in sorted(ours)], [reference[p] for p in sorted(ours)]) < 1e-6
@@ -99,7 +104,8 @@ def test_lars_matches_reference_formula():
     grads_list = random_grads(params, steps=3)
     lr, weight_decay, momentum, trust = 0.1, 0.05, 0.9, 0.001
     tx, _ = optim.make_optimizer(optim_config(name="lars", lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                              trust_coefficient=trust), params, batch_size=256, total_steps=10)
+                                              trust_coefficient=trust), params, batch_size=256, total_steps=10,
+                                 no_weight_decay=NO_DECAY)
     ours = optim.param_paths(run_steps(tx, params, grads_list))
 
     reference = {p: np.asarray(v, np.float64) for p, v in optim.param_paths(params).items()}
@@ -146,9 +152,12 @@ def test_schedules_and_base_lr_scaling():
 
 def test_weight_decay_mask_and_scanned_params():
     params = small_params()
-    mask = optim.param_paths(optim.decay_mask_fn(config_utils.DEFAULT_NO_DECAY)(params))
+    mask = optim.param_paths(optim.decay_mask_fn(NO_DECAY)(params))
     assert {path for path, use in mask.items() if use} == {
         "patch_embed/proj/kernel", "blocks_0/mlp/kernel", "blocks_1/mlp/kernel", "head/kernel"}
+    # A DenseGeneral's (3, heads, head_dim) qkv bias is torch's 1-D bias: never decayed, as timm's.
+    qkv = {"attn": {"qkv": {"kernel": jnp.zeros((4, 3, 2, 2)), "bias": jnp.zeros((3, 2, 2))}}}
+    assert optim.param_paths(optim.decay_mask_fn(())(qkv)) == {"attn/qkv/kernel": True, "attn/qkv/bias": False}
     # Stacked over layers by nn.scan, a bias is 2-D but still a bias.
     scanned = {"blocks": {"mlp": {"kernel": jnp.zeros((2, 4, 6)), "bias": jnp.zeros((2, 6))}}}
     axes = {"blocks": {"mlp": {"kernel": PartitionSpec("layers", "embed", "mlp"),
@@ -159,19 +168,21 @@ def test_weight_decay_mask_and_scanned_params():
 
 def test_layer_decay_scales_unscanned_and_scanned():
     decay = 0.5
-    scales = optim.layer_decay_scales(small_params(), decay)
-    # depth 2: embeddings id 0 -> decay**3, block i -> decay**(2 - i), head and final norm -> 1.
+    vit_ids = VisionTransformer(depth=2).layer_ids
+    scales = optim.layer_decay_scales(small_params(), decay, vit_ids)
+    # timm's ViT numbering, depth 2: embeddings 0 -> decay**3, block i -> decay**(2 - i), the final norm
+    # with the last block, the head 1.
     assert scales["pos_embed"] == scales["patch_embed/proj/kernel"] == pytest.approx(decay ** 3)
     assert scales["blocks_0/mlp/kernel"] == pytest.approx(decay ** 2)
-    assert scales["blocks_1/norm1/scale"] == pytest.approx(decay)
-    assert scales["head/kernel"] == scales["norm/scale"] == 1.0
+    assert scales["blocks_1/norm1/scale"] == scales["norm/scale"] == pytest.approx(decay)
+    assert scales["head/kernel"] == 1.0
 
     scanned = {"pos_embed": jnp.zeros((1, 5, 4)), "blocks": {"mlp": {"kernel": jnp.zeros((2, 4, 6))}},
                "head": {"kernel": jnp.zeros((4, 3))}}
     axes = {"pos_embed": PartitionSpec(None, None, "embed"),
             "blocks": {"mlp": {"kernel": PartitionSpec("layers", "embed", "mlp")}},
             "head": {"kernel": PartitionSpec("embed", "classes")}}
-    scales = optim.layer_decay_scales(scanned, decay, param_axes=axes)
+    scales = optim.layer_decay_scales(scanned, decay, VisionTransformer(depth=2, scan=True).layer_ids, param_axes=axes)
     np.testing.assert_allclose(np.ravel(scales["blocks/mlp/kernel"]), [decay ** 2, decay])
     assert scales["pos_embed"] == pytest.approx(decay ** 3)
 
@@ -179,11 +190,32 @@ def test_layer_decay_scales_unscanned_and_scanned():
     params = small_params()
     grads = jax.tree.map(jnp.ones_like, params)
     tx, _ = optim.make_optimizer(optim_config(name="sgd", momentum=0.0, layer_decay=decay, lr=1.0), params,
-                                 batch_size=256, total_steps=10)
+                                 batch_size=256, total_steps=10, layer_ids_fn=vit_ids)
     updates, _ = tx.update(grads, tx.init(params), params)
     updates = optim.param_paths(updates)
     assert float(updates["blocks_0/mlp/kernel"][0, 0]) == pytest.approx(-decay ** 2)
     assert float(updates["head/bias"][0]) == pytest.approx(-1.0)
+    # Without the model's layer ids there is no layer decay to apply: a config error, not a silent default.
+    with pytest.raises(ValueError, match="declares no layer ids"):
+        optim.make_optimizer(optim_config(layer_decay=decay), params, batch_size=256, total_steps=10)
+
+
+def test_config_no_decay_replaces_the_models_list():
+    params = small_params()
+    grads = jax.tree.map(jnp.zeros_like, params)
+
+    def decayed_paths(**overrides):
+        tx, _ = optim.make_optimizer(optim_config(name="sgd", momentum=0.0, lr=1.0, weight_decay=0.5, **overrides),
+                                     params, batch_size=256, total_steps=10, no_weight_decay=NO_DECAY)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return {path for path, update in optim.param_paths(updates).items() if np.any(update != 0)}
+
+    matrices = {"patch_embed/proj/kernel", "blocks_0/mlp/kernel", "blocks_1/mlp/kernel", "head/kernel"}
+    assert decayed_paths() == matrices                                          # None: the model's list
+    assert decayed_paths(no_decay=()) == matrices | {"cls_token", "pos_embed"}  # (): tokens decayed too
+    assert decayed_paths(no_decay=(r"^head/",)) == (matrices - {"head/kernel"}) | {"cls_token", "pos_embed"}
+    with pytest.raises(ValueError, match="not a regex"):
+        config_utils.validate_config(dict(total_steps=1, optim=dict(lr=0.1, no_decay=("(",))))
 
 
 def test_layer_ids_hook():

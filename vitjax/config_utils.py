@@ -17,7 +17,10 @@ Layout (the keys `default_config()` defines; see configs/digits_vit.py for a wor
   batch_size              global train batch size (all hosts, all devices).
   eval_batch_size         global eval batch size; None -> batch_size.
   total_steps | total_epochs   exactly one; epochs count `num_train_examples / batch_size` steps.
-  optim.*                 see `vitjax.optim.make_optimizer`.
+  optim.*                 see `vitjax.optim.make_optimizer`. `optim.no_decay`: None (default) leaves
+                          the model's `no_weight_decay()` regexes undecayed; a tuple of regexes replaces
+                          them (e.g. `()` to decay tokens too, as MAE pretraining). 1-D params and biases
+                          are never decayed. `optim.layer_decay` numbers params by the model's `layer_ids`.
   mesh.{data,fsdp,model}  device-mesh axis sizes; one may be -1 (fills the remaining devices).
   sharding_rules          (logical axis name, mesh axes) pairs, in priority order.
   ema_decay               0 (off) or d in (0, 1): keep ema = d * ema + (1 - d) * params after every
@@ -45,6 +48,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import ml_collections
@@ -53,10 +57,6 @@ from ml_collections import config_dict
 OPTIMIZERS = ("adamw", "sgd", "lars", "lamb")
 SCHEDULES = ("cosine", "linear", "constant")
 MESH_AXES = ("data", "fsdp", "model")
-
-# Parameters never weight-decayed besides the 1-D ones (norm scales, biases): learned tokens and
-# position embeddings, as in timm's `no_weight_decay` and MAE's `param_groups_lrd`.
-DEFAULT_NO_DECAY = ("pos_embed", "cls_token", "dist_token", "mask_token", "reg_token")
 
 # Logical axis names used by the models -> mesh axes. Earlier rules win, and a mesh axis is used
 # once per array (flax resolves conflicts, e.g. an activation `(batch, length, embed)` keeps fsdp
@@ -117,7 +117,7 @@ def default_config() -> ml_collections.ConfigDict:
     optim.layer_decay = config_dict.placeholder(float)  # e.g. 0.65 (MAE fine-tuning of ViT-B)
     optim.grad_accum_steps = 1
     optim.frozen = ()                             # regexes of param paths ("a/b/kernel") not trained
-    optim.no_decay = DEFAULT_NO_DECAY             # regexes of param paths not weight-decayed
+    optim.no_decay = config_dict.placeholder(tuple)  # None: the model's no_weight_decay(); else these regexes
     config.optim = optim
 
     config.ema_decay = 0.0                # 0: no EMA of the params
@@ -336,6 +336,13 @@ def validate_config(config) -> ml_collections.ConfigDict:
     for key in ("frozen", "no_decay"):
         if isinstance(optim[key], str):
             raise ValueError(f"config.optim.{key} must be a list of regexes, got the string {optim[key]!r}")
+    if optim["no_decay"] is not None:
+        for pattern in optim["no_decay"]:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(f"config.optim.no_decay holds {pattern!r}, not a regex: {error}; give a tuple of "
+                                 "regexes, or None for the model's no_weight_decay()") from None
 
     if (merged["total_steps"] is None) == (merged["total_epochs"] is None):
         raise ValueError("Set exactly one of config.total_steps and config.total_epochs; got "

@@ -6,10 +6,13 @@
     DeiT write it); linear warmup from `warmup_init_lr`, then cosine / linear decay to `min_lr`,
     or constant.
   * weight decay, decoupled and scaled by the learning rate (PyTorch AdamW), never applied to
-    1-D params (norm scales, biases, layer-scale) nor to paths matching `no_decay` (tokens,
-    position embeddings).
-  * layer-wise lr decay (BEiT / MAE fine-tuning): param with layer id `i` of `L` blocks gets
-    `layer_decay ** (L + 1 - i)`; ids come from a `layer_ids_fn` hook, `vit_layer_ids` by default.
+    1-D params (norm scales, layer-scale), biases (a param named "bias", whatever its rank: a
+    DenseGeneral's (3, heads, head_dim) qkv bias is torch's 1-D one) nor to paths matching the model's
+    `no_weight_decay()` regexes (tokens, position embeddings), or `optim.no_decay` where the config
+    gives it (it replaces the model's list).
+  * layer-wise lr decay (BEiT / MAE fine-tuning): param with layer id `i` of `L` layers gets
+    `layer_decay ** (L + 1 - i)`; the model numbers its params (`layer_ids(params)`, passed here as
+    `layer_ids_fn`; see `vitjax.models.param_groups`): 0 the stem, L + 1 the head.
   * gradient clipping by global norm; frozen sub-trees (`frozen` regexes) get no update and no
     optimizer state.
 
@@ -103,43 +106,10 @@ def make_schedule(name: str, peak_lr: float, total_steps: int, warmup_steps: int
 # ---------------------------------------------------------------------------------------------
 # Layer-wise lr decay
 # ---------------------------------------------------------------------------------------------
-_VIT_EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed", "dist_token", "reg_token", "mask_token")
-
-
-def vit_layer_ids(params) -> Tuple[Dict[str, LayerIds], int]:
-    """Returns ({path: layer id}, depth) for a ViT: 0 embeddings, i + 1 for block i, depth + 1 the rest.
-
-    Scanned blocks (`blocks/...` with a leading "layers" axis) get one id per layer, 1..depth.
-    """
-    paths = param_paths(params)
-    block_indices, scanned_depth = set(), 0
-    for path, leaf in paths.items():
-        top = path.split("/")[0]
-        if re.fullmatch(r"blocks_\d+", top):
-            block_indices.add(int(top.split("_")[1]))
-        elif top == "blocks":
-            scanned_depth = int(np.shape(leaf)[0])
-    depth = max(len(block_indices), scanned_depth)
-    if block_indices and block_indices != set(range(depth)):
-        raise ValueError(f"ViT blocks are not numbered 0..{depth - 1}: {sorted(block_indices)}")
-    ids: Dict[str, LayerIds] = {}
-    for path in paths:
-        top = path.split("/")[0]
-        if top in _VIT_EMBEDDING_PARAMS:
-            ids[path] = 0
-        elif top.startswith("blocks_"):
-            ids[path] = int(top.split("_")[1]) + 1
-        elif top == "blocks":
-            ids[path] = list(range(1, depth + 1))
-        else:
-            ids[path] = depth + 1
-    return ids, depth
-
-
-def layer_decay_scales(params, layer_decay: float, layer_ids_fn: Optional[LayerIdsFn] = None,
+def layer_decay_scales(params, layer_decay: float, layer_ids_fn: LayerIdsFn,
                        param_axes=None) -> Dict[str, Union[float, np.ndarray]]:
     """Returns {path: lr multiplier}; stacked params get an array that broadcasts along their layers axis."""
-    ids, num_layers = (layer_ids_fn or vit_layer_ids)(params)
+    ids, num_layers = layer_ids_fn(params)
     axes = layers_axes(param_axes)
     shapes = {path: np.shape(leaf) for path, leaf in param_paths(params).items()}
     scales = {}
@@ -177,13 +147,15 @@ def scale_by_path(scales: Dict[str, Union[float, np.ndarray]]) -> optax.Gradient
 # Weight decay and trust ratio
 # ---------------------------------------------------------------------------------------------
 def decay_mask_fn(no_decay: Sequence[str], param_axes=None) -> Callable[[Any], Any]:
-    """Returns params -> bool tree: True where weight decay applies (per-layer ndim >= 2, no `no_decay` match)."""
+    """Returns params -> bool tree: True where weight decay applies (per-layer ndim >= 2, not a bias, no
+    `no_decay` match)."""
     axes = layers_axes(param_axes)
 
     def mask(params):
         def decide(path, leaf):
             per_layer_ndim = len(np.shape(leaf)) - (axes.get(path) is not None)
-            return per_layer_ndim >= 2 and not _matches(path, no_decay)
+            is_bias = path.rsplit("/", 1)[-1] == "bias"
+            return per_layer_ndim >= 2 and not is_bias and not _matches(path, no_decay)
         return _map_with_path(decide, params)
 
     return mask
@@ -231,14 +203,26 @@ def warmup_steps_from_config(optim_config, steps_per_epoch: Optional[float]) -> 
     return 0
 
 
+def no_decay_patterns(optim_config, no_weight_decay: Sequence[str] = ()) -> Tuple[str, ...]:
+    """Returns the regexes of params not weight-decayed: `optim_config.no_decay`, or the model's where it is None."""
+    configured = optim_config.get("no_decay")
+    return tuple(no_weight_decay if configured is None else configured)
+
+
 def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
                    steps_per_epoch: Optional[float] = None, param_axes=None,
-                   layer_ids_fn: Optional[LayerIdsFn] = None
+                   layer_ids_fn: Optional[LayerIdsFn] = None, no_weight_decay: Sequence[str] = ()
                    ) -> Tuple[optax.GradientTransformation, Schedule]:
     """Returns (optax transformation, step -> lr schedule) for `optim_config` (see `config_utils`).
 
-    `params` may be abstract (ShapeDtypeStructs): only paths and shapes are read.
+    `params` may be abstract (ShapeDtypeStructs): only paths and shapes are read. `layer_ids_fn` and
+    `no_weight_decay` are the model's (an objective's `layer_ids` and `no_weight_decay()`).
     """
+    layer_decay = optim_config.get("layer_decay")
+    if layer_decay is not None and layer_decay != 1.0 and layer_ids_fn is None:
+        raise ValueError(f"optim.layer_decay={layer_decay} needs layer ids, and the model declares no layer ids "
+                         "(a `layer_ids(params)` method, see vitjax.models.param_groups); unset optim.layer_decay "
+                         "or give the model one")
     name = optim_config.name
     peak_lr = peak_learning_rate(optim_config, batch_size)
     warmup_steps = warmup_steps_from_config(optim_config, steps_per_epoch)
@@ -246,7 +230,7 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
                              init_lr=optim_config.get("warmup_init_lr", 0.0),
                              end_lr=optim_config.get("min_lr", 0.0))
     weight_decay = float(optim_config.get("weight_decay", 0.0))
-    decay_mask = decay_mask_fn(tuple(optim_config.get("no_decay", ())), param_axes)
+    decay_mask = decay_mask_fn(no_decay_patterns(optim_config, no_weight_decay), param_axes)
     mu_dtype = optim_config.get("mu_dtype")
     mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
 
@@ -278,9 +262,8 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
     else:
         raise ValueError(f"Unknown optimizer {name!r}; valid choices: ['adamw', 'sgd', 'lars', 'lamb']")
 
-    if optim_config.get("layer_decay") is not None and optim_config.layer_decay != 1.0:
-        transforms.append(scale_by_path(layer_decay_scales(params, float(optim_config.layer_decay),
-                                                           layer_ids_fn, param_axes)))
+    if layer_decay is not None and layer_decay != 1.0:
+        transforms.append(scale_by_path(layer_decay_scales(params, float(layer_decay), layer_ids_fn, param_axes)))
     transforms.append(optax.scale_by_learning_rate(schedule))
     tx = optax.chain(*transforms)
 

@@ -162,7 +162,7 @@ def create_train_setup(config, objective, mesh: jax.sharding.Mesh, example_batch
     tx, schedule = optim.make_optimizer(
         config.optim, abstract_params, batch_size=config.batch_size, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, param_axes=logical_specs,
-        layer_ids_fn=getattr(objective, "layer_ids_fn", None))
+        layer_ids_fn=objective.layer_ids, no_weight_decay=objective.no_weight_decay())
     setup = TrainSetup(config=config, objective=objective, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
                        total_steps=total_steps, steps_per_epoch=steps_per_epoch, example_batch=example,
                        abstract_variables=abstract_variables, abstract_state=None, state_shardings=None,

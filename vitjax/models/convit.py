@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models.registry import register_model
 
 
@@ -216,6 +216,20 @@ class ConViT(nn.Module):
         if self.global_pool == "token" and self.local_up_to_layer >= self.depth:
             raise ValueError("global_pool='token' needs the class token, which joins at block local_up_to_layer; "
                              f"set local_up_to_layer < depth ({self.depth}) or global_pool='avg'")
+
+    def group_matcher(self) -> param_groups.Matcher:
+        """Returns timm's group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
+        return dict(
+            stem=r"^(?:cls_token|pos_embed|patch_embed)",
+            blocks=[(r"^blocks_(\d+)", None), (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""
+        return (r"^(?:pos_embed|cls_token)$",)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models.registry import register_model
 
 STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
@@ -255,6 +255,21 @@ class ConvNeXt(nn.Module):
         if self.stem_type == "overlap_act":
             return self._norm("stem_3")(conv(first, 3, 2, 1, "stem_2")(layers.gelu(x)))
         return self._norm("stem_2")(conv(first, 3, 2, 1, "stem_1")(x))
+
+    def group_matcher(self) -> param_groups.Matcher:
+        """Returns timm's group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
+        return dict(
+            stem=r"^stem",
+            blocks=[(r"^stages_(\d+)/downsample", (0,)), (r"^stages_(\d+)/blocks_(\d+)", None),
+                    (r"^norm_pre", (param_groups.MERGE_WITH_PREVIOUS,))])
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns no regex: as in timm, only the 1-D params go without weight decay."""
+        return ()
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:

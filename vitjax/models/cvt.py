@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models.registry import register_model
 
 QKV_PROJECTIONS = ("dw_bn", "linear")
@@ -279,6 +279,24 @@ class ConvolutionalVisionTransformer(nn.Module):
         if self.drop_path_rates is not None:
             return tuple(float(rate) for rate in self.drop_path_rates)
         return (0.0,) * (self.num_stages - 1) + (float(self.drop_path_rate),)
+
+    def group_matcher(self) -> param_groups.Matcher:
+        """Returns the regexes that group the params for layer-wise lr decay, in timm's style."""
+        # Stage 0's convolutional embedding is the stem; a later stage's embedding and cls token join its
+        # first block, as a timm stage's downsample does.
+        return dict(
+            stem=r"^stages_0/patch_embed",
+            blocks=[(r"^stages_(\d+)/(?:patch_embed|cls_token)", (0,)),
+                    (r"^stages_(\d+)/blocks_(\d+)", None),
+                    (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths not weight-decayed, as the official CvT's no_weight_decay."""
+        return (r"^stages_\d+/(?:cls_token|pos_embed)$",)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False,

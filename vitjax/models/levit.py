@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models.registry import register_model
 
 ACTIVATIONS: Dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -279,6 +279,20 @@ class Levit(nn.Module):
             if self.embed_dim[stage - 1] % self.key_dim:
                 raise ValueError(f"embed_dim[{stage - 1}]={self.embed_dim[stage - 1]} must be divisible by "
                                  f"key_dim {self.key_dim} (the shrinking attention has embed_dim / key_dim heads)")
+
+    def group_matcher(self) -> param_groups.Matcher:
+        """Returns timm's group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
+        return dict(
+            stem=r"^stem",
+            blocks=[(r"^stages_(\d+)/downsample", (0,)), (r"^stages_(\d+)/blocks_(\d+)", None)])
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""
+        return (r"attention_biases$",)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Tuple[Any, Dict[str, Any]]:

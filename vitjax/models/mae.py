@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
-from vitjax.pytree import path_to_str
+from vitjax.models import layers, param_groups
 from vitjax.models.vit import Block, VisionTransformer, decode_variant
+from vitjax.pytree import path_to_str
 
 
 def mae_encoder_settings(variant: str = "B/16", **overrides) -> Dict[str, Any]:
@@ -152,6 +152,17 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(f"decoder_depth must be >= 1, got {self.decoder_depth}")
         if layers.to_2tuple(enc.patch_size)[0] != layers.to_2tuple(enc.patch_size)[1]:
             raise ValueError(f"MAE needs square patches, got patch_size={enc.patch_size}")
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers): the encoder's ids under "encoder/", the decoder in the last group."""
+        # The encoder's matcher under "encoder/" leaves the decoder unmatched: last, as timm's head.
+        matcher = param_groups.scoped_matcher(self.encoder.group_matcher(), "encoder")
+        stacked = ("encoder/blocks",) if self.encoder.scan else ()
+        return param_groups.layer_ids_from_matcher(params, matcher, stacked=stacked)
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths not weight-decayed: the encoder's, and the decoder's mask token."""
+        return param_groups.scoped_patterns(self.encoder.no_weight_decay(), "encoder") + (r"^decoder/mask_token$",)
 
     @property
     def patch_size(self) -> int:

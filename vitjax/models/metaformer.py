@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models.registry import register_model
 
 TOKEN_MIXERS = ("pooling", "sepconv", "attention")
@@ -285,6 +285,22 @@ class MetaFormer(nn.Module):
         if img[0] % self.total_stride or img[1] % self.total_stride:
             raise ValueError(f"img_size {self.img_size} is not divisible by the total stride {self.total_stride}; "
                              f"valid sizes are multiples of {self.total_stride}")
+
+    def group_matcher(self) -> param_groups.Matcher:
+        """Returns the regexes that group the params for layer-wise lr decay, in timm's style."""
+        # timm's MetaFormer declares no group_matcher: its fallback cuts the params, in registration order,
+        # into runs of 12 tensors that straddle blocks; stages of blocks group as ConvNeXt's instead.
+        return dict(
+            stem=r"^stem",
+            blocks=[(r"^stages_(\d+)/downsample", (0,)), (r"^stages_(\d+)/blocks_(\d+)", None)])
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns no regex: as in timm, only the 1-D params go without weight decay."""
+        return ()
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models.registry import register_model
 
 # The reference fills cross-region logits with -100 rather than -inf; kept for exact parity.
@@ -254,6 +254,21 @@ class SwinTransformer(nn.Module):
             raise ValueError(f"Unknown global_pool {self.global_pool!r}; valid choices: {self.POOLING_TYPES}")
         if self.num_classes and not self.global_pool:
             raise ValueError("global_pool='' returns the feature map and needs num_classes=0")
+
+    def group_matcher(self) -> param_groups.Matcher:
+        """Returns timm's group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=[(r"^layers_(\d+)/downsample", (0,)), (r"^layers_(\d+)/blocks_(\d+)", None),
+                    (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""
+        return (r"relative_position_bias_table$",)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:

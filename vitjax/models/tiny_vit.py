@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models.registry import register_model
 
 
@@ -192,6 +192,20 @@ class TinyVit(nn.Module):
             raise ValueError(f"local_conv_size must be odd (same padding), got {self.local_conv_size}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"Unknown attention_impl {self.attention_impl!r}; valid choices: {ATTENTION_IMPLS}")
+
+    def group_matcher(self) -> param_groups.Matcher:
+        """Returns timm's group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=[(r"^stages_(\d+)/downsample", (0,)), (r"^stages_(\d+)/blocks_(\d+)", None)])
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""
+        return (r"attention_biases$",)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models.registry import register_model
 from vitjax.tokens import tome as tome_lib
 
@@ -280,6 +280,21 @@ class VisionTransformer(nn.Module):
         if tome.trace_source:
             summary["sources"] = sources
         return x, {"blocks": tokens, "tome": summary, **({"attention": attention} if capture_attention else {})}
+
+    def group_matcher(self) -> param_groups.Matcher:
+        """Returns timm's group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
+        return dict(
+            stem=r"^(?:cls_token|dist_token|reg_token|pos_embed|patch_embed|norm_pre)",
+            blocks=[(r"^blocks_(\d+)", None), (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
+
+    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        stacked = ("blocks",) if self.scan else ()
+        return param_groups.layer_ids_from_matcher(params, self.group_matcher(), stacked=stacked)
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""
+        return (r"^(?:pos_embed|cls_token|reg_token|dist_token)$",)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, capture_attention: bool = False,

@@ -18,6 +18,10 @@ per micro-batch under gradient accumulation): split it for the model's named rng
 Settings of an objective live in `config.objective_kwargs`; a subclass lists them with their
 defaults in `default_kwargs`, and `self.kwargs` holds them merged (unknown names raise).
 
+The parameter groups of the optimizer are the trained model's: `layer_ids(params)` (layer-wise lr
+decay) and `no_weight_decay()` delegate to `self.module` (see vitjax.models.param_groups); an objective
+whose params are not the module's alone overrides them.
+
 Hooks with defaults (override where the objective needs something else):
   num_classes             int or None; checked against the dataset's number of classes.
   init_from_rules()       how `config.init_from` fits this objective's params (`vitjax.weights.Rules`):
@@ -105,3 +109,16 @@ class Objective:
         features = intermediates["pre_logits"]
         chex.assert_rank(features, 2)
         return features.astype(jnp.float32)
+
+    def layer_ids(self, params: Any) -> Tuple[Dict[str, Any], int]:
+        """Returns ({path: layer id}, num_layers) of the trained params, for layer-wise lr decay (see vitjax.optim)."""
+        if not hasattr(self.module, "layer_ids"):
+            raise ValueError(f"optim.layer_decay needs layer ids, and the model {type(self.module).__name__} declares "
+                             "no layer ids (a `layer_ids(params)` method, see vitjax.models.param_groups)")
+        return self.module.layer_ids(params)
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths never weight-decayed: the model's (none if it declares none)."""
+        if not hasattr(self.module, "no_weight_decay"):
+            return ()
+        return tuple(self.module.no_weight_decay())

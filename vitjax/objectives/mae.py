@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 import vitjax.models as models
 from vitjax import weights
-from vitjax.models import layers
+from vitjax.models import layers, param_groups
 from vitjax.models import mae as mae_model
 from vitjax.models.vit import VisionTransformer
 from vitjax.objectives.base import Objective, Variables, model_overrides
@@ -173,11 +173,6 @@ class MaeFinetune(Supervised):
         variables["params"] = params
         return variables
 
-    def layer_ids_fn(self, params):
-        """Returns ViT layer ids for layer-wise lr decay (embeddings 0, block i -> i+1, the rest depth+1)."""
-        from vitjax.optim import vit_layer_ids
-        return vit_layer_ids(params)
-
 
 # =============================================================================================
 # Linear probing
@@ -190,6 +185,17 @@ class LinearProbe(nn.Module):
     head_init_std: float = 0.01
     batch_norm_eps: float = 1e-6
     batch_norm_momentum: float = 0.9
+
+    def layer_ids(self, params) -> Tuple[Dict[str, Any], int]:
+        """Returns ({path: layer id}, num_layers): the encoder's ids under "encoder/", the head in the last group."""
+        # The encoder's matcher under "encoder/" leaves the head unmatched: last, as timm's head.
+        matcher = param_groups.scoped_matcher(self.encoder.group_matcher(), "encoder")
+        stacked = ("encoder/blocks",) if self.encoder.scan else ()
+        return param_groups.layer_ids_from_matcher(params, matcher, stacked=stacked)
+
+    def no_weight_decay(self) -> Tuple[str, ...]:
+        """Returns regexes of the param paths not weight-decayed: the encoder's, under "encoder/"."""
+        return param_groups.scoped_patterns(self.encoder.no_weight_decay(), "encoder")
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:

@@ -1,0 +1,121 @@
+"""Every registered model builds with timm's parameter count; one small variant per family runs a forward and
+a backward pass with finite values."""
+import json
+import os
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitjax import models, optim
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Each family compiles one small model: a persistent compilation cache makes reruns lookups (as test_train).
+if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "vitjax_jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+with open(os.path.join(REPO, "experiments", "out", "model_table.json")) as _file:
+    # params_m has 6 decimals: the exact count, which experiments/model_table.py checked against timm's.
+    PARAMS = {name: round(row["params_m"] * 1e6) for name, row in json.load(_file)["rows"].items()}
+# "vit" builds a variant string, "B/16" by default: timm's vit_base_patch16_224.
+PARAMS["vit"] = PARAMS["vit_base_patch16_224"]
+
+
+def native_images(model) -> jax.ShapeDtypeStruct:
+    """Returns the (1, H, W, C) input of `model` at its registered resolution."""
+    size = getattr(model, "img_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return jax.ShapeDtypeStruct((1, height, width, getattr(model, "in_chans", 3)), jnp.float32)
+
+
+def test_every_registered_model_is_in_the_table():
+    assert set(models.list_models()) == set(PARAMS)
+    assert len(PARAMS) >= 130
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_parameter_count_matches_timm(name):
+    model = models.create(name)
+    images = native_images(model)
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros(images.shape)))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
+    assert count == PARAMS[name]
+
+
+# One small variant per family: (registered name, overrides, image size), about as small as the family
+# allows (every stride divides the image; CrossViT's two patch sizes need 120 px).
+SMALL = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, num_classes=10), 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(1, 2), num_heads=(1, 2),
+                                                   window_size=4, num_classes=10), 32),
+    "convnext": ("convnext_atto", dict(img_size=32, depths=(1, 1, 1, 1), dims=(16, 24, 32, 40), num_classes=10), 32),
+    "cvt": ("cvt_13", dict(img_size=32, embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=(1, 2, 3),
+                           num_classes=10), 32),
+    "crossvit": ("crossvit_tiny_240", dict(img_size=120, embed_dim=(24, 48), num_heads=(2, 4),
+                                           depth=((1, 1, 0),), num_classes=10), 120),
+    "tnt": ("tnt_s_patch16_224", dict(img_size=32, embed_dim=48, inner_dim=8, depth=2, num_heads_outer=3,
+                                      num_heads_inner=2, num_classes=10), 32),
+    "convit": ("convit_tiny", dict(img_size=32, patch_size=8, depth=3, local_up_to_layer=2, num_classes=10), 32),
+    "metaformer": ("caformer_s18", dict(img_size=32, depths=(1, 1, 1, 1), dims=(16, 32, 64, 96),
+                                        num_classes=10), 32),
+    "tiny_vit": ("tiny_vit_5m_224", dict(img_size=64, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
+                                         num_heads=(1, 2, 3, 4), window_sizes=(7, 8, 3, 2), num_classes=10), 64),
+    "levit": ("levit_128s", dict(img_size=64, embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(2, 3, 4),
+                                 num_classes=10), 64),
+}
+
+
+def random_variables(model, images):
+    """Returns variables of `model` shaped as its init's, filled from numpy: compiling the real init (one
+    truncated-normal initialiser per param) takes longer than compiling the forward and backward."""
+    rng = np.random.RandomState(0)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        # Norm scales, layer scales and running variances near 1, everything else near 0.
+        center = 1.0 if name in ("scale", "gamma", "var") else 0.0
+        return jnp.asarray(center + 0.05 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images))
+    return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes))
+
+
+def test_every_family_has_a_small_variant():
+    assert {models.model_family(name) for name in models.list_models()} == set(SMALL)
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_forward_and_backward_are_finite(family):
+    name, overrides, size = SMALL[family]
+    assert models.model_family(name) == family
+    model = models.create(name, **overrides)
+    images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+    variables = random_variables(model, images)
+    params = variables["params"]
+    state = {key: value for key, value in variables.items() if key != "params"}
+
+    @jax.jit
+    def forward_backward(params, images, rng):
+        def loss(params):
+            dropout_rng, drop_path_rng = jax.random.split(rng)
+            (output, _), _ = model.apply({"params": params, **state}, images, train=True, mutable=list(state),
+                                         rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
+            heads = output if isinstance(output, (tuple, list)) else (output,)  # a distilled model has two
+            return sum(jnp.mean(jnp.square(head)) for head in heads), heads
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (value, heads), grads = forward_backward(params, images, jax.random.key(2))
+    assert all(head.shape == (2, 10) for head in heads)
+    assert all(bool(jnp.all(jnp.isfinite(head))) for head in heads) and np.isfinite(float(value))
+    grads = {path: np.asarray(grad) for path, grad in optim.param_paths(grads).items()}
+    assert all(np.all(np.isfinite(grad)) for grad in grads.values())
+    # The gradient reaches every layer group, stem to head. (Not every tensor: at these sizes some are
+    # structurally idle, e.g. a 1x1 LeViT stage's attention bias, or the patch queries of CvT's last block.)
+    ids, num_layers = model.layer_ids(params)
+    reached = {layer_id for path, layer_id in ids.items() for layer_id in np.ravel(layer_id) if np.any(grads[path])}
+    assert reached == set(range(num_layers + 2))
