@@ -151,6 +151,8 @@ def test_bad_input_fails_clearly(converted, tmp_path):
         (lambda: cli([f"--init_from={pth}", "--dataset=digits"]), "does not name its model: give --model"),
         (lambda: cli([f"--init_from={msgpack}"]), "names no dataset: give --dataset"),
         (lambda: cli([f"--init_from={msgpack}", "--dataset=digits", "--set=depth"]), "--set takes KEY=VALUE"),
+        (lambda: cli([f"--init_from={msgpack}", "--dataset=digits", "--split=valid"]),
+         r"Bad --split 'valid' for dataset 'digits'.*splits: test, train"),
         (lambda: cli(["--dataset=digits"]), "Flag --init_from must have a value other than None"),
         (lambda: convert_cli(["--source=timm", f"--checkpoint={pth}", "--out=/tmp/unused.msgpack"]),
          r"--source=timm needs --model"),

@@ -38,21 +38,26 @@ class EvalResult:
     logits: Optional[np.ndarray] = None  # (num_examples, classes) float32, in the split's order
 
 
-def _dataset_facts(input_config: Mapping[str, Any]) -> Tuple[int, Optional[int], Tuple[str, ...]]:
-    """Returns (number of classes, image channels or None, split names) of the configured dataset."""
+def _dataset_facts(input_config: Mapping[str, Any]) -> Tuple[int, Optional[int], Any]:
+    """Returns (number of classes, image channels or None, the TFDS builder) of the configured dataset."""
     from vitjax.data import pipeline, sources
     config = pipeline.validate_input_config(dict(input_config))
-    builder = sources.get_builder(config["dataset"], sources.resolve_data_dir(config["data_dir"]),
-                                  download=config["download"])
-    feature = builder.info.features[config["image_key"]] if config["image_key"] in builder.info.features else None
-    shape = getattr(feature, "shape", None)
+    data_dir = sources.resolve_data_dir(config["data_dir"])
+    try:
+        builder = sources.get_builder(config["dataset"], data_dir, download=config["download"])
+    except OSError as error:  # a failed download (no network): say what to do rather than show requests' traceback
+        raise ValueError(f"Dataset {config['dataset']!r} is not prepared in {data_dir} and downloading it failed "
+                         f"({type(error).__name__}: {error}). Prepare it with `tfds build {config['dataset']} "
+                         f"--data_dir={data_dir}`, or give --data_dir where it is") from None
+    features = builder.info.features
+    shape = getattr(features[config["image_key"]], "shape", None) if config["image_key"] in features else None
     channels = int(shape[-1]) if shape and shape[-1] is not None else None
-    label = builder.info.features[config["label_key"]] if config["label_key"] in builder.info.features else None
-    num_classes = getattr(label, "num_classes", None)
+    num_classes = getattr(features[config["label_key"]], "num_classes", None) if config["label_key"] in features \
+        else None
     if not num_classes:
         raise ValueError(f"Feature {config['label_key']!r} of dataset {config['dataset']!r} is not a class label; "
-                         f"features: {list(builder.info.features.keys())}")
-    return int(num_classes), channels, tuple(builder.info.splits.keys())
+                         f"features: {list(features.keys())}")
+    return int(num_classes), channels, builder
 
 
 def _first_examples(batches: Iterator[Dict[str, Any]], limit: Optional[int]) -> Iterator[Dict[str, Any]]:
@@ -119,10 +124,12 @@ def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
     for key, value in (("data_dir", data_dir), ("eval_split", split)):
         if value is not None:
             input_config[key] = value
-    num_classes, channels, splits = _dataset_facts({key: value for key, value in input_config.items()
-                                                    if key not in ("eval_split", "pp_eval")})
+    num_classes, channels, builder = _dataset_facts({key: value for key, value in input_config.items()
+                                                     if key not in ("eval_split", "pp_eval")})
     if not input_config.get("eval_split"):
-        input_config["eval_split"] = "validation" if "validation" in splits else "test"
+        input_config["eval_split"] = "validation" if "validation" in builder.info.splits else "test"
+    from vitjax.data import sources
+    sources.check_split(builder, input_config["eval_split"], "--split")
 
     # ---- The model: the class count of the dataset, the image size asked for ------------------------------
     fields = set(module_fields(entry.module_class)) | set(entry.extra_args)
