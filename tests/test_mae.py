@@ -286,5 +286,5 @@ def test_mae_trains_on_digits_through_the_trainer(tmp_path):
     assert not np.allclose(aux["updates"]["batch_stats"]["head_norm"]["mean"], 0)
 
     from vitjax.evaluate import mae_viz
-    mae_viz.main(["--checkpoint", str(workdir), "--output_dir", str(tmp_path / "viz"), "--num_images", "2"])
+    mae_viz.cli([f"--checkpoint={workdir}", f"--output_dir={tmp_path / 'viz'}", "--num_images=2"])
     assert len(os.listdir(tmp_path / "viz")) == 2

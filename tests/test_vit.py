@@ -201,15 +201,20 @@ def test_resize_matches_torch_interpolate(method, antialias):
 
 
 def test_convert_cli_writes_loadable_variables(tmp_path):
-    from vitjax.convert.__main__ import main
-    from vitjax.convert.io import load_variables
+    from vitjax.convert.__main__ import cli
+    from vitjax.convert.io import load_variables_and_meta
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, patch_size=8)
     torch.save(reference.state_dict(), tmp_path / "tiny.pth")
-    common = ["--model", "vit_tiny_patch16_224", "--num-classes", "1000", "--set", "depth=1", "--set", "patch_size=8"]
-    assert main(["timm", "--checkpoint", str(tmp_path / "tiny.pth"), "--img-size", "32",
-                 "--out", str(tmp_path / "tiny.msgpack")] + common) == 0
-    variables = load_variables(str(tmp_path / "tiny.msgpack"))
+    common = ["--num_classes=1000", "--set=depth=1", "--set=patch_size=8"]
+    cli(["--source=timm", "--model=vit_tiny_patch16_224", f"--checkpoint={tmp_path / 'tiny.pth'}", "--img_size=32",
+         f"--out={tmp_path / 'tiny.msgpack'}"] + common)
+    variables, meta = load_variables_and_meta(str(tmp_path / "tiny.msgpack"))
     assert variables["params"]["pos_embed"].shape == (1, 1 + 16, 192)
-    assert main(["resample", "--variables", str(tmp_path / "tiny.msgpack"), "--img-size", "64",
-                 "--out", str(tmp_path / "tiny64")] + common) == 0
-    assert load_variables(str(tmp_path / "tiny64"))["params"]["pos_embed"].shape == (1, 1 + 64, 192)
+    assert meta["model"] == {"depth": 1, "patch_size": 8, "img_size": 32, "num_classes": 1000}
+    # The model name, preprocessing and options travel with the file: resample needs only the new size.
+    cli(["--source=resample", f"--checkpoint={tmp_path / 'tiny.msgpack'}", "--img_size=64",
+         f"--out={tmp_path / 'tiny64'}"])
+    variables, meta = load_variables_and_meta(str(tmp_path / "tiny64"))
+    assert variables["params"]["pos_embed"].shape == (1, 1 + 64, 192)
+    assert meta["model_name"] == "vit_tiny_patch16_224" and meta["model"]["img_size"] == 64
+    assert meta["pretrained_cfg"]["input_size"] == [3, 64, 64]

@@ -12,7 +12,8 @@ Importing this package does not import TensorFlow; the functions that need it do
     for batch in data.make_eval_iterator(config.input, global_batch_size=256): ...
 
 "digits" is a bundled offline dataset (scikit-learn's 8x8 digits, built into the TFDS data dir
-on first use); any other name is a TFDS dataset. See `vitjax.data.ops` for the pp ops and
+on first use); any other name is a TFDS dataset. See `vitjax.data.ops` for the pp ops,
+`vitjax.data.presets.pretrained_pp` for the pp strings that match a model's pretrained weights, and
 `vitjax.data.sources` for how examples are read, sharded and ordered.
 """
 from vitjax.data.mixup import make_batch_transform
@@ -27,6 +28,7 @@ from vitjax.data.pipeline import make_eval_iterator
 from vitjax.data.pipeline import make_train_iterator
 from vitjax.data.pipeline import validate_input_config
 from vitjax.data.prefetch import prefetch_to_device
+from vitjax.data.presets import pretrained_pp
 from vitjax.data.sources import DatasetNotPreparedError
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "make_train_iterator",
     "parse_pp",
     "prefetch_to_device",
+    "pretrained_pp",
     "register_op",
     "valid_ops",
     "validate_input_config",

@@ -4,6 +4,10 @@
     python -m vitjax.evaluate.mae_viz --checkpoint=mae_visualize_vit_large.pth --images=a.jpg,b.png \
         --output_dir=/tmp/viz
 
+Flags (absl): --checkpoint, --output_dir (required), --images, --num_images (8), --mask_ratio,
+--seed (0), --norm_pix_loss (auto | on | off), --pixel_norm (auto | imagenet | minus_one_one |
+zero_one), --upscale (0: auto).
+
 `--checkpoint` is a vitjax workdir of an `mae` run (its config.json says how to build the model and
 read the data; pictures of the first eval images) or an official MAE `.pth` with its decoder
 (`mae_visualize_vit_large.pth`; pictures of `--images`, centre-cropped, ImageNet-normalised). One
@@ -22,7 +26,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from vitjax import cli as cli_lib
 from vitjax.models import mae as mae_model
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -171,24 +177,32 @@ def load_images(paths: Sequence[str], size: int, channels: int = 3) -> np.ndarra
     return np.stack(images)
 
 
-def main(argv=None) -> None:
-    """Writes the reconstruction PNGs for the command-line flags."""
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="a vitjax workdir of an 'mae' run, or an official MAE .pth with its decoder")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--images", default="", help="comma-separated image files (needed for a .pth)")
-    parser.add_argument("--num_images", type=int, default=8, help="eval images to show (workdir)")
-    parser.add_argument("--mask_ratio", type=float, default=None, help="default: the model's")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
-    parser.add_argument("--norm_pix_loss", choices=("auto", "on", "off"), default="auto",
-                        help="whether the model predicts per-patch normalised pixels (auto: from the config; "
-                             "off for .pth files)")
-    parser.add_argument("--pixel_norm", choices=("auto",) + PIXEL_NORMS, default="auto")
-    parser.add_argument("--upscale", type=int, default=0, help="integer upscale factor; 0 = auto")
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines this command's flags in `flag_values` (the global FLAGS when run as a program)."""
+    flags.DEFINE_string("checkpoint", None, "A vitjax workdir of an 'mae' run, or an official MAE .pth with its "
+                        "decoder.", flag_values=flag_values)
+    flags.DEFINE_string("output_dir", None, "Where the PNGs go.", flag_values=flag_values)
+    flags.DEFINE_list("images", [], "Comma-separated image files (needed for a .pth).", flag_values=flag_values)
+    flags.DEFINE_integer("num_images", 8, "Eval images to show (workdir).", lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_float("mask_ratio", None, "Fraction of patches removed (default: the model's).",
+                       lower_bound=0.0, upper_bound=1.0, flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Seed of the random masks.", flag_values=flag_values)
+    flags.DEFINE_enum("norm_pix_loss", "auto", ["auto", "on", "off"], "Whether the model predicts per-patch "
+                      "normalised pixels (auto: from the run's config; off for .pth files).", flag_values=flag_values)
+    flags.DEFINE_enum("pixel_norm", "auto", ["auto", *PIXEL_NORMS], "How model inputs map to pixels for display "
+                      "(auto: from the run's pp_eval; imagenet for .pth files).", flag_values=flag_values)
+    flags.DEFINE_integer("upscale", 0, "Integer upscale factor of the pictures; 0: auto.", lower_bound=0,
+                         flag_values=flag_values)
+    flags.mark_flags_as_required(["checkpoint", "output_dir"], flag_values=flag_values)
 
+
+def run(flag_values: flags.FlagValues) -> List[str]:
+    """Returns the paths of the PNGs written for the parsed `flag_values`; exits with one line on bad input."""
+    return cli_lib.exit_on_user_error(lambda: _write_pictures(flag_values))
+
+
+def _write_pictures(args: flags.FlagValues) -> List[str]:
+    """Returns the paths of the PNGs written for the flags `args`."""
     if args.checkpoint.endswith((".pth", ".pt", ".bin", ".safetensors")):
         from vitjax.convert import mae as mae_convert
         module, variables = mae_convert.load_official(args.checkpoint)
@@ -198,8 +212,7 @@ def main(argv=None) -> None:
         if not args.images:
             raise ValueError("An official checkpoint needs --images=file1,file2,...")
         size = module.encoder.img_size
-        images = load_images(args.images.split(","), size if isinstance(size, int) else size[0],
-                             module.encoder.in_chans)
+        images = load_images(args.images, size if isinstance(size, int) else size[0], module.encoder.in_chans)
         norm_pix, pixel_norm = False, "imagenet"
     else:
         module, variables, config = load_workdir(args.checkpoint)
@@ -220,7 +233,13 @@ def main(argv=None) -> None:
                                  norm_pix_loss=norm_pix, pixel_norm=pixel_norm, upscale=args.upscale)
     print(f"Wrote {len(paths)} pictures (original | masked | reconstruction | reconstruction + visible) "
           f"to {args.output_dir}")
+    return paths
+
+
+def cli(args: List[str]) -> List[str]:
+    """Returns the PNG paths written by the command with `args` (flags, without the program name), in this process."""
+    return cli_lib.cli("vitjax.evaluate.mae_viz", define_flags, run, args)
 
 
 if __name__ == "__main__":
-    main()
+    cli_lib.main(define_flags, run)

@@ -2,6 +2,10 @@
 
     model = vitjax.models.create("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4)
     logits, intermediates = model.apply(variables, images)      # images: NHWC
+    vitjax.models.pretrained_cfg("vit_tiny_patch16_224")        # input_size, mean, std, crop_pct, interpolation
+
+`pretrained_cfg(name)` is the preprocessing the weights released under `name` expect (timm's
+`pretrained_cfg`); `vitjax.data.pretrained_pp(cfg)` turns it into pp strings.
 """
 import difflib
 import importlib
@@ -55,9 +59,15 @@ def create(name: str, **overrides):
     return model
 
 
+def pretrained_cfg(name: str) -> dict:
+    """Returns dict(input_size=(C, H, W), mean, std, crop_pct, interpolation) of the weights released as `name`."""
+    cfg = get_entry(name).pretrained_cfg
+    return dict(cfg)
+
+
 def model_family(name: str) -> str:
     """Returns the architecture family (file name) of a registered model."""
     return get_entry(name).family
 
 
-__all__ = ["create", "list_models", "get_entry", "model_family", "register_model"]
+__all__ = ["create", "list_models", "get_entry", "model_family", "pretrained_cfg", "register_model"]

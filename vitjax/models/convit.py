@@ -284,5 +284,6 @@ _TIMM_CONVITS = {
 }
 
 for _name, _settings in _TIMM_CONVITS.items():
+    # timm's pretrained_cfg: the ImageNet defaults (statistics, crop 0.875, bicubic).
     register_model(_name, ConViT, family="convit", depth=12, local_up_to_layer=10, locality_strength=1.0,
-                   **_settings)
+                   pretrained_cfg={}, **_settings)

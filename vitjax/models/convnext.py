@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax.models import layers, param_groups
-from vitjax.models.registry import register_model
+from vitjax.models.registry import (
+    IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, register_model)
 
 STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
 NORM_TYPES = ("layernorm", "rmsnorm", "simplenorm")
@@ -369,6 +370,23 @@ for _size, (_depths, _dims) in _V2_DIMS.items():
     # ConvNeXt-V2 (Woo et al. 2023): GRN in the MLP replaces layer scale.
     _TIMM_CONVNEXTS[f"convnextv2_{_size}"] = dict(depths=_depths, dims=_dims, use_grn=True, ls_init_value=None)
 
+# timm's pretrained_cfg of each name's default weights: ImageNet statistics, crop 0.875, except these
+# (the in12k fine-tunes and newer timm recipes crop 0.95; the CLIP LAION fine-tunes are larger, uncropped
+# and use CLIP's statistics; the "ra4" zepto weights take inputs in [-1, 1]).
+_CLIP_PRETRAINED = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=1.0)
+_PRETRAINED_CHANGES = {
+    "convnext_zepto_rms": dict(mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD),
+    "convnext_zepto_rms_ols": dict(mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD, crop_pct=0.9),
+    "convnext_nano": dict(crop_pct=0.95),
+    "convnext_nano_ols": dict(crop_pct=0.95),
+    "convnext_pico_ols": dict(crop_pct=0.95),
+    "convnext_tiny_hnf": dict(crop_pct=0.95),
+    "convnext_tiny": dict(crop_pct=0.95),
+    "convnext_small": dict(crop_pct=0.95),
+    "convnext_large_mlp": dict(_CLIP_PRETRAINED, input_size=(3, 320, 320)),
+    "convnext_xxlarge": dict(_CLIP_PRETRAINED, input_size=(3, 256, 256)),
+    "convnextv2_huge": dict(input_size=(3, 384, 384), crop_pct=1.0),
+}
 for _name, _settings in _TIMM_CONVNEXTS.items():
-    register_model(_name, ConvNeXt, family="convnext", **_settings)
+    register_model(_name, ConvNeXt, family="convnext", pretrained_cfg=_PRETRAINED_CHANGES.get(_name), **_settings)
 

@@ -343,6 +343,10 @@ _CVT_SIZES = {
     "cvt_w24": dict(embed_dims=(192, 768, 1024), depths=(2, 2, 20), num_heads=(3, 12, 16)),
 }
 
+# timm has no CvT: the preprocessing of Microsoft's release (ImageNet statistics, bicubic; crop 0.875 at 224,
+# none at 384), as its configs and the PaddleViT / Hugging Face ports state.
 for _name, _settings in _CVT_SIZES.items():
-    register_model(_name, ConvolutionalVisionTransformer, family="cvt", **_settings)
-    register_model(f"{_name}_384", ConvolutionalVisionTransformer, family="cvt", img_size=384, **_settings)
+    register_model(_name, ConvolutionalVisionTransformer, family="cvt", pretrained_cfg=dict(crop_pct=0.875),
+                   **_settings)
+    register_model(f"{_name}_384", ConvolutionalVisionTransformer, family="cvt", img_size=384,
+                   pretrained_cfg=dict(crop_pct=1.0), **_settings)

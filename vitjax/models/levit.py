@@ -358,6 +358,8 @@ _TIMM_LEVITS = {
                        activation="silu", distilled=False),
 }
 
+# timm's pretrained_cfg: ImageNet statistics, crop 0.9.
 for _name, _settings in _TIMM_LEVITS.items():
-    register_model(_name, Levit, family="levit", **_settings)
-    register_model(_name.replace("levit_", "levit_conv_"), Levit, family="levit", **_settings)
+    register_model(_name, Levit, family="levit", pretrained_cfg=dict(crop_pct=0.9), **_settings)
+    register_model(_name.replace("levit_", "levit_conv_"), Levit, family="levit", pretrained_cfg=dict(crop_pct=0.9),
+                   **_settings)

@@ -392,5 +392,11 @@ _TIMM_METAFORMERS = {
     "caformer_b36": dict(_CAFORMER, depths=(3, 12, 18, 3), dims=_B36_BASELINES),
 }
 
+# timm's pretrained_cfg: ImageNet statistics; the MetaFormer baselines (v2) uncropped, PoolFormer v1
+# cropped 0.9 (S) and 0.95 (M).
+_PRETRAINED_CHANGES = {"poolformer_s12": dict(crop_pct=0.9), "poolformer_s24": dict(crop_pct=0.9),
+                       "poolformer_s36": dict(crop_pct=0.9), "poolformer_m36": dict(crop_pct=0.95),
+                       "poolformer_m48": dict(crop_pct=0.95)}
 for _name, _settings in _TIMM_METAFORMERS.items():
-    register_model(_name, MetaFormer, family="metaformer", **_settings)
+    register_model(_name, MetaFormer, family="metaformer",
+                   pretrained_cfg=_PRETRAINED_CHANGES.get(_name, dict(crop_pct=1.0)), **_settings)

@@ -329,5 +329,7 @@ _TIMM_SWINS = {
                              window_size=(7, 7, 14, 7)),
 }
 
+# timm's pretrained_cfg: ImageNet statistics, crop 0.9; the 384 fine-tunes uncropped.
 for _name, _settings in _TIMM_SWINS.items():
-    register_model(_name, SwinTransformer, family="swin", **_settings)
+    register_model(_name, SwinTransformer, family="swin", **_settings,
+                   pretrained_cfg=dict(crop_pct=1.0 if _settings.get("img_size") == 384 else 0.9))

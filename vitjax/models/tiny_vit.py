@@ -250,5 +250,7 @@ _TIMM_TINY_VITS = {
 }
 
 for _name, _settings in _TIMM_TINY_VITS.items():
+    # timm's pretrained_cfg: ImageNet statistics, crop 0.95 at 224; the 384 / 512 fine-tunes uncropped.
     register_model(_name, TinyVit, family="tiny_vit", **{"depths": (2, 2, 6, 2), "window_sizes": (7, 7, 14, 7),
-                                                          **_settings})
+                                                          **_settings},
+                   pretrained_cfg=dict(crop_pct=1.0 if "img_size" in _settings else 0.95))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax.models import layers, param_groups
-from vitjax.models.registry import register_model
+from vitjax.models.registry import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, register_model
 
 
 class TntAttention(nn.Module):
@@ -244,5 +244,8 @@ _TNTS = {
     "tnt_b_patch16_224": dict(embed_dim=640, inner_dim=40, depth=12, num_heads_outer=10),
 }
 
+# timm's pretrained_cfg: inputs in [-1, 1], crop 0.9.
+_TNT_PRETRAINED = dict(mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD, crop_pct=0.9)
 for _name, _settings in _TNTS.items():
-    register_model(_name, TNT, family="tnt", patch_size=16, qkv_bias=False, **_settings)
+    register_model(_name, TNT, family="tnt", patch_size=16, qkv_bias=False, pretrained_cfg=_TNT_PRETRAINED,
+                   **_settings)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax.models import layers, param_groups
-from vitjax.models.registry import register_model
+from vitjax.models.registry import (
+    IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, register_model)
 from vitjax.tokens import tome as tome_lib
 
 # Width, depth, MLP width and heads of each size (ViT paper Table 1; big_vision's `decode_variant`).
@@ -415,8 +416,19 @@ _TIMM_VITS = {
     "deit_base_distilled_patch16_384": _vit("B/16", img_size=384, distilled=True),
 }
 
+# The preprocessing of each name's released weights (timm's default pretrained_cfg): the AugReg /
+# big_vision ViTs take inputs in [-1, 1]; DeiT and DINO (vit_small_patch8_224) ImageNet statistics;
+# fine-tunes at 384 are not cropped. "vit" (any variant, no weights of its own) takes the ViT default.
+_VIT_PRETRAINED = dict(mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD, crop_pct=0.9)
+_DEIT_PRETRAINED = dict(crop_pct=0.9)
+_PRETRAINED_CHANGES = {
+    "vit_medium_patch16_gap_256": dict(crop_pct=0.95),
+    "vit_small_patch8_224": dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+}
 for _name, _settings in _TIMM_VITS.items():
-    register_model(_name, VisionTransformer, family="vit", **_settings)
+    _pretrained = {**(_DEIT_PRETRAINED if _name.startswith("deit_") else _VIT_PRETRAINED),
+                   **(dict(crop_pct=1.0) if _name.endswith("_384") else {}), **_PRETRAINED_CHANGES.get(_name, {})}
+    register_model(_name, VisionTransformer, family="vit", pretrained_cfg=_pretrained, **_settings)
 
 
 def _from_variant(variant: str = "B/16", **overrides) -> VisionTransformer:
@@ -424,4 +436,4 @@ def _from_variant(variant: str = "B/16", **overrides) -> VisionTransformer:
 
 
 register_model("vit", _from_variant, family="vit", module_class=VisionTransformer,
-               extra_args=("variant",), variant="B/16")
+               extra_args=("variant",), pretrained_cfg=_VIT_PRETRAINED, variant="B/16")
