@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from parity_utils import randomize_, relative_error
-from test_train import REPO, run, tiny_config
+from test_train import REPO, run
 
 timm = pytest.importorskip("timm")
 

@@ -1,14 +1,10 @@
 """The trainer as a platform: named evaluators, a user objective on two views with exact resume, and shardings
 of every part of the train state from logical axes."""
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec
 
 from vitjax import config_utils, objectives, parallel, train
 from vitjax.evaluate import evaluators

@@ -161,7 +161,7 @@ class ConViTBlock(nn.Module):
         return layers.constrain(x, ("batch", "length", "embed")), aux
 
 
-class ConViT(nn.Module):
+class ConViT(param_groups.LayerGroups, nn.Module):
     """ConViT classifier on NHWC images; `__call__` returns (logits, intermediates).
 
     intermediates: `patch_embed` (B, N, C), `blocks` (each block's tokens; the class token is first from
@@ -222,10 +222,6 @@ class ConViT(nn.Module):
         return dict(
             stem=r"^(?:cls_token|pos_embed|patch_embed)",
             blocks=[(r"^blocks_(\d+)", None), (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""

@@ -171,7 +171,7 @@ class ConvNeXtStage(nn.Module):
         return x
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(param_groups.LayerGroups, nn.Module):
     """ConvNeXt classifier on NHWC images; `__call__` returns (logits, intermediates).
 
     intermediates: `stem` (B, H/4, W/4, C0), `stages` (each stage's NHWC output), `pre_logits` (B, C).
@@ -263,10 +263,6 @@ class ConvNeXt(nn.Module):
             stem=r"^stem",
             blocks=[(r"^stages_(\d+)/downsample", (0,)), (r"^stages_(\d+)/blocks_(\d+)", None),
                     (r"^norm_pre", (param_groups.MERGE_WITH_PREVIOUS,))])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns no regex: as in timm, only the 1-D params go without weight decay."""

@@ -186,7 +186,7 @@ class MultiScaleBlock(nn.Module):
         return results
 
 
-class CrossVit(nn.Module):
+class CrossVit(param_groups.LayerGroups, nn.Module):
     """CrossViT classifier; `__call__(images NHWC, train) -> (logits, intermediates)`.
 
     intermediates: `blocks` (per multi-scale block, the list of branch token sequences), `features` (the
@@ -276,10 +276,6 @@ class CrossVit(nn.Module):
         return dict(
             stem=r"^(?:cls_token|pos_embed|patch_embed)",
             blocks=[(r"^blocks_(\d+)", None), (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""

@@ -198,7 +198,7 @@ class CvtStage(nn.Module):
         return x.reshape(batch, grid_h, grid_w, channels), cls_token, attention
 
 
-class ConvolutionalVisionTransformer(nn.Module):
+class ConvolutionalVisionTransformer(param_groups.LayerGroups, nn.Module):
     """CvT classifier; `__call__(images NHWC, train) -> (logits, intermediates)`.
 
     intermediates: `stages` (per-stage token maps (B, h, w, C)), `cls_token` (B, 1, C) of the last stage,
@@ -289,10 +289,6 @@ class ConvolutionalVisionTransformer(nn.Module):
             blocks=[(r"^stages_(\d+)/(?:patch_embed|cls_token)", (0,)),
                     (r"^stages_(\d+)/blocks_(\d+)", None),
                     (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed, as the official CvT's no_weight_decay."""

@@ -214,7 +214,7 @@ class NormLinear(nn.Module):
                         dtype=self.dtype, param_dtype=self.param_dtype, name="linear")(x)
 
 
-class Levit(nn.Module):
+class Levit(param_groups.LayerGroups, nn.Module):
     """LeViT classifier; `__call__(images NHWC, train)` returns (logits, intermediates).
 
     intermediates: `stages` (list of per-stage NHWC maps), `pre_logits` (B, C). A `distilled` model has
@@ -285,10 +285,6 @@ class Levit(nn.Module):
         return dict(
             stem=r"^stem",
             blocks=[(r"^stages_(\d+)/downsample", (0,)), (r"^stages_(\d+)/blocks_(\d+)", None)])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""

@@ -218,7 +218,7 @@ class MlpHead(nn.Module):
                         name="fc2")(x)
 
 
-class MetaFormer(nn.Module):
+class MetaFormer(param_groups.LayerGroups, nn.Module):
     """MetaFormer classifier (PoolFormer v1/v2, ConvFormer, CAFormer) on NHWC images.
 
     `__call__` returns (logits, intermediates): `stem` (B, H/4, W/4, C0), `stages` (each stage's NHWC
@@ -293,10 +293,6 @@ class MetaFormer(nn.Module):
         return dict(
             stem=r"^stem",
             blocks=[(r"^stages_(\d+)/downsample", (0,)), (r"^stages_(\d+)/blocks_(\d+)", None)])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns no regex: as in timm, only the 1-D params go without weight decay."""

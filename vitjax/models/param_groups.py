@@ -131,3 +131,11 @@ def scoped_matcher(matcher: Matcher, scope: str) -> Matcher:
 def scoped_patterns(patterns: Sequence[str], scope: str) -> Tuple[str, ...]:
     """Returns `patterns` (regexes searched in a sub-tree's paths) rewritten for that sub-tree under "scope/"."""
     return tuple(_scoped(pattern, scope) for pattern in patterns)
+
+
+class LayerGroups:
+    """Mixin for a model Module that declares `group_matcher()`: `layer_ids` numbered as timm numbers its groups."""
+
+    def layer_ids(self, params: Any) -> Tuple[Dict[str, LayerIds], int]:
+        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
+        return layer_ids_from_matcher(params, self.group_matcher())

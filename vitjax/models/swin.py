@@ -178,7 +178,7 @@ class SwinStage(nn.Module):
         return x
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(param_groups.LayerGroups, nn.Module):
     """Swin Transformer v1 classifier; `__call__(images NHWC, train)` returns (logits, intermediates).
 
     intermediates: `stages` (list of per-stage NHWC maps), `pre_logits` (B, C).
@@ -261,10 +261,6 @@ class SwinTransformer(nn.Module):
             stem=r"^patch_embed",
             blocks=[(r"^layers_(\d+)/downsample", (0,)), (r"^layers_(\d+)/blocks_(\d+)", None),
                     (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""

@@ -146,7 +146,7 @@ class TinyVitStage(nn.Module):
         return x
 
 
-class TinyVit(nn.Module):
+class TinyVit(param_groups.LayerGroups, nn.Module):
     """TinyViT classifier; `__call__(images NHWC, train)` returns (logits, intermediates).
 
     intermediates: `stages` (list of per-stage NHWC maps), `pre_logits` (B, C). Any input size works
@@ -198,10 +198,6 @@ class TinyVit(nn.Module):
         return dict(
             stem=r"^patch_embed",
             blocks=[(r"^stages_(\d+)/downsample", (0,)), (r"^stages_(\d+)/blocks_(\d+)", None)])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""

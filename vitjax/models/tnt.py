@@ -94,7 +94,7 @@ class TntBlock(nn.Module):
         return pixels, layers.constrain(patches, ("batch", "length", "embed"))
 
 
-class TNT(nn.Module):
+class TNT(param_groups.LayerGroups, nn.Module):
     """Transformer in Transformer classifier; `__call__(images NHWC, train) -> (logits, intermediates)`.
 
     intermediates: `blocks` (per-block patch tokens (B, 1 + N, C)), `encoded` (normed tokens),
@@ -182,10 +182,6 @@ class TNT(nn.Module):
         return dict(
             stem=r"^(?:cls_token|patch_pos|pixel_pos|pixel_embed|norm[12]_proj|proj)",
             blocks=[(r"^blocks_(\d+)", None), (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
-
-    def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
-        """Returns ({path: layer id}, num_layers) for layer-wise lr decay, numbered by `group_matcher`."""
-        return param_groups.layer_ids_from_matcher(params, self.group_matcher())
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed, as timm's no_weight_decay."""

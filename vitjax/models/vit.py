@@ -3,7 +3,7 @@
 Variants follow the ViT and big_vision papers: "Ti/16", "B/16", "L/14", ... (`decode_variant`).
 The parameter tree mirrors timm's module names so weights convert by a plain key table.
 """
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
