@@ -297,7 +297,7 @@ def markdown(args, device_kind, peak, records, vit_records, tune_records):
     by_key = {(r["n"], r["impl"]): r for r in records}
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['impl']} | n/a | | | | | | {r['error'][:80]} |")
+            lines.append(f"| {r['n']} | {r['impl']} | n/a | | | | | | {r['error'][:160]} |")
             continue
         peak_fwd = f"{100 * r['forward_peak_fraction']:.1f}" if peak else ""
         peak_all = f"{100 * r['forward_backward_peak_fraction']:.1f}" if peak else ""
@@ -327,7 +327,7 @@ def markdown(args, device_kind, peak, records, vit_records, tune_records):
                   "| attention_impl | ms / step | images/s |", "|---|---:|---:|"]
         for r in vit_records:
             if "error" in r:
-                lines.append(f"| {r['impl']} | n/a | {r['error'][:80]} |")
+                lines.append(f"| {r['impl']} | n/a | {r['error'][:160]} |")
             else:
                 lines.append(f"| {r['impl']} | {r['step_ms']:.1f} | {r['images_per_second']:.1f} |")
     return "\n".join(lines) + "\n"
