@@ -298,8 +298,10 @@ def child_main(args) -> None:
             failure = record.get("error")
         except Exception as error:  # noqa: BLE001 -- one failing cell must never cost the others
             failure = short_error(error)
+        seconds = time.time() - started
+        estimate = max(estimate, seconds)  # a cell that failed late took as long as one that ran
         if failure:
-            emit(kind="error", index=index, error=failure, seconds=time.time() - started)
+            emit(kind="error", index=index, error=failure, seconds=seconds)
             print(f"  failed: {failure}", flush=True)
             try:  # An illegal memory access leaves the device unusable for this process: let a fresh one go on.
                 import jax.numpy as jnp
@@ -308,8 +310,6 @@ def child_main(args) -> None:
                 emit(kind="poisoned", index=index, error=short_error(device_error))
                 os._exit(3)
             continue
-        seconds = time.time() - started
-        estimate = max(estimate, seconds)
         emit(kind="cell", index=index, record=record, seconds=seconds)
 
 
@@ -460,7 +460,9 @@ def run_section(report: Report, args, name: str, section_end: float, hard_end: f
             lines = []
             if os.path.exists(records):
                 with open(records) as f:
-                    lines = f.read().splitlines()
+                    text = f.read()
+                # Only whole lines: the child may be halfway through writing the last one.
+                lines = text[:text.rfind("\n") + 1].splitlines()
             for line in lines[read:]:
                 entry = json.loads(line)
                 if entry["kind"] == "environment":
@@ -470,7 +472,7 @@ def run_section(report: Report, args, name: str, section_end: float, hard_end: f
                 elif entry["kind"] != "poisoned":
                     add_rows(report, name, cells[entry["index"]], entry, done)
                     start = entry["index"] + 1
-                    estimate = max(estimate, entry.get("seconds", 0.0)) if entry["kind"] == "cell" else estimate
+                    estimate = max(estimate, entry.get("seconds", 0.0))
                 else:
                     poisoned = True
                     report.note(f"{name}: the GPU was unusable after cell {entry['index'] + 1} ({entry['error']}); "
