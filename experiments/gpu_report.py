@@ -481,9 +481,10 @@ def run_section(report: Report, args, name: str, section_end: float, hard_end: f
             if not finished and time.time() > hard_end:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-                if start < len(cells):
-                    reason = f"--hard-limit {args.hard_limit:.0f} s reached during this cell"
-                    add_rows(report, name, cells[start], dict(kind="stopped", error=reason), done)
+                for index in range(start, len(cells)):
+                    reason = f"--hard-limit {args.hard_limit:.0f} s reached " + ("during this cell" if index == start
+                                                                               else "before this cell")
+                    add_rows(report, name, cells[index], dict(kind="stopped", error=reason), done)
                 raise HardLimit
             if not finished:
                 time.sleep(0.2)
@@ -525,6 +526,10 @@ def parent_main(args) -> Dict[str, Any]:
         except HardLimit:
             report.status = f"stopped at --hard-limit {args.hard_limit:.0f} s"
             status = 2
+            for name in shares:  # the sections never started
+                for cell in section_cells(name, args.settings[name]):
+                    add_rows(report, name, cell, dict(kind="stopped", error=f"--hard-limit {args.hard_limit:.0f} s "
+                                                                            "reached before this cell"), done)
     if report.header["device_kind"] and not report.header.get("bf16_peak_tflops"):
         report.notes.append(f"The dense bf16 peak of {report.header['device_kind']!r} is unknown "
                             "(bench_attention.BF16_PEAK_TFLOPS): no % of peak and no MFU.")

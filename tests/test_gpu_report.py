@@ -19,7 +19,7 @@ import gpu_report  # noqa: E402
 ABSENT = ("tensorflow", "tensorflow_datasets", "torch", "torchvision", "timm")
 
 
-def _run(tmp_path, *args, block=ABSENT):
+def _run(tmp_path, *args, block=ABSENT, status=0):
     """Returns (completed process, the report's markdown, its JSON) of `gpu_report.py --smoke ARGS`.
 
     Each name in `block` is shadowed, for the report's child processes too, by a package that raises ImportError.
@@ -33,7 +33,7 @@ def _run(tmp_path, *args, block=ABSENT):
     out = tmp_path / "out"
     process = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, "gpu_report.py"), "--smoke", "--out", str(out),
                               *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    assert process.returncode == status, process.stdout[-3000:] + process.stderr[-3000:]
     with open(out / "gpu_report_smoke.md") as f:
         table = f.read()
     with open(out / "gpu_report_smoke.json") as f:
@@ -90,6 +90,17 @@ def test_a_spent_budget_skips_every_cell_with_a_note(tmp_path):
         records = results["sections"][section]
         assert records and all(record.get("skipped") == "budget" for record in records), section
     assert table.count("skipped: the section's time budget is spent") == 3 + 3 + 2 + 3
+
+
+def test_the_hard_limit_ends_the_run_with_a_report_that_says_where(tmp_path):
+    _, table, results = _run(tmp_path, "--hard-limit", "4", status=2)
+    assert results["status"] == "stopped at --hard-limit 4 s" and not results["complete"]
+    assert "stopped at --hard-limit 4 s" in table
+    records = [record for section in gpu_report.SECTIONS for record in results["sections"][section]]
+    assert sum("reached during this cell" in record.get("error", "") for record in records) == 1
+    # Every cell has its row: measured before the limit, or stopped by it.
+    cells = sum(len(gpu_report.section_cells(name, gpu_report.SMOKE[name])) for name in gpu_report.SECTIONS)
+    assert len([r for r in records if "ratio" not in r]) == cells
 
 
 def test_without_ml_collections_the_train_cells_say_so(tmp_path):
