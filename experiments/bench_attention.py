@@ -6,6 +6,7 @@
     python experiments/bench_attention.py --smoke --vit   # CPU: tiny sizes in interpret mode (checks it runs)
 
 Writes experiments/out/bench_attention.{md,json} (--smoke: bench_attention_smoke.{md,json}).
+experiments/gpu_report.py runs the kernel cells (`bench_kernel_cell`) with everything else one GPU should measure.
 
 How FLOPs are counted (the FlashAttention-2 convention, the same count for every implementation, so
 TFLOP/s compare times at equal work): forward = 4*B*H*N*N*D (QK^T and PV, a multiply-add = 2 FLOPs);
@@ -31,11 +32,12 @@ from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from experiment_io import write_outputs  # noqa: E402
-from vitjax.kernels import attention  # noqa: E402
+from vitjax.kernels import attention, dispatch  # noqa: E402
 
-# Dense bf16 tensor-core peak in TFLOP/s, matched against jax's device_kind (longest key first).
+# Dense (no 2:4 sparsity) bf16 tensor-core peak in TFLOP/s from the vendors' data sheets, matched against
+# jax's device_kind (longest key first); "H100" alone is the SXM part (e.g. "NVIDIA H100 80GB HBM3").
 BF16_PEAK_TFLOPS = {
-    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H800": 989, "H200": 989, "GH200": 989,
+    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989.4, "H800": 989.4, "H200": 989.4, "GH200": 989.4,
     "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10G": 70, "A10": 125,
     "RTX 4090": 165, "TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459,
     "TPU v6 lite": 918, "TPU v6e": 918,
@@ -53,14 +55,13 @@ def bf16_peak(device_kind: str):
 
 
 def attention_fn(impl: str, block_sizes=None):
-    """Returns f(q, k, v) -> out for one implementation."""
-    if impl == "pallas":
+    """Returns f(q, k, v) -> out for one implementation: what models run with that attention_impl."""
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown impl {impl!r}; valid choices: {IMPLS}")
+    if impl == "pallas" and block_sizes is not None:
         return lambda q, k, v: attention.flash_attention(q, k, v, block_sizes=block_sizes)
-    if impl == "cudnn":
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    if impl == "xla":
-        return attention.attention_reference  # what models run with attention_impl="xla"
-    raise ValueError(f"Unknown impl {impl!r}; valid choices: {IMPLS}")
+    # Through the dispatch, so an impl that cannot run says why (e.g. cuDNN on a CPU) instead of running XLA.
+    return lambda q, k, v: dispatch.dot_product_attention(q, k, v, impl=impl)
 
 
 def chained(step, repeats: int):
@@ -121,42 +122,62 @@ def check_against_xla(impl_fn, reference_fn, q, k, v, cotangent):
     return relative_error(impl[0], reference[0]), max(relative_error(a, b) for a, b in zip(impl[1:], reference[1:]))
 
 
+def short_error(error: BaseException) -> str:
+    """Returns "Type: first line of the message", cut to 200 characters: what a table cell can hold."""
+    lines = str(error).strip().splitlines() or [""]
+    # The reason comes first; the list of valid choices that follows it adds nothing in a table.
+    reason = lines[0].split(" Valid choices:")[0]
+    return f"{type(error).__name__}: {reason[:200]}"
+
+
+def bench_kernel_cell(length: int, impl: str, *, batch: int, heads: int, head_dim: int, dtype, warmup: int,
+                      iters: int, repeats: int, peak=None, block_sizes=None, inputs=None):
+    """Returns one (N, impl) record: forward and forward+backward ms, TFLOP/s, % of peak, errors vs XLA.
+
+    A failing impl gives a record with `error` (a short message) instead of raising.
+    """
+    dtype_name = jnp.dtype(dtype).name
+    q, k, v, cotangent = inputs if inputs is not None else make_inputs(batch, length, heads, head_dim, dtype)
+    forward_flops = 4.0 * batch * heads * length * length * head_dim
+    record = dict(n=length, impl=impl, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype_name,
+                  forward_flops=forward_flops)
+    fn = attention_fn(impl, block_sizes)
+    try:
+        fwd, fwd_compile = time_call(chained(forward_step(fn), repeats), (q, k, v, cotangent), warmup, iters, repeats)
+        fwd_bwd, fwd_bwd_compile = time_call(chained(forward_backward_step(fn), repeats), (q, k, v, cotangent),
+                                             warmup, iters, repeats)
+        error_fwd, error_grad = (check_against_xla(fn, attention_fn("xla"), q, k, v, cotangent)
+                                 if impl != "xla" else (0.0, 0.0))
+    except Exception as error:  # noqa: BLE001 -- an unavailable impl is a row, not a crash
+        record["error"] = short_error(error)
+        print(f"N={length} {impl}: unavailable ({record['error']})", flush=True)
+        return record
+    record.update(
+        forward_ms=fwd * 1e3, forward_backward_ms=fwd_bwd * 1e3,
+        forward_tflops=forward_flops / fwd / 1e12,
+        forward_backward_tflops=3.5 * forward_flops / fwd_bwd / 1e12,
+        compile_s=fwd_compile + fwd_bwd_compile,
+        max_rel_error_forward=error_fwd, max_rel_error_grads=error_grad)
+    if peak:
+        record["forward_peak_fraction"] = record["forward_tflops"] / peak
+        record["forward_backward_peak_fraction"] = record["forward_backward_tflops"] / peak
+    print(f"N={length} {impl}: fwd {record['forward_ms']:.3f} ms ({record['forward_tflops']:.1f} TFLOP/s), "
+          f"fwd+bwd {record['forward_backward_ms']:.3f} ms ({record['forward_backward_tflops']:.1f} TFLOP/s), "
+          f"err fwd {error_fwd:.1e} grads {error_grad:.1e}", flush=True)
+    return record
+
+
 def bench_kernels(args, dtype, peak):
     """Returns one record per (N, impl) with times, TFLOP/s and errors vs XLA."""
     records = []
     block_sizes = parse_block_sizes(args.block_sizes)
     for length in args.n:
-        q, k, v, cotangent = make_inputs(args.batch, length, args.heads, args.head_dim, dtype)
-        forward_flops = 4.0 * args.batch * args.heads * length * length * args.head_dim
+        inputs = make_inputs(args.batch, length, args.heads, args.head_dim, dtype)
         for impl in args.impls:
-            record = dict(n=length, impl=impl, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                          dtype=args.dtype, forward_flops=forward_flops)
-            fn = attention_fn(impl, block_sizes)
-            try:
-                fwd, fwd_compile = time_call(chained(forward_step(fn), args.repeats), (q, k, v, cotangent),
-                                             args.warmup, args.iters, args.repeats)
-                fwd_bwd, fwd_bwd_compile = time_call(chained(forward_backward_step(fn), args.repeats),
-                                                     (q, k, v, cotangent), args.warmup, args.iters, args.repeats)
-                error_fwd, error_grad = (check_against_xla(fn, attention_fn("xla"), q, k, v, cotangent)
-                                         if impl != "xla" else (0.0, 0.0))
-            except Exception as error:  # noqa: BLE001 -- an unavailable impl is a row, not a crash
-                record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                print(f"N={length} {impl}: unavailable ({record['error']})", flush=True)
-                records.append(record)
-                continue
-            record.update(
-                forward_ms=fwd * 1e3, forward_backward_ms=fwd_bwd * 1e3,
-                forward_tflops=forward_flops / fwd / 1e12,
-                forward_backward_tflops=3.5 * forward_flops / fwd_bwd / 1e12,
-                compile_s=fwd_compile + fwd_bwd_compile,
-                max_rel_error_forward=error_fwd, max_rel_error_grads=error_grad)
-            if peak:
-                record["forward_peak_fraction"] = record["forward_tflops"] / peak
-                record["forward_backward_peak_fraction"] = record["forward_backward_tflops"] / peak
-            print(f"N={length} {impl}: fwd {record['forward_ms']:.3f} ms ({record['forward_tflops']:.1f} TFLOP/s), "
-                  f"fwd+bwd {record['forward_backward_ms']:.3f} ms ({record['forward_backward_tflops']:.1f} TFLOP/s), "
-                  f"err fwd {error_fwd:.1e} grads {error_grad:.1e}", flush=True)
-            records.append(record)
+            records.append(bench_kernel_cell(length, impl, batch=args.batch, heads=args.heads,
+                                             head_dim=args.head_dim, dtype=dtype, warmup=args.warmup,
+                                             iters=args.iters, repeats=args.repeats, peak=peak,
+                                             block_sizes=block_sizes, inputs=inputs))
     return records
 
 
@@ -227,20 +248,10 @@ def bench_vit(args):
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((args.vit_batch, image_size, image_size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, num_classes, args.vit_batch))
-    from vitjax.kernels import dispatch
-
     records = []
     for impl in args.vit_impls:
         model = models.create("vit_base_patch16_224", attention_impl=impl, **overrides)
-        size, patch = (x if isinstance(x, int) else x[0] for x in (model.img_size, model.patch_size))
-        tokens = (size // patch) ** 2 + 1
-        head_dim = model.embed_dim // model.num_heads
-        qkv = jax.ShapeDtypeStruct((args.vit_batch, tokens, model.num_heads, head_dim), jnp.bfloat16)
-        # An impl that cannot take these shapes falls back inside the model; say so next to its time.
-        fallback = dispatch._supported(impl, qkv, qkv, qkv, None, None, False) if impl != "auto" else None
-        params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), images[:1], train=False)["params"])()
         optimizer = optax.adamw(1e-4, weight_decay=0.05)
-        opt_state = optimizer.init(params)
 
         def train_step(params, opt_state, images, labels, model=model, optimizer=optimizer):
             def loss_fn(params):
@@ -253,6 +264,9 @@ def bench_vit(args):
 
         step = jax.jit(train_step, donate_argnums=(0, 1))
         try:
+            # An impl that cannot run these shapes raises here, while tracing, with the reason.
+            params = jax.jit(lambda model=model: model.init(jax.random.PRNGKey(0), images[:1], train=False)["params"])()
+            opt_state = optimizer.init(params)
             for _ in range(args.warmup):
                 params, opt_state, loss = step(params, opt_state, images, labels)
             jax.block_until_ready(loss)
@@ -262,11 +276,10 @@ def bench_vit(args):
             jax.block_until_ready(loss)
             seconds = (time.perf_counter() - start) / args.vit_steps
         except Exception as error:  # noqa: BLE001
-            records.append(dict(impl=impl, error=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"))
+            records.append(dict(impl=impl, error=short_error(error)))
             continue
         records.append(dict(impl=impl, batch=args.vit_batch, step_ms=seconds * 1e3,
-                            images_per_second=args.vit_batch / seconds, final_loss=float(loss),
-                            fallback_to_xla=fallback))
+                            images_per_second=args.vit_batch / seconds, final_loss=float(loss)))
         print(f"ViT-B/16 {impl}: {seconds * 1e3:.1f} ms/step, {args.vit_batch / seconds:.1f} images/s", flush=True)
     return records
 
@@ -284,7 +297,7 @@ def markdown(args, device_kind, peak, records, vit_records, tune_records):
     by_key = {(r["n"], r["impl"]): r for r in records}
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['impl']} | n/a | | | | | | {r['error'][:80]} |")
+            lines.append(f"| {r['n']} | {r['impl']} | n/a | | | | | | {r['error'][:160]} |")
             continue
         peak_fwd = f"{100 * r['forward_peak_fraction']:.1f}" if peak else ""
         peak_all = f"{100 * r['forward_backward_peak_fraction']:.1f}" if peak else ""
@@ -314,10 +327,9 @@ def markdown(args, device_kind, peak, records, vit_records, tune_records):
                   "| attention_impl | ms / step | images/s |", "|---|---:|---:|"]
         for r in vit_records:
             if "error" in r:
-                lines.append(f"| {r['impl']} | n/a | {r['error'][:80]} |")
+                lines.append(f"| {r['impl']} | n/a | {r['error'][:160]} |")
             else:
-                impl = r["impl"] + (f" (ran xla: {r['fallback_to_xla']})" if r.get("fallback_to_xla") else "")
-                lines.append(f"| {impl} | {r['step_ms']:.1f} | {r['images_per_second']:.1f} |")
+                lines.append(f"| {r['impl']} | {r['step_ms']:.1f} | {r['images_per_second']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

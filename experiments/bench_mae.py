@@ -11,6 +11,7 @@ are timed, each the full jitted step of the trainer (forward, backward, AdamW up
   * supervised      the `supervised` objective: the same encoder on every patch, a linear head.
 Images/s per device (the median of --repeats timings of --steps steps after --warmup steps, the arms
 interleaved), printed as a markdown table and saved to experiments/out/bench_mae{,_gpu}.{md,json}.
+experiments/gpu_report.py runs these arms (`ArmRunner`) with everything else one GPU should measure.
 """
 import argparse
 import os
@@ -42,9 +43,15 @@ GPU_RECIPE = dict(model=dict(variant="B/16", img_size=224),
                   batch_size=256, dtype="bfloat16", num_classes=1000)
 
 
+ARMS = ("mae", "mae_all_tokens", "supervised")
+
+
 def make_config(recipe: Dict[str, Any], arm: str):
     """Returns a validated run config for one arm of the benchmark."""
+    if arm not in ARMS:
+        raise ValueError(f"Unknown arm {arm!r}; valid choices: {list(ARMS)}")
     config = config_utils.default_config()
+    # bf16 compute (`dtype`), fp32 master weights (the models' param_dtype default).
     config.model = dict(recipe["model"], dtype=recipe["dtype"])
     if arm == "supervised":
         config.objective = "supervised"
@@ -57,6 +64,20 @@ def make_config(recipe: Dict[str, Any], arm: str):
     config.total_steps = 1000
     config.optim.update(name="adamw", blr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=10)
     return config_utils.validate_config(config)
+
+
+def xla_flops(compiled) -> float:
+    """Returns the FLOPs XLA's cost analysis counts for one call of a compiled executable (nan if none).
+
+    Custom calls (cuDNN, Pallas) count as 0, so the figure undercounts any step that uses them.
+    """
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 -- some backends do not implement it
+        return float("nan")
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", float("nan")))
 
 
 class ArmRunner:
@@ -99,9 +120,12 @@ class ArmRunner:
         self.state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
         batch_sharding = parallel.batch_sharding(mesh)
         with parallel.use_mesh(mesh), nn.logical_axis_rules(self.rules):
-            self.step = jax.jit(trainer.make_train_step(objective, tx, schedule, 1, batch_sharding),
-                                in_shardings=(state_shardings, batch_sharding), donate_argnums=(0,))
+            step = jax.jit(trainer.make_train_step(objective, tx, schedule, 1, batch_sharding),
+                           in_shardings=(state_shardings, batch_sharding), donate_argnums=(0,))
             start = time.time()
+            # Compiled explicitly: the executable also answers what XLA thinks one step costs.
+            self.step = step.lower(self.state, self.batch).compile()
+            self.xla_flops_per_step = xla_flops(self.step)
             self.state, metrics = self.step(self.state, self.batch)
             jax.block_until_ready(metrics)
         self.compile_seconds = time.time() - start
@@ -129,6 +153,7 @@ class ArmRunner:
         return {"arm": self.arm, "seconds_per_step": seconds, "seconds_per_step_all": self.timings,
                 "images_per_sec_per_device": self.batch_size / seconds / self.mesh.size,
                 "encoder_patch_tokens": self.encoder_tokens, "compile_seconds": self.compile_seconds,
+                "xla_flops_per_step": self.xla_flops_per_step, "batch_size": self.batch_size,
                 "final_loss": float(self.metrics["train/loss"]), "num_devices": self.mesh.size}
 
 
@@ -149,8 +174,6 @@ def main(argv=None) -> Dict[str, Any]:
         recipe["batch_size"] = args.batch_size
     runners = []
     for arm in args.arms.split(","):
-        if arm not in ("mae", "mae_all_tokens", "supervised"):
-            raise ValueError(f"Unknown arm {arm!r}; valid choices: ['mae', 'mae_all_tokens', 'supervised']")
         runners.append(ArmRunner(recipe, arm))
         runners[-1].run(args.warmup, record=False)
     # Interleave the arms, so a slow spell of a shared machine hits all of them alike; report medians.

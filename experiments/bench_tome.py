@@ -14,6 +14,7 @@ Then the merge step alone: one merge of r tokens out of ViT-B/16's 197 (x (B, 19
 The two merges are also compared on the device (same slots, max |difference| of the tokens).
 
 Writes experiments/out/bench_tome.{md,json} (--smoke: bench_tome_smoke.{md,json}).
+experiments/gpu_report.py runs the model cells (`ModelBench`) with everything else one GPU should measure.
 """
 import argparse
 import os
@@ -57,12 +58,44 @@ def time_call(function: Callable, args, iters: int, repeats: int) -> float:
 
 
 def random_params(model, images, dtype, seed=0):
-    """Returns random params of `model` in `dtype` (shapes from eval_shape, so nothing is compiled)."""
+    """Returns random params of `model` in `dtype` (shapes from eval_shape; drawn in one jit, one compile)."""
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images[:1])["params"]
     leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [(0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(dtype)
-                                        for key, leaf in zip(keys, leaves)])
+
+    @jax.jit
+    def draw(key):
+        keys = jax.random.split(key, len(leaves))
+        return [(0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(dtype)
+                for key, leaf in zip(keys, leaves)]
+
+    return jax.tree.unflatten(treedef, draw(jax.random.PRNGKey(seed)))
+
+
+class ModelBench:
+    """One model's random weights and image batch, timed with ToMe at any (r, merge impl)."""
+
+    def __init__(self, name: str, *, batch: int, dtype, attention_impl: str = "xla", overrides=None):
+        self.name, self.batch, self.dtype = name, batch, dtype
+        self.attention_impl, self.overrides = attention_impl, dict(overrides or {})
+        base = models.create(name, dtype=dtype, attention_impl=attention_impl, **self.overrides)
+        size = base.img_size if isinstance(base.img_size, int) else base.img_size[0]
+        self.images = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, 3), jnp.float32).astype(dtype)
+        self.params = random_params(base, self.images, dtype)
+        self.depth, self.num_prefix_tokens = base.depth, base.num_prefix_tokens
+        self.num_tokens = base.num_prefix_tokens + base.grid_size[0] * base.grid_size[1]
+
+    def run(self, r: int, merge_impl: str, iters: int, repeats: int) -> Dict[str, Any]:
+        """Returns images/s, ms per batch and the token count after the last block at this (r, merge impl)."""
+        model = models.create(self.name, dtype=self.dtype, attention_impl=self.attention_impl,
+                              tome=dict(r=r, merge_impl=merge_impl), **self.overrides)
+        forward = jax.jit(lambda params, images: model.apply({"params": params}, images)[0])
+        seconds = time_call(forward, (self.params, self.images), iters, repeats)
+        _, counts = tome.token_counts(self.num_tokens, tome.merge_schedule(r, self.depth), self.num_prefix_tokens)
+        record = dict(model=self.name, r=r, merge_impl=merge_impl if r else "-",
+                      images_per_sec=self.batch / seconds, ms_per_batch=1e3 * seconds, final_tokens=counts[-1])
+        print(f"{self.name} r={r} {record['merge_impl']}: {record['images_per_sec']:.0f} img/s "
+              f"({record['ms_per_batch']:.2f} ms/batch, {counts[-1]} tokens at the end)", flush=True)
+        return record
 
 
 def bench_models(args, dtype) -> List[Dict[str, Any]]:
@@ -71,23 +104,11 @@ def bench_models(args, dtype) -> List[Dict[str, Any]]:
     settings = SMOKE if args.smoke else FULL
     overrides = SMOKE_OVERRIDES if args.smoke else {}
     for name, rs in settings.items():
-        base = models.create(name, dtype=dtype, attention_impl=args.attention_impl, **overrides)
-        size = base.img_size if isinstance(base.img_size, int) else base.img_size[0]
-        images = jax.random.normal(jax.random.PRNGKey(1), (args.batch, size, size, 3), jnp.float32).astype(dtype)
-        params = random_params(base, images, dtype)
-        num_tokens = base.num_prefix_tokens + base.grid_size[0] * base.grid_size[1]
+        bench = ModelBench(name, batch=args.batch, dtype=dtype, attention_impl=args.attention_impl,
+                           overrides=overrides)
         for r in rs:
             for impl in (("jnp",) if r == 0 else ("jnp", "pallas")):
-                model = models.create(name, dtype=dtype, attention_impl=args.attention_impl,
-                                      tome=dict(r=r, merge_impl=impl), **overrides)
-                forward = jax.jit(lambda params, images, model=model: model.apply({"params": params}, images)[0])
-                seconds = time_call(forward, (params, images), args.iters, args.repeats)
-                _, counts = tome.token_counts(num_tokens, tome.merge_schedule(r, base.depth), base.num_prefix_tokens)
-                record = dict(model=name, r=r, merge_impl=impl if r else "-", images_per_sec=args.batch / seconds,
-                              ms_per_batch=1e3 * seconds, final_tokens=counts[-1])
-                records.append(record)
-                print(f"{name} r={r} {record['merge_impl']}: {record['images_per_sec']:.0f} img/s "
-                      f"({record['ms_per_batch']:.2f} ms/batch, {counts[-1]} tokens at the end)", flush=True)
+                records.append(bench.run(r, impl, args.iters, args.repeats))
         baseline = next(rec for rec in records if rec["model"] == name and rec["r"] == 0)
         for rec in records:
             if rec["model"] == name:

@@ -1,10 +1,15 @@
-"""Fused Pallas attention (interpret mode on CPU) against the pure-jnp reference: outputs, lse, gradients."""
+"""Fused Pallas attention against the pure-jnp reference: outputs, lse, gradients; the impl dispatch.
+
+Every kernel run here is Pallas interpret mode on the CPU (the kernel body evaluated op by op), and the
+tests that run one say `interpret` in their name; the `lowers_for_*` tests only build the Triton/Mosaic
+lowering for its hardware. Nothing here compiles or runs the kernels on a GPU or TPU.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitjax.kernels import attention, dispatch
+from vitjax.kernels import attention, common, dispatch
 
 BF16_OUTPUT_TOLERANCE = 1.5e-2
 BF16_GRADIENT_TOLERANCE = 2e-2
@@ -110,7 +115,7 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
-def test_triton_kernel_matches_reference(case):
+def test_interpret_triton_kernel_matches_reference(case):
     batch, heads, q_len, kv_len, head_dim, dtype, bias_kind = case
     inputs = _inputs(0, batch=batch, q_len=q_len, kv_len=kv_len, heads=heads, head_dim=head_dim,
                      dtype=dtype, bias_kind=bias_kind)
@@ -119,7 +124,7 @@ def test_triton_kernel_matches_reference(case):
 
 @pytest.mark.parametrize("case", [(1, 2, 50, 50, 80, jnp.float32, "both"),
                                   (2, 1, 197, 197, 128, jnp.bfloat16, "key")], ids=_case_id)
-def test_mosaic_kernel_matches_reference(case):
+def test_interpret_mosaic_kernel_matches_reference(case):
     """The TPU flavour (transposed, zero-padded layout) computes the same thing in interpret mode."""
     batch, heads, q_len, kv_len, head_dim, dtype, bias_kind = case
     inputs = _inputs(1, batch=batch, q_len=q_len, kv_len=kv_len, heads=heads, head_dim=head_dim,
@@ -127,7 +132,7 @@ def test_mosaic_kernel_matches_reference(case):
     _assert_matches(*inputs, backend="mosaic")
 
 
-def test_small_tiles_many_blocks_and_partial_tiles():
+def test_interpret_small_tiles_many_blocks_and_partial_tiles():
     """16-wide tiles give every kernel several full blocks plus a partial one (50 = 3 * 16 + 2)."""
     inputs = _inputs(2, batch=1, q_len=50, kv_len=50, heads=2, head_dim=32, dtype=jnp.float32,
                      bias_kind="both")
@@ -136,14 +141,14 @@ def test_small_tiles_many_blocks_and_partial_tiles():
     _assert_matches(*inputs, backend="triton", block_sizes=tiles)
 
 
-def test_padded_query_rows_cannot_overflow_into_nan():
+def test_interpret_padded_query_rows_cannot_overflow_into_nan():
     """A key_bias of +100 would overflow exp() for padded query rows unless they are masked."""
     inputs = _inputs(3, batch=1, q_len=50, kv_len=50, heads=2, head_dim=32, dtype=jnp.float32,
                      bias_kind="key", key_bias_offset=100.0)
     _assert_matches(*inputs, backend="triton")
 
 
-def test_broadcast_bias_shapes_get_gradients_in_their_own_shape():
+def test_interpret_broadcast_bias_shapes_get_gradients_in_their_own_shape():
     """A (H, Nq, Nk) bias and a (1, Nk) key_bias broadcast like the reference and fold their gradients."""
     q, k, v, _, _, cotangent_out, _ = _inputs(4, batch=2, q_len=20, kv_len=20, heads=2, head_dim=32,
                                               dtype=jnp.float32, bias_kind=None)
@@ -187,35 +192,74 @@ def test_unknown_impl_lists_the_valid_choices():
         dispatch.dot_product_attention(q, k, v, impl="flash")
 
 
-def test_every_impl_matches_the_reference_on_cpu():
+def test_interpret_every_impl_that_runs_on_cpu_matches_the_reference():
     q, k, v, bias, key_bias = _small_inputs()
     expected, expected_lse = attention.attention_reference(q, k, v, bias=bias, key_bias=key_bias, return_lse=True)
-    for impl in dispatch.ATTENTION_IMPLS:
+    for impl in ("xla", "pallas", "auto"):
         out, lse = dispatch.dot_product_attention(q, k, v, bias=bias, key_bias=key_bias, impl=impl,
                                                   return_lse=True)
         assert _relative_error(out, expected) <= FP32_TOLERANCE, impl
         assert _relative_error(lse, expected_lse) <= FP32_TOLERANCE, impl
 
 
-def test_fallbacks_are_logged_once_per_reason(monkeypatch):
+@pytest.mark.parametrize("impl, operands, kwargs, reason", [
+    ("cudnn", "small", {}, "cuDNN needs a CUDA GPU, the platform is cpu"),
+    ("pallas", "wide", {}, "head dim 512 > 256"),
+    ("pallas", "int", {}, "dtype int32 not supported"),
+    ("pallas", "small", dict(return_weights=True), "attention weights were requested"),
+    ("cudnn", "small", dict(return_weights=True), "attention weights were requested"),
+])
+def test_an_explicit_impl_that_cannot_run_raises_with_the_reason(impl, operands, kwargs, reason):
+    q = {"small": _small_inputs()[0], "wide": jnp.zeros((1, 4, 1, 512)),
+         "int": jnp.zeros((1, 4, 1, 32), jnp.int32)}[operands]
+    assert dispatch.unsupported_reason(impl, q, q, q, **kwargs).startswith(reason)
+    with pytest.raises(dispatch.UnsupportedAttentionError,
+                       match=rf"attention_impl='{impl}' cannot run this call: {reason}.*Valid choices.*'auto'"):
+        # Under jit: the refusal happens while tracing, before anything is compiled.
+        jax.jit(lambda q: dispatch.dot_product_attention(q, q, q, impl=impl, **kwargs))(q)
+
+
+def test_auto_falls_back_down_its_preferences_and_logs_each_reason_once(monkeypatch):
     messages = []
     monkeypatch.setattr(dispatch.logging, "warning", lambda message, *args: messages.append(message % args))
     monkeypatch.setattr(dispatch, "_logged_reasons", set())
+    # The GPU ranking on the CPU: cuDNN cannot run here, so "auto" must walk past it.
+    monkeypatch.setitem(dispatch.AUTO_PREFERENCES, "cpu", ((None, ("cudnn", "pallas", "xla")),))
     q, k, v, bias, key_bias = _small_inputs()
     expected = attention.attention_reference(q, k, v, bias=bias, key_bias=key_bias)
-    for _ in range(3):  # cuDNN on a CPU: falls back to xla, logged once.
-        out = dispatch.dot_product_attention(q, k, v, bias=bias, key_bias=key_bias, impl="cudnn")
-        np.testing.assert_array_equal(out, expected)
-    assert len(messages) == 1 and "cudnn" in messages[0] and "xla" in messages[0], messages
+    for _ in range(3):
+        out = dispatch.dot_product_attention(q, k, v, bias=bias, key_bias=key_bias, impl="auto")
+        assert _relative_error(out, expected) <= FP32_TOLERANCE
+    assert messages == ["attention_impl 'auto' runs 'pallas': not 'cudnn': cuDNN needs a CUDA GPU, the platform "
+                        "is cpu"], messages
+    assert dispatch.choose_impl(q, k, v, bias=bias, key_bias=key_bias) == "pallas"
 
-    out, weights = dispatch.dot_product_attention(q, k, v, impl="pallas", return_weights=True)
+    out, weights = dispatch.dot_product_attention(q, k, v, impl="auto", return_weights=True)
     _, expected_weights = attention.attention_reference(q, k, v, return_weights=True)
     np.testing.assert_array_equal(weights, expected_weights)
-    assert len(messages) == 2 and "weights" in messages[1]
+    assert len(messages) == 2 and "runs 'xla'" in messages[1] and "weights" in messages[1], messages
 
-    wide = jnp.zeros((1, 4, 1, 512))  # head dim 512: beyond the kernel, so pallas hands over to xla
-    out = dispatch.dot_product_attention(wide, wide, wide, impl="pallas")
-    assert out.shape == wide.shape and len(messages) == 3 and "head dim" in messages[2]
+    wide = jnp.asarray(np.random.default_rng(0).standard_normal((1, 4, 1, 512), np.float32))
+    out = dispatch.dot_product_attention(wide, wide, wide, impl="auto")
+    np.testing.assert_array_equal(out, attention.attention_reference(wide, wide, wide))
+    assert len(messages) == 3 and "runs 'xla'" in messages[2] and "head dim 512 > 256" in messages[2], messages
+
+
+def test_cudnn_refusing_at_trace_time_raises_when_explicit_and_falls_back_under_auto(monkeypatch):
+    """cuDNN checks more than we mirror; its own refusal is reported like ours (simulated: no GPU here)."""
+    def refuse(*args):
+        raise NotImplementedError("cuDNN 9.1 does not support this head dim")
+
+    monkeypatch.setattr(dispatch, "cudnn_unsupported_reason", lambda *args, **kwargs: None)
+    monkeypatch.setattr(dispatch, "_cudnn_attention", refuse)
+    monkeypatch.setitem(dispatch.AUTO_PREFERENCES, "cpu", ((None, ("cudnn", "xla")),))
+    monkeypatch.setattr(dispatch, "_logged_reasons", set())
+    q, k, v, _, _ = _small_inputs()
+    with pytest.raises(dispatch.UnsupportedAttentionError, match="cuDNN refused it: NotImplementedError: cuDNN 9.1"):
+        dispatch.dot_product_attention(q, k, v, impl="cudnn")
+    out = dispatch.dot_product_attention(q, k, v, impl="auto")
+    np.testing.assert_array_equal(out, attention.attention_reference(q, k, v))
+    assert any("cuDNN refused it" in message for message in dispatch._logged_reasons)
 
 
 def test_auto_is_xla_on_cpu_and_cudnn_reasons_are_specific():
@@ -224,11 +268,51 @@ def test_auto_is_xla_on_cpu_and_cudnn_reasons_are_specific():
     assert "GPU" in dispatch.cudnn_unsupported_reason(q, k, v)
 
 
+def test_interpret_mode_is_logged_once_as_the_same_kernel_not_a_fallback(monkeypatch):
+    messages = []
+    monkeypatch.setattr(common.logging, "warning", lambda message, *args: messages.append(message % args))
+    monkeypatch.setattr(common, "_logged_interpret", set())
+    q, k, v, _, _ = _small_inputs()
+    for _ in range(2):
+        out = attention.flash_attention(q, k, v)  # interpret defaults to True on a CPU
+        assert _relative_error(out, attention.attention_reference(q, k, v)) <= FP32_TOLERANCE
+    assert len(messages) == 1, messages
+    assert "interpret mode on cpu" in messages[0] and "not a fallback" in messages[0]
+
+
+def test_a_lowering_for_the_wrong_accelerator_is_refused_with_the_valid_choices(monkeypatch):
+    monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
+    assert common.resolve_backend("test kernel", None, None) == ("triton", False)
+    with pytest.raises(ValueError, match=r"'mosaic' compiles for a TPU, the platform is gpu; valid choices here: "
+                                         r"\['triton'\], or interpret=True"):
+        common.resolve_backend("test kernel", "mosaic", False)
+
+
+@pytest.mark.parametrize("platform, backend, custom_call", [("cuda", "triton", "triton"),
+                                                            ("tpu", "mosaic", "tpu_custom_call")])
+def test_forward_and_backward_lowers_for_cuda_and_tpu(platform, backend, custom_call):
+    """Not a run: the Triton / Mosaic lowering of all three kernels is built for its hardware from this CPU."""
+    shape = jax.ShapeDtypeStruct((2, 197, 12, 64), jnp.bfloat16)
+    key_bias = jax.ShapeDtypeStruct((2, 197), jnp.float32)
+
+    def forward_backward(q, k, v, key_bias):
+        function = lambda q, k, v, key_bias: attention.flash_attention(  # noqa: E731
+            q, k, v, key_bias=key_bias, backend=backend, interpret=False)
+        out, pull_back = jax.vjp(function, q, k, v, key_bias)
+        return out, pull_back(out)
+
+    text = jax.jit(forward_backward).trace(shape, shape, shape, key_bias).lower(
+        lowering_platforms=(platform,)).as_text()
+    # One custom call per kernel: forward, dK/dV, dQ.
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @" in line and custom_call in line]
+    assert len(calls) == 3, [line[:120] for line in calls]
+
+
 # ------------------------------------------------------------------------------------------------
 # In a model
 # ------------------------------------------------------------------------------------------------
 
-def test_tiny_vit_with_pallas_attention_equals_xla():
+def test_interpret_tiny_vit_with_pallas_attention_equals_xla():
     """A 1-block ViT on 32x32 images (17 tokens: a partial tile) gives the same logits and gradients."""
     from vitjax import models
 
@@ -250,8 +334,28 @@ def test_tiny_vit_with_pallas_attention_equals_xla():
     assert _relative_error(pallas_grad, xla_grad) <= FP32_TOLERANCE
 
 
+def test_models_capture_weights_under_any_impl_but_attention_dropout_needs_one_that_forms_them():
+    from vitjax.models import layers
+
+    q, k, v, _, _ = _small_inputs()
+    expected, expected_weights = attention.attention_reference(q, k, v, return_weights=True)
+    for impl in dispatch.ATTENTION_IMPLS:  # capturing is an inspection: it runs "xla" whatever the impl
+        out, aux = layers.multihead_attention(q, k, v, impl=impl, capture_attention=True)
+        np.testing.assert_array_equal(aux["attention"], expected_weights)
+        assert _relative_error(out, expected) <= FP32_TOLERANCE, impl
+    rng = jax.random.PRNGKey(0)
+    for impl in dispatch.FUSED_IMPLS:
+        with pytest.raises(dispatch.UnsupportedAttentionError, match=rf"attention_impl='{impl}' cannot apply "
+                                                                     r"attention dropout \(attn_drop_rate=0.1\)"):
+            layers.multihead_attention(q, k, v, impl=impl, dropout_rate=0.1, dropout_rng=rng)
+    dropped = {impl: layers.multihead_attention(q, k, v, impl=impl, dropout_rate=0.1, dropout_rng=rng)[0]
+               for impl in ("xla", "auto")}
+    np.testing.assert_array_equal(dropped["auto"], dropped["xla"])
+    assert not np.allclose(dropped["xla"], expected)  # the dropout did drop something
+
+
 @pytest.mark.parametrize("bias_shape", [None, "full", "heads", "key"])
-def test_pallas_under_a_sharded_jit_runs_per_shard_and_matches_the_reference(bias_shape):
+def test_interpret_pallas_under_a_sharded_jit_runs_per_shard_and_matches_the_reference(bias_shape):
     """On a data=2 x fsdp=2 x model=2 mesh the kernel is shard_mapped over batch and heads; values and grads hold."""
     from flax import linen as nn
     from vitjax import config_utils, parallel

@@ -75,7 +75,7 @@ def test_mesh_sizes_must_tile_the_devices():
         parallel.mesh_shape(dict(data=-1, tensor=2), 8)
 
 
-def test_pallas_attention_trains_on_a_sharded_mesh_like_xla(tmp_path):
+def test_interpret_pallas_attention_trains_on_a_sharded_mesh_like_xla(tmp_path):
     """The shard_mapped Pallas kernel (interpret mode here) inside the trainer's sharded step matches XLA."""
     mesh = parallel.create_mesh(dict(data=2, fsdp=2, model=2))
     losses = {}

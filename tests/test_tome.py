@@ -94,8 +94,9 @@ def test_merge_cap_and_errors():
     assert merged_all.tokens.shape[1] == 5
 
 
-def test_pallas_merge_equals_jnp_merge():
-    """Interpret mode: the Triton-flavoured kernel (and its gradient) and the Mosaic-flavoured one."""
+def test_interpret_pallas_merge_equals_jnp_merge():
+    """Interpret mode (the kernel evaluated op by op on the CPU): the Triton-flavoured kernel (and its
+    gradient) and the Mosaic-flavoured one."""
     x, metric, sizes = random_inputs(2, 37, 40, 8, seed=3)
     cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(2, 37 - 12, 40)), jnp.float32)
 
@@ -126,6 +127,31 @@ def test_pallas_merge_equals_jnp_merge():
     np.testing.assert_array_equal(np.asarray(mosaic.slot), np.asarray(reference.slot))
     np.testing.assert_array_equal(np.asarray(mosaic.sizes), np.asarray(reference.sizes))
     np.testing.assert_allclose(np.asarray(mosaic.tokens), np.asarray(reference.tokens), rtol=1e-6, atol=1e-6)
+
+
+def test_pallas_merge_that_cannot_run_raises_with_the_reason_instead_of_running_jnp():
+    x, metric, sizes = random_inputs(1, 9, 4, 3)
+    with pytest.raises(ValueError, match=r"merge_impl='pallas' cannot run this merge: dtype int32 not supported.*"
+                                         r"valid choices: \('jnp', 'pallas'\)"):
+        tome_merge.merge(x.astype(jnp.int32), metric, sizes, 2, 1, impl="pallas")
+    x, metric, sizes = random_inputs(1, 600, 4, 3)  # 300 A tokens: past what one Triton program plans
+    with pytest.raises(ValueError, match="600 tokens: one Triton program plans at most 512"):
+        tome_merge.merge(x, metric, sizes, 2, 1, impl="pallas")
+    assert tome_merge.merge(x, metric, sizes, 2, 1, impl="jnp").tokens.shape == (1, 598, 4)
+
+
+@pytest.mark.parametrize("platform, backend, custom_call", [("cuda", "triton", "triton"),
+                                                            ("tpu", "mosaic", "tpu_custom_call")])
+def test_pallas_merge_lowers_for_cuda_and_tpu(platform, backend, custom_call):
+    """Not a run: the kernel's Triton / Mosaic lowering is built for its hardware from this CPU (ViT-B/16's shape)."""
+    x = jax.ShapeDtypeStruct((2, 197, 768), jnp.bfloat16)
+    metric = jax.ShapeDtypeStruct((2, 197, 64), jnp.bfloat16)
+    sizes = jax.ShapeDtypeStruct((2, 197), jnp.float32)
+    merge = lambda x, metric, sizes: tome_merge.merge_pallas(  # noqa: E731
+        x, metric, sizes, 16, 1, backend=backend, interpret=False)
+    text = jax.jit(merge).trace(x, metric, sizes).lower(lowering_platforms=(platform,)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @" in line and custom_call in line]
+    assert len(calls) == 1, [line[:120] for line in calls]
 
 
 def test_schedules():

@@ -16,9 +16,10 @@ One kernel body serves both lowerings; they differ only in how memory is touched
 In both, keys at positions >= N get a -inf logit in-kernel, and probabilities of query rows >= N are
 zeroed in the backward, so sequence lengths like 50, 197 or 577 need nothing from the caller.
 
-On a CPU, the kernels run in Pallas interpret mode (`interpret=True`, the default there).
-Only the interpret mode is exercised by the tests; the Triton and Mosaic lowerings are written against
-the JAX Pallas docs and checked to lower (`jax.jit(...).trace(...).lower(lowering_platforms=...)`).
+On a CPU the kernels run in Pallas interpret mode (`interpret=True`, the default there): the same
+kernel body evaluated op by op, logged once (`common.resolve_backend`); numerics, not speed. The tests
+run interpret mode and lower both flavours for their hardware (`.lower(lowering_platforms=("cuda",))` and
+("tpu",)); neither lowering has been compiled or timed on a GPU or TPU: experiments/gpu_report.py does that.
 """
 import dataclasses
 import functools
@@ -30,16 +31,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from vitjax.kernels.pallas_io import load as _load, store as _store
+from vitjax.kernels import common
+from vitjax.kernels.common import BACKENDS, LANES, load as _load, store as _store
 
-BACKENDS = ("triton", "mosaic")
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
-_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# Mosaic vector registers hold (8, 128) fp32 tiles: the minor dimension comes in 128 lanes.
-_LANES = 128
-# Triton's tl.dot needs every matrix dimension >= 16.
-_MIN_TRITON_TILE = 16
+# Past this the (block_q, head_dim) accumulators no longer fit a program's registers / VMEM tiles.
+MAX_HEAD_DIM = 256
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,33 +149,12 @@ class _Config:
     @property
     def precision(self):
         """Returns the matmul precision: full fp32 for fp32 inputs (the TPU default would use bf16 passes)."""
-        return lax.Precision.HIGHEST if jnp.dtype(self.dtype) == jnp.float32 else None
+        return common.matmul_precision(self.dtype)
 
     @property
     def block_axis(self) -> int:
         """Returns which grid axis enumerates the sequence blocks."""
         return 0 if self.backend == "triton" else 2
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _triton_tile(requested: int, length: int) -> int:
-    """Returns a power-of-two tile no longer than needed for `length` (small N: one small tile)."""
-    if requested < _MIN_TRITON_TILE or requested & (requested - 1):
-        raise ValueError(f"Triton block sizes must be powers of two >= {_MIN_TRITON_TILE}, got {requested}")
-    return min(requested, max(_MIN_TRITON_TILE, _next_power_of_2(length)))
-
-
-def _mosaic_tile(requested: int, length: int, granule: int) -> int:
-    if requested % granule:
-        raise ValueError(f"Mosaic block sizes along this axis must be multiples of {granule}, got {requested}")
-    return min(requested, _round_up(length, granule))
 
 
 def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret) -> _Config:
@@ -189,21 +166,21 @@ def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret) -
     q_names = ("block_q", "block_q_dkv", "block_q_dq")
     k_names = ("block_k", "block_k_dkv", "block_k_dq")
     if backend == "triton":
-        head_dim_padded = max(_MIN_TRITON_TILE, _next_power_of_2(head_dim))
+        head_dim_padded = common.triton_pad(head_dim)
         for name in q_names:
-            blocks[name] = _triton_tile(blocks[name], q_len)
+            blocks[name] = common.triton_tile(name, blocks[name], q_len)
         for name in k_names:
-            blocks[name] = _triton_tile(blocks[name], kv_len)
+            blocks[name] = common.triton_tile(name, blocks[name], kv_len)
         q_len_padded, kv_len_padded = q_len, kv_len
     else:
-        head_dim_padded = _round_up(head_dim, _LANES)
+        head_dim_padded = common.round_up(head_dim, LANES)
         # Key tiles are the lane dimension of the logits, bias and key_bias tiles, so they need 128;
         # query tiles would only need 8 (16 for bf16) sublanes, but the backward transposes
         # (block_q, block_k) tiles, which Mosaic handles best at whole (128, 128) tiles.
         for name in q_names + k_names:
-            blocks[name] = _mosaic_tile(blocks[name], q_len if name in q_names else kv_len, _LANES)
-        q_len_padded = _round_up(q_len, math.lcm(*(blocks[name] for name in q_names)))
-        kv_len_padded = _round_up(kv_len, math.lcm(*(blocks[name] for name in k_names)))
+            blocks[name] = common.mosaic_tile(name, blocks[name], q_len if name in q_names else kv_len, LANES)
+        q_len_padded = common.round_up(q_len, math.lcm(*(blocks[name] for name in q_names)))
+        kv_len_padded = common.round_up(kv_len, math.lcm(*(blocks[name] for name in k_names)))
     return _Config(
         backend=backend, interpret=interpret, scale=float(scale), batch=batch, heads=heads,
         q_len=q_len, kv_len=kv_len, head_dim=head_dim, head_dim_padded=head_dim_padded,
@@ -499,11 +476,8 @@ class _Specs:
 
 
 def _compiler_params(cfg: _Config, num_warps):
-    if cfg.backend == "triton":
-        from jax.experimental.pallas import triton as plgpu
-        return plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages)
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+    """Returns the compiler params of one of the three kernels (grid: block, batch, head)."""
+    return common.compiler_params(cfg.backend, 3, num_warps=num_warps, num_stages=cfg.num_stages)
 
 
 def _stat_shape(cfg, length):
@@ -518,7 +492,7 @@ def _whole(length: int, block: int) -> int:
     The in-kernel loops slice tiles of `block` rows, so the block a program sees must cover them
     (the interpreter pads to it; Triton only computes addresses from it and masks the rest).
     """
-    return _round_up(length, block)
+    return common.round_up(length, block)
 
 
 def _forward_call(cfg: _Config, q, k, v, bias, key_bias):
@@ -656,9 +630,7 @@ _attention_core.defvjp(_attention_core_forward, _attention_core_backward)
 # Public entry point
 # ------------------------------------------------------------------------------------------------
 
-def default_backend() -> str:
-    """Returns the kernel flavour for the default JAX platform: mosaic on TPU, else triton."""
-    return "mosaic" if jax.default_backend() == "tpu" else "triton"
+default_backend = common.default_backend
 
 
 def unsupported_reason(q, k, v, *, bias=None, key_bias=None) -> Optional[str]:
@@ -669,10 +641,11 @@ def unsupported_reason(q, k, v, *, bias=None, key_bias=None) -> Optional[str]:
         return f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}"
     if q.dtype != k.dtype or q.dtype != v.dtype:
         return f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
-    if not any(q.dtype == dtype for dtype in _SUPPORTED_DTYPES):
-        return f"dtype {q.dtype} not supported (valid: float32, bfloat16, float16)"
-    if q.shape[-1] > 256:
-        return f"head dim {q.shape[-1]} > 256"
+    dtype_reason = common.dtype_unsupported_reason(q.dtype)
+    if dtype_reason is not None:
+        return dtype_reason
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if min(q.shape[1], k.shape[1]) == 0:
         return "empty sequence"
     batch, q_len, heads, _ = q.shape
@@ -699,12 +672,9 @@ def flash_attention(q, k, v, *, bias=None, key_bias=None, scale: Optional[float]
     bias: broadcastable to (B, H, Nq, Nk); key_bias: (B, Nk). Gradients flow to q, k, v, bias,
     key_bias (and through lse when it is returned).
     backend: "triton" (GPU) or "mosaic" (TPU); defaults to the platform's. interpret defaults to True
-    on a CPU.
+    on a CPU (the same kernel evaluated op by op; logged once).
     """
-    backend = default_backend() if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    backend, interpret = common.resolve_backend("vitjax attention kernel", backend, interpret)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     bias = None if bias is None else jnp.asarray(bias)
     key_bias = None if key_bias is None else jnp.asarray(key_bias)

@@ -3,10 +3,13 @@
 impl chooses among:
 - "xla": the pure-jnp reference (einsum, softmax, einsum); XLA fuses what it can. Works everywhere.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention.
-- "pallas": our fused kernel, `vitjax.kernels.attention.flash_attention` (interpret mode on a CPU).
+- "pallas": our fused kernel, `vitjax.kernels.attention.flash_attention`. On a CPU it runs in Pallas
+  interpret mode: the same kernel evaluated op by op (logged once), not a fallback; numerics, not speed.
 - "auto": the fastest expected for the platform and shape (see `AUTO_PREFERENCES`).
-An implementation that cannot take the call (cuDNN on a CPU, fp32 on cuDNN, a bias with an odd
-length on cuDNN, ...) falls back to "xla" with the reason logged once, never an error.
+What runs is what was asked: "cudnn" or "pallas" that cannot take the call (cuDNN on a CPU, fp32 on
+cuDNN, a head dim or dtype the kernel lacks, attention weights requested, ...) raises
+`UnsupportedAttentionError` at trace time, naming the reason and the valid alternatives. Only "auto"
+falls back (down its preference list, ending at "xla"), logging the reason once per distinct message.
 
 Under a sharded `jax.jit` (a mesh set with `jax.set_mesh` and flax logical-axis rules active, as the
 trainer does) the Pallas kernel runs inside `jax.shard_map`: each device attends over its own
@@ -14,7 +17,7 @@ batch shard and head shard. Without it XLA cannot partition the custom call and 
 q, k and v onto every device.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +25,15 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
-from vitjax.kernels.attention import attention_reference, flash_attention, unsupported_reason
+from vitjax.kernels.attention import attention_reference, flash_attention
+from vitjax.kernels.attention import unsupported_reason as pallas_unsupported_reason
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
+FUSED_IMPLS = ("cudnn", "pallas")
 
 # What "auto" tries, per platform, by sequence length: rows (max_length, preferences), first row whose
 # max_length >= max(Nq, Nk) wins (None: any length); within a row the first supported impl is used.
-# Untuned defaults: re-rank from experiments/bench_attention.py on the target accelerator.
+# Untuned defaults: re-rank from experiments/gpu_report.py (or bench_attention.py) on the target accelerator.
 AUTO_PREFERENCES = {
     "gpu": ((None, ("cudnn", "pallas", "xla")),),
     # The Mosaic lowering has not been run on a TPU yet; XLA stays the default there until it has.
@@ -39,9 +44,20 @@ AUTO_PREFERENCES = {
 _logged_reasons = set()
 
 
-def _log_fallback(requested: str, used: str, reason: str) -> None:
-    """Logs why `requested` was replaced by `used`, once per distinct message per process."""
-    message = f"attention impl {requested!r} falls back to {used!r}: {reason}"
+class UnsupportedAttentionError(ValueError):
+    """An explicitly requested attention implementation cannot run the call it was given."""
+
+
+def _unsupported(impl: str, reason: str) -> UnsupportedAttentionError:
+    """Returns the error for an explicit `impl` that cannot run: the reason and what would run instead."""
+    return UnsupportedAttentionError(
+        f"attention_impl={impl!r} cannot run this call: {reason}. Valid choices: {ATTENTION_IMPLS}; "
+        f"'xla' runs every call, 'auto' picks the fastest that can run it (falling back to 'xla', logged once).")
+
+
+def _log_fallback(chosen: str, skipped: Tuple[Tuple[str, str], ...]) -> None:
+    """Logs which impl "auto" chose and why it skipped the ones it prefers, once per distinct message."""
+    message = f"attention_impl 'auto' runs {chosen!r}: " + "; ".join(f"not {impl!r}: {why}" for impl, why in skipped)
     if message not in _logged_reasons:
         _logged_reasons.add(message)
         logging.warning(message)
@@ -143,56 +159,54 @@ def _shard_mapped_flash_attention(q, k, v, bias, key_bias, return_lse, partition
                          out_specs=out_specs, check_vma=False)(*operands)
 
 
-def _supported(impl, q, k, v, bias, key_bias, return_lse) -> Optional[str]:
-    """Returns why `impl` cannot run this call, or None."""
+_WEIGHTS_REASON = "attention weights were requested (return_weights=True) and fused kernels never materialise them"
+
+
+def unsupported_reason(impl: str, q, k, v, *, bias=None, key_bias=None, return_lse=False,
+                       return_weights=False) -> Optional[str]:
+    """Returns why `impl` cannot run this call, or None when it can ("xla" always can)."""
+    if impl not in ATTENTION_IMPLS:
+        return f"unknown attention_impl {impl!r}; valid choices: {ATTENTION_IMPLS}"
+    if impl in FUSED_IMPLS and return_weights:
+        return _WEIGHTS_REASON
     if impl == "cudnn":
         return cudnn_unsupported_reason(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
     if impl == "pallas":
-        return unsupported_reason(q, k, v, bias=bias, key_bias=key_bias)
+        return pallas_unsupported_reason(q, k, v, bias=bias, key_bias=key_bias)
     return None
 
 
-def choose_impl(q, k, v, *, bias=None, key_bias=None, return_lse=False) -> str:
-    """Returns the implementation "auto" resolves to for these operands on this platform."""
+def _preferences(q, k) -> Tuple[str, ...]:
+    """Returns the impls "auto" tries, in order, for this platform and sequence length; "xla" last."""
     length = max(q.shape[1], k.shape[1])
     for max_length, preferences in AUTO_PREFERENCES[_platform()]:
         if max_length is None or length <= max_length:
-            for impl in preferences:
-                if _supported(impl, q, k, v, bias, key_bias, return_lse) is None:
-                    return impl
-            break
-    return "xla"
+            return tuple(preferences) + (() if "xla" in preferences else ("xla",))
+    return ("xla",)
 
 
-def dot_product_attention(q, k, v, *, bias=None, key_bias=None, impl: str = "xla",
-                          return_weights: bool = False, return_lse: bool = False):
-    """Returns attention output (B, Nq, H, D); with return_weights/return_lse a tuple adding them in that order.
+def _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights) -> List[Tuple[str, Optional[str]]]:
+    """Returns [(impl, why it cannot run this call or None)] in the order "auto" tries them."""
+    return [(impl, unsupported_reason(impl, q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse,
+                                      return_weights=return_weights)) for impl in _preferences(q, k)]
 
-    q: (B, Nq, H, D); k, v: (B, Nk, H, D). bias: broadcastable to (B, H, Nq, Nk); key_bias: (B, Nk).
-    weights are (B, H, Nq, Nk) fp32, lse (B, H, Nq) fp32. `return_weights` forces the XLA path:
-    fused kernels never materialise the weights.
-    """
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"Unknown attention_impl {impl!r}; valid choices: {ATTENTION_IMPLS}")
-    requested = impl
-    if return_weights and impl != "xla":
-        if impl != "auto":
-            _log_fallback(impl, "xla", "attention weights were requested; fused kernels never materialise them")
-        impl = "xla"
-    if impl == "auto":
-        impl = choose_impl(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
-    reason = _supported(impl, q, k, v, bias, key_bias, return_lse)
-    if reason is not None:
-        _log_fallback(requested, "xla", reason)
-        impl = "xla"
+
+def choose_impl(q, k, v, *, bias=None, key_bias=None, return_lse=False, return_weights=False) -> str:
+    """Returns the implementation "auto" resolves to for these operands on this platform."""
+    return next(impl for impl, reason in _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights)
+                if reason is None)
+
+
+def _refusal(error: Exception) -> str:
+    """Returns the reason cuDNN gave for refusing a call, on one line."""
+    lines = str(error).strip().splitlines() or [""]
+    return f"cuDNN refused it: {type(error).__name__}: {lines[0]}"
+
+
+def _run(impl, q, k, v, bias, key_bias, return_weights, return_lse):
+    """Returns what `dot_product_attention` returns, computed by `impl` (already known to take the call)."""
     if impl == "cudnn":
-        try:
-            return _cudnn_attention(q, k, v, bias, key_bias)
-        except (NotImplementedError, RuntimeError, ValueError) as error:
-            # cuDNN checks more than we mirror (library version, compute capability); trace-time
-            # refusals land here.
-            _log_fallback(requested, "xla", f"cuDNN refused the call: {error}")
-            impl = "xla"
+        return _cudnn_attention(q, k, v, bias, key_bias)
     if impl == "pallas":
         partition = kernel_partition(q, bias=bias, key_bias=key_bias)
         if partition is not None:
@@ -200,3 +214,48 @@ def dot_product_attention(q, k, v, *, bias=None, key_bias=None, impl: str = "xla
         return flash_attention(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
     return attention_reference(q, k, v, bias=bias, key_bias=key_bias,
                                return_weights=return_weights, return_lse=return_lse)
+
+
+# cuDNN checks more than we mirror (library version, compute capability, shape limits) and refuses at
+# trace time with one of these.
+_CUDNN_REFUSALS = (NotImplementedError, RuntimeError, ValueError, TypeError)
+
+
+def dot_product_attention(q, k, v, *, bias=None, key_bias=None, impl: str = "xla",
+                          return_weights: bool = False, return_lse: bool = False):
+    """Returns attention output (B, Nq, H, D); with return_weights/return_lse a tuple adding them in that order.
+
+    q: (B, Nq, H, D); k, v: (B, Nk, H, D). bias: broadcastable to (B, H, Nq, Nk); key_bias: (B, Nk).
+    weights are (B, H, Nq, Nk) fp32, lse (B, H, Nq) fp32. Only "xla" materialises the weights: with
+    return_weights, "auto" runs "xla" and "cudnn"/"pallas" raise. An explicit "cudnn" or "pallas" that
+    cannot take the call raises `UnsupportedAttentionError` with the reason; only "auto" falls back.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention_impl {impl!r}; valid choices: {ATTENTION_IMPLS}")
+    if impl != "auto":
+        reason = unsupported_reason(impl, q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse,
+                                    return_weights=return_weights)
+        if reason is not None:
+            raise _unsupported(impl, reason)
+        if impl != "cudnn":
+            return _run(impl, q, k, v, bias, key_bias, return_weights, return_lse)
+        try:
+            return _run(impl, q, k, v, bias, key_bias, return_weights, return_lse)
+        except _CUDNN_REFUSALS as error:
+            raise _unsupported(impl, _refusal(error)) from error
+    skipped = []
+    for chosen, reason in _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights):
+        if reason is not None:
+            skipped.append((chosen, reason))
+            continue
+        try:
+            result = _run(chosen, q, k, v, bias, key_bias, return_weights, return_lse)
+        except _CUDNN_REFUSALS as error:
+            if chosen != "cudnn":
+                raise
+            skipped.append((chosen, _refusal(error)))
+            continue
+        if skipped:
+            _log_fallback(chosen, tuple(skipped))
+        return result
+    raise AssertionError("unreachable: 'xla' runs every call")  # _preferences always ends with "xla"

@@ -26,8 +26,10 @@ matrix product over channel chunks, all in one launch. Lowerings:
   masked loads and stores.
 - "mosaic" (TPU): arrays are zero-padded to whole (8, 128) tiles first (one copy), as Mosaic loads
   cannot be masked.
-On a CPU the kernel runs in interpret mode. Only interpret mode is exercised by the tests; the Triton
-and Mosaic lowerings are checked to lower (`jax.jit(f).trace(...).lower(lowering_platforms=...)`).
+On a CPU the kernel runs in interpret mode: the same kernel body evaluated op by op, logged once
+(`common.resolve_backend`); numerics, not speed. The tests run interpret mode and lower both flavours for
+their hardware (`.lower(lowering_platforms=...)`); neither has been compiled or timed on a GPU or TPU
+yet: experiments/gpu_report.py does that.
 """
 import dataclasses
 import functools
@@ -35,16 +37,13 @@ from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax import lax
 from jax.experimental import pallas as pl
 
-from vitjax.kernels.pallas_io import load as _load, store as _store
+from vitjax.kernels import common
+from vitjax.kernels.common import BACKENDS, LANES, SUBLANES, load as _load, store as _store
 
 MERGE_IMPLS = ("jnp", "pallas")
-BACKENDS = ("triton", "mosaic")
-_SUBLANES, _LANES = 8, 128
-_MIN_TRITON_TILE = 16
 # One Triton program holds (N/2)^2 planning matrices in registers; past this the jnp merge is used.
 _MAX_TRITON_HALF_TOKENS = 256
 
@@ -84,11 +83,6 @@ def _identity(x, sizes) -> MergeOutput:
     batch, num_tokens = x.shape[:2]
     slot = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
     return MergeOutput(x, sizes.astype(jnp.float32), slot, jnp.ones((batch, num_tokens), jnp.float32))
-
-
-def _precision(dtype):
-    """Returns full fp32 matmul precision for fp32 operands (GPU would use TF32, TPU bf16 passes)."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _interleave(even, odd, num_tokens: int):
@@ -152,7 +146,7 @@ def merge_reference(x, metric, sizes, r: int, num_protected: int = 1) -> MergeOu
     compute_dtype = x.dtype
     a_tokens, b_tokens = x[:, 0::2], x[:, 1::2]
     into_weights = jnp.where(into, weight_a[:, None, :], 0.0).astype(compute_dtype)
-    received = jnp.einsum("bji,bic->bjc", into_weights, a_tokens, precision=_precision(compute_dtype),
+    received = jnp.einsum("bji,bic->bjc", into_weights, a_tokens, precision=common.matmul_precision(compute_dtype),
                           preferred_element_type=jnp.float32)
     own = weight_b.astype(compute_dtype).astype(jnp.float32)[..., None] * b_tokens.astype(jnp.float32)
     merged_b = (own + received).astype(x.dtype)
@@ -216,19 +210,11 @@ class _Config:
 
     @property
     def out_padded(self) -> int:
-        return _round_up(self.num_out, self.out_block)
+        return common.round_up(self.num_out, self.out_block)
 
     @property
     def masked_io(self) -> bool:
         return self.backend == "triton"
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _make_config(x, metric, r, num_protected, backend, interpret, channel_block, out_block, num_warps) -> _Config:
@@ -236,29 +222,26 @@ def _make_config(x, metric, r, num_protected, backend, interpret, channel_block,
     size_a_count, size_b_count, _, _ = _split_sizes(num_tokens, num_protected)
     itemsize = jnp.dtype(x.dtype).itemsize
     if backend == "triton":
-        pad = lambda n: max(_MIN_TRITON_TILE, _next_power_of_2(n))  # noqa: E731
+        pad = common.triton_pad
         half_a, half_b, tokens_padded = pad(size_a_count), pad(size_b_count), pad(num_tokens)
         metric_padded = pad(metric.shape[-1])
         # Keep the x tile of one chunk (N x channel_block) within 64 KiB of shared memory.
         fits = max(1, 65536 // (tokens_padded * itemsize))
-        default_channels = max(_MIN_TRITON_TILE, min(128, 1 << (fits.bit_length() - 1)))
-        channel_block = channel_block or min(default_channels, pad(channels))
-        out_block = out_block or min(64, pad(num_tokens - r))
-        for name, value in (("channel_block", channel_block), ("out_block", out_block)):
-            if value < _MIN_TRITON_TILE or value & (value - 1):
-                raise ValueError(f"Triton {name} must be a power of two >= {_MIN_TRITON_TILE}, got {value}")
-        channels_padded = _round_up(channels, channel_block)
+        default_channels = max(common.MIN_TRITON_TILE, min(128, 1 << (fits.bit_length() - 1)))
+        channel_block = common.check_triton_tile("channel_block", channel_block or min(default_channels, pad(channels)))
+        out_block = common.check_triton_tile("out_block", out_block or min(64, pad(num_tokens - r)))
+        channels_padded = common.round_up(channels, channel_block)
     else:
-        half_a = _round_up(size_a_count, _LANES)
-        half_b = _round_up(size_b_count, _LANES)
-        tokens_padded = _round_up(num_tokens, _LANES)
-        metric_padded = _round_up(metric.shape[-1], _LANES)
-        channel_block = channel_block or _LANES
+        half_a = common.round_up(size_a_count, LANES)
+        half_b = common.round_up(size_b_count, LANES)
+        tokens_padded = common.round_up(num_tokens, LANES)
+        metric_padded = common.round_up(metric.shape[-1], LANES)
+        channel_block = channel_block or LANES
         out_block = out_block or 128
-        if channel_block % _LANES or out_block % _SUBLANES:
-            raise ValueError(f"Mosaic channel_block must be a multiple of {_LANES} and out_block of {_SUBLANES}, "
+        if channel_block % LANES or out_block % SUBLANES:
+            raise ValueError(f"Mosaic channel_block must be a multiple of {LANES} and out_block of {SUBLANES}, "
                              f"got {channel_block} and {out_block}")
-        channels_padded = _round_up(channels, channel_block)
+        channels_padded = common.round_up(channels, channel_block)
     return _Config(backend=backend, interpret=interpret, r=int(r), num_protected=int(num_protected),
                    num_tokens=num_tokens, channels=channels, metric_dim=metric.shape[-1],
                    dtype=jnp.dtype(x.dtype).name, half_a=half_a, half_b=half_b, tokens_padded=tokens_padded,
@@ -362,7 +345,7 @@ def _merge_kernel(metric_a_ref, metric_b_ref, sizes_a_ref, sizes_b_ref, x_ref,
     # --- the weighted merge: out = (one-hot slots x weights) @ x, tile by tile --------------------
     out_block, channel_block = cfg.out_block, cfg.channel_block
     token_col_valid = _iota((tokens_padded, 1), 0) < num_tokens
-    precision = _precision(cfg.dtype)
+    precision = common.matmul_precision(cfg.dtype)
     num_channel_blocks = pl.cdiv(cfg.channels, channel_block)
 
     def out_tile(tile, carry):
@@ -395,11 +378,8 @@ def _merge_kernel(metric_a_ref, metric_b_ref, sizes_a_ref, sizes_b_ref, x_ref,
 
 
 def _compiler_params(cfg: _Config):
-    if cfg.backend == "triton":
-        from jax.experimental.pallas import triton as plgpu
-        return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=("parallel",))
+    """Returns the kernel's compiler params (grid: one program per image; no loop worth pipelining)."""
+    return common.compiler_params(cfg.backend, 1, num_warps=cfg.num_warps, num_stages=1)
 
 
 def _merge_call(cfg: _Config, x, metric, sizes):
@@ -444,16 +424,15 @@ def _merge_call(cfg: _Config, x, metric, sizes):
             weight[:, 0, :num_tokens])
 
 
-def default_backend() -> str:
-    """Returns the kernel flavour for the default JAX platform: mosaic on TPU, else triton."""
-    return "mosaic" if jax.default_backend() == "tpu" else "triton"
+default_backend = common.default_backend
 
 
 def unsupported_reason(x, metric, backend: Optional[str] = None) -> Optional[str]:
-    """Returns why the Pallas merge cannot take these operands (the caller falls back to jnp), or None."""
+    """Returns why the Pallas merge cannot take these operands, or None."""
     backend = default_backend() if backend is None else backend
-    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return f"dtype {x.dtype} not supported (valid: float32, bfloat16, float16)"
+    dtype_reason = common.dtype_unsupported_reason(x.dtype)
+    if dtype_reason is not None:
+        return dtype_reason
     if backend == "triton" and (x.shape[1] + 1) // 2 > _MAX_TRITON_HALF_TOKENS:
         return f"{x.shape[1]} tokens: one Triton program plans at most {2 * _MAX_TRITON_HALF_TOKENS}"
     return None
@@ -464,12 +443,10 @@ def merge_pallas(x, metric, sizes, r: int, num_protected: int = 1, *, backend: O
                  out_block: Optional[int] = None, num_warps: Optional[int] = None) -> MergeOutput:
     """Returns `merge_reference`'s result computed by one fused Pallas kernel per image.
 
-    backend: "triton" (GPU) or "mosaic" (TPU), by default the platform's; interpret defaults to True on CPU.
+    backend: "triton" (GPU) or "mosaic" (TPU), by default the platform's; interpret defaults to True on
+    a CPU (the same kernel evaluated op by op; logged once).
     """
-    backend = default_backend() if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    backend, interpret = common.resolve_backend("vitjax ToMe merge kernel", backend, interpret)
     _check(x, metric, sizes, r, num_protected)
     if r == 0:
         return _identity(x, sizes)
@@ -488,8 +465,8 @@ def merge(x, metric, sizes, r: int, num_protected: int = 1, impl: str = "jnp") -
     """Returns the ToMe merge of `r` tokens with `impl` ("jnp" or "pallas"), differentiable in x.
 
     The gradient w.r.t. x is dx_i = weight_i * d_out[slot_i] (a gather); metric and sizes get none
-    (the matching is discrete and sizes are counts). "pallas" falls back to "jnp" for operands the
-    kernel does not take (`unsupported_reason`).
+    (the matching is discrete and sizes are counts). "pallas" runs the kernel or raises, at trace time,
+    with the reason it cannot (`unsupported_reason`); it never silently runs "jnp" instead.
     """
     if impl not in MERGE_IMPLS:
         raise ValueError(f"Unknown merge_impl {impl!r}; valid choices: {MERGE_IMPLS}")
@@ -499,19 +476,9 @@ def merge(x, metric, sizes, r: int, num_protected: int = 1, impl: str = "jnp") -
     if impl == "pallas":
         reason = unsupported_reason(x, metric)
         if reason is not None:
-            _log_fallback(reason)
-            impl = "jnp"
+            raise ValueError(f"merge_impl='pallas' cannot run this merge: {reason}; valid choices: "
+                             f"{MERGE_IMPLS} ('jnp' takes any operands)")
     return _merge_vjp(int(r), int(num_protected), impl, x, metric, sizes.astype(jnp.float32))
-
-
-_logged_fallbacks = set()
-
-
-def _log_fallback(reason: str) -> None:
-    """Logs, once per distinct reason, that the Pallas merge was replaced by the jnp one."""
-    if reason not in _logged_fallbacks:
-        _logged_fallbacks.add(reason)
-        logging.warning("tome merge_impl 'pallas' falls back to 'jnp': %s", reason)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

@@ -103,6 +103,8 @@ class GPSA(nn.Module):
         # Zero queries and keys leave the positional bias as the only logits.
         zeros = jnp.zeros((batch, length, heads, head_dim), query.dtype)
         need_weights = capture_attention or (train and self.attn_drop_rate > 0)
+        # The dropout below acts on the weights, which only the XLA path forms: a fused impl must not pretend.
+        layers.check_attention_dropout(self.attention_impl, self.attn_drop_rate if train else 0.0)
         content_out, content_aux = layers.multihead_attention(
             query, key, value, impl=self.attention_impl, capture_attention=need_weights)
         positional_out, positional_aux = layers.multihead_attention(

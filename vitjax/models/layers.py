@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.kernels import dot_product_attention
+from vitjax.kernels import UnsupportedAttentionError, dot_product_attention
+from vitjax.kernels.dispatch import FUSED_IMPLS
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -86,8 +87,9 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and a pluggable attention implementation.
 
-    `attention_impl` picks the kernel (`vitjax.kernels.ATTENTION_IMPLS`); attention-weight dropout and
-    `capture_attention` need the weights, so they run the plain XLA path.
+    `attention_impl` picks the kernel (`vitjax.kernels.ATTENTION_IMPLS`). `capture_attention` runs the
+    XLA path whatever the impl (only it materialises the weights); attention-weight dropout needs them
+    too, so it works with "xla" and "auto" and raises with "cudnn"/"pallas" (see `multihead_attention`).
     """
 
     num_heads: int
@@ -168,16 +170,31 @@ def project_heads(module: nn.Module, out: jax.Array, channels: int, *, train: bo
     return nn.Dropout(module.proj_drop_rate)(out, deterministic=not train)
 
 
+def check_attention_dropout(impl: str, dropout_rate: float) -> None:
+    """Raises when `impl` is a fused kernel asked for attention dropout, which needs the weights it never forms."""
+    if dropout_rate > 0.0 and impl in FUSED_IMPLS:
+        raise UnsupportedAttentionError(
+            f"attention_impl={impl!r} cannot apply attention dropout (attn_drop_rate={dropout_rate}): it needs the "
+            f"attention weights, which fused kernels never materialise. Valid choices: attention_impl 'xla' or "
+            f"'auto' (runs 'xla' here), or attn_drop_rate=0.")
+
+
 def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xla",
                         dropout_rate=0.0, dropout_rng=None, capture_attention=False):
     """Returns (attention output (B, Nq, H, D), aux dict with `attention` (B, H, Nq, Nk) when captured).
 
     The one place every architecture computes softmax attention, so `impl` applies to all of them.
+    Both paths below need the weights, which only "xla" materialises: capturing them (an inspection,
+    e.g. for visualisation) always runs "xla"; attention dropout (training) passes `impl` on, so
+    "auto" runs "xla" (logged once) and an explicit "cudnn"/"pallas" raises instead of silently not running.
     """
     aux = {}
+    if not capture_attention:
+        check_attention_dropout(impl, dropout_rate)
     if dropout_rate > 0.0 or capture_attention:
+        weights_impl = "xla" if capture_attention else impl
         _, weights = dot_product_attention(query, key, value, bias=bias, key_bias=key_bias,
-                                           impl="xla", return_weights=True)
+                                           impl=weights_impl, return_weights=True)
         if capture_attention:
             aux["attention"] = weights
         if dropout_rate > 0.0:

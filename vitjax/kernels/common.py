@@ -1,0 +1,147 @@
+"""What the Pallas kernels (attention, ToMe merge) share: backend and interpret-mode choice, tile
+rounding, compiler params per lowering, and the masked block loads and stores.
+
+Two lowerings, one kernel body each:
+- "triton" (GPU): arrays stay in the caller's layout; blocks running past an array's end are read and
+  written with masked loads and stores (`cfg.masked_io`); tiles are powers of two >= 16.
+- "mosaic" (TPU): arrays are zero-padded to whole (8, 128) tiles first, as Mosaic loads cannot be masked.
+
+Interpret mode (the default on a CPU) is the same kernel body, evaluated op by op by XLA instead of
+compiled for an accelerator: a numerical check of the kernel, never a fallback and never a speed
+measurement. `resolve_backend` logs it once per kernel and process, so a CPU run cannot be mistaken
+for a hardware run.
+"""
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax import lax
+
+BACKENDS = ("triton", "mosaic")
+# Mosaic vector registers hold (8, 128) fp32 tiles: 8 sublanes by 128 lanes.
+SUBLANES, LANES = 8, 128
+# Triton's tl.dot needs every matrix dimension >= 16.
+MIN_TRITON_TILE = 16
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# The platform each lowering compiles for (jax.default_backend() names).
+_BACKEND_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
+
+_logged_interpret = set()
+
+
+def default_backend() -> str:
+    """Returns the lowering for the default JAX platform: "mosaic" on a TPU, else "triton"."""
+    return "mosaic" if jax.default_backend() == "tpu" else "triton"
+
+
+def resolve_backend(kernel: str, backend: Optional[str], interpret: Optional[bool]) -> Tuple[str, bool]:
+    """Returns (backend, interpret) with the defaults filled in; raises when the platform cannot run them.
+
+    backend defaults to the platform's lowering, interpret to True on a CPU (where no lowering
+    compiles). Interpret mode is logged once per `kernel` name and process.
+    """
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
+    platform = jax.default_backend()
+    interpret = platform == "cpu" if interpret is None else bool(interpret)
+    wanted = _BACKEND_PLATFORM[backend]
+    # On a CPU host interpret=False is allowed: it serves cross-lowering (`.lower(lowering_platforms=...)`).
+    if not interpret and platform in _BACKEND_PLATFORM.values() and platform != wanted:
+        valid = [name for name, target in _BACKEND_PLATFORM.items() if target == platform]
+        raise ValueError(f"{kernel}: backend {backend!r} compiles for a {wanted.upper()}, the platform is "
+                         f"{platform}; valid choices here: {valid}, or interpret=True")
+    if interpret and kernel not in _logged_interpret:
+        _logged_interpret.add(kernel)
+        logging.warning("%s: Pallas interpret mode on %s (%s-flavoured kernel): the same kernel body evaluated "
+                        "op by op by XLA, not a fallback; numerics only, its timings say nothing about a "
+                        "GPU or TPU.", kernel, platform, backend)
+    return backend, interpret
+
+
+def dtype_unsupported_reason(dtype) -> Optional[str]:
+    """Returns why the kernels cannot take `dtype`, or None when it is one of SUPPORTED_DTYPES."""
+    if any(jnp.dtype(dtype) == supported for supported in SUPPORTED_DTYPES):
+        return None
+    return f"dtype {jnp.dtype(dtype).name} not supported (valid: float32, bfloat16, float16)"
+
+
+def matmul_precision(dtype):
+    """Returns full fp32 matmul precision for fp32 operands (GPU would use TF32, TPU bf16 passes), else None."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def next_power_of_2(n: int) -> int:
+    """Returns the smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def round_up(n: int, multiple: int) -> int:
+    """Returns n rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
+
+
+def triton_pad(n: int) -> int:
+    """Returns the power-of-two extent (>= MIN_TRITON_TILE) a Triton tile covering n rows needs."""
+    return max(MIN_TRITON_TILE, next_power_of_2(n))
+
+
+def check_triton_tile(name: str, value: int) -> int:
+    """Returns `value` if it is a valid Triton tile (a power of two >= 16); raises otherwise."""
+    if value < MIN_TRITON_TILE or value & (value - 1):
+        raise ValueError(f"Triton block sizes must be powers of two >= {MIN_TRITON_TILE}, got {name}={value}")
+    return value
+
+
+def triton_tile(name: str, requested: int, length: int) -> int:
+    """Returns the requested power-of-two tile, shrunk to what `length` needs (small N: one small tile)."""
+    return min(check_triton_tile(name, requested), triton_pad(length))
+
+
+def mosaic_tile(name: str, requested: int, length: int, granule: int) -> int:
+    """Returns the requested tile (a multiple of `granule`), shrunk to `length` rounded up to `granule`."""
+    if requested % granule:
+        raise ValueError(f"Mosaic block sizes along this axis must be multiples of {granule}, got {name}={requested}")
+    return min(requested, round_up(length, granule))
+
+
+def compiler_params(backend: str, grid_rank: int, num_warps: Optional[int] = None,
+                    num_stages: Optional[int] = None):
+    """Returns the pallas_call compiler params of a lowering: Triton launch sizes, or Mosaic's parallel grid."""
+    if backend == "triton":
+        from jax.experimental.pallas import triton as plgpu
+        return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    if backend == "mosaic":
+        from jax.experimental.pallas import tpu as pltpu
+        # Every grid axis is independent (no program reads another's output): megacore may split any.
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
+    raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Block reads and writes: masked on Triton, plain on Mosaic
+# ------------------------------------------------------------------------------------------------
+# `cfg` is a kernel's static config; only its `masked_io` flag is read (True on the Triton lowering,
+# where a block may run past the end of an array and must neither read nor write out there).
+
+def load(cfg, ref, rows=None, cols=None, mask=None):
+    """Returns ref[rows, cols]; on Triton, entries outside `mask` read as 0 and never touch memory."""
+    index = (slice(None) if rows is None else rows, slice(None) if cols is None else cols)
+    if cfg.masked_io and mask is not None:
+        from jax.experimental.pallas import triton as plgpu
+        view = ref.at[index] if (rows is not None or cols is not None) else ref
+        return plgpu.load(view, mask=mask, other=0)
+    # Mosaic arrays are zero-padded to whole tiles, so nothing is out of bounds there.
+    return ref[index]
+
+
+def store(cfg, ref, value, rows=None, cols=None, mask=None):
+    """Writes ref[rows, cols] = value; on Triton only the entries inside `mask`."""
+    index = (slice(None) if rows is None else rows, slice(None) if cols is None else cols)
+    if cfg.masked_io and mask is not None:
+        from jax.experimental.pallas import triton as plgpu
+        view = ref.at[index] if (rows is not None or cols is not None) else ref
+        plgpu.store(view, value, mask=mask)
+    else:
+        ref[index] = value
