@@ -26,9 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiment_io import write_outputs  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from vitjax import config_utils, optim, parallel  # noqa: E402
+from vitjax import config_utils, parallel  # noqa: E402
 from vitjax import objectives as objectives_lib  # noqa: E402
 from vitjax import train as trainer  # noqa: E402
 
@@ -97,31 +96,12 @@ class ArmRunner:
             labels = rng.integers(0, recipe["num_classes"], batch_size)
             host_batch["label"] = np.eye(recipe["num_classes"], dtype=np.float32)[labels]
         self.batch = parallel.global_batch(host_batch, mesh)
-        dummy = {key: jnp.zeros((1,) + value.shape[1:], value.dtype) for key, value in host_batch.items()}
-        abstract = jax.eval_shape(lambda r: objective.init_variables(r, dummy), jax.random.key(0))
-        specs = parallel.logical_param_specs(abstract["params"])
-        abstract_params = trainer.unbox(abstract["params"])
-        tx, schedule = optim.make_optimizer(config.optim, abstract_params, batch_size=batch_size,
-                                            total_steps=config.total_steps, param_axes=specs,
-                                            layer_ids_fn=objective.layer_ids,
-                                            no_weight_decay=objective.no_weight_decay())
-
-        def init_state(rng):
-            variables = trainer.unbox(dict(objective.init_variables(rng, dummy)))
-            params = variables.pop("params")
-            return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                      model_state=variables, rng=rng)
-
-        self.rules = parallel.logical_rules(config.sharding_rules)
-        abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-        params_shardings = parallel.param_shardings(abstract_params, specs, mesh, self.rules)
-        state_shardings = parallel.state_shardings(abstract_state, abstract_params, params_shardings, mesh)
-        state_shardings = state_shardings.replace(params=params_shardings)
-        self.state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(0))
-        batch_sharding = parallel.batch_sharding(mesh)
+        # The trainer's own parts: optimizer, sharded state, the jitted step (labels already one-hot here).
+        setup = trainer.create_train_setup(config, objective, mesh, host_batch, total_steps=config.total_steps)
+        self.rules = setup.rules
+        self.state = trainer.initial_state(setup, jax.random.key(0))
         with parallel.use_mesh(mesh), nn.logical_axis_rules(self.rules):
-            step = jax.jit(trainer.make_train_step(objective, tx, schedule, 1, batch_sharding),
-                           in_shardings=(state_shardings, batch_sharding), donate_argnums=(0,))
+            step = trainer.jit_train_step(setup)
             start = time.time()
             # Compiled explicitly: the executable also answers what XLA thinks one step costs.
             self.step = step.lower(self.state, self.batch).compile()
