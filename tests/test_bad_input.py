@@ -100,3 +100,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert int(state["step"]) == 2
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(state["params"]))
     assert [record["step"] for record in read_metrics(workdir)] == [1, 2]
+
+
+def test_a_missing_imagenet_is_reported_when_the_run_starts_with_the_runlocal_hint(tmp_path):
+    """get_config reads no data; the run stops before compiling with how to prepare it and the :runlocal way out."""
+    config = load_config(f"data_dir={tmp_path / 'tfds'}", "mae_b16")  # pure: nothing to find yet
+    assert config.input.dataset == "imagenet2012"
+    result = subprocess.run(
+        [sys.executable, "-m", "vitjax.main", f"--config=configs/mae_b16.py:data_dir={tmp_path / 'tfds'}",
+         f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, XLA_FLAGS=""))
+    assert result.returncode != 0
+    assert "downloads/manual" in result.stderr and "--config=configs/mae_b16.py:runlocal" in result.stderr, \
+        result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
