@@ -90,7 +90,8 @@ def get_config(arg=None):
         normalize = f"normalize(mean={tuple(cfg['mean'])}, std={tuple(cfg['std'])})"
         base = f"decode(channels=1)|gray_to_rgb|resize({image_size}, {method})"
         config.input = dict(dataset="digits", train_split=train_split, eval_split=eval_split,
-                            pp_train=f"{base}|random_crop({image_size}, padding={max(1, image_size // 16)})|{normalize}",
+                            pp_train=f"{base}|random_crop({image_size}, padding={max(1, image_size // 16)})|"
+                                     f"{normalize}",
                             pp_eval=f"{base}|{normalize}", label_smoothing=arg.label_smoothing)
     else:
         from vitjax import data

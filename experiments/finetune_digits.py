@@ -72,14 +72,14 @@ def digits_subset(classes, size: int, mean, std):
     return x, torch.from_numpy(labels[keep])
 
 
-def timm_checkpoint(path: str, steps: int, seed: int = 0) -> Dict[str, Any]:
-    """Writes a timm ViT-Ti/16 (32 px, 5 classes) to `path`: trained on digits 0-4 for `steps` (0: random init)."""
+def timm_checkpoint(path: str, steps: int, size: int, seed: int = 0) -> Dict[str, Any]:
+    """Writes a timm ViT-Ti/16 (`size` px, 5 classes) to `path`: trained on digits 0-4 for `steps` (0: random init)."""
     torch.manual_seed(seed)
-    model = timm.create_model(TIMM_MODEL, pretrained=False, img_size=32, num_classes=5)
+    model = timm.create_model(TIMM_MODEL, pretrained=False, img_size=size, num_classes=5)
     result: Dict[str, Any] = dict(steps=steps)
     if steps:
         cfg = models.pretrained_cfg(TIMM_MODEL)
-        images, labels = digits_subset(range(5), 32, cfg["mean"], cfg["std"])
+        images, labels = digits_subset(range(5), size, cfg["mean"], cfg["std"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
         generator = torch.Generator().manual_seed(seed)
         start = time.time()
@@ -93,15 +93,16 @@ def timm_checkpoint(path: str, steps: int, seed: int = 0) -> Dict[str, Any]:
         model.eval()
         with torch.no_grad():
             accuracy = (model(images).argmax(-1) == labels).float().mean().item()
-        result.update(train_top1_digits_0_to_4=accuracy, final_loss=float(loss), seconds=time.time() - start)
+        result.update(train_top1_digits_0_to_4=accuracy, final_loss=loss.item(), seconds=time.time() - start)
     torch.save(model.state_dict(), path)
     return result
 
 
-def finetune_arm(workdir: str, init_from: str, steps: int) -> Dict[str, Any]:
+def finetune_arm(workdir: str, init_from: str, steps: int, size: int, layer_decay: float) -> Dict[str, Any]:
     """Returns top-1 and minutes of configs/finetune.py on the digits from `init_from`, and the init_from table."""
-    config = config_utils.load_config(f"configs/finetune.py:model={TIMM_MODEL},steps={steps}",
-                                      dict(QUIET, init_from=init_from))
+    config = config_utils.load_config(
+        f"configs/finetune.py:model={TIMM_MODEL},steps={steps},image_size={size},layer_decay={layer_decay}",
+        dict(QUIET, init_from=init_from))
     start = time.time()
     final = trainer.train_and_evaluate(config, workdir)
     objective = trainer.objectives_lib.create(config.objective, config_utils.validate_config(config))
@@ -119,7 +120,11 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--quickstart_workdir", default="", help="reuse a finished quickstart run")
     parser.add_argument("--finetune_steps", type=int, default=20, help="part A: steps from the quickstart")
     parser.add_argument("--timm_steps", type=int, default=600, help="part B: torch steps on the digits 0-4")
-    parser.add_argument("--digits_steps", type=int, default=300, help="part B: fine-tuning steps at 64 px")
+    parser.add_argument("--digits_steps", type=int, default=300, help="part B: fine-tuning steps")
+    parser.add_argument("--timm_size", type=int, default=48, help="part B: image size of the PyTorch training")
+    parser.add_argument("--digits_size", type=int, default=64, help="part B: image size of the fine-tuning")
+    parser.add_argument("--layer_decay", type=float, default=0.75, help="part B: configs/finetune.py's layer_decay")
+    parser.add_argument("--skip_part_a", action="store_true")
     parser.add_argument("--out_dir", default=OUT_DIR)
     args = parser.parse_args(argv)
     root = tempfile.mkdtemp(prefix="finetune_digits_")
@@ -127,42 +132,54 @@ def main(argv=None) -> Dict[str, Any]:
     started = time.time()
     try:
         quickstart = args.quickstart_workdir or os.path.join(root, "quickstart")
-        if not args.quickstart_workdir:
+        if args.skip_part_a:
+            pass
+        elif not args.quickstart_workdir:
             start = time.time()
             final = trainer.train_and_evaluate(config_utils.load_config("configs/digits_vit.py", QUIET), quickstart)
             results["quickstart"] = dict(top1=final["eval/top1"], minutes=(time.time() - start) / 60)
         else:
             results["quickstart"] = dict(top1=read_metrics(quickstart)[-1].get("eval/top1"), minutes=None)
-        results["from_quickstart"] = quickstart_arm(os.path.join(root, "a_init"), args.finetune_steps, quickstart)
-        results["from_scratch"] = quickstart_arm(os.path.join(root, "a_scratch"), args.finetune_steps, None)
-        print(results, flush=True)
+        if not args.skip_part_a:
+            results["from_quickstart"] = quickstart_arm(os.path.join(root, "a_init"), args.finetune_steps,
+                                                        quickstart)
+            results["from_scratch"] = quickstart_arm(os.path.join(root, "a_scratch"), args.finetune_steps, None)
+            print(results, flush=True)
 
         pretrained, random = os.path.join(root, "digits04.pth"), os.path.join(root, "random.pth")
-        results["timm_pretraining"] = timm_checkpoint(pretrained, args.timm_steps)
-        timm_checkpoint(random, 0)
-        results["timm_pretrained"] = finetune_arm(os.path.join(root, "b_pretrained"), pretrained, args.digits_steps)
-        results["timm_random"] = finetune_arm(os.path.join(root, "b_random"), random, args.digits_steps)
+        results["timm_pretraining"] = timm_checkpoint(pretrained, args.timm_steps, args.timm_size)
+        print(results["timm_pretraining"], flush=True)
+        timm_checkpoint(random, 0, args.timm_size)
+        arm = dict(steps=args.digits_steps, size=args.digits_size, layer_decay=args.layer_decay)
+        results["timm_pretrained"] = finetune_arm(os.path.join(root, "b_pretrained"), pretrained, **arm)
+        print(results["timm_pretrained"], flush=True)
+        results["timm_random"] = finetune_arm(os.path.join(root, "b_random"), random, **arm)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     results["minutes"] = (time.time() - started) / 60
 
-    a, b = results["from_quickstart"], results["from_scratch"]
     pre = results["timm_pretraining"]
-    lines = [
-        "Fine-tuning from pretrained weights on the bundled digits (top-1 % on the 360 test images, 2 CPU cores).",
-        "",
-        f"A. From the quickstart's workdir (its own top-1 {100 * results['quickstart']['top1']:.2f}%), "
-        f"{args.finetune_steps} steps of its recipe, evaluated after every step:",
-        "",
-        "| init | top-1 after step 1 | after the last step | minutes |",
-        "|---|---:|---:|---:|",
-        f"| `--config.init_from=<quickstart workdir>` | {100 * a['first']:.2f} | {100 * a['last']:.2f} | "
-        f"{a['seconds'] / 60:.1f} |",
-        f"| from scratch | {100 * b['first']:.2f} | {100 * b['last']:.2f} | {b['seconds'] / 60:.1f} |",
-        "",
-        f"B. `configs/finetune.py:model={TIMM_MODEL}` (64 px, {args.digits_steps} steps of 64) from a timm `.pth`; "
-        f"the pretrained one saw only the digits 0-4 ({args.timm_steps} PyTorch steps at 32 px, "
-        f"{100 * pre['train_top1_digits_0_to_4']:.1f}% on them):",
+    lines = ["Fine-tuning from pretrained weights on the bundled digits (top-1 % on the 360 test images, "
+             "2 CPU cores).", ""]
+    if "from_quickstart" in results:
+        a, b = results["from_quickstart"], results["from_scratch"]
+        lines += [
+            f"A. From the quickstart's workdir (its own top-1 {100 * results['quickstart']['top1']:.2f}%), "
+            f"{args.finetune_steps} steps of its recipe, evaluated after every step:",
+            "",
+            "| init | top-1 after step 1 | lowest | after the last step | minutes |",
+            "|---|---:|---:|---:|---:|",
+            f"| `--config.init_from=<quickstart workdir>` | {100 * a['first']:.2f} | "
+            f"{100 * min(a['top1_curve']):.2f} | "
+            f"{100 * a['last']:.2f} | {a['seconds'] / 60:.1f} |",
+            f"| from scratch | {100 * b['first']:.2f} | {100 * min(b['top1_curve']):.2f} | {100 * b['last']:.2f} | "
+            f"{b['seconds'] / 60:.1f} |",
+            ""]
+    lines += [
+        f"B. `configs/finetune.py:model={TIMM_MODEL},image_size={args.digits_size},layer_decay={args.layer_decay}` "
+        f"({args.digits_steps} steps of 64) from a timm `.pth`; the pretrained one saw only the digits 0-4 "
+        f"({args.timm_steps} PyTorch steps at {args.timm_size} px, {100 * pre['train_top1_digits_0_to_4']:.1f}% on "
+        "them):",
         "",
         "| init_from | top-1 | minutes |",
         "|---|---:|---:|",

@@ -40,7 +40,7 @@ def _config_spec(argv: List[str]) -> Optional[str]:
 
 
 def explain_override_error(argv: List[str]) -> Optional[str]:
-    """Returns a message naming the first `--config.KEY=...` override whose key the config lacks, with the valid keys."""
+    """Returns a message naming the first `--config.KEY=...` override whose key the config lacks; valid keys."""
     from vitjax import config_utils
     spec = _config_spec(argv)
     if not spec:

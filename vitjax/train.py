@@ -207,7 +207,7 @@ def load_frozen_weights(objective, abstract_variables) -> Dict[str, Any]:
 
 def initial_state(setup: TrainSetup, rng: jax.Array, init_plan: Optional[weights.Plan] = None,
                   frozen: Optional[Dict[str, Any]] = None) -> TrainState:
-    """Returns a new run's state on the mesh: initialised, then `init_plan`'s weights and `frozen` collections in place."""
+    """Returns a new run's state on the mesh: initialised, then `init_plan`'s weights and the `frozen` collections."""
     state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(rng)
     if init_plan is not None:
         variables = init_plan.apply({"params": state.params, **state.model_state})
@@ -518,7 +518,8 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                      param_overview(abstract_params, optim.trainable_mask(config.optim, abstract_params)))
 
     with parallel.use_mesh(mesh), nn.logical_axis_rules(setup.rules):
-        train_step = jit_train_step(setup, data.make_batch_transform(config.input, dataset_classes or objective_classes))
+        batch_transform = data.make_batch_transform(config.input, dataset_classes or objective_classes)
+        train_step = jit_train_step(setup, batch_transform)
         evaluators = evaluators_lib.build_evaluators(config, evaluators_lib.EvalContext(
             objective=objective, input_config=config.input, mesh=mesh, state_shardings=setup.state_shardings,
             batch_sharding=setup.batch_sharding, eval_batch_size=eval_batch_size,

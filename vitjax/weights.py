@@ -175,7 +175,8 @@ def _load_mae(state_dict, source: str, path: str, model_name: Optional[str],
         if kind != "pretrain" or "decoder_num_heads" not in str(error):
             raise
         # The decoder's heads are not in its shapes: a run that needs only the encoder takes it alone.
-        encoder_keys = {key: value for key, value in state_dict.items() if not key.startswith(("decoder", "mask_token"))}
+        encoder_keys = {key: value for key, value in state_dict.items()
+                        if not key.startswith(("decoder", "mask_token"))}
         _, variables = mae_convert.load_official(encoder_keys, num_heads=num_heads)
         kind = "pretrain, encoder only"
     return Pretrained(dict(variables), source, "mae", f"official MAE checkpoint ({kind}) {path}", {})
@@ -194,7 +195,7 @@ def _resampled_by_converter(state_dict: Mapping[str, np.ndarray], variables: Map
 
 def convert_timm(state_dict: Mapping[str, np.ndarray], model_name: str,
                  model_overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """Returns `state_dict` converted for `model_name` with `model_overrides`, without its head if class counts differ."""
+    """Returns `state_dict` converted for `model_name` with `model_overrides` (no head if the class counts differ)."""
     from vitjax import convert
     overrides = dict(model_overrides or {})
     # Compute settings do not change the weights; the converters build the model only to check shapes.

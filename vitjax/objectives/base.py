@@ -90,7 +90,7 @@ class Objective:
 
     # ---- hooks with defaults ---------------------------------------------------------------------
     def init_from_rules(self) -> weights.Rules:
-        """Returns how `config.init_from` fits this objective: the user's skip/keep patterns, the model's posemb prefix."""
+        """Returns how `config.init_from` fits this objective: the user's skip/keep, the model's posemb prefix."""
         module = getattr(self, "module", None)
         prefix = None
         if module is not None and hasattr(module, "num_prefix_tokens"):

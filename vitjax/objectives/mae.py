@@ -138,7 +138,7 @@ class MAE(Objective):
 # Fine-tuning
 # =============================================================================================
 class MaeFinetune(Supervised):
-    """Supervised fine-tuning from an MAE encoder (`config.init_from`); the head starts at trunc_normal(`head_init_std`)."""
+    """Supervised fine-tuning from an MAE encoder (`config.init_from`); head init trunc_normal(`head_init_std`)."""
 
     default_kwargs: Dict[str, Any] = dict(head_init_std=2e-5)
 
@@ -156,7 +156,7 @@ class MaeFinetune(Supervised):
         return dataclasses.replace(rules, fill=tuple(fill), ignore=tuple(ignore), optional=tuple(optional))
 
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
-        """Returns the classifier's variables with MAE's fine-tuning head init (before `config.init_from` loads the encoder)."""
+        """Returns the classifier's variables with MAE's fine-tuning head init (`config.init_from` loads the rest)."""
         init_rng, head_rng = jax.random.split(rng)
         variables = dict(super().init_variables(init_rng, batch))
         params = dict(variables["params"])
@@ -234,7 +234,7 @@ class MaeLinearProbe(Supervised):
                                   head_init_std=float(self.kwargs["head_init_std"]))
 
     def init_from_rules(self) -> weights.Rules:
-        """Returns the rules that put a pretrained encoder under "encoder/" (the probe's head_norm and head stay fresh)."""
+        """Returns the rules that put a pretrained encoder under "encoder/" (the probe's head stays fresh)."""
         encoder = self.module.encoder
         prefix = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
         return dataclasses.replace(super().init_from_rules(), scope="encoder", posemb_prefix=prefix)
@@ -254,4 +254,5 @@ class MaeLinearProbe(Supervised):
         return variables
 
 
-__all__ = ["MAE", "LinearProbe", "MaeFinetune", "MaeLinearProbe", "build_encoder", "masked_mse", "per_patch_loss", "reconstruction_target"]
+__all__ = ["MAE", "LinearProbe", "MaeFinetune", "MaeLinearProbe", "build_encoder", "masked_mse", "per_patch_loss",
+           "reconstruction_target"]
