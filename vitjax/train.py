@@ -460,7 +460,7 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
     data = _data_module()
     info = data.dataset_info(config.input)
     dataset_classes = info.get("num_classes")
-    objective_classes = getattr(objective, "num_classes", None)
+    objective_classes = objective.num_classes
     if objective_classes and dataset_classes and objective_classes != dataset_classes:
         raise ValueError(f"The model has {objective_classes} classes but dataset {config.input.dataset!r} has "
                          f"{dataset_classes}; set config.model.num_classes={dataset_classes}")

@@ -30,7 +30,7 @@ Hooks with defaults (override where the objective needs something else):
                           the trainer loads once for a new run (a distillation teacher).
   features(variables, images) -> (B, D) features for the kNN and few-shot evaluators.
 """
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import chex
 import jax
@@ -59,6 +59,9 @@ class Objective:
 
     #: Keys of the eval batch `eval_metrics` reads (eval pipelines give "image", "label" and "mask").
     eval_batch_keys: Tuple[str, ...] = ("image", "label")
+
+    #: Classes the objective predicts (None: it predicts none); checked against the dataset's.
+    num_classes: Optional[int] = None
 
     #: The objective's settings (config.objective_kwargs) and their defaults.
     default_kwargs: Dict[str, Any] = {}
