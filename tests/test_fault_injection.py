@@ -1,0 +1,290 @@
+"""Fault injection: every way a checkpoint goes wrong ends in an exact resume or a clear error naming the problem.
+
+The cases, and where each is proven:
+  damaged data files, metadata files, a missing array in the newest step   -> fallback, exact  (here)
+  every step damaged                                                       -> NoGoodCheckpointError (here)
+  a half-written step                                                      -> removed, exact  (here)
+  a full disk during a save                                                -> CheckpointSaveError, then exact (here)
+  another model on resume (allow_config_change)                            -> CheckpointMismatchError (here)
+  a config changed between runs                                            -> ConfigChangedError
+                                                                              (test_init_from.py::test_resuming_with_a_changed_config_shows_the_diff)
+  SIGTERM mid-run                                                          -> exit 75, exact (here)
+  SIGKILL at random moments, during async saves                            -> exact (here; a kill right after a
+                                                                              save started: test_resume.py)
+  SIGTERM in a two-process run                                             -> both save one step (test_multihost.py)
+  NaN in the first step after a restore                                    -> points at the checkpoint (here)
+experiments/fault_injection.py runs the same cases and writes their table.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import faults
+from vitjax import checkpoint, train
+from test_train import read_metrics, run, tiny_config
+
+OVERRIDES = dict(total_steps=8, log_every_steps=1, eval_every_steps=4, checkpoint_every_steps=2, keep_checkpoints=3)
+TIMING = ("images_per_sec", "steps_per_sec")
+
+
+def make_config(**overrides):
+    """Returns the suite's config: 8 steps, a checkpoint every 2 (async), drop-path on so the rng position matters."""
+    config = tiny_config(**{**OVERRIDES, **overrides})
+    config.checkpoint_async = True
+    config.model.drop_path_rate = 0.1
+    return config
+
+
+def strip_timing(records):
+    """Returns metrics records without their wall-clock fields."""
+    return [{key: value for key, value in record.items() if key not in TIMING} for record in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Returns (final metrics, metrics records) of the unbroken 8-step run."""
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    final = run(make_config(), workdir)
+    return final, strip_timing(read_metrics(workdir))
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """Returns a workdir stopped after step 4 (complete steps 2 and 4), to be copied, never changed."""
+    workdir = str(tmp_path_factory.mktemp("stopped") / "run")
+    assert run(make_config(), workdir, stop_after_steps=4)["step"] == 4
+    assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints")) == (2, 4)
+    return workdir
+
+
+def copy_of(stopped: str, tmp_path) -> str:
+    """Returns a fresh copy of the stopped workdir."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(stopped, workdir)
+    return workdir
+
+
+def assert_exact(final, workdir, reference):
+    """Asserts that the run in `workdir` ended with the unbroken run's final metrics and metrics records."""
+    final_reference, records_reference = reference
+    assert final == final_reference
+    assert strip_timing(read_metrics(workdir)) == records_reference
+
+
+DAMAGES = {
+    "data_files": lambda directory: faults.damage_data_files(directory, 4),
+    "missing_array": lambda directory: faults.remove_array(directory, 4),
+    **{name: (lambda directory, name=name: faults.damage_metadata_file(directory, 4, name))
+       for name in ("state/_METADATA", "state/manifest.ocdbt", "meta/metadata", "fingerprints/metadata")},
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_newest_step_is_moved_aside_and_the_run_falls_back(damage, stopped, reference, tmp_path, caplog):
+    workdir = copy_of(stopped, tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    DAMAGES[damage](directory)
+    assert checkpoint.verify_step(directory, 4).status == "damaged"
+
+    final = run(make_config(), workdir)
+
+    assert_exact(final, workdir, reference)
+    moved = checkpoint.damaged_steps(directory)
+    assert len(moved) == 1 and moved[0].startswith("4.damaged-"), moved
+    assert checkpoint.complete_steps(directory) == (4, 6, 8)  # step 4 written again by the replay; keep 3
+    report = open(os.path.join(directory, moved[0], "vitjax_damage_report.txt")).read()
+    messages = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"Checkpoint step 4 at {directory}/4 is damaged: " in messages
+    assert "falling back to step 2" in messages and "Resuming from step 2" in messages
+    if damage == "data_files":  # readable but wrong: the failing leaves are named, with both fingerprints
+        failing = re.findall(r"(\S+): fingerprint [0-9a-f]{8}, saved [0-9a-f]{8}", report)
+        assert failing and all(leaf.split("/")[0] in ("params", "opt_state") for leaf in failing), report
+    else:  # unreadable: the reader's own error
+        assert "unreadable" in report, report
+
+
+def test_every_step_damaged_stops_before_compiling_and_keeps_the_steps(stopped, tmp_path, monkeypatch):
+    workdir = copy_of(stopped, tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    faults.damage_data_files(directory, 4)
+    faults.damage_metadata_file(directory, 2, "state/_METADATA")
+    compiled = []
+    monkeypatch.setattr(train, "jit_train_step", lambda *args, **kwargs: compiled.append(1))
+    with pytest.raises(checkpoint.NoGoodCheckpointError, match=r"every complete step is damaged(.|\n)*step 4 -> "
+                                                              r".*4\.damaged-\d+: .*fingerprint(.|\n)*step 2 -> "
+                                                              r".*2\.damaged-\d+: unreadable"):
+        run(make_config(), workdir)
+    assert compiled == []
+    assert checkpoint.complete_steps(directory) == ()
+    assert [name.split(".")[0] for name in checkpoint.damaged_steps(directory)] == ["2", "4"]
+    assert [record["step"] for record in read_metrics(workdir)] == [1, 2, 3, 4]  # nothing overwritten
+
+
+def test_a_half_written_step_is_removed_and_the_run_resumes_exactly(stopped, reference, tmp_path):
+    workdir = copy_of(stopped, tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    torn = faults.half_written_step(directory, 4, 6)
+    assert checkpoint.complete_steps(directory) == (2, 4)
+    final = run(make_config(), workdir)
+    assert_exact(final, workdir, reference)
+    assert not os.path.exists(torn) and checkpoint.damaged_steps(directory) == ()
+
+
+def test_a_full_disk_during_a_save_stops_with_the_step_named_then_resumes_exactly(stopped, reference, tmp_path):
+    workdir = copy_of(stopped, tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    with faults.failing_writer() as writes:
+        with pytest.raises(checkpoint.CheckpointSaveError,
+                           match=r"Saving checkpoint step 6 to .* failed: OSError: \[Errno 28\] No space left on "
+                                 r"device.*complete steps on disk: \[2, 4\]"):
+            run(make_config(), workdir)
+    assert writes[0] >= 1
+    assert checkpoint.complete_steps(directory) == (2, 4)
+    final = run(make_config(), workdir)
+    assert_exact(final, workdir, reference)
+
+
+def test_another_model_on_resume_is_refused_before_compiling_and_nothing_is_moved(stopped, tmp_path):
+    workdir = copy_of(stopped, tmp_path)
+    config = make_config()
+    config.model.embed_dim = 48
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"step 4 holds a different train state(.|\n)*params/blocks_0/attn/proj/bias: saved "
+                             r"\[32\] float32, the run has \[48\] float32"):
+        run(config, workdir, allow_config_change=True)
+    assert checkpoint.complete_steps(os.path.join(workdir, "checkpoints")) == (2, 4)
+
+
+def test_nan_in_the_first_step_after_a_restore_points_at_the_restored_checkpoint(stopped, tmp_path):
+    """A verified step holding a NaN (saved by a run already broken) is named as the cause, not the learning rate."""
+    workdir = copy_of(stopped, tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    state = checkpoint.load_state(directory, 4)
+    state["params"]["head"]["bias"] = np.asarray(state["params"]["head"]["bias"]).copy()
+    state["params"]["head"]["bias"][3] = np.nan
+    meta = json.load(open(os.path.join(directory, "4", "meta", "metadata")))
+    shutil.rmtree(os.path.join(directory, "4"))
+    writer = checkpoint.Checkpointer(directory, keep=3, async_save=False)
+    writer.save(4, state, {key: value for key, value in meta.items() if key != "step"})
+    writer.close()
+    assert checkpoint.verify_step(directory, 4).status == "verified"
+
+    with pytest.raises(FloatingPointError) as error:
+        run(make_config(), workdir)
+    message = str(error.value)
+    assert "Non-finite train/loss = nan at step 5 (the first step after resuming from checkpoint step 4" in message
+    assert "matches its fingerprints" in message and "['params/head/bias']" in message and "not finite" in message
+    assert checkpoint.complete_steps(directory) == (2, 4)
+
+
+def test_nan_after_restoring_an_unfingerprinted_damaged_step_says_it_cannot_be_verified(stopped, tmp_path):
+    """The issue's case on a step saved before fingerprints: the message points at the step, not the learning rate."""
+    workdir = copy_of(stopped, tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    for step in (2, 4):
+        shutil.rmtree(os.path.join(directory, str(step), "fingerprints"))
+    faults.damage_data_files(directory, 4)
+    assert checkpoint.verify_step(directory, 4).status == "unverifiable"
+    with pytest.raises(FloatingPointError, match=r"at step 5 \(the first step after resuming from checkpoint step 4"
+                                                 r".*has no fingerprints .*cannot be verified and may be damaged"):
+        run(make_config(), workdir)
+
+
+def test_verify_command_lists_steps_and_says_which_one_a_run_restores(stopped, tmp_path, capsys):
+    workdir = copy_of(stopped, tmp_path)
+    directory = os.path.join(workdir, "checkpoints")
+    faults.damage_data_files(directory, 4)
+    faults.half_written_step(directory, 2, 6)
+
+    assert checkpoint.cli(["verify", workdir]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+4  damaged\s+\d+\.\d\d  opt_state/\S+: fingerprint [0-9a-f]{8}, saved [0-9a-f]{8}", out, re.M), out
+    assert re.search(r"^\s+2  verified\s+\d+\.\d\d\s*$", out, re.M), out
+    assert "6.orbax-checkpoint-tmp-1700000000  unfinished" in out
+    assert "A run restores step 2 (moving damaged step(s) [4] aside first)." in out
+    assert os.path.isdir(os.path.join(directory, "4"))  # verifying moves nothing
+
+    checkpoint.move_aside(directory, 4, ["test"])
+    assert checkpoint.cli(["verify", workdir, "--step=2"]) == 0
+    out = capsys.readouterr().out
+    assert "Step 2: verified." in out and re.search(r"4\.damaged-\d+\s+moved aside", out), out
+    with pytest.raises(ValueError, match=r"Usage: python -m vitjax.checkpoint verify WORKDIR .*commands: \['verify'\]"):
+        checkpoint.cli(["check", workdir])
+
+    result = subprocess.run([sys.executable, "-m", "vitjax.checkpoint", "verify", workdir], cwd=faults.REPO,
+                            capture_output=True, text=True, timeout=300, env=faults.child_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "A run restores step 2." in result.stdout and "Traceback" not in result.stderr
+
+
+def test_sigterm_saves_the_current_step_exits_75_and_the_run_resumes_exactly(reference, tmp_path):
+    """The platform's SIGTERM mid-run, through `python -m vitjax.main`: one line, status 75, then an exact resume."""
+    workdir = str(tmp_path / "run")
+    overrides = dict(OVERRIDES, checkpoint_async=True, **{"model.drop_path_rate": 0.1})
+    child = subprocess.Popen(faults.child_command(str(tmp_path), workdir, overrides, seconds_per_batch=0.5),
+                             cwd=faults.REPO, env=faults.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    assert faults.wait_for_step(child, workdir, 3) >= 3
+    child.send_signal(signal.SIGTERM)
+    stdout, stderr = child.communicate(timeout=300)
+
+    assert child.returncode == 75, stderr[-3000:]
+    match = re.search(r"PREEMPTED: Preempted by SIGTERM at step (\d+): saved step \1 to \S+ in (\d+\.\d\d) s "
+                      r"\((\d+\.\d\d) s after the signal\); the next run resumes from step \1\.", stderr)
+    assert match, stderr[-3000:]
+    saved = int(match.group(1))
+    assert 3 <= saved < OVERRIDES["total_steps"]
+    assert float(match.group(2)) <= float(match.group(3)) < 30.0
+    directory = os.path.join(workdir, "checkpoints")
+    assert checkpoint.complete_steps(directory)[-1] == saved
+    assert checkpoint.verify_step(directory, saved).status == "verified"
+
+    final = run(make_config(), workdir)
+    final_reference, records_reference = reference
+    assert final == final_reference
+    # The preempted step's evaluation is skipped (the seconds after SIGTERM are for saving): compare the rest.
+    records = strip_timing(read_metrics(workdir))
+    assert [r["step"] for r in records] == list(range(1, OVERRIDES["total_steps"] + 1))
+    for record, expected in zip(records, records_reference):
+        if record["step"] == saved:
+            expected = {key: value for key, value in expected.items() if not key.startswith("eval/")}
+        assert record == expected
+
+
+def test_sigkill_at_random_moments_including_async_saves_resumes_exactly(tmp_path):
+    """Two SIGKILLs at random moments of a run saving every step asynchronously, then an exact finish.
+
+    Saves of this model take about a tenth of a step here, so a random kill lands in one now and then;
+    test_resume.py kills right after a save started, every time.
+    """
+    overrides = dict(OVERRIDES, total_steps=12, checkpoint_async=True, checkpoint_every_steps=1, keep_checkpoints=2,
+                     **{"model.drop_path_rate": 0.1})
+    unbroken, workdir = str(tmp_path / "unbroken"), str(tmp_path / "run")
+    final_unbroken = run(make_config(total_steps=12), unbroken)
+    rng = random.Random(0)
+    for _ in range(2):
+        child = subprocess.Popen(faults.child_command(str(tmp_path), workdir, overrides, seconds_per_batch=0.2),
+                                 cwd=faults.REPO, env=faults.child_env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        start = faults.last_logged_step(workdir)
+        assert faults.wait_for_step(child, workdir, start + 1) > start, child.communicate()[1][-3000:]
+        time.sleep(rng.uniform(0.0, 0.3))
+        child.kill()
+        child.communicate(timeout=60)
+        assert child.returncode == -signal.SIGKILL
+    directory = os.path.join(workdir, "checkpoints")
+    newest = checkpoint.complete_steps(directory)[-1]
+    assert newest < 12 and checkpoint.verify_step(directory, newest).status == "verified"
+    final = run(make_config(total_steps=12), workdir)
+    assert final == final_unbroken
+    assert strip_timing(read_metrics(workdir)) == strip_timing(read_metrics(unbroken))
