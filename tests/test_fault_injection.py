@@ -267,10 +267,11 @@ def test_sigkill_at_random_moments_including_async_saves_resumes_exactly(tmp_pat
     Saves of this model take about a tenth of a step here, so a random kill lands in one now and then;
     test_resume.py kills right after a save started, every time.
     """
-    overrides = dict(OVERRIDES, total_steps=12, checkpoint_async=True, checkpoint_every_steps=1, keep_checkpoints=2,
-                     **{"model.drop_path_rate": 0.1})
+    # Evaluation only at the end: the kills land in training steps and their saves, not in evaluations.
+    overrides = dict(OVERRIDES, total_steps=12, eval_every_steps=12, checkpoint_async=True, checkpoint_every_steps=1,
+                     keep_checkpoints=2, **{"model.drop_path_rate": 0.1})
     unbroken, workdir = str(tmp_path / "unbroken"), str(tmp_path / "run")
-    final_unbroken = run(make_config(total_steps=12), unbroken)
+    final_unbroken = run(make_config(total_steps=12, eval_every_steps=12), unbroken)
     rng = random.Random(0)
     for _ in range(2):
         child = subprocess.Popen(faults.child_command(str(tmp_path), workdir, overrides, seconds_per_batch=0.2),
@@ -285,6 +286,61 @@ def test_sigkill_at_random_moments_including_async_saves_resumes_exactly(tmp_pat
     directory = os.path.join(workdir, "checkpoints")
     newest = checkpoint.complete_steps(directory)[-1]
     assert newest < 12 and checkpoint.verify_step(directory, newest).status == "verified"
-    final = run(make_config(total_steps=12), workdir)
+    final = run(make_config(total_steps=12, eval_every_steps=12), workdir)
     assert final == final_unbroken
     assert strip_timing(read_metrics(workdir)) == strip_timing(read_metrics(unbroken))
+
+
+def reference_fingerprint(words: np.ndarray) -> str:
+    """Returns the fingerprint of uint32 words, in numpy: sum_i fmix32(word_i ^ (i * 0x9E3779B9)) mod 2^32."""
+    with np.errstate(over="ignore"):
+        h = words.ravel().astype(np.uint32) ^ (np.arange(words.size, dtype=np.uint32) * np.uint32(0x9E3779B9))
+        h ^= h >> 16
+        h *= np.uint32(0x85EBCA6B)
+        h ^= h >> 13
+        h *= np.uint32(0xC2B2AE35)
+        h ^= h >> 16
+    return f"{int(h.sum(dtype=np.uint64)) % 2**32:08x}"
+
+
+def test_fingerprints_do_not_depend_on_the_layout_and_catch_one_flipped_bit():
+    values = np.random.default_rng(0).standard_normal((8, 12)).astype(np.float32)
+    tree = {"a": values, "b": values.astype(jax.numpy.bfloat16), "c": np.arange(5) > 2, "step": np.int32(7)}
+    plain = checkpoint.fingerprints(tree)
+    assert plain["a"] == reference_fingerprint(values.view(np.uint32))
+    assert plain["b"] == reference_fingerprint(tree["b"].view(np.uint16).astype(np.uint32))
+    assert plain["c"] == reference_fingerprint(tree["c"].astype(np.uint32))
+    assert plain["step"] == reference_fingerprint(np.asarray([7], np.uint32))
+    # Pinned: a change of algorithm would fail every checkpoint written before it.
+    assert checkpoint.fingerprints({"x": np.arange(10, dtype=np.float32)}) == {"x": "71eb89e6"}
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("rows", "cols"))
+    sharded = dict(tree, a=jax.device_put(values, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows", "cols"))))
+    assert checkpoint.fingerprints(sharded) == plain
+    flipped = values.copy()
+    flipped.view(np.uint32)[5, 7] ^= 1 << 9
+    assert checkpoint.fingerprints(dict(tree, a=flipped))["a"] != plain["a"]
+    swapped = values.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert checkpoint.fingerprints(dict(tree, a=swapped))["a"] != plain["a"]
+    assert checkpoint.fingerprints(dict(tree, a=values.reshape(12, 8)))["a"] == plain["a"]  # the shape is recorded apart
+
+
+def test_load_params_verifies_the_leaves_it_reads(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    state = {"params": {"w": np.arange(6, dtype=np.float32)}, "opt_state": {"mu": np.ones(6, np.float32)}}
+    writer = checkpoint.Checkpointer(directory, keep=2, async_save=False)
+    writer.save(1, state)
+    writer.close()
+    np.testing.assert_array_equal(checkpoint.load_params(directory, parts=("params",))["params"]["w"], np.arange(6))
+    path = os.path.join(directory, "1", "fingerprints", "metadata")
+    record = json.load(open(path))
+    saved = record["leaves"]["params/w"]["fingerprint"]
+    record["leaves"]["params/w"]["fingerprint"] = "00000000"  # as if the array's bytes had changed on disk
+    json.dump(record, open(path, "w"))
+    with pytest.raises(checkpoint.CheckpointDamagedError,
+                       match=rf"step 1 at .* is damaged: params/w: fingerprint {saved}, saved 00000000"):
+        checkpoint.load_params(directory, parts=("params",))
+    record["leaves"]["opt_state/mu"]["fingerprint"] = "00000000"  # a leaf it does not read does not matter
+    record["leaves"]["params/w"]["fingerprint"] = saved
+    json.dump(record, open(path, "w"))
+    assert checkpoint.load_params(directory, parts=("params",))["params"]["w"].shape == (6,)

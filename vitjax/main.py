@@ -125,8 +125,8 @@ def main(argv: List[str]) -> None:
     except FloatingPointError as error:
         logging.error("%s", error)
         sys.exit(f"FATAL: {error}")
-    except (checkpoint.NoGoodCheckpointError, checkpoint.CheckpointMismatchError,
-            checkpoint.CheckpointSaveError) as error:
+    except (checkpoint.NoGoodCheckpointError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointSaveError,
+            checkpoint.CheckpointDamagedError) as error:
         sys.exit(f"FATAL: {error}")
     except train.Preempted as error:
         print(f"PREEMPTED: {error}", file=sys.stderr, flush=True)
