@@ -289,15 +289,17 @@ class _AbortedReadNoise(logging_std.Filter):
 def _quiet_aborted_reads() -> None:
     """Silences the echoes of a failed restore: the other reads in flight fail into a closed event loop.
 
-    Each prints a traceback ("Event loop is closed") from a tensorstore thread, dozens per damaged
-    step, burying the one line that names the damage. Only those are dropped; installed once.
+    Each prints a traceback ("Event loop is closed", or orbax's "Encountered error while reading array
+    index") from a tensorstore thread, dozens per damaged step, burying the one line that names the
+    damage. Only those are dropped; installed once.
     """
     if getattr(sys.unraisablehook, "_vitjax_quiet", False):
         return
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+        message = str(unraisable.exc_value)
+        if not ("Event loop is closed" in message or "Encountered error while reading array index" in message):
             previous(unraisable)
 
     hook._vitjax_quiet = True
@@ -307,7 +309,7 @@ def _quiet_aborted_reads() -> None:
 
 @dataclasses.dataclass
 class Verification:
-    """The outcome of verifying one step: status "verified", "damaged" or "unverifiable" (no fingerprints)."""
+    """The outcome of reading one step back: status "verified", "damaged", "unverifiable" (no fingerprints) or "unverified" (not checked)."""
     step: int
     path: str
     status: str
@@ -521,20 +523,28 @@ class PreemptionSignals:
         self._jax_service = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
 
     def __enter__(self) -> "PreemptionSignals":
-        if threading.current_thread() is not threading.main_thread():
-            logging.warning("Training outside the main thread: SIGTERM and SIGINT keep their default actions "
-                            "(only the main thread can handle signals).")
-            return self
-        if jax.process_count() > 1 and not self._jax_service:
-            logging.warning("jax_enable_preemption_service is off: without it the processes cannot agree on a "
-                            "step to save, so SIGTERM and SIGINT keep their default actions.")
-            return self
-        numbers = (signal.SIGINT,) if self._jax_service else (signal.SIGTERM, signal.SIGINT)
-        for number in numbers:
-            self._previous[number] = signal.signal(number, self._handle)
+        self.install()
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.uninstall()
+
+    def install(self) -> None:
+        """Installs the handlers (in the main thread; elsewhere the signals keep their default actions)."""
+        if threading.current_thread() is not threading.main_thread():
+            logging.warning("Training outside the main thread: SIGTERM and SIGINT keep their default actions "
+                            "(only the main thread can handle signals).")
+            return
+        if jax.process_count() > 1 and not self._jax_service:
+            logging.warning("jax_enable_preemption_service is off: without it the processes cannot agree on a "
+                            "step to save, so SIGTERM and SIGINT keep their default actions.")
+            return
+        numbers = (signal.SIGINT,) if self._jax_service else (signal.SIGTERM, signal.SIGINT)
+        for number in numbers:
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def uninstall(self) -> None:
+        """Puts back the handlers that were there before `install`."""
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}

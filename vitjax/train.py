@@ -14,10 +14,13 @@ wrong in the config or the weights fails in the first three, before anything is 
   3. setup         `create_train_setup`: mesh, optimizer, abstract train state and its shardings
                    from the logical axes of every variable (params, optimizer slots, EMA, a frozen
                    teacher); no compilation;
-  4. state         `initial_state` (init, then pretrained weights) or the restored checkpoint;
+  4. state         `initial_state` (init, then pretrained weights) or the restored checkpoint, every
+                   array verified against its fingerprint: a damaged step is moved aside and the
+                   previous one restored (`checkpoint.Checkpointer.restore_newest_good`);
   5. loop          jitted train step (donated state, explicit shardings, micro-batched gradient
                    accumulation), batches prefetched to the devices, logging, the evaluators of
-                   `config.evals` at their own cadence, checkpoints, NaN guard.
+                   `config.evals` at their own cadence, checkpoints, NaN guard (which reads the
+                   checkpoints back before naming one), SIGTERM / SIGINT: save the step, raise Preempted.
 
 Experiments reuse the parts: `create_train_setup`, `initial_state`, `make_train_step` and
 `vitjax.evaluate.evaluators`.
@@ -610,65 +613,67 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
         timer_start, timer_step = time.time(), start_step
         preemption = checkpoint_lib.PreemptionSignals(checkpointer)
         try:
-            with preemption:  # from here SIGTERM / SIGINT save the current step before stopping
-                if start_step >= total_steps:  # already complete: evaluate the final state
-                    final.update(evaluators_lib.run_evaluators(evaluators, state, start_step, True, log))
-                for step in range(start_step + 1, total_steps + 1):
-                    state, metrics = train_step(state, next(batches))
-                    pending.append((step, metrics))
-                    progress.update(1)
-                    if step == start_step + 1:
-                        jax.block_until_ready(metrics)
-                        logging.info("First step (including compilation) done in %.1f s", time.time() - timer_start)
-                        timer_start, timer_step = time.time(), step
+            preemption.install()  # from here SIGTERM / SIGINT save the current step before stopping
+            if start_step >= total_steps:  # already complete: evaluate the final state
+                final.update(evaluators_lib.run_evaluators(evaluators, state, start_step, True, log))
+            for step in range(start_step + 1, total_steps + 1):
+                state, metrics = train_step(state, next(batches))
+                pending.append((step, metrics))
+                progress.update(1)
+                if step == start_step + 1:
+                    jax.block_until_ready(metrics)
+                    logging.info("First step (including compilation) done in %.1f s", time.time() - timer_start)
+                    timer_start, timer_step = time.time(), step
 
-                    is_last = step == total_steps
-                    preempted = preemption.reached(step)
-                    stopping = preempted or (stop_after_steps is not None and step >= stop_after_steps)
-                    record: Dict[str, Any] = {}
-                    if step % config.log_every_steps == 0 or is_last or stopping:
-                        fetched = jax.device_get(pending)
-                        _check_finite(fetched)
-                        record.update({key: float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]})
-                        record["train/lr"] = float(fetched[-1][1]["train/lr"])
-                        elapsed = time.time() - timer_start
-                        if step > timer_step and elapsed > 0:
-                            record["images_per_sec"] = (step - timer_step) * config.batch_size / elapsed
-                            record["steps_per_sec"] = (step - timer_step) / elapsed
-                        if steps_per_epoch:
-                            record["epoch"] = step / steps_per_epoch
-                        timer_start, timer_step = time.time(), step
-                        pending = []
-                        progress.set_postfix(loss=f"{record['train/loss']:.4f}",
-                                             img_per_s=f"{record.get('images_per_sec', 0.0):.0f}", refresh=False)
-                        if not progress.enabled:
-                            logging.info("step %d/%d: %s", step, total_steps, _format(record))
-                    if not preempted or is_last:  # a preempted run has seconds to save: its eval is skipped
-                        eval_start = time.time()
-                        eval_metrics = evaluators_lib.run_evaluators(evaluators, state, step, is_last, log)
-                        if eval_metrics:
-                            record.update(eval_metrics)
-                            final.update(eval_metrics)
-                            timer_start += time.time() - eval_start  # eval time is not training throughput
-                    save_seconds = None
-                    if ((config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-                            or is_last or stopping):
-                        _check_finite(jax.device_get(pending))
-                        meta = {"data_step": step, "seed": config.seed, "total_steps": total_steps}
-                        if preempted:
-                            save_seconds = checkpointer.save_now(step, state, meta)
-                        else:
-                            checkpointer.save(step, state, meta)
-                    writer.write(step, record)
-                    if preempted and not is_last:
-                        raise _preempted(preemption, step, save_seconds, checkpoint_dir)
-                    if stopping and not is_last:
-                        logging.info("Stopping after step %d (a resumed run continues from here)", step)
-                        break
+                is_last = step == total_steps
+                preempted = preemption.reached(step)
+                stopping = preempted or (stop_after_steps is not None and step >= stop_after_steps)
+                record: Dict[str, Any] = {}
+                if step % config.log_every_steps == 0 or is_last or stopping:
+                    fetched = jax.device_get(pending)
+                    _check_finite(fetched)
+                    record.update({key: float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]})
+                    record["train/lr"] = float(fetched[-1][1]["train/lr"])
+                    elapsed = time.time() - timer_start
+                    if step > timer_step and elapsed > 0:
+                        record["images_per_sec"] = (step - timer_step) * config.batch_size / elapsed
+                        record["steps_per_sec"] = (step - timer_step) / elapsed
+                    if steps_per_epoch:
+                        record["epoch"] = step / steps_per_epoch
+                    timer_start, timer_step = time.time(), step
+                    pending = []
+                    progress.set_postfix(loss=f"{record['train/loss']:.4f}",
+                                         img_per_s=f"{record.get('images_per_sec', 0.0):.0f}", refresh=False)
+                    if not progress.enabled:
+                        logging.info("step %d/%d: %s", step, total_steps, _format(record))
+                eval_start = time.time()
+                # A preempted run has seconds to save: the evaluation of its last step is skipped.
+                eval_metrics = ({} if preempted and not is_last
+                                else evaluators_lib.run_evaluators(evaluators, state, step, is_last, log))
+                if eval_metrics:
+                    record.update(eval_metrics)
+                    final.update(eval_metrics)
+                    timer_start += time.time() - eval_start  # eval time is not training throughput
+                save_seconds = None
+                if ((config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+                        or is_last or stopping):
+                    _check_finite(jax.device_get(pending))
+                    meta = {"data_step": step, "seed": config.seed, "total_steps": total_steps}
+                    if preempted:
+                        save_seconds = checkpointer.save_now(step, state, meta)
+                    else:
+                        checkpointer.save(step, state, meta)
+                writer.write(step, record)
+                if preempted and not is_last:
+                    raise _preempted(preemption, step, save_seconds, checkpoint_dir)
+                if stopping and not is_last:
+                    logging.info("Stopping after step %d (a resumed run continues from here)", step)
+                    break
         except NonFiniteError as error:
             state = None  # frees the device memory the checkpoints are read back into
             raise FloatingPointError(explain_non_finite(error, checkpointer, abstract_state, resume_step)) from None
         finally:
+            preemption.uninstall()
             batches.close()
             progress.close()
             writer.close()
