@@ -1,6 +1,7 @@
 """Checkpoints with orbax: periodic, asynchronous, the last N kept, atomic, verified on restore, resumable.
 
     python -m vitjax.checkpoint verify WORKDIR     # list the steps, verify each, say which a run restores
+                                                    # (exit 0: all verify; 1: a step is damaged or none restores)
 
 Layout: `WORKDIR/checkpoints/<step>/{state,meta,fingerprints}`. `state` is the whole train state
 (params, optimizer state, other model collections, step, rng), saved sharded from every host; `meta`
@@ -751,6 +752,9 @@ def _main() -> None:
     def absl_main(argv: List[str]) -> None:
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the table
+            # Reading a step's `state` item on its own, orbax looks for a step-level file it does not need.
+            logging.get_absl_handler().addFilter(
+                lambda record: not record.getMessage().startswith("Metadata file does not exist"))
         sys.exit(cli_lib.exit_on_user_error(lambda: run(flags.FLAGS, argv[1:])))
 
     app.run(absl_main)

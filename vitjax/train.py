@@ -673,11 +673,11 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
             state = None  # frees the device memory the checkpoints are read back into
             raise FloatingPointError(explain_non_finite(error, checkpointer, abstract_state, resume_step)) from None
         finally:
-            preemption.uninstall()
             batches.close()
             progress.close()
             writer.close()
             checkpointer.close()
+            preemption.uninstall()  # after the last save is written: a signal meanwhile must not cut it
     final["step"] = int(jax.device_get(state.step))
     if final.get("step") == total_steps and is_main:
         logging.info("Done: %s", _format(final))
