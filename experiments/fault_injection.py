@@ -166,7 +166,7 @@ def case_nan_unfingerprinted(suite: Suite) -> Dict[str, Any]:
     directory = os.path.join(workdir, "checkpoints")
     for step in (2, 4):
         shutil.rmtree(os.path.join(directory, str(step), "fingerprints"))
-    faults.damage_data_files(directory, 4)
+    faults.fill_with_ones(directory, 4)
     result = error_outcome(lambda: run(make_config(), workdir))
     result["outcome"] = re.sub(r" \(the first step after.*", " (the first after the restore): step 4 has no "
                                "fingerprints, cannot be verified, may be damaged", result["outcome"])
@@ -237,7 +237,9 @@ def main() -> None:
     cases += [(f"damaged metadata file, newest step: {name}",
                lambda name=name: suite.resume_after(lambda d: faults.damage_metadata_file(d, 4, name)))
               for name in faults.METADATA_FILES]
-    cases += [("missing array in the newest step (params/blocks_0/attn/qkv/kernel)",
+    cases += [("one bit flipped in one array of the newest step (files well-formed)",
+               lambda: suite.resume_after(lambda d: faults.flip_bit(d, 4))),
+              ("missing array in the newest step (params/blocks_0/attn/qkv/kernel)",
                lambda: suite.resume_after(lambda d: faults.remove_array(d, 4))),
               ("half-written step 6 (a torn temporary directory)",
                lambda: suite.resume_after(lambda d: faults.half_written_step(d, 4, 6))),
@@ -246,7 +248,7 @@ def main() -> None:
               ("config changed between runs (optim.blr)", lambda: case_config_changed(suite)),
               ("another model on resume, --allow_config_change", lambda: case_other_model(suite)),
               ("NaN loss in the first step after a restore (a saved NaN)", lambda: case_nan_in_restored_step(suite)),
-              ("NaN loss after restoring a damaged step saved without fingerprints",
+              ("NaN loss after restoring a step saved without fingerprints, one array 0xff",
                lambda: case_nan_unfingerprinted(suite)),
               ("SIGTERM mid-run (python -m vitjax.main)", lambda: case_signal(suite, signal.SIGTERM)),
               ("SIGINT mid-run (python -m vitjax.main)", lambda: case_signal(suite, signal.SIGINT)),

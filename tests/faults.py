@@ -61,6 +61,35 @@ def remove_array(checkpoints: str, step: int, leaf: str = "params.blocks_0.attn.
     return [key.decode() for key in keys]
 
 
+def rewrite_array(checkpoints: str, step: int, leaf: str, change) -> None:
+    """Rewrites one array of the step through tensorstore as change(values) (silent bit rot: the files stay well-formed).
+
+    `leaf` is orbax's name of the array ("params.blocks_0.attn.qkv.kernel"); only a fingerprint can tell.
+    """
+    import tensorstore as ts
+    array = ts.open({"driver": "zarr", "kvstore": {
+        "driver": "ocdbt", "base": f"file://{os.path.join(step_dir(checkpoints, step), 'state')}/",
+        "path": f"{leaf}/"}}, open=True).result()
+    array.write(change(array.read().result().copy())).result()
+
+
+def flip_bit(checkpoints: str, step: int, leaf: str = "params.blocks_0.attn.qkv.kernel", bit: int = 0) -> None:
+    """Flips one bit of the first element of one float32 array of the step."""
+    import numpy as np
+
+    def flip(values):
+        values.reshape(-1)[:1].view(np.uint32)[0] ^= np.uint32(1 << bit)
+        return values
+    rewrite_array(checkpoints, step, leaf, flip)
+
+
+def fill_with_ones(checkpoints: str, step: int, leaf: str = "params.head.bias") -> None:
+    """Sets every bit of one float32 array of the step (0xff bytes: NaN, as the issue's overwritten files gave)."""
+    import numpy as np
+    rewrite_array(checkpoints, step, leaf, lambda values: np.full_like(values.view(np.uint32), 0xFFFFFFFF).view(
+        values.dtype))
+
+
 def half_written_step(checkpoints: str, source_step: int, step: int) -> str:
     """Leaves a torn save of `step` as orbax would: a temporary directory with truncated files; returns it."""
     target = os.path.join(checkpoints, f"{step}.orbax-checkpoint-tmp-1700000000")
