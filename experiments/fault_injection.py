@@ -107,7 +107,10 @@ def error_outcome(function: Callable[[], Any]) -> Dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - the error is the outcome
         lines = [line.strip() for line in str(error).strip().splitlines()]
         text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # a list follows: show its first item
-        return dict(outcome=f"{type(error).__name__}: {text[:240]}", exact=None)
+        sentences = text.split(". ")  # whole sentences, as many as fit in about 200 characters
+        shown = next((". ".join(sentences[:n]) for n in range(len(sentences), 0, -1)
+                      if len(". ".join(sentences[:n])) <= 200), text[:200] + " ...")
+        return dict(outcome=f"{type(error).__name__}: {shown}", exact=None)
     return dict(outcome="no error (unexpected)", exact=None)
 
 
@@ -261,7 +264,7 @@ def main() -> None:
             result = function()
         except Exception:  # noqa: BLE001 - a case that crashes is reported, not hidden
             result = dict(outcome="CRASHED: " + traceback.format_exc().strip().splitlines()[-1], exact=False)
-        result.update(case=name, seconds=time.time() - start)
+        result.update(case=name, seconds=time.time() - start, outcome=result["outcome"].replace(root, "$TMP"))
         results.append(result)
         print(f"{name}: {result['outcome']} exact={result['exact']} ({result['seconds']:.1f} s)", flush=True)
     shutil.rmtree(root, ignore_errors=True)

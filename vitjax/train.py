@@ -416,7 +416,7 @@ def explain_non_finite(error: NonFiniteError, checkpointer: checkpoint_lib.Check
                     "to resume from the previous step that verifies (`python -m vitjax.checkpoint verify` lists them).")
         if verification.status == "unverifiable":
             return (where + "has no fingerprints (saved before vitjax recorded them), so it cannot be verified and may "
-                    f"be damaged. Move it aside (rename it to {restored_step}.damaged) to resume from an older step.")
+                    f"be damaged. Move it aside (rename it to {restored_step}.damaged-manual) to resume from an older step.")
         if verification.non_finite:
             return (where + f"matches its fingerprints, so it holds what the run saved, but its leaves "
                     f"{list(verification.non_finite[:5])} are not finite: the run that saved it was already broken. "
