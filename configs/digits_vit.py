@@ -65,7 +65,7 @@ def get_config(arg=None):
     config.log_every_steps = 50
     config.eval_every_steps = 400
     config.checkpoint_every_steps = 400
-    config.keep_checkpoints = 1
+    config.keep_checkpoints = 2  # a damaged step 800 falls back to step 400
 
     if arg.runlocal:  # also the tests' model: seconds to compile and run
         config.model.update(embed_dim=32, depth=2, num_heads=2, mlp_dim=64, drop_path_rate=0.0)
@@ -75,4 +75,5 @@ def get_config(arg=None):
         config.log_every_steps = 5
         config.eval_every_steps = 0
         config.checkpoint_every_steps = 0
+        config.keep_checkpoints = 1  # one checkpoint, at the end: nothing to fall back to
     return config

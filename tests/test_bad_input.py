@@ -91,8 +91,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     monkeypatch.setattr(train, "_data_module", _NanFromStep3)
     workdir = str(tmp_path / "nan")
     config = tiny_config(total_steps=6, log_every_steps=1, checkpoint_every_steps=1, keep_checkpoints=2)
-    with pytest.raises(FloatingPointError, match=r"Non-finite train/loss = nan at step 3.*last good checkpoint "
-                                                 r"\(step 2\)"):
+    with pytest.raises(FloatingPointError, match=r"Non-finite train/loss = nan at step 3: stopping the run. The last "
+                                                 r"good checkpoint \(step 2\) is kept in .* \(read back and verified "
+                                                 r"against its fingerprints\). Try a lower learning rate"):
         run(config, workdir)
     checkpoints = os.path.join(workdir, "checkpoints")
     assert checkpoint.complete_steps(checkpoints) == (1, 2)

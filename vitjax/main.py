@@ -9,6 +9,13 @@
 is built or compiled. A run on a WORKDIR holding checkpoints resumes from the newest complete one.
 Multi-host runs (TPU pods, SLURM, ...) call `jax.distributed.initialize()`: automatically when the
 launcher's environment is detected, or with --multihost=on.
+
+Every restored checkpoint is verified against the fingerprints saved with it; a damaged step is moved
+aside and the previous one restored (`vitjax.checkpoint`). SIGTERM or SIGINT during training saves
+the current step and exits with status 75 (EXIT_PREEMPTED); rerun the same command to resume.
+
+Exit status: 0 done; 1 FATAL: a config, data, checkpoint or NaN error, said in one line; 75 preempted
+(the step is saved).
 """
 import logging as logging_std
 import re
@@ -17,6 +24,9 @@ from typing import List, Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# EX_TEMPFAIL of sysexits.h, "try again later": a scheduler that requeues on it resumes the run exactly.
+EXIT_PREEMPTED = 75
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with arguments: configs/FILE.py:key=value,flag", lock_config=True)
@@ -102,6 +112,7 @@ def main(argv: List[str]) -> None:
         train.build(config)  # every config error, before anything is compiled
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"FATAL config error: {error}")
+    from vitjax import checkpoint
     from vitjax.data import DatasetNotPreparedError
     try:
         final = train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
@@ -114,6 +125,12 @@ def main(argv: List[str]) -> None:
     except FloatingPointError as error:
         logging.error("%s", error)
         sys.exit(f"FATAL: {error}")
+    except (checkpoint.NoGoodCheckpointError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointSaveError,
+            checkpoint.CheckpointDamagedError) as error:
+        sys.exit(f"FATAL: {error}")
+    except train.Preempted as error:
+        print(f"PREEMPTED: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     print(final_summary(final, config), flush=True)
 
 

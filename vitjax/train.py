@@ -14,10 +14,13 @@ wrong in the config or the weights fails in the first three, before anything is 
   3. setup         `create_train_setup`: mesh, optimizer, abstract train state and its shardings
                    from the logical axes of every variable (params, optimizer slots, EMA, a frozen
                    teacher); no compilation;
-  4. state         `initial_state` (init, then pretrained weights) or the restored checkpoint;
+  4. state         `initial_state` (init, then pretrained weights) or the restored checkpoint, every
+                   array verified against its fingerprint: a damaged step is moved aside and the
+                   previous one restored (`checkpoint.Checkpointer.restore_newest_good`);
   5. loop          jitted train step (donated state, explicit shardings, micro-batched gradient
                    accumulation), batches prefetched to the devices, logging, the evaluators of
-                   `config.evals` at their own cadence, checkpoints, NaN guard.
+                   `config.evals` at their own cadence, checkpoints, NaN guard (which reads the
+                   checkpoints back before naming one), SIGTERM / SIGINT: save the step, raise Preempted.
 
 Experiments reuse the parts: `create_train_setup`, `initial_state`, `make_train_step` and
 `vitjax.evaluate.evaluators`.
@@ -55,6 +58,24 @@ _GUARDED_METRICS = ("train/loss", "train/grad_norm", "train/param_norm")
 
 class ConfigChangedError(ValueError):
     """A workdir's saved config differs from the new run's in more than its length and cadences."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT stopped the run after saving its current step; the next run resumes from it."""
+
+    def __init__(self, message: str, step: int, signal_name: str, save_seconds: float,
+                 seconds_after_signal: Optional[float]):
+        super().__init__(message)
+        self.step, self.signal_name = step, signal_name
+        self.save_seconds, self.seconds_after_signal = save_seconds, seconds_after_signal
+
+
+class NonFiniteError(FloatingPointError):
+    """A guarded metric (loss, gradient norm, param norm) was NaN or infinite at `step`."""
+
+    def __init__(self, step: int, key: str, value: float):
+        super().__init__(f"Non-finite {key} = {value} at step {step}")
+        self.step, self.key, self.value = step, key, value
 
 
 # =============================================================================================
@@ -354,18 +375,66 @@ def _to_python(value: Any) -> Any:
     return value.item() if value.size == 1 else value.tolist()
 
 
-def _check_finite(pending: List[Tuple[int, Dict[str, Any]]], last_checkpoint: Optional[int],
-                  checkpoint_dir: str) -> None:
-    """Raises FloatingPointError naming the first step whose loss, gradient or params are not finite."""
+def _check_finite(pending: List[Tuple[int, Dict[str, Any]]]) -> None:
+    """Raises NonFiniteError naming the first step whose loss, gradient or params are not finite."""
     for step, metrics in pending:
         for key in _GUARDED_METRICS:
             if key in metrics and not np.all(np.isfinite(np.asarray(metrics[key]))):
-                kept = (f"The last good checkpoint (step {last_checkpoint}) is kept in {checkpoint_dir}."
-                        if last_checkpoint is not None else "No checkpoint had been written yet.")
-                raise FloatingPointError(
-                    f"Non-finite {key} = {float(np.asarray(metrics[key]))} at step {step}: stopping the run. "
-                    f"{kept} Try a lower learning rate, optim.clip_grad_norm, a longer warmup, or check the "
-                    f"input data for NaNs.")
+                raise NonFiniteError(step, key, float(np.asarray(metrics[key])))
+
+
+def _preempted(preemption: checkpoint_lib.PreemptionSignals, step: int, save_seconds: float,
+               checkpoint_dir: str) -> Preempted:
+    """Returns the Preempted error of a run that saved `step` on a signal, logging its one-line account."""
+    after = time.time() - preemption.received_at if preemption.received_at else None
+    message = (f"Preempted by {preemption.signal_name} at step {step}: saved step {step} to {checkpoint_dir} in "
+               f"{save_seconds:.2f} s" + (f" ({after:.2f} s after the signal)" if after is not None else "")
+               + f"; the next run resumes from step {step}.")
+    logging.warning("%s", message)
+    return Preempted(message, step, preemption.signal_name, save_seconds, after)
+
+
+def explain_non_finite(error: NonFiniteError, checkpointer: checkpoint_lib.Checkpointer, abstract_state: Any,
+                       restored_step: Optional[int]) -> str:
+    """Returns what a non-finite metric tells, after reading the checkpoints back: the restored one, or the last good one.
+
+    In the first step after a restore the restored state is the suspect, not the learning rate: that
+    step is verified again (fingerprints and finiteness) and moved aside if damaged. Otherwise the
+    newest step that verifies is named "the last good checkpoint"; damaged newer ones are moved aside.
+    """
+    checkpointer.wait_until_finished()
+    directory = checkpointer.directory
+    advice = ("Try a lower learning rate, optim.clip_grad_norm, a longer warmup, or check the input data for NaNs.")
+    if restored_step is not None and error.step == restored_step + 1:
+        verification = checkpointer.verify(restored_step, abstract_state, check_finite=True)
+        where = (f"{error} (the first step after resuming from checkpoint step {restored_step}, "
+                 f"{verification.path}): the restored state is the first suspect, not the learning rate. "
+                 f"Read back from disk, step {restored_step} ")
+        if verification.status == "damaged":
+            moved = checkpoint_lib.move_aside(directory, restored_step, verification.problems)
+            return (where + f"is damaged ({'; '.join(verification.problems[:3])}): moved aside to {moved}. Rerun "
+                    "to resume from the previous step that verifies (`python -m vitjax.checkpoint verify` lists them).")
+        if verification.status == "unverifiable":
+            return (where + "has no fingerprints (saved before vitjax recorded them), so it cannot be verified and may "
+                    f"be damaged. Move it aside (rename it to {restored_step}.damaged-manual) to resume from an older step.")
+        if verification.non_finite:
+            return (where + f"matches its fingerprints, so it holds what the run saved, but its leaves "
+                    f"{list(verification.non_finite[:5])} are not finite: the run that saved it was already broken. "
+                    "Resume from an older step or start again. " + advice)
+        return (where + "matches its fingerprints and is finite, so it holds exactly what the run saved: the cause is "
+                f"step {error.step} itself, its input batch or the run's settings. " + advice)
+    for step in reversed(checkpoint_lib.complete_steps(directory)):
+        verification = checkpointer.verify(step, abstract_state)
+        if verification.status == "verified":
+            return (f"{error}: stopping the run. The last good checkpoint (step {step}) is kept in {directory} "
+                    f"(read back and verified against its fingerprints). " + advice)
+        if verification.status == "unverifiable":
+            return (f"{error}: stopping the run. The newest checkpoint, step {step} in {directory}, has no "
+                    f"fingerprints (saved before vitjax recorded them), so it is not verified. " + advice)
+        moved = checkpoint_lib.move_aside(directory, step, verification.problems)
+        logging.error("Checkpoint step %d is damaged (%s): moved aside to %s", step,
+                      "; ".join(verification.problems[:3]), moved)
+    return f"{error}: stopping the run. No checkpoint that verifies had been written yet. " + advice
 
 
 # =============================================================================================
@@ -506,9 +575,18 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
     # ---- 4. State: init (+ pretrained weights) or restore -------------------------------------
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
                                                async_save=config.checkpoint_async)
+    if (config.keep_checkpoints < 2 and config.checkpoint_every_steps
+            and config.checkpoint_every_steps < total_steps):
+        logging.warning("config.keep_checkpoints=%d: a damaged newest checkpoint leaves no step to fall back to; "
+                        "keep 2 or more.", config.keep_checkpoints)
+    abstract_state = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
     if resume_step is not None:
-        state, _ = checkpointer.restore(
-            resume_step, checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings))
+        # Every array is checked against its fingerprint; damaged steps are moved aside, newest first.
+        state, _, restored, _ = checkpointer.restore_newest_good(abstract_state)
+        if restored.step != resume_step:  # fell back: the data must replay from the older step
+            resume_step = start_step = restored.step
+            train_iter = data.make_train_iterator(config.input, global_batch_size=config.batch_size,
+                                                  seed=config.seed, start_step=start_step)
         logging.info("Resuming from step %d (%s)", resume_step, checkpoint_dir)
     else:
         state = initial_state(setup, jax.random.PRNGKey(config.seed), init_plan, frozen)
@@ -532,10 +610,11 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
         progress = _progress_bar(config.progress_bar and is_main, total_steps, start_step)
         log = lambda message: _log(progress, message)  # noqa: E731
         pending: List[Tuple[int, Dict[str, Any]]] = []  # device metrics since the last log
-        last_checkpoint = resume_step
         final: Dict[str, Any] = {}
         timer_start, timer_step = time.time(), start_step
+        preemption = checkpoint_lib.PreemptionSignals(checkpointer)
         try:
+            preemption.install()  # from here SIGTERM / SIGINT save the current step before stopping
             if start_step >= total_steps:  # already complete: evaluate the final state
                 final.update(evaluators_lib.run_evaluators(evaluators, state, start_step, True, log))
             for step in range(start_step + 1, total_steps + 1):
@@ -548,12 +627,12 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                     timer_start, timer_step = time.time(), step
 
                 is_last = step == total_steps
-                stopping = stop_after_steps is not None and step >= stop_after_steps
-                stopping = stopping or checkpointer.reached_preemption(step)
+                preempted = preemption.reached(step)
+                stopping = preempted or (stop_after_steps is not None and step >= stop_after_steps)
                 record: Dict[str, Any] = {}
                 if step % config.log_every_steps == 0 or is_last or stopping:
                     fetched = jax.device_get(pending)
-                    _check_finite(fetched, last_checkpoint, checkpoint_dir)
+                    _check_finite(fetched)
                     record.update({key: float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]})
                     record["train/lr"] = float(fetched[-1][1]["train/lr"])
                     elapsed = time.time() - timer_start
@@ -569,26 +648,37 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                     if not progress.enabled:
                         logging.info("step %d/%d: %s", step, total_steps, _format(record))
                 eval_start = time.time()
-                eval_metrics = evaluators_lib.run_evaluators(evaluators, state, step, is_last, log)
+                # A preempted run has seconds to save: the evaluation of its last step is skipped.
+                eval_metrics = ({} if preempted and not is_last
+                                else evaluators_lib.run_evaluators(evaluators, state, step, is_last, log))
                 if eval_metrics:
                     record.update(eval_metrics)
                     final.update(eval_metrics)
                     timer_start += time.time() - eval_start  # eval time is not training throughput
+                save_seconds = None
                 if ((config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
                         or is_last or stopping):
-                    _check_finite(jax.device_get(pending), last_checkpoint, checkpoint_dir)
+                    _check_finite(jax.device_get(pending))
                     meta = {"data_step": step, "seed": config.seed, "total_steps": total_steps}
-                    if checkpointer.save(step, state, meta):
-                        last_checkpoint = step
+                    if preempted:
+                        save_seconds = checkpointer.save_now(step, state, meta)
+                    else:
+                        checkpointer.save(step, state, meta)
                 writer.write(step, record)
+                if preempted and not is_last:
+                    raise _preempted(preemption, step, save_seconds, checkpoint_dir)
                 if stopping and not is_last:
                     logging.info("Stopping after step %d (a resumed run continues from here)", step)
                     break
+        except NonFiniteError as error:
+            state = None  # frees the device memory the checkpoints are read back into
+            raise FloatingPointError(explain_non_finite(error, checkpointer, abstract_state, resume_step)) from None
         finally:
             batches.close()
             progress.close()
             writer.close()
             checkpointer.close()
+            preemption.uninstall()  # after the last save is written: a signal meanwhile must not cut it
     final["step"] = int(jax.device_get(state.step))
     if final.get("step") == total_steps and is_main:
         logging.info("Done: %s", _format(final))

@@ -65,6 +65,10 @@ def prefetch_to_device(iterator: Iterable[Any], size: int, sharding) -> Iterator
                     raise item.error
                 yield item
         finally:
-            stop.set()  # The consumer went away (or finished): let the thread end.
+            stop.set()  # The consumer went away (or finished): let the thread end ...
+            # ... and wait for it: a daemon thread still inside TensorFlow's C++ when the interpreter
+            # exits is unwound by force, and TF's catch-all aborts the process ("FATAL: exception not
+            # rethrown", status -6) instead of exiting with the run's status.
+            thread.join(timeout=30.0)
 
     return consume()
