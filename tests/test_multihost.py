@@ -23,7 +23,8 @@ from test_train import REPO, read_metrics, tiny_config
 OVERRIDES = dict(total_steps=4, log_every_steps=1, eval_every_steps=4, checkpoint_every_steps=2, keep_checkpoints=1,
                  eval_batch_size=120)
 
-CHILD = textwrap.dedent(f"""
+# Both child scripts start so: two CPU devices per process, gloo collectives, jax.distributed on localhost.
+CHILD_PROLOGUE = textwrap.dedent(f"""
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -33,6 +34,9 @@ CHILD = textwrap.dedent(f"""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(coordinator_address="localhost:" + port, num_processes=2, process_id=process_id)
+""")
+
+CHILD = CHILD_PROLOGUE + textwrap.dedent(f"""
     from test_train import tiny_config
     from vitjax import parallel, train
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
@@ -88,16 +92,7 @@ def test_two_processes_train_like_one_process_with_their_devices(tmp_path):
 PREEMPTED_OVERRIDES = dict(OVERRIDES, total_steps=12, checkpoint_every_steps=4, keep_checkpoints=2)
 
 # Batches slowed down so that the signal lands mid-run; a preempted process prints its step and exits 75.
-PREEMPTED_CHILD = textwrap.dedent(f"""
-    import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, {REPO!r})
-    sys.path.insert(0, {os.path.join(REPO, "tests")!r})
-    import jax
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    jax.distributed.initialize(coordinator_address="localhost:" + port, num_processes=2, process_id=process_id)
+PREEMPTED_CHILD = CHILD_PROLOGUE + textwrap.dedent(f"""
     import faults
     faults.slow_down_batches(0.3)
     from test_train import tiny_config

@@ -97,35 +97,53 @@ def _words(leaf: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(leaf, jnp.uint32)  # 64-bit: a trailing axis of 2
 
 
-def _leaf_fingerprint(leaf: jax.Array) -> jax.Array:
-    """Returns sum_i fmix32(word_i ^ (i * golden ratio)) mod 2^32 over the words of `leaf`.
+def _shard_fingerprint(words: jax.Array, offsets: jax.Array, global_shape: Tuple[int, ...]) -> jax.Array:
+    """Returns sum_i fmix32(word_i ^ (i * golden ratio)) mod 2^32 over one shard's words, i their global flat index.
 
-    A sum of per-word hashes keyed by the word's position: integer addition is exact and
-    associative, so the value is the same however the array is sharded, on however many hosts, and
-    whatever order XLA reduces in; a changed word always changes its term (fmix32 is a bijection),
-    and unrelated changes cancel with probability 2^-32.
+    `offsets` (uint32, one per axis) place the shard in the global word array of `global_shape`.
     """
-    words = _words(leaf)
     index = jnp.zeros(words.shape, jnp.uint32)
     stride = 1
-    for axis in reversed(range(words.ndim)):  # a flat index without a reshape (which could move shards)
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= words.shape[axis]
+    for axis in reversed(range(words.ndim)):  # a flat index without a reshape
+        position = jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) + offsets[axis]
+        index = index + position * jnp.uint32(stride % 2**32)
+        stride *= global_shape[axis]
     return jnp.sum(_fmix32(words ^ (index * jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
 
 
-# One small program per leaf shape rather than one for the whole tree: it compiles in a third of the
-# time, and the leaves' programs, all dispatched before any result is read, run side by side.
-_jit_leaf_fingerprint = jax.jit(_leaf_fingerprint)
+# One small single-device program per shard shape: no collective, so nothing here can wait on another
+# device. (Cross-device reductions dispatched back to back for every leaf deadlocked XLA's CPU client
+# with 8 fake devices on 2 cores: its device threads all waited in rendezvous for peers with no thread.)
+_jit_shard_fingerprint = jax.jit(lambda leaf, offsets, global_shape: _shard_fingerprint(
+    _words(leaf), offsets, global_shape), static_argnums=(2,))
+
+
+def _leaf_partial_fingerprint(leaf: Any) -> jax.Array:
+    """Returns the sum of the fingerprints of this process's distinct shards of `leaf` (an on-device uint32)."""
+    if not isinstance(leaf, jax.Array):
+        leaf = jnp.asarray(leaf)
+    word_shape = tuple(jax.eval_shape(_words, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)).shape)
+    total = None
+    for shard in leaf.addressable_shards:
+        if shard.replica_id != 0:  # every element counts once, over all replicas and hosts
+            continue
+        starts = [index.start or 0 for index in shard.index] + [0] * (len(word_shape) - leaf.ndim)
+        offsets = jax.device_put(np.asarray(starts, np.uint32), shard.device)
+        value = _jit_shard_fingerprint(shard.data, offsets, word_shape)
+        total = value if total is None else total + jax.device_put(value, total.devices().pop())
+    return total if total is not None else jnp.zeros((), jnp.uint32)
 
 
 def fingerprints(tree: Any) -> Dict[str, str]:
-    """Returns {leaf path: 8 hex digits} of every array in `tree` (global arrays: the same on every host)."""
+    """Returns {leaf path: 8 hex digits} of every array in `tree`, the same whatever its sharding and host count."""
     paths = param_paths(tree)
-    values = [_jit_leaf_fingerprint(leaf) for leaf in paths.values()]
-    # In a multi-host run every host holds the whole (replicated) scalar, as its first addressable shard.
-    values = [np.asarray(value if value.is_fully_addressable else value.addressable_data(0)) for value in values]
-    return {path: f"{int(value):08x}" for path, value in zip(paths, values)}
+    with jax.set_mesh(None):  # single-device programs, whatever mesh the caller (the trainer) has set
+        values = [_leaf_partial_fingerprint(leaf) for leaf in paths.values()]
+        partial = np.asarray([int(value) for value in values], np.uint64)
+    if jax.process_count() > 1:  # each host summed its own shards: add the hosts' sums
+        from jax.experimental import multihost_utils
+        partial = np.asarray(multihost_utils.process_allgather(partial.astype(np.uint32)), np.uint64).sum(axis=0)
+    return {path: f"{int(value) % 2**32:08x}" for path, value in zip(paths, partial)}
 
 
 def fingerprint_record(tree: Any, meta: Dict[str, Any]) -> Dict[str, Any]:
