@@ -97,7 +97,9 @@ def test_the_hard_limit_ends_the_run_with_a_report_that_says_where(tmp_path):
     assert results["status"] == "stopped at --hard-limit 4 s" and not results["complete"]
     assert "stopped at --hard-limit 4 s" in table
     records = [record for section in gpu_report.SECTIONS for record in results["sections"][section]]
-    assert sum("reached during this cell" in record.get("error", "") for record in records) == 1
+    # The limit falls inside one cell, or (on a slow machine) between two sections, never in two cells.
+    assert sum("reached during this cell" in record.get("error", "") for record in records) <= 1
+    assert any("--hard-limit 4 s reached" in record.get("error", "") for record in records)
     # Every cell has its row: measured before the limit, or stopped by it.
     cells = sum(len(gpu_report.section_cells(name, gpu_report.SMOKE[name])) for name in gpu_report.SECTIONS)
     assert len([r for r in records if "ratio" not in r]) == cells
