@@ -40,6 +40,8 @@ import flax
 import jax
 import numpy as np
 
+from vitjax.pytree import path_to_str
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 VARIABLES_SUFFIXES = (".msgpack",)
 _CLASSIFIER = re.compile(r"^head(_dist|_\d+)?(/|$)")
@@ -324,7 +326,7 @@ class Plan:
                 continue
 
             def replace(path, leaf, values=values):
-                name = "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+                name = path_to_str(path)
                 if name not in values:
                     return leaf
                 dtype = getattr(leaf, "dtype", np.float32)
@@ -366,7 +368,6 @@ def plan(target: Mapping[str, Any], pretrained: Pretrained, rules: Rules = Rules
     target_flat = _flat(model_target)
     source_flat = _align_blocks(_flat(source_params), target_flat)
     fills = dict(rules.fill)
-    classifier_dropped = ""
     resampled_on_load = dict(pretrained.meta.get("resampled", {})) if taken == "" else {}
 
     for path, leaf in target_flat.items():
@@ -415,7 +416,6 @@ def plan(target: Mapping[str, Any], pretrained: Pretrained, rules: Rules = Rules
         if _CLASSIFIER.match(path) or _matches(path, rules.ignore) or _matches(path, rules.skip):
             actions[f"checkpoint/{path}"] = ("dropped", "classifier" if _CLASSIFIER.match(path) else "")
             sizes[f"checkpoint/{path}"] = int(np.prod(np.shape(value)))
-            classifier_dropped = classifier_dropped or path
         else:
             errors.append(f"{path}: in the checkpoint {tuple(np.shape(value))}, not a parameter of the model")
 
