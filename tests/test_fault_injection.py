@@ -365,3 +365,14 @@ def test_every_config_that_checkpoints_periodically_keeps_a_step_to_fall_back_to
         config = config_utils.load_config(f"configs/{name}")
         if config.checkpoint_every_steps:
             assert config.keep_checkpoints >= 2, name
+
+
+def test_typed_prng_keys_are_fingerprinted_saved_and_verified(tmp_path):
+    """A state holding a new-style key (`jax.random.key`, as experiments make) saves and verifies like raw key data."""
+    state = {"rng": jax.random.key(3), "w": np.arange(6, dtype=np.float32)}
+    assert checkpoint.fingerprints(state)["rng"] == checkpoint.fingerprints({"rng": jax.random.PRNGKey(3)})["rng"]
+    assert checkpoint.fingerprint_record(state, {})["leaves"]["rng"]["dtype"] == "key<fry>"
+    checkpointer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False)
+    assert checkpointer.save(1, state, {"seed": 0})
+    checkpointer.close()
+    assert checkpoint.verify_step(str(tmp_path / "checkpoints"), 1).status == "verified"

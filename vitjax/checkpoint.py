@@ -151,14 +151,14 @@ def fingerprint_record(tree: Any, meta: Dict[str, Any]) -> Dict[str, Any]:
     values = fingerprints(tree)
     leaves = param_paths(tree)
     return {"algorithm": FINGERPRINT_ALGORITHM, "meta": meta,
-            "leaves": {path: {"shape": list(np.shape(leaf)), "dtype": str(np.dtype(leaf.dtype)),
+            "leaves": {path: {"shape": list(np.shape(leaf)), "dtype": str(leaf.dtype),
                               "fingerprint": values[path]} for path, leaf in leaves.items()}}
 
 
 def check_fits(record: Dict[str, Any], abstract_state: Any, step: int) -> None:
     """Raises CheckpointMismatchError naming the leaves whose saved shape or dtype the run's state does not have."""
     saved = record["leaves"]
-    wanted = {path: (list(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in param_paths(abstract_state).items()}
+    wanted = {path: (list(leaf.shape), str(leaf.dtype)) for path, leaf in param_paths(abstract_state).items()}
     problems = [f"{path}: not in the checkpoint" for path in wanted if path not in saved]
     problems += [f"{path}: only in the checkpoint" for path in saved if path not in wanted]
     problems += [f"{path}: saved {saved[path]['shape']} {saved[path]['dtype']}, the run has {shape} {dtype}"
