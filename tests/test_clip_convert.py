@@ -132,3 +132,37 @@ def test_registered_sizes_match_reference_parameter_counts():
         model = models.create(name)
         shapes = jax.eval_shape(model.init, jax.random.key(0), *model.example_inputs(1))
         assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.meta.unbox(shapes["params"]))) == count, name
+
+
+def test_a_clip_image_tower_fine_tunes_into_a_classifier_through_init_from(tmp_path):
+    """An open_clip .pth into a 10-class ViT: the image tower loads as is, the head is re-initialised, and the
+    classifier's pre-logits projected by CLIP's image projection are open_clip's image features."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from vitjax import weights
+    from vitjax.convert import clip as clip_convert
+    torch.manual_seed(0)
+    reference = CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32),
+                     text_cfg=CLIPTextCfg(context_length=8, vocab_size=100, width=64, heads=1, layers=1)).eval()
+    randomize_(reference, seed=2, std=0.1)
+    torch.save(reference.state_dict(), tmp_path / "clip.pth")
+    settings = clip_convert.settings_from_state_dict({k: v.numpy() for k, v in reference.state_dict().items()})
+    assert (settings["vision_heads"], settings["vision_depth"], settings["img_size"], settings["text_heads"]) == \
+        (2, 2, 32, 1)
+    classifier_settings = models.create("clip_vit_b32", **settings).classifier_settings(num_classes=10)
+    classifier = models.create("vit", **classifier_settings)
+    images = np.random.RandomState(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    abstract = jax.eval_shape(classifier.init, jax.random.key(0), images)
+    pretrained = weights.load(str(tmp_path / "clip.pth"), model_name="vit", model_overrides=classifier_settings)
+    plan = weights.plan(nn.meta.unbox(abstract), pretrained)
+    counts = plan.counts()
+    # patch kernel, cls, pos, norm_pre (2), norm (2) and 12 tensors per block; the head is new.
+    assert counts["re-initialised"] == 2 and counts["loaded"] == 7 + 2 * 12, plan.table()
+    assert "'visual' subtree" in plan.description
+    fresh = jax.tree.map(np.asarray, nn.meta.unbox(classifier.init(jax.random.key(0), images)))
+    variables = plan.apply(fresh)
+    logits, intermediates = classifier.apply(variables, images)
+    assert logits.shape == (2, 10)
+    with torch.no_grad():
+        expected = reference.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    features = np.asarray(intermediates["pre_logits"]) @ reference.visual.proj.detach().numpy()
+    assert relative_error(features, expected) <= 1e-5

@@ -145,3 +145,56 @@ def convert_transformers(state_dict: Dict[str, np.ndarray], model) -> Dict[str, 
               "logit_bias": np.asarray(table.get("logit_bias"), np.float32).reshape(())}
     table.finish()
     return _check(params, model)
+
+
+# --- a checkpoint's architecture, from its shapes (for init_from, which gets a file and a classifier's name) -----
+
+def is_open_clip(state_dict: Dict[str, np.ndarray]) -> bool:
+    """Returns whether `state_dict` has open_clip CLIP keys (image and text towers)."""
+    return "visual.conv1.weight" in state_dict and "token_embedding.weight" in state_dict
+
+
+def is_transformers_siglip(state_dict: Dict[str, np.ndarray]) -> bool:
+    """Returns whether `state_dict` has transformers SiglipModel keys."""
+    return "vision_model.embeddings.patch_embedding.weight" in state_dict and "text_model.head.weight" in state_dict
+
+
+def _depth(state_dict, pattern: str) -> int:
+    return len({key.split(".")[pattern.count(".")] for key in state_dict if key.startswith(pattern)})
+
+
+def settings_from_state_dict(state_dict: Dict[str, np.ndarray], head_width: int = 64) -> Dict[str, Any]:
+    """Returns the `CLIP` settings of an open_clip or transformers SigLIP state dict, read from its shapes.
+
+    Head counts are not in the shapes: width / `head_width` (64 in every open_clip and SigLIP release).
+    """
+    if is_open_clip(state_dict):
+        patch = state_dict["visual.conv1.weight"]
+        width, grid = patch.shape[0], int(round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+        text_width = state_dict["token_embedding.weight"].shape[1]
+        proj = state_dict["visual.proj"]
+        return dict(embed_dim=proj.shape[1], img_size=grid * patch.shape[2], patch_size=patch.shape[2],
+                    in_chans=patch.shape[1], vision_width=width, vision_heads=width // head_width,
+                    vision_depth=_depth(state_dict, "visual.transformer.resblocks."),
+                    vision_mlp_ratio=state_dict["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+                    vocab_size=state_dict["token_embedding.weight"].shape[0],
+                    context_length=state_dict["positional_embedding"].shape[0], text_width=text_width,
+                    text_heads=text_width // head_width, text_depth=_depth(state_dict, "transformer.resblocks."),
+                    text_mlp_ratio=state_dict["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width)
+    if is_transformers_siglip(state_dict):
+        vision, text = "vision_model", "text_model"
+        patch = state_dict[f"{vision}.embeddings.patch_embedding.weight"]
+        width = patch.shape[0]
+        grid = int(round(state_dict[f"{vision}.embeddings.position_embedding.weight"].shape[0] ** 0.5))
+        tokens = state_dict[f"{text}.embeddings.token_embedding.weight"]
+        return dict(embed_dim=width, img_size=grid * patch.shape[2], patch_size=patch.shape[2],
+                    in_chans=patch.shape[1], vision_width=width, vision_heads=width // head_width,
+                    vision_depth=_depth(state_dict, f"{vision}.encoder.layers."),
+                    vision_mlp_ratio=state_dict[f"{vision}.encoder.layers.0.mlp.fc1.weight"].shape[0] / width,
+                    vocab_size=tokens.shape[0],
+                    context_length=state_dict[f"{text}.embeddings.position_embedding.weight"].shape[0],
+                    text_width=tokens.shape[1], text_heads=tokens.shape[1] // head_width,
+                    text_depth=_depth(state_dict, f"{text}.encoder.layers."),
+                    text_mlp_ratio=state_dict[f"{text}.encoder.layers.0.mlp.fc1.weight"].shape[0] / tokens.shape[1])
+    raise ValueError("Not an open_clip CLIP or transformers SiglipModel state dict (no visual.conv1.weight + "
+                     "token_embedding.weight, nor vision_model.* + text_model.head.*)")
