@@ -88,3 +88,12 @@ def test_bad_input_fails_before_compile(tiny):
         models.create("clip_vit_tiny_digits", text_pool="mean")
     with pytest.raises(ValueError, match="valid choices"):
         models.create("clip_vit_tiny_digits", mlp_activation="relu")
+
+
+def test_pretrained_preprocessing():
+    # open_clip's OpenAI-statistics normalisation (open_clip.constants) and SigLIP's [-1, 1] inputs.
+    assert models.pretrained_cfg("clip_vit_b32") == dict(
+        input_size=(3, 224, 224), mean=(0.48145466, 0.4578275, 0.40821073),
+        std=(0.26862954, 0.26130258, 0.27577711), crop_pct=1.0, interpolation="bicubic")
+    assert models.pretrained_cfg("siglip_base_patch16_224")["mean"] == (0.5, 0.5, 0.5)
+    assert models.pretrained_cfg("clip_vit_tiny_digits")["input_size"] == (3, 16, 16)
