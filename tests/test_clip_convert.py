@@ -166,3 +166,19 @@ def test_a_clip_image_tower_fine_tunes_into_a_classifier_through_init_from(tmp_p
         expected = reference.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     features = np.asarray(intermediates["pre_logits"]) @ reference.visual.proj.detach().numpy()
     assert relative_error(features, expected) <= 1e-5
+
+
+def test_command_line_converts_open_clip(tmp_path):
+    from vitjax.convert import io
+    from vitjax.convert.__main__ import convert as convert_command
+    state = open_clip_reference(False).state_dict()
+    torch.save(state, tmp_path / "clip.pth")
+    settings = dict(CLIP_SETTINGS)
+    path, meta = convert_command("open_clip", str(tmp_path / "clip.pth"), str(tmp_path / "clip.msgpack"),
+                                 model="clip_vit_b32", overrides=settings)
+    variables, stored = io.load_variables_and_meta(path)
+    expected = convert.from_open_clip(state, "clip_vit_b32", **settings)
+    jax.tree.map(np.testing.assert_array_equal, variables["params"], expected["params"])
+    assert stored["model_name"] == "clip_vit_b32" and stored["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    with pytest.raises(ValueError, match="needs --model"):
+        convert_command("open_clip", str(tmp_path / "clip.pth"), str(tmp_path / "x.msgpack"))
