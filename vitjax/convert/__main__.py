@@ -15,7 +15,8 @@ r"""Command line: convert PyTorch checkpoints to vitjax variables, or resample p
 Flags: --source (timm | mae | resample | open_clip | transformers), --checkpoint (a .pth / .pt / .bin /
 .safetensors file; for resample a .msgpack or orbax directory written here), --model (a registered name;
 needed for timm, open_clip and transformers; for resample taken from the checkpoint's meta when absent),
---img_size, --num_classes (0 drops the classifier), --set KEY=VALUE (repeatable: any other model option, e.g. --set=depth=6), --out.
+--img_size, --num_classes (0 drops the classifier), --set KEY=VALUE (repeatable: any other model option,
+e.g. --set=depth=6), --out.
 
 `--out` ending in `.msgpack` writes one file; anything else an orbax checkpoint directory. Either
 carries a `meta` (`vitjax.convert.io`): the model name, the model options used, the weights'

@@ -32,7 +32,8 @@ def _open_clip_block(table: common.KeyTable, prefix: str, num_heads: int) -> Dic
                                  num_heads)
     return {"norm1": norm_params(table, f"{prefix}.ln_1"), "attn": attention,
             "norm2": norm_params(table, f"{prefix}.ln_2"),
-            "mlp": {"fc1": dense_params(table, f"{prefix}.mlp.c_fc"), "fc2": dense_params(table, f"{prefix}.mlp.c_proj")}}
+            "mlp": {"fc1": dense_params(table, f"{prefix}.mlp.c_fc"),
+                    "fc2": dense_params(table, f"{prefix}.mlp.c_proj")}}
 
 
 def _projection(table: common.KeyTable, key: str) -> Dict[str, np.ndarray]:
@@ -102,7 +103,8 @@ def _siglip_block(table: common.KeyTable, prefix: str, num_heads: int) -> Dict[s
 
 
 def convert_transformers(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
-    """Returns {"params": ...} for a SigLIP-style `CLIP` (image_pool "map") from a transformers SiglipModel state dict."""
+    """Returns {"params": ...} for a SigLIP-style `CLIP` (image_pool "map") from a transformers SiglipModel
+    state dict."""
     if model.image_pool != "map" or model.text_pool != "last":
         raise ValueError("transformers' SiglipModel pools the image with an attention head and the text at its last "
                          f"position; this model has image_pool={model.image_pool!r}, text_pool={model.text_pool!r} "
