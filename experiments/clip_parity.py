@@ -133,7 +133,8 @@ def main() -> None:
     siglip_shrunk = dict(img_size=32, patch_size=8, embed_dim=32, vision_width=32, vision_depth=2, vision_heads=2,
                          vision_mlp_ratio=2.0, context_length=12, vocab_size=300, text_width=48, text_depth=2,
                          text_heads=2, text_mlp_ratio=2.0)
-    results["SigLIP shrunk"] = siglip_row(reference, siglip_shrunk, 32, np.random.RandomState(2).randint(0, 300, (2, 12)))
+    siglip_tokens = np.random.RandomState(2).randint(0, 300, (2, 12))
+    results["SigLIP shrunk"] = siglip_row(reference, siglip_shrunk, 32, siglip_tokens)
 
     torch.manual_seed(0)
     reference = transformers.SiglipModel(transformers.SiglipConfig()).eval()
@@ -148,8 +149,8 @@ def main() -> None:
             logits = f"{row['logits']:.1e}" if "logits" in row else ""
             lines.append(f"| {key} | {row['image']:.1e} | {row['text']:.1e} | {logits} |")
     tokenizer = results["clip_tokenizer"]
-    table = "\n".join(lines) + (f"\n\nCLIP BPE tokenizer vs open_clip {open_clip.__version__}: {tokenizer['identical']} "
-                                f"of {tokenizer['texts']} texts give identical ids.")
+    table = "\n".join(lines) + (f"\n\nCLIP BPE tokenizer vs open_clip {open_clip.__version__}: "
+                                f"{tokenizer['identical']} of {tokenizer['texts']} texts give identical ids.")
     write_outputs(args.out, "clip_parity", table, results)
     print(table)
     print(f"({results['seconds']:.0f} s)")
