@@ -53,6 +53,7 @@ class Block(nn.Module):
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
     tome: Optional[tome_lib.BlockMerge] = None  # ToMe: merge tokens between attention and MLP
+    mlp_activation: str = "gelu"  # a name in layers.ACTIVATIONS (CLIP: quick_gelu, SigLIP: gelu_tanh)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, capture_attention: bool = False,
@@ -76,7 +77,8 @@ class Block(nn.Module):
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
         if merging:
             x, tome_state = tome_lib.merge_step(x, aux.pop("key_mean"), tome_state, self.tome)
-        y = layers.Mlp(self.mlp_dim, drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
+        y = layers.Mlp(self.mlp_dim, activation=layers.activation(self.mlp_activation),
+                       drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
                        dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(norm("norm2")(x), train)
         if self.init_values is not None:
             y = layers.LayerScale(self.init_values, self.param_dtype, name="ls2")(y)
@@ -134,6 +136,10 @@ class VisionTransformer(nn.Module):
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
     tome: Optional[Any] = None  # ToMe settings: a dict (see vitjax.tokens.tome) or a ToMeConfig
+    # CLIP's image tower (timm's `pre_norm`): a LayerNorm `norm_pre` after the position embedding, and a
+    # patch embedding without bias.
+    pre_norm: bool = False
+    mlp_activation: str = "gelu"  # a name in layers.ACTIVATIONS (OpenAI CLIP: quick_gelu, SigLIP: gelu_tanh)
 
     POS_EMBED_TYPES = ("learn", "sincos2d", "none")
     WEIGHT_INITS = ("timm", "xavier")
@@ -147,7 +153,8 @@ class VisionTransformer(nn.Module):
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         choices = dict(global_pool=layers.POOLING_TYPES, pos_embed=self.POS_EMBED_TYPES,
-                       weight_init=self.WEIGHT_INITS, attention_impl=ATTENTION_IMPLS)
+                       weight_init=self.WEIGHT_INITS, attention_impl=ATTENTION_IMPLS,
+                       mlp_activation=tuple(layers.ACTIVATIONS))
         for field, valid in choices.items():
             if getattr(self, field) not in valid:
                 raise ValueError(f"Unknown {field} {getattr(self, field)!r}; valid choices: {list(valid)}")
@@ -183,8 +190,8 @@ class VisionTransformer(nn.Module):
 
         `patch_indices` (B, K) keeps only those patches (after position embedding), prefix tokens first.
         """
-        x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, kernel_init=self._kernel_init(),
-                                    dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
+        x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, use_bias=not self.pre_norm,
+                                    kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
         if grid != self.grid_size:
             raise ValueError(f"Input grid {grid} does not match the model's {self.grid_size} "
                              f"(img_size={self.img_size}); resample position embeddings to change resolution")
@@ -220,6 +227,8 @@ class VisionTransformer(nn.Module):
             kept = jnp.take_along_axis(x[:, num_prefix:], patch_indices[:, :, None].astype(jnp.int32), axis=1)
             x = jnp.concatenate([x[:, :num_prefix], kept], axis=1)
         x = nn.Dropout(self.pos_drop_rate)(x, deterministic=not train)
+        if self.pre_norm:
+            x = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="norm_pre")(x)
         return layers.constrain(x, ("batch", "length", "embed"))
 
     def block_kwargs(self) -> Dict[str, Any]:
@@ -227,7 +236,7 @@ class VisionTransformer(nn.Module):
         return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or int(self.embed_dim * self.mlp_ratio),
                     qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, init_values=self.init_values,
                     proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
-                    norm_eps=self.norm_eps, attention_impl=self.attention_impl,
+                    norm_eps=self.norm_eps, attention_impl=self.attention_impl, mlp_activation=self.mlp_activation,
                     kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype)
 
     def encode(self, x: jax.Array, train: bool, capture_attention: bool) -> Tuple[jax.Array, Dict[str, Any]]:
@@ -319,7 +328,8 @@ class VisionTransformer(nn.Module):
             pool_bias = jnp.log(sizes[:, self.num_prefix_tokens:]) if proportional else None
             pooled = layers.MapHead(self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                                     norm_eps=self.norm_eps, attention_impl=self.attention_impl, dtype=self.dtype,
-                                    param_dtype=self.param_dtype, name="attn_pool")(
+                                    param_dtype=self.param_dtype, mlp_activation=self.mlp_activation,
+                                    name="attn_pool")(
                 x[:, self.num_prefix_tokens:], train, key_bias=pool_bias)
         elif self.global_pool == "avg" and sizes is not None:
             # A merged token stands for `size` patches, so it counts that many times in the mean.
