@@ -20,11 +20,14 @@ The `*_shard` functions run inside `shard_map` over `axis_names` (the mesh axes 
 over, ("data", "fsdp") in vitjax); `sharded_loss` wraps either in `shard_map` on global arrays.
 """
 import functools
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+import vitjax.models as models
+from vitjax.objectives.base import Objective, Variables, model_overrides
 
 LOSSES = ("softmax", "sigmoid")
 AxisNames = Tuple[str, ...]
@@ -204,3 +207,110 @@ def sharded_loss(name: str, image: jax.Array, text: jax.Array, scale: jax.Array,
     mapped: Callable = jax.shard_map(shard_fn, mesh=mesh, in_specs=(rows, rows, PartitionSpec(), PartitionSpec()),
                                      out_specs=PartitionSpec())
     return mapped(image, text, scale, bias)
+
+
+# =============================================================================================
+# The objective
+# =============================================================================================
+class Clip(Objective):
+    """Image-text contrastive training of a two-tower model (`vitjax.models.clip`) on (image, text) batches.
+
+        config.objective = "clip"
+        config.objective_kwargs = dict(loss="softmax")   # CLIP; "sigmoid": SigLIP (the model needs a logit bias)
+
+    The train batch holds "image" (B, H, W, C) and "text" int32 token ids (B, context_length), row i a
+    pair (pp: `vitjax.text.ops`). The loss is computed shard by shard over the mesh's batch axes
+    (`sharded_loss`). Eval metrics per example, against the other real examples of the eval batch:
+    `loss` (the example's share of the batch loss) and `image_to_text_top1` (its most similar text is its
+    own caption, or one with the same tokens).
+    """
+
+    batch_keys = ("image", "text")
+    eval_batch_keys = ("image", "text")
+    default_kwargs: Dict[str, Any] = dict(loss="softmax")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.loss_name = check_loss_name(self.kwargs["loss"])
+        self.module = models.create(config.model_name, **model_overrides(config.model))
+        missing = [name for name in ("encode_image", "encode_text", "context_length") if not hasattr(self.module, name)]
+        if missing:
+            raise ValueError(f"objective 'clip' needs a two-tower model (e.g. {models.list_models('clip')}); "
+                             f"{config.model_name!r} has no {missing}")
+        if self.loss_name == "sigmoid" and getattr(self.module, "init_logit_bias", None) is None:
+            raise ValueError(f"objective_kwargs.loss='sigmoid' needs a model with a logit bias: set "
+                             f"config.model.init_logit_bias (SigLIP: -10.0) for {config.model_name!r}")
+
+    @staticmethod
+    def check_batch(batch: Dict[str, Any]) -> None:
+        """Raises ValueError unless the batch holds images and token ids with one batch size."""
+        for key in ("image", "text"):
+            if key not in batch:
+                raise ValueError(f"objective 'clip' needs batch fields 'image' and 'text' (token ids, from the pp "
+                                 f"op tokenize or label_caption + tokenize); the batch has {sorted(batch)}")
+        images, tokens = batch["image"], batch["text"]
+        if images.shape[0] != tokens.shape[0]:
+            raise ValueError(f"The image batch ({images.shape[0]}) and the text batch ({tokens.shape[0]}) must "
+                             "have the same size: row i of each is one image-text pair")
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"batch['text'] must be int token ids (batch, context_length), got {tokens.dtype} "
+                             f"{tuple(tokens.shape)}")
+
+    def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
+        """Returns the two-tower model's initial variables."""
+        self.check_batch(batch)
+        return dict(self.module.init({"params": rng}, batch["image"], batch["text"], train=False))
+
+    def outputs(self, variables: Variables, batch: Dict[str, Any], train: bool = False,
+                rng: Optional[jax.Array] = None) -> Dict[str, Any]:
+        """Returns the model's dict(image, text, scale, bias) for the batch."""
+        self.check_batch(batch)
+        rngs = None
+        if train:
+            dropout_rng, drop_path_rng = jax.random.split(rng)
+            rngs = {"dropout": dropout_rng, "drop_path": drop_path_rng}
+        outputs, _ = self.module.apply(variables, batch["image"], batch["text"], train=train, rngs=rngs)
+        return outputs
+
+    def train_loss(self, variables: Variables, batch: Dict[str, Any], rng: jax.Array
+                   ) -> Tuple[jax.Array, Dict[str, Any]]:
+        """Returns (the contrastive loss over the global batch, {"metrics": loss, scale (, bias)})."""
+        outputs = self.outputs(variables, batch, True, rng)
+        loss = sharded_loss(self.loss_name, outputs["image"], outputs["text"], outputs["scale"], outputs["bias"])
+        metrics = {"loss": loss, "scale": outputs["scale"]}
+        if outputs["bias"] is not None:
+            metrics["bias"] = outputs["bias"]
+        return loss, {"metrics": metrics, "updates": {}}
+
+    def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
+        """Returns per-example `loss` and `image_to_text_top1` against the batch's real examples."""
+        outputs = self.outputs(variables, batch)
+        mask = batch["mask"] if "mask" in batch else jnp.ones(batch["image"].shape[0], bool)
+        bias = 0.0 if outputs["bias"] is None else outputs["bias"]
+        logits = outputs["scale"] * (outputs["image"] @ outputs["text"].T) + bias
+        valid = mask[None, :] & mask[:, None]
+        diagonal = jnp.eye(logits.shape[0], dtype=bool)
+        if self.loss_name == "softmax":
+            masked = jnp.where(mask[None, :], logits, -jnp.inf)
+            rows = jnp.sum(jnp.where(diagonal, jax.nn.log_softmax(masked, axis=1), 0.0), axis=1)
+            columns = jnp.sum(jnp.where(diagonal, jax.nn.log_softmax(jnp.where(mask[:, None], logits, -jnp.inf),
+                                                                     axis=0), 0.0), axis=0)
+            loss = -(rows + columns) / 2
+        else:
+            signs = jnp.where(diagonal, 1.0, -1.0)
+            loss = -jnp.sum(jnp.where(valid, jax.nn.log_sigmoid(signs * logits), 0.0), axis=1)
+        best = jnp.argmax(jnp.where(mask[None, :], logits, -jnp.inf), axis=1)
+        same_text = jnp.all(batch["text"][best] == batch["text"], axis=1)
+        return {"loss": jnp.where(mask, loss, 0.0), "image_to_text_top1": same_text.astype(jnp.float32)}
+
+    def encode_image(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Returns (B, E) unit-norm fp32 image features."""
+        return self.module.apply(variables, images, method="encode_image").astype(jnp.float32)
+
+    def encode_text(self, variables: Variables, tokens: jax.Array) -> jax.Array:
+        """Returns (B, E) unit-norm fp32 text features."""
+        return self.module.apply(variables, tokens, method="encode_text").astype(jnp.float32)
+
+    def features(self, variables: Variables, images: jax.Array) -> jax.Array:
+        """Returns the image tower's unit-norm embeddings (for the kNN and few-shot evaluators)."""
+        return self.encode_image(variables, images)
