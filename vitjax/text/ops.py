@@ -90,7 +90,9 @@ def tokenize(tokenizer="clip", *, key="text", outkey=None, **tokenizer_kwargs):
     seen: Dict[bytes, np.ndarray] = {}
 
     def encode_one(text) -> np.ndarray:
-        text = bytes(text)
+        if isinstance(text, np.ndarray):  # a 0-d string array in eager mode, bytes inside tf.data
+            text = text.item()
+        text = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         if text not in seen:
             seen[text] = np.asarray(encode([text.decode("utf-8")]), np.int32)[0]
         return seen[text]
