@@ -216,7 +216,8 @@ class Clip(Objective):
     """Image-text contrastive training of a two-tower model (`vitjax.models.clip`) on (image, text) batches.
 
         config.objective = "clip"
-        config.objective_kwargs = dict(loss="softmax")   # CLIP; "sigmoid": SigLIP (the model needs a logit bias)
+        config.objective_kwargs = dict(loss="softmax",   # CLIP; "sigmoid": SigLIP (the model needs a logit bias)
+                                       max_scale=100.0)  # CLIP clips the temperature's inverse at 100 (None: no cap)
 
     The train batch holds "image" (B, H, W, C) and "text" int32 token ids (B, context_length), row i a
     pair (pp: `vitjax.text.ops`). The loss is computed shard by shard over the mesh's batch axes
@@ -227,11 +228,15 @@ class Clip(Objective):
 
     batch_keys = ("image", "text")
     eval_batch_keys = ("image", "text")
-    default_kwargs: Dict[str, Any] = dict(loss="softmax")
+    default_kwargs: Dict[str, Any] = dict(loss="softmax", max_scale=None)
 
     def __init__(self, config):
         super().__init__(config)
         self.loss_name = check_loss_name(self.kwargs["loss"])
+        max_scale = self.kwargs["max_scale"]
+        if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))
+                                      or max_scale <= 0):
+            raise ValueError(f"objective_kwargs.max_scale must be None or a number > 0, got {max_scale!r}")
         self.module = models.create(config.model_name, **model_overrides(config.model))
         missing = [name for name in ("encode_image", "encode_text", "context_length") if not hasattr(self.module, name)]
         if missing:
@@ -270,6 +275,9 @@ class Clip(Objective):
             dropout_rng, drop_path_rng = jax.random.split(rng)
             rngs = {"dropout": dropout_rng, "drop_path": drop_path_rng}
         outputs, _ = self.module.apply(variables, batch["image"], batch["text"], train=train, rngs=rngs)
+        if self.kwargs["max_scale"] is not None:
+            # CLIP clamps exp(logit_scale) at 100 so the logits cannot blow up; above it the scale gets no gradient.
+            outputs = {**outputs, "scale": jnp.minimum(outputs["scale"], float(self.kwargs["max_scale"]))}
         return outputs
 
     def train_loss(self, variables: Variables, batch: Dict[str, Any], rng: jax.Array
