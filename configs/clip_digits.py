@@ -87,12 +87,5 @@ def get_config(arg=None):
     config.keep_checkpoints = 2
 
     if arg.runlocal:  # also the tests' run: seconds to compile and train
-        config.total_steps = 10
-        config.batch_size = 32
-        config.eval_batch_size = 40
-        config.optim.warmup_steps = 2
-        config.log_every_steps = 5
-        config.eval_every_steps = 0
-        config.checkpoint_every_steps = 0
-        config.keep_checkpoints = 1
+        config_utils.runlocal_schedule(config, batch_size=32, total_steps=10, warmup_steps=2, log_every_steps=5)
     return config
