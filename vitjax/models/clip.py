@@ -185,6 +185,16 @@ class CLIP(param_groups.LayerGroups, nn.Module):
             drop_path_rate=self.drop_path_rate, remat=self.remat, attention_impl=self.attention_impl,
             dtype=self.dtype, param_dtype=self.param_dtype, **module_kwargs)
 
+    def classifier_settings(self, num_classes: int) -> Dict[str, Any]:
+        """Returns `vitjax.models.create("vit", **settings)` overrides of a classifier with this image tower.
+
+        Its params take the CLIP params' "visual" subtree as they are (`config.init_from` does this).
+        """
+        tower = self.image_tower(parent=None)
+        names = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "class_token",
+                 "global_pool", "pre_norm", "norm_eps", "mlp_activation")
+        return dict({name: getattr(tower, name) for name in names}, num_classes=num_classes, mlp_dim=None)
+
     def setup(self):
         self.visual = self.image_tower()
         if self.image_pool == "token":

@@ -191,7 +191,8 @@ class VisionTransformer(nn.Module):
         `patch_indices` (B, K) keeps only those patches (after position embedding), prefix tokens first.
         """
         x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, use_bias=not self.pre_norm,
-                                    kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
+                                    kernel_init=self._kernel_init(), dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name="patch_embed")(images)
         if grid != self.grid_size:
             raise ValueError(f"Input grid {grid} does not match the model's {self.grid_size} "
                              f"(img_size={self.img_size}); resample position embeddings to change resolution")
