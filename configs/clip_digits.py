@@ -3,9 +3,10 @@ r"""A tiny CLIP trained on captions of the bundled digits ("a photo of the numbe
     python -m vitjax.main --config=configs/clip_digits.py --workdir=/tmp/clip_digits
     python -m vitjax.main --config=configs/clip_digits.py:loss=sigmoid --workdir=/tmp/siglip_digits
 
-Expected (experiments/clip_digits.py measures both losses; see experiments/out/clip_digits.md): zero-shot
-top-1 on the 360 test digits from the prompt ensemble of the 8 digits templates, and image<->text
-retrieval recall@1/5/10 on the test split, after 1,000 steps, in a few minutes on 2 CPU cores.
+Expected (measured by experiments/clip_digits.py, experiments/out/clip_digits.md): after 1,000 steps,
+zero-shot top-1 on the 360 test digits 96.11% with the softmax loss and 92.78% with the sigmoid loss
+(prompt ensemble of the 8 digits templates; chance 10%), image->text recall@1 the same and
+text->image recall@1 100%, in 6.7 and 7.8 minutes on a shared 2-core CPU machine.
 `:runlocal` shrinks the run to a seconds-long smoke test (accuracy near chance).
 
 Arguments (`:key=value,...`): loss "softmax" (CLIP) or "sigmoid" (SigLIP: the model gets SigLIP's
