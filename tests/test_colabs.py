@@ -48,3 +48,9 @@ def test_notebook_runs(path, tmp_path):
         assert float(match.group(1)) > 50.0, match.group(0)  # 200 steps reach about 85%; chance is 10%
         assert "Did you mean" in output, output[-6000:]
         assert "r=3: test top-1" in output, output[-6000:]
+    if os.path.basename(path) == "clip_zeroshot.ipynb":
+        match = re.search(r"Zero-shot test top-1 after 300 steps: ([0-9.]+)%", output)
+        assert match, output[-6000:]
+        assert float(match.group(1)) > 30.0, match.group(0)  # chance is 10%
+        correct = re.search(r"(\d+) of 10 correct", output)
+        assert correct and int(correct.group(1)) >= 3, output[-6000:]

@@ -292,3 +292,6 @@ def run_evaluators(evaluators: List[Evaluator], state, step: int, is_last: bool,
 
 __all__ = ["Classification", "EvalContext", "Evaluator", "KNearestNeighbours", "build_evaluators", "default_evals",
            "knn_classify", "list_kinds", "register_evaluator", "run_evaluators", "validate_evals"]
+
+# Kinds defined in other modules register on import (after everything above exists: they import it).
+from vitjax.evaluate import zeroshot  # noqa: E402,F401  pylint: disable=wrong-import-position

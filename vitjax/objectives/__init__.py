@@ -13,6 +13,7 @@ _OBJECTIVES = {
     "mae_finetune": "vitjax.objectives.mae:MaeFinetune",
     "mae_linprobe": "vitjax.objectives.mae:MaeLinearProbe",
     "distill": "vitjax.objectives.distill:Distillation",
+    "clip": "vitjax.objectives.clip:Clip",
 }
 
 
