@@ -11,7 +11,9 @@ compiled for an accelerator: a numerical check of the kernel, never a fallback a
 measurement. `resolve_backend` logs it once per kernel and process, so a CPU run cannot be mistaken
 for a hardware run.
 """
-from typing import Optional, Tuple
+import contextlib
+import threading
+from typing import Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +30,35 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _BACKEND_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
 
 _logged_interpret = set()
+# Ahead-of-time compilation for another platform (`vitjax.aot`): the kernels decide as if running there.
+_target = threading.local()
+
+
+@contextlib.contextmanager
+def target_platform(platform: Optional[str]) -> Iterator[None]:
+    """Returns a context in which the kernels and the dispatcher build for `platform` ("tpu", "gpu"), not the host's.
+
+    Used to compile for a TPU topology from a CPU host: inside it the Pallas kernels lower with Mosaic
+    (not interpret mode) and "auto" follows that platform's preferences.
+    """
+    if platform not in (None, "cpu", "gpu", "tpu"):
+        raise ValueError(f"Unknown target platform {platform!r}; valid choices: None, 'cpu', 'gpu', 'tpu'")
+    previous = getattr(_target, "platform", None)
+    _target.platform = platform
+    try:
+        yield
+    finally:
+        _target.platform = previous
+
+
+def platform() -> str:
+    """Returns the platform the kernels build for: the `target_platform` in effect, else jax's default backend."""
+    return getattr(_target, "platform", None) or jax.default_backend()
 
 
 def default_backend() -> str:
-    """Returns the lowering for the default JAX platform: "mosaic" on a TPU, else "triton"."""
-    return "mosaic" if jax.default_backend() == "tpu" else "triton"
+    """Returns the lowering for the target platform: "mosaic" on a TPU, else "triton"."""
+    return "mosaic" if platform() == "tpu" else "triton"
 
 
 def resolve_backend(kernel: str, backend: Optional[str], interpret: Optional[bool]) -> Tuple[str, bool]:
@@ -44,19 +70,19 @@ def resolve_backend(kernel: str, backend: Optional[str], interpret: Optional[boo
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
-    platform = jax.default_backend()
-    interpret = platform == "cpu" if interpret is None else bool(interpret)
+    target = platform()
+    interpret = target == "cpu" if interpret is None else bool(interpret)
     wanted = _BACKEND_PLATFORM[backend]
     # On a CPU host interpret=False is allowed: it serves cross-lowering (`.lower(lowering_platforms=...)`).
-    if not interpret and platform in _BACKEND_PLATFORM.values() and platform != wanted:
-        valid = [name for name, target in _BACKEND_PLATFORM.items() if target == platform]
+    if not interpret and target in _BACKEND_PLATFORM.values() and target != wanted:
+        valid = [name for name, lowered_for in _BACKEND_PLATFORM.items() if lowered_for == target]
         raise ValueError(f"{kernel}: backend {backend!r} compiles for a {wanted.upper()}, the platform is "
-                         f"{platform}; valid choices here: {valid}, or interpret=True")
+                         f"{target}; valid choices here: {valid}, or interpret=True")
     if interpret and kernel not in _logged_interpret:
         _logged_interpret.add(kernel)
         logging.warning("%s: Pallas interpret mode on %s (%s-flavoured kernel): the same kernel body evaluated "
                         "op by op by XLA, not a fallback; numerics only, its timings say nothing about a "
-                        "GPU or TPU.", kernel, platform, backend)
+                        "GPU or TPU.", kernel, target, backend)
     return backend, interpret
 
 

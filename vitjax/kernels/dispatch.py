@@ -25,6 +25,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
+from vitjax.kernels import common
 from vitjax.kernels.attention import attention_reference, flash_attention
 from vitjax.kernels.attention import unsupported_reason as pallas_unsupported_reason
 
@@ -64,14 +65,14 @@ def _log_fallback(chosen: str, skipped: Tuple[Tuple[str, str], ...]) -> None:
 
 
 def _platform() -> str:
-    platform = jax.default_backend()
+    platform = common.platform()
     return platform if platform in AUTO_PREFERENCES else "cpu"
 
 
 def cudnn_unsupported_reason(q, k, v, *, bias=None, key_bias=None, return_lse=False) -> Optional[str]:
     """Returns why the cuDNN path cannot take these operands, or None when it can."""
-    if jax.default_backend() != "gpu":
-        return f"cuDNN needs a CUDA GPU, the platform is {jax.default_backend()}"
+    if common.platform() != "gpu":
+        return f"cuDNN needs a CUDA GPU, the platform is {common.platform()}"
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         return f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}"
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
