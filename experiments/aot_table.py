@@ -6,7 +6,7 @@ r"""The pod-scale table: real train steps compiled ahead of time for TPU pods (`
 Each row is one `python -m vitjax.aot` run of a config from configs/ at its paper batch size; the table
 gives per chip the memory against HBM (fits or not), the collective bytes parsed from the compiled HLO,
 the step-time lower bound and the MFU ceiling from the chip's datasheet figures (`vitjax.aot.CHIPS`).
-Rows marked `scan` compile the encoder blocks as one `nn.scan` loop (`--config.model.scan=True`): the same
+Rows marked `scan` compile the encoder blocks as one `nn.scan` loop (`--set=model.scan=True`): the same
 math and memory plan with a compile time that does not grow with depth; remat is off everywhere.
 Writes experiments/out/aot_table.{md,json}.
 """
@@ -24,11 +24,13 @@ from experiment_io import write_outputs  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.model=1"]
 FSDP_TP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.model=4"]
-SCAN = ["--config.model.scan=True"]
+SCAN = ["--set=model.scan=True"]
 
 # (name, description, config, topology, extra flags)
 ROWS = [
     ("mae_b16_v5e_16", "MAE B/16 headline (batch 4096)", "configs/mae_b16.py", "v5e:4x4", FSDP + SCAN),
+    ("mae_b16_v5e_16_remat", "MAE B/16 headline (batch 4096), remat", "configs/mae_b16.py", "v5e:4x4",
+     FSDP + SCAN + ["--set=model.remat=True"]),
     ("deit_b16_v4_32", "DeiT B/16 (batch 1024)", "configs/vit_i1k.py:variant=B/16", "v4:2x2x4", FSDP + SCAN),
     ("mae_l16_v5p_128_fsdp", "MAE L/16 (batch 4096), FSDP", "configs/mae_b16.py:variant=L/16", "v5p:4x4x4",
      FSDP + SCAN),
@@ -39,14 +41,14 @@ ROWS = [
     ("mae_h14_v5p_128_fsdp_tp", "MAE H/14 (batch 4096), FSDP x TP 4", "configs/mae_b16.py:variant=H/14",
      "v5p:4x4x4", FSDP_TP + SCAN),
     ("vit_g14_v5p_256", "ViT-g/14 DeiT recipe (batch 4096), FSDP", "configs/vit_i1k.py:variant=B/16", "v5p:4x4x8",
-     FSDP + SCAN + ["--config.model.variant=g/14", "--config.batch_size=4096"]),
+     FSDP + SCAN + ["--set=model.variant=g/14", "--config.batch_size=4096"]),
     # Largest ViT at the same batch on each topology: the next size up from the rows above.
     ("deit_l16_v4_32", "largest on v4-32? DeiT L/16 (batch 1024)", "configs/vit_i1k.py:variant=B/16", "v4:2x2x4",
-     FSDP + SCAN + ["--config.model.variant=L/16"]),
+     FSDP + SCAN + ["--set=model.variant=L/16"]),
     ("mae_l16_v5e_16", "largest on v5e-16? MAE L/16 (batch 4096)", "configs/mae_b16.py:variant=L/16", "v5e:4x4",
      FSDP + SCAN),
     ("mae_g14_v5p_128", "largest on v5p-128? MAE g/14 (batch 4096)", "configs/mae_b16.py:variant=H/14",
-     "v5p:4x4x4", FSDP + SCAN + ["--config.model.variant=g/14"]),
+     "v5p:4x4x4", FSDP + SCAN + ["--set=model.variant=g/14"]),
 ]
 
 
@@ -82,6 +84,13 @@ def markdown(results):
     for name, description, _, topology, _ in ROWS:
         report = results.get(name)
         if report is None:
+            continue
+        if "out_of_memory" in report:
+            mesh = report["mesh"]
+            needed = f"{report['total_bytes'] / 1e9:.1f} (temporaries)" if report.get("total_bytes") else "?"
+            lines.append(f"| {description} | {topology} ({report['chips']}) | {mesh['data']}/{mesh['fsdp']}/"
+                         f"{mesh['model']} | {needed} | {report['hbm_bytes'] / 1e9:.1f} | **no** (compiler: out of "
+                         f"HBM) | | | | | |")
             continue
         if "error" in report:
             lines.append(f"| {description} | {topology} | | | | not compiled: {report['error']} | | | | | |")

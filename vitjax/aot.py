@@ -54,6 +54,7 @@ TOPOLOGY_EXAMPLES = ("v4:2x2x1", "v4:2x2x4", "v5e:2x2", "v5e:4x4", "v5e:16x16", 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # ImageNet-1k's training split: the schedule's length only, which changes nothing that is compiled.
 _NOMINAL_TRAIN_EXAMPLES = 1281167
+_NOMINAL_CLASSES = 1000
 
 
 def chip_of(topology: str) -> Chip:
@@ -222,6 +223,7 @@ class Compiled:
     mesh_shape: Dict[str, int]
     global_batch: int
     compile_seconds: float
+    out_of_memory: Optional[str] = None   # the compiler's message when the step does not fit in HBM
 
 
 def compile_train_step(config, topology: str, *, image_size: Optional[int] = None) -> Compiled:
@@ -256,17 +258,34 @@ def compile_train_step(config, topology: str, *, image_size: Optional[int] = Non
                              setup.abstract_state, setup.state_shardings)
         start = time.time()
         with parallel.use_mesh(mesh), nn.logical_axis_rules(setup.rules):
-            batch_transform = mixup.make_batch_transform(config.input, objective.num_classes)
+            # As the trainer: the dataset's class count (ImageNet's here) where the objective has none (MAE).
+            batch_transform = mixup.make_batch_transform(config.input, objective.num_classes or _NOMINAL_CLASSES)
             step = train.jit_train_step(setup, batch_transform)
-            compiled = step.trace(state, batch).lower().compile()
+            lowered = step.trace(state, batch).lower()
+            try:
+                compiled, out_of_memory = lowered.compile(), None
+            except jax.errors.JaxRuntimeError as error:
+                # The TPU compiler refuses a program that cannot fit in HBM: that is an answer, not a failure.
+                if "RESOURCE_EXHAUSTED" not in str(error):
+                    raise
+                compiled, out_of_memory = None, str(error).strip().splitlines()[0]
     del jnp
     return Compiled(compiled=compiled, setup=setup, chip=chip, topology=topology, mesh_shape=dict(mesh.shape),
-                    global_batch=int(config.batch_size), compile_seconds=time.time() - start)
+                    global_batch=int(config.batch_size), compile_seconds=time.time() - start,
+                    out_of_memory=out_of_memory)
 
 
 def analyse(result: Compiled) -> Dict[str, Any]:
     """Returns the per-chip figures of a compiled step: memory, fit, FLOPs, collective bytes, time bound, MFU."""
     compiled, chip = result.compiled, result.chip
+    common = dict(topology=result.topology, chip=chip.name, chips=int(math.prod(result.mesh_shape.values())),
+                  mesh=result.mesh_shape, global_batch=result.global_batch, hbm_bytes=chip.hbm_bytes,
+                  compile_seconds=result.compile_seconds, chip_source=chip.source)
+    if compiled is None:
+        needed = re.search(r"required for [\w ]+\(([\d.]+)([KMGT])\)", result.out_of_memory or "")
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        return dict(common, fits=False, out_of_memory=result.out_of_memory,
+                    total_bytes=float(needed.group(1)) * scale[needed.group(2)] if needed else None)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -286,15 +305,12 @@ def analyse(result: Compiled) -> Dict[str, Any]:
     ici_s = ici_seconds(collectives, largest_group, chip)
     bound = max(compute_s, hbm_s, ici_s)
     return dict(
-        topology=result.topology, chip=chip.name, chips=int(math.prod(result.mesh_shape.values())),
-        mesh=result.mesh_shape, global_batch=result.global_batch,
-        argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp, code_bytes=code,
-        total_bytes=total, hbm_bytes=chip.hbm_bytes, fits=total <= chip.hbm_bytes,
+        common, argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp, code_bytes=code,
+        total_bytes=total, fits=total <= chip.hbm_bytes,
         flops=flops, hbm_bytes_accessed=hbm_bytes, collectives=collectives,
         compute_seconds=compute_s, hbm_seconds=hbm_s, ici_seconds=ici_s, step_seconds_lower_bound=bound,
         bound_by=max((("compute", compute_s), ("HBM", hbm_s), ("ICI", ici_s)), key=lambda item: item[1])[0],
-        mfu_ceiling=compute_s / bound if bound > 0 else 0.0, compile_seconds=result.compile_seconds,
-        chip_source=chip.source)
+        mfu_ceiling=compute_s / bound if bound > 0 else 0.0)
 
 
 def _gb(value: float) -> str:
@@ -303,6 +319,10 @@ def _gb(value: float) -> str:
 
 def format_report(report: Dict[str, Any]) -> str:
     """Returns the per-chip report as printed by the command line."""
+    if "out_of_memory" in report:
+        return (f"topology {report['topology']} ({report['chips']} chips), mesh {report['mesh']}, global batch "
+                f"{report['global_batch']}\nper chip: DOES NOT FIT in {_gb(report['hbm_bytes'])} HBM; the TPU "
+                f"compiler says: {report['out_of_memory']}\n  chip figures: {report['chip_source']}")
     collectives = report["collectives"]
     lines = [
         f"topology {report['topology']} ({report['chips']} chips), mesh {report['mesh']}, global batch "
@@ -337,6 +357,9 @@ def define_flags(flag_values) -> None:
     flags.DEFINE_integer("image_size", None, "Image side (default config.model.img_size or the model's own)",
                          flag_values=flag_values)
     flags.DEFINE_string("json", None, "Also write the report as JSON to this path", flag_values=flag_values)
+    flags.DEFINE_multi_string("set", [], "KEY=VALUE config settings that may add keys to open sections "
+                              "(e.g. --set=model.scan=True), applied after --config.KEY overrides",
+                              flag_values=flag_values)
 
 
 def run(flag_values) -> Dict[str, Any]:
@@ -348,7 +371,11 @@ def run(flag_values) -> Dict[str, Any]:
         raise SystemExit("FATAL: --config is required, e.g. --config=configs/mae_b16.py")
 
     def work():
-        return analyse(compile_train_step(flag_values["config"].value, flag_values["topology"].value,
+        from vitjax import config_utils
+        config = flag_values["config"].value
+        for setting in flag_values["set"].value:
+            config_utils.set_key(config, *cli.parse_setting(setting))
+        return analyse(compile_train_step(config, flag_values["topology"].value,
                                           image_size=flag_values["image_size"].value))
 
     report = cli.exit_on_user_error(work)
