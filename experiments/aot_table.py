@@ -31,7 +31,8 @@ ROWS = [
     ("mae_b16_v5e_16", "MAE B/16 headline (batch 4096)", "configs/mae_b16.py", "v5e:4x4", FSDP + SCAN),
     ("mae_b16_v5e_16_remat", "MAE B/16 headline (batch 4096), remat", "configs/mae_b16.py", "v5e:4x4",
      FSDP + SCAN + ["--set=model.remat=True"]),
-    ("deit_b16_v4_32", "DeiT B/16 (batch 1024)", "configs/vit_i1k.py:variant=B/16", "v4:2x2x4", FSDP + SCAN),
+    ("deit_b16_v4_32", "DeiT B/16 (batch 1024)", "configs/vit_i1k.py:variant=B/16", "v4:2x2x4",
+     FSDP + SCAN + ["--config.eval_batch_size=1024"]),
     ("mae_l16_v5p_128_fsdp", "MAE L/16 (batch 4096), FSDP", "configs/mae_b16.py:variant=L/16", "v5p:4x4x4",
      FSDP + SCAN),
     ("mae_l16_v5p_128_fsdp_tp", "MAE L/16 (batch 4096), FSDP x TP 4", "configs/mae_b16.py:variant=L/16",
@@ -41,10 +42,11 @@ ROWS = [
     ("mae_h14_v5p_128_fsdp_tp", "MAE H/14 (batch 4096), FSDP x TP 4", "configs/mae_b16.py:variant=H/14",
      "v5p:4x4x4", FSDP_TP + SCAN),
     ("vit_g14_v5p_256", "ViT-g/14 DeiT recipe (batch 4096), FSDP", "configs/vit_i1k.py:variant=B/16", "v5p:4x4x8",
-     FSDP + SCAN + ["--set=model.variant=g/14", "--config.batch_size=4096"]),
+     FSDP + SCAN + ["--set=model.variant=g/14", "--config.batch_size=4096",
+                                               "--config.eval_batch_size=4096"]),
     # Largest ViT at the same batch on each topology: the next size up from the rows above.
     ("deit_l16_v4_32", "largest on v4-32? DeiT L/16 (batch 1024)", "configs/vit_i1k.py:variant=B/16", "v4:2x2x4",
-     FSDP + SCAN + ["--set=model.variant=L/16"]),
+     FSDP + SCAN + ["--set=model.variant=L/16", "--config.eval_batch_size=1024"]),
     ("mae_l16_v5e_16", "largest on v5e-16? MAE L/16 (batch 4096)", "configs/mae_b16.py:variant=L/16", "v5e:4x4",
      FSDP + SCAN),
     ("mae_g14_v5p_128", "largest on v5p-128? MAE g/14 (batch 4096)", "configs/mae_b16.py:variant=H/14",
@@ -77,8 +79,8 @@ def run_row(name, config, topology, flags, timeout):
 
 def markdown(results):
     """Returns the markdown table of the rows' reports."""
-    lines = ["| run | topology (chips) | mesh d/f/m | memory per chip (GB) | HBM (GB) | fits | all-gather / "
-             "reduce-scatter / all-reduce / permute (GB per chip) | TFLOP per chip | step >= (ms) | bound | "
+    lines = ["| run | topology (devices) | mesh d/f/m | memory per device (GB) | HBM per device (GB) | fits | all-gather / "
+             "reduce-scatter / all-reduce / permute (GB per device) | TFLOP per device | step >= (ms) | bound | "
              "MFU ceiling |",
              "|---|---|---|---:|---:|---|---|---:|---:|---|---:|"]
     for name, description, _, topology, _ in ROWS:
@@ -88,7 +90,7 @@ def markdown(results):
         if "out_of_memory" in report:
             mesh = report["mesh"]
             needed = f"{report['total_bytes'] / 1e9:.1f} (temporaries)" if report.get("total_bytes") else "?"
-            lines.append(f"| {description} | {topology} ({report['chips']}) | {mesh['data']}/{mesh['fsdp']}/"
+            lines.append(f"| {description} | {topology} ({report.get('devices', report.get('chips'))}) | {mesh['data']}/{mesh['fsdp']}/"
                          f"{mesh['model']} | {needed} | {report['hbm_bytes'] / 1e9:.1f} | **no** (compiler: out of "
                          f"HBM) | | | | | |")
             continue
@@ -98,7 +100,7 @@ def markdown(results):
         mesh = report["mesh"]
         c = report["collectives"]
         lines.append(
-            f"| {description} | {topology} ({report['chips']}) | {mesh['data']}/{mesh['fsdp']}/{mesh['model']} | "
+            f"| {description} | {topology} ({report.get('devices', report.get('chips'))}) | {mesh['data']}/{mesh['fsdp']}/{mesh['model']} | "
             f"{report['total_bytes'] / 1e9:.1f} | {report['hbm_bytes'] / 1e9:.1f} | "
             f"{'yes' if report['fits'] else '**no**'} | {c['all-gather'] / 1e9:.2f} / {c['reduce-scatter'] / 1e9:.2f}"
             f" / {c['all-reduce'] / 1e9:.2f} / {c['collective-permute'] / 1e9:.2f} | {report['flops'] / 1e12:.1f} | "

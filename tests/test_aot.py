@@ -122,4 +122,4 @@ def test_cli_reports_per_chip_figures(capsys):
         "--config=configs/vit_i1k.py:runlocal", "--topology=v5e:2x2", "--set=batch_size=16"])
     text = capsys.readouterr().out
     assert "fits" in text and "MFU ceiling" in text and "all-gather" in text
-    assert report["chips"] == 4 and report["fits"] and report["total_bytes"] < 1e9
+    assert report["devices"] == 4 and report["fits"] and report["total_bytes"] < 1e9

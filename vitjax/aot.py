@@ -74,13 +74,25 @@ def topology_devices(topology: str) -> List[Any]:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     # Compiling needs no TPU to own: let several processes (pytest -n 2, parallel users) load libtpu.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax
+    from jax.experimental import topologies
     try:
-        from jax.experimental import topologies
         description = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except jax.errors.JaxRuntimeError as error:
+        if "INVALID_ARGUMENT" in str(error):
+            raise ValueError(f"libtpu does not know the topology {topology!r}: {str(error).splitlines()[0]}; "
+                             f"valid examples: {', '.join(TOPOLOGY_EXAMPLES)}") from error
+        raise
     except (ImportError, RuntimeError) as error:
         raise RuntimeError(f"Cannot describe TPU topology {topology!r} ({type(error).__name__}: {error}). "
                            "Install the TPU compiler with `pip install -e \".[aot]\"` (libtpu matching jax).") from error
     return list(description.devices)
+
+
+def devices_per_chip(topology: str, num_devices: int) -> int:
+    """Returns how many JAX devices one chip of `topology` shows: 2 for v4 described per TensorCore, else 1."""
+    chips = math.prod(int(size) for size in topology.partition(":")[2].split("x"))
+    return max(1, num_devices // chips)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,7 +105,7 @@ _SHAPE = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True
 # Computations start unindented ("ENTRY %main (...) -> ... {", "%fused_computation.3 (...) -> ... {").
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
-_CALLED = re.compile(r"\b(?:body|calls|to_apply|condition|branch_computations|async_execution_thread)=\{?%?([\w.\-, %]+)\}?")
+_CALLED = re.compile(r"\b(?:body|calls|to_apply|condition|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
@@ -127,6 +139,30 @@ def _parse_computations(hlo_text: str) -> Tuple[Optional[str], Dict[str, List[Tu
             name = line.split("=", 1)[0].strip().removeprefix("ROOT").strip()
             computations[current].append((name,) + instruction.groups())
     return entry, computations
+
+
+def _trip_count(while_rest: str, computations) -> int:
+    """Returns a while loop's trip count: XLA's known_trip_count, else `counter < constant` in its condition.
+
+    The second form is what `nn.scan` / `lax.scan` compile to on TPU (a counter from 0, compared LT with
+    the length); a loop of any other shape counts once.
+    """
+    trip = _TRIP_COUNT.search(while_rest)
+    if trip:
+        return int(trip.group(1))
+    condition = re.search(r"\bcondition=%?([\w.\-]+)", while_rest)
+    lines = computations.get(condition.group(1), []) if condition else []
+    constants = {}
+    for name, result, opcode, rest in lines:
+        value = re.match(r"(\d+)\)", rest)
+        if opcode == "constant" and result.startswith("s32[]") and value:
+            constants[name.lstrip("%")] = int(value.group(1))
+    for name, result, opcode, rest in lines:
+        if opcode == "compare" and "direction=LT" in rest:
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            if len(operands) == 2 and operands[1] in constants:
+                return constants[operands[1]]
+    return 1
 
 
 def collective_bytes(hlo_text: str) -> Dict[str, float]:
@@ -166,8 +202,7 @@ def collective_bytes(hlo_text: str) -> Dict[str, float]:
                 found[key] = (kind, max(found.get(key, (kind, 0.0))[1], float(sum(sizes))))
             repeat = 1
             if opcode == "while":
-                trip = _TRIP_COUNT.search(rest)
-                repeat = int(trip.group(1)) if trip else 1
+                repeat = _trip_count(rest, computations)
             for called in _CALLED.findall(rest):
                 for callee in re.split(r"[,\s%]+", called):
                     if callee and callee in computations and callee != name:
@@ -224,6 +259,7 @@ class Compiled:
     global_batch: int
     compile_seconds: float
     out_of_memory: Optional[str] = None   # the compiler's message when the step does not fit in HBM
+    unrolled_flops: Optional[float] = None  # FLOPs of the whole step with the blocks unrolled (scan models)
 
 
 def compile_train_step(config, topology: str, *, image_size: Optional[int] = None) -> Compiled:
@@ -234,7 +270,6 @@ def compile_train_step(config, topology: str, *, image_size: Optional[int] = Non
     """
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
     from vitjax import parallel, train
     from vitjax.data import mixup
@@ -269,16 +304,58 @@ def compile_train_step(config, topology: str, *, image_size: Optional[int] = Non
                 if "RESOURCE_EXHAUSTED" not in str(error):
                     raise
                 compiled, out_of_memory = None, str(error).strip().splitlines()[0]
-    del jnp
+    compile_seconds = time.time() - start
+    # XLA's cost analysis counts a loop body once: with the blocks under nn.scan, the step's FLOPs come
+    # from the same step unrolled, lowered (not compiled) for one CPU device, split over the devices.
+    unrolled_flops = (_unrolled_step_flops(config, example_batch, total_steps, steps_per_epoch)
+                      if config.model.get("scan") else None)
+    per_chip = devices_per_chip(topology, len(devices))
+    if per_chip > 1:
+        # libtpu describes v4 per TensorCore (no megacore): each device holds half a chip's HBM and FLOP/s.
+        chip = dataclasses.replace(
+            chip, name=f"{chip.name} TensorCore", peak_bf16_flops=chip.peak_bf16_flops / per_chip,
+            hbm_bytes=chip.hbm_bytes / per_chip, hbm_bytes_per_s=chip.hbm_bytes_per_s / per_chip,
+            ici_bytes_per_s=chip.ici_bytes_per_s / per_chip,
+            source=chip.source + f"; the topology shows {per_chip} devices per chip: figures / {per_chip}")
     return Compiled(compiled=compiled, setup=setup, chip=chip, topology=topology, mesh_shape=dict(mesh.shape),
-                    global_batch=int(config.batch_size), compile_seconds=time.time() - start,
-                    out_of_memory=out_of_memory)
+                    global_batch=int(config.batch_size), compile_seconds=compile_seconds,
+                    out_of_memory=out_of_memory, unrolled_flops=unrolled_flops)
+
+
+def _unrolled_step_flops(config, example_batch, total_steps, steps_per_epoch) -> float:
+    """Returns the FLOPs of one whole train step (all devices) of `config` with model.scan off, from XLA's
+    cost analysis of the step lowered for one CPU device (lowering only: seconds, whatever the depth)."""
+    import flax.linen as nn
+    import jax
+
+    from vitjax import objectives as objectives_lib
+    from vitjax import parallel, train
+    from vitjax.data import mixup
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.scan = False
+    unrolled_objective = objectives_lib.create(unrolled.objective, unrolled)
+    mesh = parallel.create_mesh({"data": 1, "fsdp": 1, "model": 1}, devices=jax.devices("cpu")[:1])
+    with common_target(None):
+        setup = train.create_train_setup(unrolled, unrolled_objective, mesh, example_batch, total_steps=total_steps,
+                                         steps_per_epoch=steps_per_epoch)
+        batch = {key: jax.ShapeDtypeStruct((config.batch_size,) + value.shape[1:], value.dtype)
+                 for key, value in example_batch.items()}
+        with parallel.use_mesh(mesh), nn.logical_axis_rules(setup.rules):
+            transform = mixup.make_batch_transform(unrolled.input, unrolled_objective.num_classes or _NOMINAL_CLASSES)
+            lowered = train.jit_train_step(setup, transform).trace(setup.abstract_state, batch).lower()
+    return float((lowered.cost_analysis() or {}).get("flops", 0.0))
+
+
+def common_target(platform):
+    """Returns kernels.common.target_platform(platform) (imported late: jax loads only when compiling)."""
+    from vitjax.kernels import common
+    return common.target_platform(platform)
 
 
 def analyse(result: Compiled) -> Dict[str, Any]:
     """Returns the per-chip figures of a compiled step: memory, fit, FLOPs, collective bytes, time bound, MFU."""
     compiled, chip = result.compiled, result.chip
-    common = dict(topology=result.topology, chip=chip.name, chips=int(math.prod(result.mesh_shape.values())),
+    common = dict(topology=result.topology, chip=chip.name, devices=int(math.prod(result.mesh_shape.values())),
                   mesh=result.mesh_shape, global_batch=result.global_batch, hbm_bytes=chip.hbm_bytes,
                   compile_seconds=result.compile_seconds, chip_source=chip.source)
     if compiled is None:
@@ -298,6 +375,14 @@ def analyse(result: Compiled) -> Dict[str, Any]:
     total = argument + output - alias + temp + code
     flops = float(cost.get("flops", 0.0))
     hbm_bytes = float(cost.get("bytes accessed", 0.0))
+    flops_source = "XLA cost analysis of the compiled per-device program"
+    if result.unrolled_flops:
+        devices = math.prod(result.mesh_shape.values())
+        flops = result.unrolled_flops / devices
+        # The compiled traffic counts each loop body once: less than the true traffic, so the time it gives
+        # is still a lower bound (a looser one).
+        flops_source = ("FLOPs: the unrolled step's / devices; HBM traffic: the scanned program's, loop bodies "
+                        "counted once (a lower bound)")
     collectives = collective_bytes(compiled.as_text())
     largest_group = max(size for name, size in result.mesh_shape.items()) if result.mesh_shape else 1
     compute_s = flops / chip.peak_bf16_flops
@@ -310,7 +395,7 @@ def analyse(result: Compiled) -> Dict[str, Any]:
         flops=flops, hbm_bytes_accessed=hbm_bytes, collectives=collectives,
         compute_seconds=compute_s, hbm_seconds=hbm_s, ici_seconds=ici_s, step_seconds_lower_bound=bound,
         bound_by=max((("compute", compute_s), ("HBM", hbm_s), ("ICI", ici_s)), key=lambda item: item[1])[0],
-        mfu_ceiling=compute_s / bound if bound > 0 else 0.0)
+        mfu_ceiling=compute_s / bound if bound > 0 else 0.0, flops_source=flops_source)
 
 
 def _gb(value: float) -> str:
@@ -320,20 +405,21 @@ def _gb(value: float) -> str:
 def format_report(report: Dict[str, Any]) -> str:
     """Returns the per-chip report as printed by the command line."""
     if "out_of_memory" in report:
-        return (f"topology {report['topology']} ({report['chips']} chips), mesh {report['mesh']}, global batch "
-                f"{report['global_batch']}\nper chip: DOES NOT FIT in {_gb(report['hbm_bytes'])} HBM; the TPU "
+        return (f"topology {report['topology']} ({report['devices']} devices), mesh {report['mesh']}, global batch "
+                f"{report['global_batch']}\nper device ({report['chip']}): DOES NOT FIT in {_gb(report['hbm_bytes'])} HBM; the TPU "
                 f"compiler says: {report['out_of_memory']}\n  chip figures: {report['chip_source']}")
     collectives = report["collectives"]
     lines = [
-        f"topology {report['topology']} ({report['chips']} chips), mesh {report['mesh']}, global batch "
+        f"topology {report['topology']} ({report['devices']} devices), mesh {report['mesh']}, global batch "
         f"{report['global_batch']}; compiled in {report['compile_seconds']:.1f} s",
-        "per chip:",
+        f"per device ({report['chip']}):",
         f"  memory     arguments {_gb(report['argument_bytes'])}, outputs {_gb(report['output_bytes'])} "
         f"(aliased {_gb(report['alias_bytes'])}), temporaries {_gb(report['temp_bytes'])}, code "
         f"{_gb(report['code_bytes'])}",
         f"             total {_gb(report['total_bytes'])} of {_gb(report['hbm_bytes'])} HBM: "
         + ("fits" if report["fits"] else "DOES NOT FIT"),
-        f"  compute    {report['flops'] / 1e12:.3f} TFLOP per step; HBM traffic {_gb(report['hbm_bytes_accessed'])}",
+        f"  compute    {report['flops'] / 1e12:.3f} TFLOP per step; HBM traffic {_gb(report['hbm_bytes_accessed'])} "
+        f"({report['flops_source']})",
         "  collectives " + ", ".join(f"{kind} {_gb(collectives[kind])}" for kind in COLLECTIVES),
         f"  time bound compute {1e3 * report['compute_seconds']:.2f} ms, HBM {1e3 * report['hbm_seconds']:.2f} ms, "
         f"ICI {1e3 * report['ici_seconds']:.2f} ms -> step >= {1e3 * report['step_seconds_lower_bound']:.2f} ms "
@@ -341,6 +427,37 @@ def format_report(report: Dict[str, Any]) -> str:
         f"  chip figures: {report['chip_source']}",
     ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# One function on one chip (the kernels' compile table)
+# ------------------------------------------------------------------------------------------------
+def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
+    """Returns {"ok", "seconds", "temp_bytes", "error"} of jit(function) compiled for one chip of `topology`.
+
+    `abstract_args` are ShapeDtypeStructs; Pallas kernels inside lower with Mosaic (not interpret mode).
+    A compiler error is returned (its first line), not raised: the kernels' table records what fails.
+    """
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from vitjax.kernels import common
+    device = topology_devices(topology)[0]
+    placed = [jax.ShapeDtypeStruct(arg.shape, arg.dtype, sharding=SingleDeviceSharding(device))
+              for arg in abstract_args]
+    start = time.time()
+    with common.target_platform("tpu"):
+        try:
+            compiled = jax.jit(function).trace(*placed).lower().compile()
+        except Exception as error:  # noqa: BLE001 - any compiler refusal is a row of the table
+            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+            detail = next((line for line in lines if "VMEM" in line or "vmem" in line), "")
+            message = f"{type(error).__name__}: {lines[0] if lines else ''}"
+            if detail and detail not in message:
+                message += f" ({detail})"
+            return dict(ok=False, seconds=time.time() - start, error=message[:400])
+    memory = compiled.memory_analysis()
+    return dict(ok=True, seconds=time.time() - start, temp_bytes=float(memory.temp_size_in_bytes), error=None)
 
 
 # ------------------------------------------------------------------------------------------------

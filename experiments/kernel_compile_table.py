@@ -1,0 +1,132 @@
+r"""The Pallas kernels compiled for real TPUs (v4, v5e, v5p) on this CPU host, and what the dispatcher allows.
+
+    python experiments/kernel_compile_table.py --out experiments/out      # every case, about 10 minutes
+    python experiments/kernel_compile_table.py --quick --out /tmp         # one head dim per dtype
+
+Each case is the attention kernel's forward and backward (`jax.grad` through `flash_attention`), or the
+ToMe merge kernel's forward, compiled with Mosaic by the TPU compiler in libtpu (`vitjax.aot.compile_on_chip`,
+one chip of the topology; needs the `aot` extra). Next to the outcome stands what the dispatcher says for
+the same operands on a TPU (`dispatch.unsupported_reason("pallas", ...)` / `tome_merge.unsupported_reason`):
+a case the dispatcher allows must compile; one that does not compile must be refused, with its reason.
+Writes experiments/out/kernel_compile_table.{md,json}.
+"""
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from experiment_io import write_outputs  # noqa: E402
+
+from vitjax import aot  # noqa: E402
+from vitjax.kernels import attention, common, dispatch, tome_merge  # noqa: E402
+
+TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1"}
+DTYPES = ("float32", "bfloat16", "float16")
+BATCH, HEADS = 2, 2
+
+
+def attention_case(dtype, length, head_dim, bias_kind):
+    """Returns (loss function, abstract args, dispatcher's reason or None) of one attention case."""
+    token = jax.ShapeDtypeStruct((BATCH, length, HEADS, head_dim), jnp.dtype(dtype))
+    args = [token, token, token]
+    if bias_kind == "full":
+        args.append(jax.ShapeDtypeStruct((1, HEADS, length, length), jnp.float32))
+    elif bias_kind == "key":
+        args.append(jax.ShapeDtypeStruct((BATCH, length), jnp.float32))
+
+    def attend(q, k, v, *extra):
+        bias = extra[0] if bias_kind == "full" else None
+        key_bias = extra[0] if bias_kind == "key" else None
+        return attention.flash_attention(q, k, v, bias=bias, key_bias=key_bias)
+
+    def loss(*operands):
+        return attend(*operands).astype(jnp.float32).sum()
+
+    function = jax.grad(loss, argnums=tuple(range(len(args))))
+    zeros = [jnp.zeros(arg.shape, arg.dtype) for arg in args[:3]]
+    extra = args[3:]
+    with common.target_platform("tpu"):
+        reason = dispatch.unsupported_reason(
+            "pallas", *[jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros],
+            bias=extra[0] if bias_kind == "full" else None, key_bias=extra[0] if bias_kind == "key" else None)
+    return function, args, reason
+
+
+def merge_case(dtype, tokens, channels=384, r=16):
+    """Returns (merge function, abstract args, dispatcher's reason or None) of one ToMe merge case."""
+    x = jax.ShapeDtypeStruct((BATCH, tokens, channels), jnp.dtype(dtype))
+    metric = jax.ShapeDtypeStruct((BATCH, tokens, 64), jnp.dtype(dtype))
+    sizes = jax.ShapeDtypeStruct((BATCH, tokens), jnp.float32)
+
+    def function(x, metric, sizes):
+        return tome_merge.merge_pallas(x, metric, sizes, r)
+
+    with common.target_platform("tpu"):
+        reason = tome_merge.unsupported_reason(x, metric)
+    return function, [x, metric, sizes], reason
+
+
+def cases(quick: bool):
+    """Yields (kernel, settings dict, builder) for every case of the table."""
+    head_dims = (64,) if quick else (64, 128, 256)
+    for dtype, head_dim, bias_kind in itertools.product(DTYPES, head_dims, ("none", "full", "key")):
+        settings = dict(dtype=dtype, length=197, head_dim=head_dim, bias=bias_kind)
+        yield "attention fwd+bwd", settings, lambda s=settings: attention_case(s["dtype"], s["length"], s["head_dim"],
+                                                                               s["bias"])
+    for length, bias_kind in itertools.product((4096, 8192, 16384), ("none", "full")):
+        settings = dict(dtype="bfloat16", length=length, head_dim=64, bias=bias_kind)
+        yield "attention fwd+bwd", settings, lambda s=settings: attention_case(s["dtype"], s["length"], s["head_dim"],
+                                                                               s["bias"])
+    for dtype, tokens in itertools.product(DTYPES, (197, 577)):
+        settings = dict(dtype=dtype, length=tokens, head_dim="", bias="")
+        yield "ToMe merge", settings, lambda s=settings: merge_case(s["dtype"], s["length"])
+
+
+def markdown(rows):
+    """Returns the table: one line per case, one column per TPU generation."""
+    lines = ["| kernel | dtype | N | head dim | bias | dispatcher on TPU | " + " | ".join(TOPOLOGIES) + " |",
+             "|---|---|---:|---:|---|---|" + "---|" * len(TOPOLOGIES)]
+    for row in rows:
+        cells = []
+        for generation in TOPOLOGIES:
+            result = row["results"][generation]
+            cells.append(f"ok ({result['seconds']:.0f} s)" if result["ok"] else f"**fails**: {result['error'][:160]}")
+        allowed = "allows" if row["dispatcher"] is None else f"refuses: {row['dispatcher'][:120]}"
+        lines.append(f"| {row['kernel']} | {row['dtype']} | {row['length']} | {row['head_dim']} | {row['bias']} | "
+                     f"{allowed} | " + " | ".join(cells) + " |")
+    broken = [row for row in rows if row["dispatcher"] is None
+              and not all(result["ok"] for result in row["results"].values())]
+    lines.append("")
+    lines.append(f"Cases the dispatcher allows that fail to compile: {len(broken)} of {len(rows)}.")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stem", default="kernel_compile_table")
+    args = parser.parse_args()
+    rows = []
+    start = time.time()
+    for kernel, settings, build in cases(args.quick):
+        function, abstract_args, reason = build()
+        row = dict(kernel=kernel, **settings, dispatcher=reason, results={})
+        for generation, topology in TOPOLOGIES.items():
+            row["results"][generation] = aot.compile_on_chip(function, abstract_args, topology)
+        rows.append(row)
+        print(kernel, settings, "dispatcher:", reason, {g: (r["ok"], r["error"] and r["error"][:80])
+                                                        for g, r in row["results"].items()}, flush=True)
+    table = markdown(rows)
+    print(table)
+    print(f"{len(rows) * len(TOPOLOGIES)} compiles in {time.time() - start:.0f} s")
+    write_outputs(args.out, args.stem, table, rows)
+
+
+if __name__ == "__main__":
+    main()
