@@ -284,7 +284,7 @@ def compile_train_step(config, topology: str, *, image_size: Optional[int] = Non
     examples = {"image": np.zeros((1, height, width, channels), np.float32), "label": np.zeros((1,), np.int32)}
     example_batch = {key: examples[key] for key in objective.batch_keys}
     total_steps, steps_per_epoch = train.steps_from_config(config, _NOMINAL_TRAIN_EXAMPLES)
-    with common.target_platform("tpu"):
+    with common.target_platform("tpu", devices[0].device_kind):
         setup = train.create_train_setup(config, objective, mesh, example_batch, total_steps=total_steps,
                                          steps_per_epoch=steps_per_epoch)
         batch = {key: jax.ShapeDtypeStruct((config.batch_size,) + value.shape[1:], value.dtype,
@@ -446,7 +446,7 @@ def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
     placed = [jax.ShapeDtypeStruct(arg.shape, arg.dtype, sharding=SingleDeviceSharding(device))
               for arg in abstract_args]
     start = time.time()
-    with common.target_platform("tpu"):
+    with common.target_platform("tpu", device.device_kind):
         try:
             compiled = jax.jit(function).trace(*placed).lower().compile()
         except Exception as error:  # noqa: BLE001 - any compiler refusal is a row of the table

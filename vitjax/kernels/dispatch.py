@@ -35,6 +35,9 @@ FUSED_IMPLS = ("cudnn", "pallas")
 # What "auto" tries, per platform, by sequence length: rows (max_length, preferences), first row whose
 # max_length >= max(Nq, Nk) wins (None: any length); within a row the first supported impl is used.
 # Untuned defaults: re-rank from experiments/gpu_report.py (or bench_attention.py) on the target accelerator.
+# GPU (the Hopper plan, README "Speed"): cuDNN's fused attention first, where it takes the call (bf16 /
+# fp16, head dim <= 128); the Pallas Triton kernel (a backend jax 0.11 deprecates) only for what cuDNN
+# refuses in half precision (head dims 129-256, odd lengths with a bias); fp32 goes to XLA.
 AUTO_PREFERENCES = {
     "gpu": ((None, ("cudnn", "pallas", "xla")),),
     # The Mosaic lowering has not been run on a TPU yet; XLA stays the default there until it has.
@@ -178,11 +181,17 @@ def unsupported_reason(impl: str, q, k, v, *, bias=None, key_bias=None, return_l
 
 
 def _preferences(q, k) -> Tuple[str, ...]:
-    """Returns the impls "auto" tries, in order, for this platform and sequence length; "xla" last."""
+    """Returns the impls "auto" tries, in order, for this platform, dtype and sequence length; "xla" last."""
     length = max(q.shape[1], k.shape[1])
-    for max_length, preferences in AUTO_PREFERENCES[_platform()]:
+    platform = _platform()
+    for max_length, preferences in AUTO_PREFERENCES[platform]:
         if max_length is None or length <= max_length:
-            return tuple(preferences) + (() if "xla" in preferences else ("xla",))
+            preferences = tuple(preferences)
+            if platform == "gpu" and jnp.dtype(q.dtype) == jnp.float32:
+                # The Hopper plan: fp32 runs without tensor cores in the Triton kernel (register spills,
+                # ~25 s compiles in the issue-18 review); XLA's fp32 attention is the better default.
+                preferences = tuple(impl for impl in preferences if impl != "pallas")
+            return preferences + (() if "xla" in preferences else ("xla",))
     return ("xla",)
 
 
