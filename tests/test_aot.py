@@ -2,6 +2,7 @@
 import importlib.util
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -123,3 +124,48 @@ def test_cli_reports_per_chip_figures(capsys):
     text = capsys.readouterr().out
     assert "fits" in text and "MFU ceiling" in text and "all-gather" in text
     assert report["devices"] == 4 and report["fits"] and report["total_bytes"] < 1e9
+
+
+def _attention_operands(dtype, length, head_dim=64, bias=False):
+    token = jax.ShapeDtypeStruct((2, length, 2, head_dim), jnp.dtype(dtype))
+    return [token, token, token], (jax.ShapeDtypeStruct((1, 2, length, length), jnp.float32) if bias else None)
+
+
+def test_dispatcher_refuses_on_tpu_what_mosaic_cannot_compile():
+    from vitjax.kernels import common, dispatch, tome_merge
+    (q, k, v), _ = _attention_operands("float16", 197)
+    with common.target_platform("tpu", "TPU v5 lite"):
+        assert "Invalid vector type" in dispatch.unsupported_reason("pallas", q, k, v)
+        assert "bfloat16" in tome_merge.unsupported_reason(jax.ShapeDtypeStruct((2, 197, 64), jnp.float16), None)
+        assert dispatch.choose_impl(q, k, v) == "xla"
+    with common.target_platform(None):  # interpret mode on this CPU still runs fp16
+        assert dispatch.unsupported_reason("pallas", q, k, v) is None
+    (q, k, v), bias = _attention_operands("bfloat16", 16384, bias=True)
+    with common.target_platform("tpu", "TPU v4"):
+        reason = dispatch.unsupported_reason("pallas", q, k, v, bias=bias)
+        assert "80.2 MiB of VMEM" in reason and "TPU v4" in reason
+    with common.target_platform("tpu", "TPU v5 lite"):  # 128 MiB of VMEM, now allowed to the kernel
+        assert dispatch.unsupported_reason("pallas", q, k, v, bias=bias) is None
+    # The estimate against the TPU compiler's own figures (kernel_compile_table: "Used X of 16.00M vmem").
+    from vitjax.kernels import attention
+    for length, has_bias, measured in ((4096, True, 20.62), (8192, False, 24.63), (16384, True, 80.41)):
+        estimate = attention.mosaic_vmem_bytes(length, length, 64, jnp.bfloat16, bias=has_bias, key_bias=False)
+        assert abs(estimate / 2**20 - measured) < 1.0, (length, has_bias, estimate / 2**20)
+
+
+@needs_libtpu
+def test_pallas_attention_forward_and_backward_compile_for_tpu(monkeypatch):
+    from vitjax.kernels import attention, common
+
+    def loss(q, k, v, bias):
+        return attention.flash_attention(q, k, v, bias=bias).astype(jnp.float32).sum()
+
+    (q, k, v), bias = _attention_operands("bfloat16", 197, bias=True)
+    for topology in ("v4:2x2x1", "v5e:2x2"):
+        result = aot.compile_on_chip(jax.grad(loss, argnums=(0, 1, 2, 3)), [q, k, v, bias], topology)
+        assert result["ok"], (topology, result["error"])
+    # What the dispatcher refuses, and rightly: without the check the TPU compiler fails on it.
+    monkeypatch.setattr(common, "dtype_unsupported_reason", lambda *args, **kwargs: None)
+    (q, k, v), _ = _attention_operands("float16", 197)
+    failed = aot.compile_on_chip(attention.flash_attention, [q, k, v], "v5e:2x2")
+    assert not failed["ok"] and "Invalid vector type" in failed["error"]
