@@ -38,6 +38,9 @@ setup(
         "convert": ["torch", "safetensors"],
         # The notebooks in colabs/ (plots).
         "colab": ["matplotlib"],
+        # `python -m vitjax.aot`: the TPU compiler (libtpu) matching the installed jax, to compile train
+        # steps and Pallas kernels for TPU topologies on any host; never imported by `import vitjax`.
+        "aot": ["jax[tpu]>=0.10.2"],
         "test": [
             "pytest",
             "pytest-xdist",
