@@ -117,13 +117,23 @@ def test_fsdp_step_on_v5e_2x2_shards_every_large_leaf_and_gathers_params_once_pe
 
 
 @needs_libtpu
-def test_cli_reports_per_chip_figures(capsys):
+def test_cli_reports_per_chip_figures_with_the_pallas_kernel(capsys, tmp_path, monkeypatch):
+    """The trainer's step with attention_impl=pallas: the kernel lowers with Mosaic (not interpret mode)."""
+    from jax._src import stages
+    texts = []
+    compile_original = stages.Lowered.compile
+    monkeypatch.setattr(stages.Lowered, "compile",
+                        lambda self, *args, **kwargs: texts.append(self.as_text()) or compile_original(self, *args,
+                                                                                                          **kwargs))
     from vitjax import cli
     report = cli.cli("vitjax.aot", aot.define_flags, aot.run, [
-        "--config=configs/vit_i1k.py:runlocal", "--topology=v5e:2x2", "--set=batch_size=16"])
+        "--config=configs/vit_i1k.py:runlocal", "--topology=v5e:2x2", "--set=batch_size=16",
+        "--set=model.attention_impl=pallas", "--json=" + str(tmp_path / "report.json")])
     text = capsys.readouterr().out
     assert "fits" in text and "MFU ceiling" in text and "all-gather" in text
     assert report["devices"] == 4 and report["fits"] and report["total_bytes"] < 1e9
+    assert texts and "tpu_custom_call" in texts[-1]
+    assert (tmp_path / "report.json").exists()
 
 
 def _attention_operands(dtype, length, head_dim=64, bias=False):
