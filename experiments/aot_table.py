@@ -45,11 +45,11 @@ ROWS = [
      FSDP + SCAN + ["--set=model.variant=g/14", "--config.batch_size=4096",
                                                "--config.eval_batch_size=4096"]),
     # Largest ViT at the same batch on each topology: the next size up from the rows above.
-    ("deit_l16_v4_32", "largest on v4-32? DeiT L/16 (batch 1024)", "configs/vit_i1k.py:variant=B/16", "v4:2x2x4",
+    ("deit_l16_v4_32", "larger? DeiT L/16 (batch 1024)", "configs/vit_i1k.py:variant=B/16", "v4:2x2x4",
      FSDP + SCAN + ["--set=model.variant=L/16", "--config.eval_batch_size=1024"]),
-    ("mae_l16_v5e_16", "largest on v5e-16? MAE L/16 (batch 4096)", "configs/mae_b16.py:variant=L/16", "v5e:4x4",
+    ("mae_l16_v5e_16", "larger? MAE L/16 (batch 4096)", "configs/mae_b16.py:variant=L/16", "v5e:4x4",
      FSDP + SCAN),
-    ("mae_g14_v5p_128", "largest on v5p-128? MAE g/14 (batch 4096)", "configs/mae_b16.py:variant=H/14",
+    ("mae_g14_v5p_128", "larger? MAE g/14 (batch 4096), FSDP", "configs/mae_b16.py:variant=H/14",
      "v5p:4x4x4", FSDP + SCAN + ["--set=model.variant=g/14"]),
 ]
 
