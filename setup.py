@@ -45,6 +45,9 @@ setup(
         "colab": ["matplotlib"],
         # SigLIP's tokenizer (vitjax.text.tokenizer("sentencepiece", model_file=...)).
         "text": ["sentencepiece>=0.2.3"],
+        # `python -m vitjax.aot`: the TPU compiler (libtpu) matching the installed jax, to compile train
+        # steps and Pallas kernels for TPU topologies on any host; never imported by `import vitjax`.
+        "aot": ["jax[tpu]>=0.10.2"],
         "test": [
             "pytest",
             "pytest-xdist",

@@ -13,7 +13,8 @@ on; a cell that would not fit its section's time, as long as the longest cell so
 1. attention: per N = 197, 577, 1025 (B=128 x 12 heads, ViT-B; head dim 64; bf16): pallas, cudnn, xla, forward
    and forward+backward: ms, TFLOP/s and % of the chip's dense bf16 peak (FLOPs: 4BHN^2D forward, 3.5x that
    forward+backward, the FlashAttention-2 count; `bench_attention.bench_kernel_cell`), and the max relative
-   error of each against xla (a 4-image slice).
+   error of each against xla (a 4-image slice). Then the cells the Hopper plan (README) still needs shown
+   on hardware: N = 577 at head dim 128 (pallas vs cudnn) and in fp32 (pallas vs xla).
 2. ViT-B/16 supervised train step (the trainer's own jitted step: forward, backward, AdamW), 224 px, batch
    256, bf16 compute, fp32 master weights, attention_impl xla / pallas / cudnn: images/s and MFU (model
    FLOPs = the analytic 3x forward count, multiply-add = 2; XLA's cost-analysis count of the compiled step
@@ -78,7 +79,11 @@ FIRST_CELL_SECONDS = {"attention": 15.0, "train": 45.0, "mae": 45.0, "tome": 20.
 # kernel, then cuDNN, then XLA (the slowest to run at N=1025, and the least in doubt).
 FULL = dict(
     attention=dict(n=(197, 577, 1025), batch=128, heads=12, head_dim=64, dtype="bfloat16",
-                   impls=("pallas", "cudnn", "xla"), warmup=2, iters=5, repeats=5),
+                   impls=("pallas", "cudnn", "xla"), warmup=2, iters=5, repeats=5,
+                   # The Hopper plan (README, "Pod scale and hardware readiness") to confirm on the GPU: cuDNN
+                   # ahead of the Pallas Triton kernel at head dim 128, and XLA ahead of it in fp32 (where
+                   # `auto` now sends fp32). (N, head dim, dtype, impls), run after the cells above.
+                   extra=((577, 128, "bfloat16", ("pallas", "cudnn")), (577, 64, "float32", ("pallas", "xla")))),
     # "gpu": bench_mae.GPU_RECIPE (ViT-B/16, 224 px, batch 256, bf16; MAE decoder 512 x 8).
     train=dict(recipe="gpu", label="ViT-B/16, 224 px, batch 256, bfloat16", impls=("xla", "pallas", "cudnn"),
                warmup=2, steps=5, repeats=3),
@@ -161,7 +166,12 @@ def section_cells(name: str, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Returns the cells of a section in run order, each with the `setting` and `impl` its row shows."""
     if name == "attention":
         shape = f"B{settings['batch']} H{settings['heads']} D{settings['head_dim']} {settings['dtype']}"
-        return [dict(n=n, impl=impl, setting=f"N={n}, {shape}") for n in settings["n"] for impl in settings["impls"]]
+        cells = [dict(n=n, impl=impl, setting=f"N={n}, {shape}") for n in settings["n"] for impl in settings["impls"]]
+        for n, head_dim, dtype, impls in settings.get("extra", ()):
+            cells += [dict(n=n, impl=impl, head_dim=head_dim, dtype=dtype,
+                           setting=f"N={n}, B{settings['batch']} H{settings['heads']} D{head_dim} {dtype}")
+                      for impl in impls]
+        return cells
     if name == "train":
         setting = f"{settings['label']}: supervised, the trainer's step, bf16 compute, fp32 weights, AdamW"
         return [dict(impl=impl, setting=setting) for impl in settings["impls"]]
@@ -230,16 +240,17 @@ def measure(name: str, cell: Dict[str, Any], settings: Dict[str, Any], peak, cac
     import jax.numpy as jnp
     if name == "attention":
         import bench_attention
-        dtype = jnp.dtype(settings["dtype"])
-        if cache.get("attention_n") != cell["n"]:
+        dtype = jnp.dtype(cell.get("dtype", settings["dtype"]))
+        head_dim = cell.get("head_dim", settings["head_dim"])
+        if cache.get("attention_n") != (cell["n"], head_dim, dtype.name):
             cache.pop("attention_inputs", None)
             free_memory()
             cache["attention_inputs"] = bench_attention.make_inputs(settings["batch"], cell["n"], settings["heads"],
-                                                                    settings["head_dim"], dtype)
-            cache["attention_n"] = cell["n"]
+                                                                    head_dim, dtype)
+            cache["attention_n"] = (cell["n"], head_dim, dtype.name)
         # A failing impl comes back as a record with a (short) "error" rather than raised.
         return bench_attention.bench_kernel_cell(
-            cell["n"], cell["impl"], batch=settings["batch"], heads=settings["heads"], head_dim=settings["head_dim"],
+            cell["n"], cell["impl"], batch=settings["batch"], heads=settings["heads"], head_dim=head_dim,
             dtype=dtype, warmup=settings["warmup"], iters=settings["iters"], repeats=settings["repeats"], peak=peak,
             inputs=cache["attention_inputs"])
     if name in ("train", "mae"):

@@ -38,6 +38,9 @@ LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
 # Past this the (block_q, head_dim) accumulators no longer fit a program's registers / VMEM tiles.
 MAX_HEAD_DIM = 256
+# fp32 tiles are twice as wide in shared memory: past this head dim a Triton program needs more than the
+# 227 KB of an sm_90 SM (the compile-only review of issue 18 measured 295-328 KB for head dims 129-256).
+MAX_TRITON_FP32_HEAD_DIM = 128
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +176,9 @@ def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret) -
             blocks[name] = common.triton_tile(name, blocks[name], kv_len)
         q_len_padded, kv_len_padded = q_len, kv_len
     else:
-        head_dim_padded = common.round_up(head_dim, LANES)
+        # A block may span a whole array dim, so a head dim that is a multiple of the 8 sublanes stays as
+        # it is: padding 64 to 128 lanes doubled every matmul and every q/k/v/dO byte in VMEM.
+        head_dim_padded = head_dim if head_dim % common.SUBLANES == 0 else common.round_up(head_dim, LANES)
         # Key tiles are the lane dimension of the logits, bias and key_bias tiles, so they need 128;
         # query tiles would only need 8 (16 for bf16) sublanes, but the backward transposes
         # (block_q, block_k) tiles, which Mosaic handles best at whole (128, 128) tiles.
@@ -633,15 +638,46 @@ _attention_core.defvjp(_attention_core_forward, _attention_core_backward)
 default_backend = common.default_backend
 
 
-def unsupported_reason(q, k, v, *, bias=None, key_bias=None) -> Optional[str]:
-    """Returns why `flash_attention` cannot take these operands, or None when it can."""
+def mosaic_vmem_bytes(q_len: int, kv_len: int, head_dim: int, dtype, *, bias: bool, key_bias: bool,
+                      block_sizes: Optional[BlockSizes] = None) -> int:
+    """Returns the VMEM bytes the largest of the three Mosaic kernels needs (forward, dK/dV, dQ).
+
+    Each input and output block is double-buffered and lives in (8, 128) tiles; the kernels keep the
+    whole key/value sequence (forward, dQ) or the whole query sequence with its lse and delta (dK/dV)
+    resident. Agrees with the TPU compiler's "Used X of 16.00M vmem" within 0.7 MiB in every failing
+    case of experiments/kernel_compile_table.py.
+    """
+    blocks = block_sizes or BlockSizes()
+    defaults = default_block_sizes("mosaic", head_dim)
+    pick = lambda name: getattr(blocks, name) or getattr(defaults, name)  # noqa: E731
+    lanes = common.round_up(head_dim, LANES)   # VMEM tiles pad the lanes whatever the HBM layout
+    size = jnp.dtype(dtype).itemsize
+    q_blocks = [common.mosaic_tile(n, pick(n), q_len, LANES) for n in ("block_q", "block_q_dkv", "block_q_dq")]
+    k_blocks = [common.mosaic_tile(n, pick(n), kv_len, LANES) for n in ("block_k", "block_k_dkv", "block_k_dq")]
+    q_all = common.round_up(q_len, math.lcm(*q_blocks))
+    k_all = common.round_up(kv_len, math.lcm(*k_blocks))
+    stat = LANES * 4  # an (N, 1) fp32 column of lse / delta fills whole 128-lane rows
+    block_q, block_k_dkv, block_q_dq = q_blocks[0], k_blocks[1], q_blocks[2]
+    forward = (2 * block_q * lanes * size + 2 * k_all * lanes * size + block_q * stat
+               + (block_q * k_all * 4 if bias else 0) + (8 * k_all * 4 if key_bias else 0))
+    dkdv = (2 * q_all * lanes * size + 4 * block_k_dkv * lanes * size + 2 * q_all * stat
+            + (2 * q_all * block_k_dkv * 4 if bias else 0) + (2 * 8 * block_k_dkv * 4 if key_bias else 0))
+    dq = (3 * block_q_dq * lanes * size + 2 * k_all * lanes * size + 2 * block_q_dq * stat
+          + (block_q_dq * k_all * 4 if bias else 0) + (8 * k_all * 4 if key_bias else 0))
+    return 2 * max(forward, dkdv, dq)
+
+
+def unsupported_reason(q, k, v, *, bias=None, key_bias=None, backend: Optional[str] = None,
+                       interpret: Optional[bool] = None) -> Optional[str]:
+    """Returns why `flash_attention` cannot take these operands (compiled as `backend` / `interpret` say,
+    by default the target platform's), or None when it can."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return f"q, k, v must be (batch, length, heads, head_dim), got shapes {q.shape}, {k.shape}, {v.shape}"
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         return f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}"
     if q.dtype != k.dtype or q.dtype != v.dtype:
         return f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
-    dtype_reason = common.dtype_unsupported_reason(q.dtype)
+    dtype_reason = common.dtype_unsupported_reason(q.dtype, backend, interpret)
     if dtype_reason is not None:
         return dtype_reason
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -660,6 +696,20 @@ def unsupported_reason(q, k, v, *, bias=None, key_bias=None) -> Optional[str]:
         kb_shape = (1,) * (2 - key_bias.ndim) + tuple(key_bias.shape)
         if key_bias.ndim > 2 or kb_shape[0] not in (1, batch) or kb_shape[1] != k.shape[1]:
             return f"key_bias must be (batch, Nk) = {(batch, k.shape[1])}, got {key_bias.shape}"
+    triton_compiled = ((common.default_backend() if backend is None else backend) == "triton"
+                       and not (common.platform() == "cpu" if interpret is None else interpret))
+    if triton_compiled and jnp.dtype(q.dtype) == jnp.float32 and q.shape[-1] > MAX_TRITON_FP32_HEAD_DIM:
+        return (f"fp32 with head dim {q.shape[-1]} > {MAX_TRITON_FP32_HEAD_DIM} needs 295-328 KB of shared memory "
+                f"per Triton program on sm_90a, over the 227 KB an H100 has; use bf16 or 'xla'")
+    if common.compiles_for_tpu(backend, interpret):
+        needed = mosaic_vmem_bytes(q_len, k.shape[1], q.shape[-1], q.dtype, bias=bias is not None,
+                                   key_bias=key_bias is not None)
+        budget = common.tpu_vmem_budget()
+        if needed > budget:
+            return (f"Nq={q_len}, Nk={k.shape[1]}{' with a bias' if bias is not None else ''} needs "
+                    f"{needed / 2**20:.1f} MiB of VMEM, over the {budget / 2**20:.1f} MiB of "
+                    f"{common.tpu_device_kind() or 'the smallest TPU (v4)'} (the kernels keep a whole sequence "
+                    f"resident); use 'xla' or shorter sequences")
     return None
 
 
@@ -678,7 +728,7 @@ def flash_attention(q, k, v, *, bias=None, key_bias=None, scale: Optional[float]
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     bias = None if bias is None else jnp.asarray(bias)
     key_bias = None if key_bias is None else jnp.asarray(key_bias)
-    reason = unsupported_reason(q, k, v, bias=bias, key_bias=key_bias)
+    reason = unsupported_reason(q, k, v, bias=bias, key_bias=key_bias, backend=backend, interpret=interpret)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
     batch, q_len, heads, head_dim = q.shape

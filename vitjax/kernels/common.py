@@ -11,7 +11,9 @@ compiled for an accelerator: a numerical check of the kernel, never a fallback a
 measurement. `resolve_backend` logs it once per kernel and process, so a CPU run cannot be mistaken
 for a hardware run.
 """
-from typing import Optional, Tuple
+import contextlib
+import threading
+from typing import Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +30,60 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _BACKEND_PLATFORM = {"triton": "gpu", "mosaic": "tpu"}
 
 _logged_interpret = set()
+# Ahead-of-time compilation for another platform (`vitjax.aot`): the kernels decide as if running there.
+_target = threading.local()
+
+
+@contextlib.contextmanager
+def target_platform(platform: Optional[str], device_kind: Optional[str] = None) -> Iterator[None]:
+    """Returns a context in which the kernels and the dispatcher build for `platform` ("tpu", "gpu"), not the host's.
+
+    Used to compile for a TPU topology from a CPU host: inside it the Pallas kernels lower with Mosaic
+    (not interpret mode) and "auto" follows that platform's preferences. `device_kind` (e.g. "TPU v5 lite")
+    sizes the kernels' VMEM budget; without it the smallest known TPU's is assumed.
+    """
+    if platform not in (None, "cpu", "gpu", "tpu"):
+        raise ValueError(f"Unknown target platform {platform!r}; valid choices: None, 'cpu', 'gpu', 'tpu'")
+    previous = (getattr(_target, "platform", None), getattr(_target, "device_kind", None))
+    _target.platform, _target.device_kind = platform, device_kind
+    try:
+        yield
+    finally:
+        _target.platform, _target.device_kind = previous
+
+
+def platform() -> str:
+    """Returns the platform the kernels build for: the `target_platform` in effect, else jax's default backend."""
+    return getattr(_target, "platform", None) or jax.default_backend()
+
+
+# VMEM per TensorCore, as the TPU compiler reports it (libtpu 0.0.42, `experiments/kernel_compile_table.py`:
+# "Used X of Y vmem" with vmem_limit_bytes raised past it): v4 16 MiB, v5p 64 MiB, v5e more than 80 MB
+# (128 MiB per its docs). The default scoped limit is 16 MiB on v4 and 32 MiB on v5e / v5p.
+TPU_VMEM_BYTES = {"TPU v4": 16 * 2**20, "TPU v5": 64 * 2**20, "TPU v5p": 64 * 2**20, "TPU v5 lite": 128 * 2**20,
+                  "TPU v5e": 128 * 2**20}
+# Room left in VMEM for what a kernel body allocates beyond its double-buffered blocks (Mosaic's internal
+# scratch was under 1 MiB in every case of the compile table).
+VMEM_HEADROOM = 0.85
+
+
+def tpu_device_kind() -> Optional[str]:
+    """Returns the TPU the kernels build for: the target's device kind, else the attached TPU's, else None."""
+    kind = getattr(_target, "device_kind", None)
+    if kind is None and jax.default_backend() == "tpu":
+        kind = jax.devices()[0].device_kind
+    return kind
+
+
+def tpu_vmem_budget() -> int:
+    """Returns the VMEM bytes a Mosaic kernel may use on the target TPU (the smallest known TPU's if unknown)."""
+    physical = TPU_VMEM_BYTES.get(tpu_device_kind() or "", min(TPU_VMEM_BYTES.values()))
+    return int(physical * VMEM_HEADROOM)
 
 
 def default_backend() -> str:
-    """Returns the lowering for the default JAX platform: "mosaic" on a TPU, else "triton"."""
-    return "mosaic" if jax.default_backend() == "tpu" else "triton"
+    """Returns the lowering for the target platform: "mosaic" on a TPU, else "triton"."""
+    return "mosaic" if platform() == "tpu" else "triton"
 
 
 def resolve_backend(kernel: str, backend: Optional[str], interpret: Optional[bool]) -> Tuple[str, bool]:
@@ -44,24 +95,35 @@ def resolve_backend(kernel: str, backend: Optional[str], interpret: Optional[boo
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
-    platform = jax.default_backend()
-    interpret = platform == "cpu" if interpret is None else bool(interpret)
+    target = platform()
+    interpret = target == "cpu" if interpret is None else bool(interpret)
     wanted = _BACKEND_PLATFORM[backend]
     # On a CPU host interpret=False is allowed: it serves cross-lowering (`.lower(lowering_platforms=...)`).
-    if not interpret and platform in _BACKEND_PLATFORM.values() and platform != wanted:
-        valid = [name for name, target in _BACKEND_PLATFORM.items() if target == platform]
+    if not interpret and target in _BACKEND_PLATFORM.values() and target != wanted:
+        valid = [name for name, lowered_for in _BACKEND_PLATFORM.items() if lowered_for == target]
         raise ValueError(f"{kernel}: backend {backend!r} compiles for a {wanted.upper()}, the platform is "
-                         f"{platform}; valid choices here: {valid}, or interpret=True")
+                         f"{target}; valid choices here: {valid}, or interpret=True")
     if interpret and kernel not in _logged_interpret:
         _logged_interpret.add(kernel)
         logging.warning("%s: Pallas interpret mode on %s (%s-flavoured kernel): the same kernel body evaluated "
                         "op by op by XLA, not a fallback; numerics only, its timings say nothing about a "
-                        "GPU or TPU.", kernel, platform, backend)
+                        "GPU or TPU.", kernel, target, backend)
     return backend, interpret
 
 
-def dtype_unsupported_reason(dtype) -> Optional[str]:
-    """Returns why the kernels cannot take `dtype`, or None when it is one of SUPPORTED_DTYPES."""
+def compiles_for_tpu(backend: Optional[str] = None, interpret: Optional[bool] = None) -> bool:
+    """Returns whether a kernel call with these settings (defaults: the target's) is compiled by Mosaic for a TPU."""
+    backend = default_backend() if backend is None else backend
+    interpret = platform() == "cpu" if interpret is None else bool(interpret)
+    return backend == "mosaic" and not interpret
+
+
+def dtype_unsupported_reason(dtype, backend: Optional[str] = None, interpret: Optional[bool] = None) -> Optional[str]:
+    """Returns why the kernels cannot take `dtype` (compiled as `backend` / `interpret` say), or None when they can."""
+    if compiles_for_tpu(backend, interpret) and jnp.dtype(dtype) == jnp.float16:
+        # Measured: TPU v4, v5e and v5p all fail in Mosaic with "Invalid vector type for load" (no fp16
+        # vector loads); bfloat16 is the TPU's half precision.
+        return "float16 does not compile for TPUs (Mosaic: 'Invalid vector type for load'); use bfloat16"
     if any(jnp.dtype(dtype) == supported for supported in SUPPORTED_DTYPES):
         return None
     return f"dtype {jnp.dtype(dtype).name} not supported (valid: float32, bfloat16, float16)"
@@ -115,7 +177,9 @@ def compiler_params(backend: str, grid_rank: int, num_warps: Optional[int] = Non
     if backend == "mosaic":
         from jax.experimental.pallas import tpu as pltpu
         # Every grid axis is independent (no program reads another's output): megacore may split any.
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
+        # The default scoped VMEM limit (32 MiB on v5e / v5p) is below what they have: allow all of it.
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank,
+                                    vmem_limit_bytes=TPU_VMEM_BYTES.get(tpu_device_kind() or ""))
     raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
 
 

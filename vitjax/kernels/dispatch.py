@@ -25,6 +25,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
+from vitjax.kernels import common
 from vitjax.kernels.attention import attention_reference, flash_attention
 from vitjax.kernels.attention import unsupported_reason as pallas_unsupported_reason
 
@@ -34,6 +35,9 @@ FUSED_IMPLS = ("cudnn", "pallas")
 # What "auto" tries, per platform, by sequence length: rows (max_length, preferences), first row whose
 # max_length >= max(Nq, Nk) wins (None: any length); within a row the first supported impl is used.
 # Untuned defaults: re-rank from experiments/gpu_report.py (or bench_attention.py) on the target accelerator.
+# GPU (the Hopper plan, README "Speed"): cuDNN's fused attention first, where it takes the call (bf16 /
+# fp16, head dim <= 128); the Pallas Triton kernel (a backend jax 0.11 deprecates) only for what cuDNN
+# refuses in half precision (head dims 129-256, odd lengths with a bias); fp32 goes to XLA.
 AUTO_PREFERENCES = {
     "gpu": ((None, ("cudnn", "pallas", "xla")),),
     # The Mosaic lowering has not been run on a TPU yet; XLA stays the default there until it has.
@@ -64,14 +68,14 @@ def _log_fallback(chosen: str, skipped: Tuple[Tuple[str, str], ...]) -> None:
 
 
 def _platform() -> str:
-    platform = jax.default_backend()
+    platform = common.platform()
     return platform if platform in AUTO_PREFERENCES else "cpu"
 
 
 def cudnn_unsupported_reason(q, k, v, *, bias=None, key_bias=None, return_lse=False) -> Optional[str]:
     """Returns why the cuDNN path cannot take these operands, or None when it can."""
-    if jax.default_backend() != "gpu":
-        return f"cuDNN needs a CUDA GPU, the platform is {jax.default_backend()}"
+    if common.platform() != "gpu":
+        return f"cuDNN needs a CUDA GPU, the platform is {common.platform()}"
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         return f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}"
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -177,11 +181,17 @@ def unsupported_reason(impl: str, q, k, v, *, bias=None, key_bias=None, return_l
 
 
 def _preferences(q, k) -> Tuple[str, ...]:
-    """Returns the impls "auto" tries, in order, for this platform and sequence length; "xla" last."""
+    """Returns the impls "auto" tries, in order, for this platform, dtype and sequence length; "xla" last."""
     length = max(q.shape[1], k.shape[1])
-    for max_length, preferences in AUTO_PREFERENCES[_platform()]:
+    platform = _platform()
+    for max_length, preferences in AUTO_PREFERENCES[platform]:
         if max_length is None or length <= max_length:
-            return tuple(preferences) + (() if "xla" in preferences else ("xla",))
+            preferences = tuple(preferences)
+            if platform == "gpu" and jnp.dtype(q.dtype) == jnp.float32:
+                # The Hopper plan: fp32 runs without tensor cores in the Triton kernel (register spills,
+                # ~25 s compiles in the issue-18 review); XLA's fp32 attention is the better default.
+                preferences = tuple(impl for impl in preferences if impl != "pallas")
+            return preferences + (() if "xla" in preferences else ("xla",))
     return ("xla",)
 
 

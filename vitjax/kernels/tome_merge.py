@@ -427,10 +427,10 @@ def _merge_call(cfg: _Config, x, metric, sizes):
 default_backend = common.default_backend
 
 
-def unsupported_reason(x, metric, backend: Optional[str] = None) -> Optional[str]:
+def unsupported_reason(x, metric, backend: Optional[str] = None, interpret: Optional[bool] = None) -> Optional[str]:
     """Returns why the Pallas merge cannot take these operands, or None."""
     backend = default_backend() if backend is None else backend
-    dtype_reason = common.dtype_unsupported_reason(x.dtype)
+    dtype_reason = common.dtype_unsupported_reason(x.dtype, backend, interpret)
     if dtype_reason is not None:
         return dtype_reason
     if backend == "triton" and (x.shape[1] + 1) // 2 > _MAX_TRITON_HALF_TOKENS:
@@ -450,7 +450,7 @@ def merge_pallas(x, metric, sizes, r: int, num_protected: int = 1, *, backend: O
     _check(x, metric, sizes, r, num_protected)
     if r == 0:
         return _identity(x, sizes)
-    reason = unsupported_reason(x, metric, backend)
+    reason = unsupported_reason(x, metric, backend, interpret)
     if reason is not None:
         raise ValueError(f"merge_pallas: {reason}")
     cfg = _make_config(x, metric, r, num_protected, backend, interpret, channel_block, out_block, num_warps)

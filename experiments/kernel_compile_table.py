@@ -1,0 +1,161 @@
+r"""The Pallas kernels compiled for real TPUs (v4, v5e, v5p) on this CPU host, and what the dispatcher allows.
+
+    python experiments/kernel_compile_table.py --out experiments/out      # every case, about 10 minutes
+    python experiments/kernel_compile_table.py --quick --out /tmp         # one head dim per dtype
+    python experiments/kernel_compile_table.py --quick --stem kernel_compile_before   # run before the fixes
+
+Each case is the attention kernel's forward and backward (`jax.grad` through `flash_attention`), or the
+ToMe merge kernel's forward, compiled with Mosaic by the TPU compiler in libtpu (`vitjax.aot.compile_on_chip`,
+one chip of the topology; needs the `aot` extra). Next to the outcome stands what the dispatcher says for
+the same operands on a TPU (`dispatch.unsupported_reason("pallas", ...)` / `tome_merge.unsupported_reason`):
+a case the dispatcher allows must compile; one that does not compile must be refused, with its reason.
+Writes experiments/out/kernel_compile_table.{md,json}.
+"""
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from experiment_io import write_outputs  # noqa: E402
+
+from vitjax import aot  # noqa: E402
+from vitjax.kernels import attention, common, dispatch, tome_merge  # noqa: E402
+
+TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1"}
+DEVICE_KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5"}
+DTYPES = ("float32", "bfloat16", "float16")
+BATCH, HEADS = 2, 2
+
+
+def attention_case(dtype, length, head_dim, bias_kind):
+    """Returns (loss function, abstract args, dispatcher's reason or None) of one attention case."""
+    token = jax.ShapeDtypeStruct((BATCH, length, HEADS, head_dim), jnp.dtype(dtype))
+    args = [token, token, token]
+    if bias_kind == "full":
+        args.append(jax.ShapeDtypeStruct((1, HEADS, length, length), jnp.float32))
+    elif bias_kind == "key":
+        args.append(jax.ShapeDtypeStruct((BATCH, length), jnp.float32))
+
+    def attend(q, k, v, *extra):
+        bias = extra[0] if bias_kind == "full" else None
+        key_bias = extra[0] if bias_kind == "key" else None
+        return attention.flash_attention(q, k, v, bias=bias, key_bias=key_bias)
+
+    def loss(*operands):
+        return attend(*operands).astype(jnp.float32).sum()
+
+    function = jax.grad(loss, argnums=tuple(range(len(args))))
+    extra = args[3:]
+
+    def reason(device_kind):
+        with common.target_platform("tpu", device_kind):
+            return dispatch.unsupported_reason(
+                "pallas", *args[:3], bias=extra[0] if bias_kind == "full" else None,
+                key_bias=extra[0] if bias_kind == "key" else None)
+    return function, args, reason
+
+
+def merge_case(dtype, tokens, channels=384, r=16):
+    """Returns (merge function, abstract args, dispatcher's reason or None) of one ToMe merge case."""
+    x = jax.ShapeDtypeStruct((BATCH, tokens, channels), jnp.dtype(dtype))
+    metric = jax.ShapeDtypeStruct((BATCH, tokens, 64), jnp.dtype(dtype))
+    sizes = jax.ShapeDtypeStruct((BATCH, tokens), jnp.float32)
+
+    def function(x, metric, sizes):
+        return tome_merge.merge_pallas(x, metric, sizes, r)
+
+    def reason(device_kind):
+        with common.target_platform("tpu", device_kind):
+            return tome_merge.unsupported_reason(x, metric)
+    return function, [x, metric, sizes], reason
+
+
+def cases(quick: bool):
+    """Yields (kernel, settings dict, builder) for every case of the table."""
+    head_dims = (64,) if quick else (64, 128, 256)
+    for dtype, head_dim, bias_kind in itertools.product(DTYPES, head_dims, ("none", "full", "key")):
+        settings = dict(dtype=dtype, length=197, head_dim=head_dim, bias=bias_kind)
+        yield "attention fwd+bwd", settings, lambda s=settings: attention_case(s["dtype"], s["length"], s["head_dim"],
+                                                                               s["bias"])
+    for length, bias_kind in itertools.product((4096, 8192, 16384), ("none", "full")):
+        settings = dict(dtype="bfloat16", length=length, head_dim=64, bias=bias_kind)
+        yield "attention fwd+bwd", settings, lambda s=settings: attention_case(s["dtype"], s["length"], s["head_dim"],
+                                                                               s["bias"])
+    for dtype, tokens in itertools.product(DTYPES, (197, 577)):
+        settings = dict(dtype=dtype, length=tokens, head_dim="", bias="")
+        yield "ToMe merge", settings, lambda s=settings: merge_case(s["dtype"], s["length"])
+
+
+def markdown(rows):
+    """Returns the table: one line per case, one column per TPU generation."""
+    lines = ["| kernel | dtype | N | head dim | bias | " + " | ".join(TOPOLOGIES) + " |",
+             "|---|---|---:|---:|---|" + "---|" * len(TOPOLOGIES)]
+    allowed = broken = 0
+    for row in rows:
+        cells = []
+        for generation in TOPOLOGIES:
+            result = row["results"][generation]
+            refusal = result.get("dispatcher")
+            compiled = ("" if result["ok"] is None else f"ok ({result['seconds']:.0f} s)" if result["ok"]
+                        else f"**fails**: {result['error'][:110]}")
+            if refusal:
+                # flash_attention / merge_pallas refuse it themselves: only the before-table shows the compiler.
+                cells.append(f"refused: {refusal.split(' (')[0][:70]}")
+            else:
+                allowed += 1
+                broken += not result["ok"]
+                cells.append(compiled)
+        lines.append(f"| {row['kernel']} | {row['dtype']} | {row['length']} | {row['head_dim']} | {row['bias']} | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Cases (kernel x generation) the dispatcher allows: {allowed}; of them fail to compile: {broken}. "
+                 f"Refused: {sum(len(row['results']) for row in rows) - allowed} (not compiled here: the kernels "
+                 "refuse them too; kernel_compile_before.md has the TPU compiler's verdict on them).")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stem", default="kernel_compile_table")
+    parser.add_argument("--redraw", action="store_true", help="rewrite the table from OUT/STEM.json, no compiling")
+    args = parser.parse_args()
+    if args.redraw:
+        import json
+        with open(os.path.join(args.out, args.stem + ".json")) as file:
+            rows = json.load(file)
+        for row in rows:
+            for result in row["results"].values():
+                if result.get("dispatcher"):
+                    result.update(ok=None, error=None)
+        write_outputs(args.out, args.stem, markdown(rows), rows)
+        return
+    rows = []
+    start = time.time()
+    for kernel, settings, build in cases(args.quick):
+        function, abstract_args, reason = build()
+        row = dict(kernel=kernel, **settings, results={})
+        for generation, topology in TOPOLOGIES.items():
+            refusal = reason(DEVICE_KINDS[generation])
+            # The kernels refuse what the dispatcher refuses, so a refused case is not compiled here; the
+            # compiler's own verdict on those is in kernel_compile_before.md (before the refusals existed).
+            result = (aot.compile_on_chip(function, abstract_args, topology) if not refusal
+                      else dict(ok=None, seconds=0.0, error=None))
+            row["results"][generation] = dict(result, dispatcher=refusal)
+        rows.append(row)
+        print(kernel, settings, {g: (r["ok"], r["dispatcher"] and r["dispatcher"][:60], r["error"] and r["error"][:80])
+                                 for g, r in row["results"].items()}, flush=True)
+    table = markdown(rows)
+    print(table)
+    print(f"{len(rows) * len(TOPOLOGIES)} compiles in {time.time() - start:.0f} s")
+    write_outputs(args.out, args.stem, table, rows)
+
+
+if __name__ == "__main__":
+    main()
