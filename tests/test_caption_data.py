@@ -1,6 +1,7 @@
 """Image-text pairs from a TFDS caption feature: all three sources, the caption pick, exact resume, the trainer."""
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vitjax import data, parallel, train
+from vitjax import checkpoint, data, parallel, train
 from vitjax.data import digits
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -160,25 +161,26 @@ def read_losses(workdir):
 
 
 def test_tiny_clip_trains_on_caption_lists_and_resumes_exactly(caption_dirs, tmp_path):
-    """The tiny CLIP trains from captions/text through the trainer; a stopped and resumed run equals the unbroken one."""
-    def config():
-        config = clip_digits.get_config("runlocal")
-        config.input = caption_input(caption_dirs["tfrecord"])
-        config.evals = dict(retrieval=dict(kind="retrieval"))
-        config.update(batch_size=8, eval_batch_size=8, total_steps=4, log_every_steps=1,
-                      checkpoint_every_steps=0)
-        config.model.update(vision_depth=1, text_depth=1)
-        return config
-
+    """The tiny CLIP trains from captions/text through the trainer; restarted from its step-2 checkpoint it repeats steps 3-4 exactly."""
+    config = clip_digits.get_config("runlocal")
+    config.input = caption_input(caption_dirs["tfrecord"])
+    config.evals = dict(retrieval=dict(kind="retrieval"))
+    config.update(batch_size=8, eval_batch_size=8, total_steps=4, log_every_steps=1,
+                  checkpoint_every_steps=2, keep_checkpoints=2)
+    config.model.update(vision_depth=1, text_depth=1)
     mesh = parallel.create_mesh(dict(data=1, fsdp=1, model=1), devices=jax.devices()[:1])
-    unbroken, broken = str(tmp_path / "unbroken"), str(tmp_path / "broken")
-    final = train.train_and_evaluate(config(), unbroken, mesh=mesh)
+    unbroken, restarted = tmp_path / "unbroken", tmp_path / "restarted"
+    final = train.train_and_evaluate(config, str(unbroken), mesh=mesh)
     assert final["step"] == 4 and final["retrieval/num_examples"] == NUM_TEST
-    stopped = train.train_and_evaluate(config(), broken, mesh=mesh, stop_after_steps=2)
-    assert stopped["step"] == 2
-    resumed = train.train_and_evaluate(config(), broken, mesh=mesh)
     losses = read_losses(unbroken)
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
-    assert read_losses(broken) == losses  # the same batches, so bit-equal losses
-    for k in (1, 5):
-        assert resumed[f"retrieval/image_to_text_recall@{k}"] == final[f"retrieval/image_to_text_recall@{k}"]
+    # A run killed after its step-2 checkpoint: the workdir without the step-4 one.
+    shutil.copytree(unbroken, restarted)
+    assert checkpoint.complete_steps(str(restarted / "checkpoints")) == (2, 4)
+    shutil.rmtree(restarted / "checkpoints" / "4")
+    resumed = train.train_and_evaluate(config, str(restarted), mesh=mesh)
+    assert resumed["step"] == 4
+    assert read_losses(restarted) == losses  # the same batches after the restart: bit-equal losses
+    for k in (1, 5, 10):
+        key = f"retrieval/image_to_text_recall@{k}"
+        assert resumed[key] == final[key]
