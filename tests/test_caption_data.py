@@ -184,3 +184,23 @@ def test_tiny_clip_trains_on_caption_lists_and_resumes_exactly(caption_dirs, tmp
     for k in (1, 5, 10):
         key = f"retrieval/image_to_text_recall@{k}"
         assert resumed[key] == final[key]
+
+
+def test_clip_configs_caption_option():
+    """clip_b32 / siglip_b16 with text_key read the caption feature (no label, no templates) and evaluate retrieval."""
+    import clip_b32
+    import siglip_b16
+    for config in (clip_b32.get_config("dataset=coco_captions,text_key=captions/text,eval_split=val"),
+                   siglip_b16.get_config("spm=/tmp/spiece.model,dataset=coco_captions,text_key=captions/text,"
+                                         "eval_split=val")):
+        inputs = config.input.to_dict()  # siglip's pp names a model file not here: not parsed
+        assert (inputs["dataset"], inputs["label_key"], inputs["text_key"], inputs["eval_split"]) == (
+            "coco_captions", None, "captions/text", "val")
+        for pp_string in (inputs["pp_train"], inputs["pp_eval"]):
+            assert "label_caption" not in pp_string and "normalize(" in pp_string and "|tokenize(" in pp_string
+        assert config.evals.to_dict() == {"retrieval": {"kind": "retrieval"}}
+    checked = data.validate_input_config(clip_b32.get_config("dataset=coco_captions,text_key=captions/text").input)
+    assert checked["text_key"] == "captions/text" and checked["label_key"] is None
+    templated = clip_b32.get_config()
+    assert templated.input.get("text_key") is None and "label_caption('imagenet'" in templated.input.pp_train
+    assert "zeroshot" in templated.evals
