@@ -1,14 +1,18 @@
 r"""SigLIP B/16 at 224 px (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training"): the sigmoid loss's recipe.
 
     python -m vitjax.main --config=configs/siglip_b16.py:spm=/data/spiece.model --workdir=/ckpt/siglip_b16
+    python -m vitjax.main --config=configs/siglip_b16.py:spm=/data/spiece.model,dataset=coco_captions,\
+text_key=captions/text,eval_split=val --workdir=/ckpt/siglip_b16_coco
     python -m vitjax.main --config=configs/siglip_b16.py:runlocal --workdir=/tmp/siglip_b16_local
 
 Expected: not measured (no accelerator here). The paper's SigLIP B/16 reaches 76.2% zero-shot top-1
 on ImageNet after 40B examples seen of WebLI (its Table 3 / big_vision's model card); with 9B, 73.4%.
-vitjax's pipeline reads images and class labels, not caption fields, so this config trains on a TFDS
-classification dataset (default imagenet2012) captioned through CLIP's 80 ImageNet templates: a
-stand-in that will not match the paper, and whose zero-shot evaluation sees its training classes. A
-missing dataset stops the run at its start with how to prepare it.
+WebLI is not public. With `text_key=PATH` the config trains on a TFDS dataset's caption feature
+(e.g. coco_captions, `captions/text`: one of an image's captions drawn per example and step) and
+evaluates image<->text retrieval on `eval_split`; without it, on a TFDS classification dataset
+(default imagenet2012) captioned through CLIP's 80 ImageNet templates, whose zero-shot evaluation
+sees its training classes. Neither will match the paper. A missing dataset stops the run at its
+start with how to prepare it.
 
 Recipe (Sec. 4 and big_vision's siglip configs): batch 32,768, the sigmoid loss in its chunked ring
 form over the data / fsdp axes (`vitjax.objectives.clip`), logit scale exp(t') from t' = log 10 and
@@ -18,7 +22,7 @@ cosine; images in [-1, 1] (224 px, no augmentation beyond the crop); text: a Sen
 downloaded: the user supplies the model file, e.g. big_vision's c4_en).
 
 Arguments: spm (SentencePiece model file; needed unless runlocal), epochs (10), data_dir, dataset
-(imagenet2012), runlocal (the tiny digits CLIP with the sigmoid loss and CLIP's BPE, seconds on a CPU).
+(imagenet2012), text_key (caption feature path; empty: templates), eval_split (validation), runlocal (the tiny digits CLIP with the sigmoid loss and CLIP's BPE, seconds on a CPU).
 """
 import math
 import os
@@ -31,8 +35,9 @@ import clip_b32  # noqa: E402  pylint: disable=wrong-import-position  (shares th
 
 
 def get_config(arg=None):
-    """Returns the SigLIP B/16 config; arguments: spm, epochs, data_dir, dataset, runlocal."""
-    arg = config_utils.parse_arg(arg, spm="", epochs=10, data_dir="", dataset="imagenet2012", runlocal=False)
+    """Returns the SigLIP B/16 config; arguments: spm, epochs, data_dir, dataset, text_key, eval_split, runlocal."""
+    arg = config_utils.parse_arg(arg, spm="", epochs=10, data_dir="", dataset="imagenet2012", text_key="",
+                                 eval_split="validation", runlocal=False)
     config = config_utils.default_config()
     config.seed = 0
     config.model_name = "siglip_base_patch16_224"
@@ -49,14 +54,13 @@ def get_config(arg=None):
                          "big_vision's c4_en spiece.model); nothing is downloaded. Or pass runlocal.")
     tokenize = f"tokenize('sentencepiece', model_file='{arg.spm}', context_length=64)"
     half = (0.5, 0.5, 0.5)  # [-1, 1] inputs
-    config.input = dict(
-        dataset=arg.dataset, data_dir=arg.data_dir or None, train_split="train", eval_split="validation",
-        pp_train=clip_b32.clip_pp(224, True, "imagenet", "imagenet", tokenize, mean=half, std=half),
-        pp_eval=clip_b32.clip_pp(224, False, "imagenet", "imagenet", tokenize, mean=half, std=half),
-        pp_modules=("vitjax.text.ops",))
-    config.evals = dict(zeroshot=dict(kind="zeroshot", classnames="imagenet", templates="imagenet",
-                                      tokenizer="sentencepiece",
-                                      tokenizer_kwargs=dict(model_file=arg.spm, context_length=64)))
+    config.input = clip_b32.input_config(arg, tokenize, mean=half, std=half)
+    if arg.text_key:
+        config.evals = dict(retrieval=dict(kind="retrieval"))
+    else:
+        config.evals = dict(zeroshot=dict(kind="zeroshot", classnames="imagenet", templates="imagenet",
+                                          tokenizer="sentencepiece",
+                                          tokenizer_kwargs=dict(model_file=arg.spm, context_length=64)))
 
     config.batch_size = 32768
     config.eval_batch_size = 1000

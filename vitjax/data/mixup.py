@@ -104,11 +104,14 @@ def make_batch_transform(input_config, num_classes: int
     """
     from vitjax.data import pipeline  # pylint: disable=g-import-not-at-top  # No TF: config checks.
     config = pipeline.validate_input_config(input_config)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    mixing = pipeline.mixing(config)
+    # A dataset without labels (input.label_key=None, e.g. image-text pairs) has no class count.
+    unlabelled = num_classes is None and config["label_key"] is None and not mixing
+    if not unlabelled and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                           or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
     smoothing = float(config["label_smoothing"])
     mixup = dict(config["mixup"])
-    mixing = pipeline.mixing(config)
 
     def transform(batch: Dict[str, Any], rng: jax.Array) -> Dict[str, Any]:
         fields = ", ".join(sorted(batch))
@@ -117,6 +120,9 @@ def make_batch_transform(input_config, num_classes: int
                 raise ValueError(f"input.mixup mixes the fields 'image' and 'label', but the batch "
                                  f"has only: {fields}.")
             return batch
+        if unlabelled:
+            raise ValueError(f"input.label_key is None, yet the batch has a 'label' field "
+                             f"(fields: {fields}) and no class count to one-hot it.")
         labels = jnp.asarray(batch["label"])
         if jnp.issubdtype(labels.dtype, jnp.integer):
             if labels.ndim != 1:

@@ -6,7 +6,11 @@ uninterrupted run, augmentations included, because every random op draws from a 
 derived from (seed, global element index).
 
 Per step, each host takes its raw examples (see `vitjax.data.sources`), each an example dict
-{"image", "label"}, decodes them (an image that fails to decode is dropped and counted; its slot
+{"image", "label", "text"} (the dataset's features `input.image_key`, `input.label_key` and
+`input.text_key`; a None key leaves its field out: `label_key=None` for a dataset without labels,
+`text_key="captions/text"` for captions, a tf.string the pp tokenizes, e.g. with
+`vitjax.text.ops`' tokenize; of several captions per example one is picked from a stateless seed
+of (seed, element index), so a resume sees the same ones), decodes them (an image that fails to decode is dropped and counted; its slot
 in the batch is filled by repeating a good example of the same batch, all its fields, so the
 batch keeps its size and stays a function of the step), and runs the rest of the pp ops. A batch
 holds every field the pp leaves in the examples (image, image_0, image_1, label, ...), uint8
@@ -47,7 +51,8 @@ _DEFAULTS = dict(
     cache=False,  # Hold the split in host memory even when it is large.
     train_fraction=1.0,  # Keep the first fraction of the train split (TFDS order: a fixed subset).
     image_key="image",
-    label_key="label",
+    label_key="label",  # None: no label field (e.g. an image-text dataset).
+    text_key=None,  # A string feature (path such as "captions/text") carried as the field "text".
     source="auto",  # "auto", "memory", "random_access" or "stream": see vitjax.data.sources.
     download=True,  # Let TFDS download and prepare datasets that need no manual step.
     pp_modules=(),  # Modules imported before parsing the pp strings: they register more ops.
@@ -107,9 +112,11 @@ def validate_input_config(input_config) -> dict:
         if not isinstance(split, str) or not _SPLIT.match(split.replace(" ", "")):
             raise ValueError(f"input.{name} must be a TFDS split such as 'train', 'test', "
                              f"'validation' or 'train[:90%]', got {split!r}.")
-    for name in ("image_key", "label_key"):
-        if not isinstance(config[name], str) or not config[name]:
-            raise ValueError(f"input.{name} must be a feature name, got {config[name]!r}.")
+    for name in ("image_key", "label_key", "text_key"):
+        if name == "image_key" or config[name] is not None:
+            if not isinstance(config[name], str) or not config[name]:
+                raise ValueError(f"input.{name} must be a feature name"
+                                 f"{'' if name == 'image_key' else ' or None'}, got {config[name]!r}.")
     if config["source"] not in sources.SOURCES:
         raise ValueError(f"input.source must be one of {', '.join(sources.SOURCES)}; "
                          f"got {config['source']!r}.")
@@ -209,7 +216,8 @@ def _num_classes(builder, label_key: str) -> int:
 def _source(config: dict, builder, split: str, role: str, fraction: float = 1.0):
     sources.check_split(builder, split, role)
     cache_key = (builder.name, str(builder.data_dir), split, config["source"], config["image_key"],
-                 config["label_key"], fraction, config["cache"], config["shuffle_buffer"])
+                 config["label_key"], config["text_key"], fraction, config["cache"],
+                 config["shuffle_buffer"])
     with _SOURCE_LOCK:
         if cache_key not in _SOURCE_CACHE:
             if len(_SOURCE_CACHE) >= _SOURCE_CACHE_SIZE:
@@ -217,17 +225,19 @@ def _source(config: dict, builder, split: str, role: str, fraction: float = 1.0)
             _SOURCE_CACHE[cache_key] = sources.open_source(
                 builder, split, kind=config["source"], image_key=config["image_key"],
                 label_key=config["label_key"], fraction=fraction, cache=config["cache"],
-                shuffle_buffer=config["shuffle_buffer"])
+                shuffle_buffer=config["shuffle_buffer"], text_key=config["text_key"])
         return _SOURCE_CACHE[cache_key]
 
 
 def dataset_info(input_config) -> dict:
-    """Returns dict(num_classes, num_train_examples, num_eval_examples) of the configured splits."""
+    """Returns dict(num_classes (None without a label key), num_train_examples, num_eval_examples)."""
     config = validate_input_config(input_config)
     builder = _builder(config)
+    sources.check_keys(builder, config["image_key"], config["label_key"], config["text_key"])
     num_train = sources.check_split(builder, config["train_split"], "input.train_split")
     num_eval = sources.check_split(builder, config["eval_split"], "input.eval_split")
-    return dict(num_classes=_num_classes(builder, config["label_key"]),
+    label_key = config["label_key"]
+    return dict(num_classes=None if label_key is None else _num_classes(builder, label_key),
                 num_train_examples=sources.fraction_count(num_train, config["train_fraction"]),
                 num_eval_examples=num_eval)
 
@@ -251,7 +261,7 @@ def _processes(process_index, process_count, global_batch_size):
 # ---------------------------------------------------------------------------------------------
 
 # The fields of a raw example that the pp sees; the rest of a raw batch is bookkeeping.
-_EXAMPLE_FIELDS = ("image", "label")
+_EXAMPLE_FIELDS = ("image", "label", "text")
 _STEP_FIELDS = ("step", "num_valid")
 
 
@@ -266,10 +276,20 @@ def _preprocess_steps(raw_batches, preprocess: ops.Preprocess, source, *, seed: 
     decode_stage = preprocess.stage(0, num_decode_ops)
     rest_stage = preprocess.stage(num_decode_ops)
     element_key = sources.key(seed, sources.SALT_ELEMENT)
+    caption_key = sources.key(seed, sources.SALT_CAPTION)
 
-    def apply(stage):
+    def pick_caption(example, bookkeeping):
+        captions = tf.strings.split(example["text"], sources.CAPTION_SEPARATOR)
+        caption_seed = tf.random.experimental.stateless_fold_in(caption_key,
+                                                                bookkeeping["element_id"])
+        index = tf.random.stateless_uniform([], caption_seed, 0, tf.size(captions), tf.int32)
+        return {**example, "text": captions[index]}
+
+    def apply(stage, first: bool):
         @tf.autograph.experimental.do_not_convert
         def apply_stage(example, bookkeeping):
+            if first and getattr(source, "caption_lists", False):
+                example = pick_caption(example, bookkeeping)
             element_seed = tf.random.experimental.stateless_fold_in(element_key,
                                                                     bookkeeping["element_id"])
             return stage(example, element_seed), bookkeeping
@@ -279,15 +299,15 @@ def _preprocess_steps(raw_batches, preprocess: ops.Preprocess, source, *, seed: 
     def per_step(raw):
         raw = dict(raw)
         scalars = {name: raw.pop(name) for name in _STEP_FIELDS if name in raw}
-        example = {name: raw.pop(name) for name in _EXAMPLE_FIELDS}
+        example = {name: raw.pop(name) for name in _EXAMPLE_FIELDS if name in raw}
         # The bookkeeping travels beside the example, so no op can see, drop or overwrite it.
         elements = tf.data.Dataset.from_tensor_slices((example, raw))
         if num_decode_ops:
-            elements = elements.map(apply(decode_stage), num_parallel_calls=tf.data.AUTOTUNE,
+            elements = elements.map(apply(decode_stage, True), num_parallel_calls=tf.data.AUTOTUNE,
                                     deterministic=True)
             # Only decoding errors are forgiven: a bug in a later op still raises.
             elements = elements.ignore_errors()
-        elements = elements.map(apply(rest_stage), num_parallel_calls=tf.data.AUTOTUNE,
+        elements = elements.map(apply(rest_stage, not num_decode_ops), num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=True)
         if not elements.element_spec[0]:
             raise ValueError(f"pp string {preprocess.pp!r} leaves no field in the examples.")

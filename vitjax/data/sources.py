@@ -29,8 +29,12 @@ its own augmentation (augmentations are keyed by the element index). An epoch of
 n / R distinct examples, R views each, as in DeiT, where an epoch keeps its length.
 
 Each source hands out per-step raw batches: dicts with image (encoded bytes or uint8), label
-(int32), element_id (int64, the global element index that keys per-example randomness) and
-step; eval batches add valid (False for padding), slot and num_valid.
+(int32; absent without a label key), text (a string; absent without a text key), element_id (int64,
+the global element index that keys per-example randomness) and step; eval batches add valid (False
+for padding), slot and num_valid. Keys name features by path ("captions/text" for a field of a
+Sequence). A text feature holding several strings per example (a Sequence of captions) travels
+joined by CAPTION_SEPARATOR, so every source keeps fixed-shape batches; the pipeline picks one per
+example (`caption_lists` says so).
 """
 import dataclasses
 import difflib
@@ -45,7 +49,9 @@ MEMORY_LIMIT_BYTES = 1 << 30
 SOURCES = ("auto", "memory", "random_access", "stream")
 
 # Salts separate the random streams drawn from one run seed (3 was host-side mixup's).
-SALT_SHUFFLE, SALT_ELEMENT, SALT_FILES, SALT_BUFFER = 1, 2, 4, 5
+SALT_SHUFFLE, SALT_ELEMENT, SALT_FILES, SALT_BUFFER, SALT_CAPTION = 1, 2, 4, 5, 6
+# Joins the captions of one example: a real caption never holds a NUL character.
+CAPTION_SEPARATOR = "\x00"
 
 
 class DatasetNotPreparedError(RuntimeError):
@@ -144,7 +150,75 @@ def fraction_count(num_examples: int, fraction: float) -> int:
 @dataclasses.dataclass
 class _Keys:
     image: str
-    label: str
+    label: str | None = None
+    text: str | None = None
+    text_is_list: bool = False
+
+    def fields(self) -> dict:
+        """Returns {example field: feature path} of the fields read."""
+        return {name: path for name, path in (("image", self.image), ("label", self.label),
+                                              ("text", self.text)) if path is not None}
+
+
+def feature_paths(builder) -> dict:
+    """Returns {feature path ("captions/text" for nested ones): TensorInfo} of a TFDS builder."""
+    paths = {}
+
+    def walk(info, prefix):
+        for name, value in info.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{name}/")
+            else:
+                paths[prefix + name] = value
+    walk(builder.info.features.get_tensor_info(), "")
+    return paths
+
+
+def check_keys(builder, image_key: str, label_key: str | None = None,
+               text_key: str | None = None) -> _Keys:
+    """Returns the checked feature keys; raises ValueError naming the dataset's features."""
+    paths = feature_paths(builder)
+    listing = ", ".join(f"{path} {info.tf_dtype.name}{list(info.shape)}"
+                        for path, info in paths.items())
+    for role, path in (("input.image_key", image_key), ("input.label_key", label_key),
+                       ("input.text_key", text_key)):
+        if path is not None and path not in paths:
+            raise ValueError(f"{role}={path!r} is not a feature of {builder.name!r}; features: "
+                             f"{listing}.")
+    text_is_list = False
+    if text_key is not None:
+        info = paths[text_key]
+        if info.tf_dtype.name != "string" or len(info.shape) > 1:
+            raise ValueError(f"input.text_key={text_key!r} must name a text feature (a string or a "
+                             f"list of strings); features: {listing}.")
+        text_is_list = len(info.shape) == 1
+    return _Keys(image_key, label_key, text_key, text_is_list)
+
+
+def _get(example, path: str):
+    for part in path.split("/"):
+        example = example[part]
+    return example
+
+
+def _joined_text(value) -> bytes:
+    """Returns a numpy text feature (bytes, or an array of them) as bytes, several joined."""
+    def as_bytes(text):
+        return text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if isinstance(value, (bytes, str)) or np.ndim(value) == 0:
+        return as_bytes(value.item() if isinstance(value, np.ndarray) else value)
+    return CAPTION_SEPARATOR.encode().join(as_bytes(text) for text in value)
+
+
+def _tf_fields(example, keys: _Keys) -> dict:
+    """Returns the read fields of a TFDS example (in TF): label int32, several captions joined."""
+    tf = import_tensorflow()
+    fields = {name: _get(example, path) for name, path in keys.fields().items()}
+    if "label" in fields:
+        fields["label"] = tf.cast(fields["label"], tf.int32)
+    if keys.text_is_list:
+        fields["text"] = tf.strings.reduce_join(fields["text"], separator=CAPTION_SEPARATOR)
+    return fields
 
 
 class IndexedSource:
@@ -152,9 +226,10 @@ class IndexedSource:
 
     num_examples: int
     num_bad_examples: int = 0
+    caption_lists: bool = False
 
     def fetch(self, indices):
-        """Returns dict(image, label int32) for an int64 vector of example indices (in TF)."""
+        """Returns dict(image, label int32, text) (those read) for an int64 vector of indices (in TF)."""
         raise NotImplementedError
 
     def _shuffled(self, element_ids, seed: int, local_batch_size: int):
@@ -212,27 +287,36 @@ class IndexedSource:
 
 
 class MemorySource(IndexedSource):
-    """A split held in host memory: uint8 images (N, H, W, C), or encoded bytes (N,)."""
+    """A split held in host memory: uint8 images (N, H, W, C), or encoded bytes (N,); labels and
+    texts (bytes (N,), several captions joined by CAPTION_SEPARATOR) where the split has them."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, num_bad_examples: int = 0):
-        if len(images) != len(labels) or not len(labels):
-            raise ValueError(f"Need as many images as labels, and some: {len(images)} images, "
-                             f"{len(labels)} labels.")
-        self.images, self.labels = images, np.asarray(labels, np.int32)
-        self.num_examples = len(labels)
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
+                 num_bad_examples: int = 0, texts: np.ndarray | None = None,
+                 caption_lists: bool = False):
+        self.fields = dict(image=images)
+        if labels is not None:
+            self.fields["label"] = np.asarray(labels, np.int32)
+        if texts is not None:
+            self.fields["text"] = np.asarray(texts, object)
+        counts = {name: len(values) for name, values in self.fields.items()}
+        if len(set(counts.values())) != 1 or not len(images):
+            raise ValueError(f"Need as many examples of every field, and some; got {counts}.")
+        self.images = images
+        self.num_examples = len(images)
         self.num_bad_examples = num_bad_examples
         self.encoded = images.dtype == object
+        self.caption_lists = caption_lists
         self._tensors = None
 
     def fetch(self, indices):
         tf = import_tensorflow()
         if self._tensors is None:
             with tf.init_scope():  # Eager constants, reusable by every pipeline built later.
-                images = (tf.constant(list(self.images), tf.string) if self.encoded
-                          else tf.constant(self.images))
-                self._tensors = (images, tf.constant(self.labels))
-        images, labels = self._tensors
-        return dict(image=tf.gather(images, indices), label=tf.gather(labels, indices))
+                self._tensors = {
+                    name: (tf.constant(list(values), tf.string) if values.dtype == object
+                           else tf.constant(values))
+                    for name, values in self.fields.items()}
+        return {name: tf.gather(values, indices) for name, values in self._tensors.items()}
 
 
 def load_memory_source(builder, split: str, keys: _Keys, fraction: float = 1.0,
@@ -244,25 +328,37 @@ def load_memory_source(builder, split: str, keys: _Keys, fraction: float = 1.0,
     if tfds.core.file_adapters.FileFormat.TFRECORD in builder.info.available_file_formats():
         dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
         # A bad encoding fails TFDS's decoding of that one example: drop it, count it.
-        dataset = dataset.map(lambda example: (example[keys.image], example[keys.label]))
+        dataset = dataset.map(lambda example: _tf_fields(example, keys))
         batches = list(dataset.ignore_errors().batch(4096).as_numpy_iterator())
     else:  # ArrayRecord has no tf.data reader in TFDS: read it by index.
         batches = list(_read_data_source(builder.as_data_source(split, decoders=decoders), keys))
     if not batches:
         raise ValueError(f"Split {split!r} of {builder.name!r} has no readable example.")
-    images = np.concatenate([batch[0] for batch in batches])
-    labels = np.concatenate([batch[1] for batch in batches])
-    keep = fraction_count(len(labels), fraction)
-    return MemorySource(images[:keep], labels[:keep], num_bad_examples=expected - len(labels))
+    fields = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+    num_read = len(fields["image"])
+    keep = fraction_count(num_read, fraction)
+    fields = {name: values[:keep] for name, values in fields.items()}
+    return MemorySource(fields["image"], fields.get("label"), num_bad_examples=expected - num_read,
+                        texts=fields.get("text"), caption_lists=keys.text_is_list)
+
+
+def _numpy_fields(examples, keys: _Keys) -> dict:
+    """Returns the read fields of TFDS data-source examples, stacked: images, labels, texts."""
+    images = [_get(example, keys.image) for example in examples]
+    fields = dict(image=np.array(images, dtype=object) if isinstance(images[0], bytes)
+                  else np.stack(images))
+    if keys.label is not None:
+        fields["label"] = np.array([_get(example, keys.label) for example in examples], np.int32)
+    if keys.text is not None:
+        fields["text"] = np.array([_joined_text(_get(example, keys.text)) for example in examples],
+                                  object)
+    return fields
 
 
 def _read_data_source(data_source, keys: _Keys, chunk: int = 1024):
-    """Yields (images, labels) chunks of a TFDS data source, skipping examples that fail."""
+    """Yields field-dict chunks of a TFDS data source, skipping examples that fail."""
     def stack(examples):
-        images = [example[keys.image] for example in examples]
-        images = (np.array(images, dtype=object) if isinstance(images[0], bytes)
-                  else np.stack(images))
-        return images, np.array([example[keys.label] for example in examples])
+        return _numpy_fields(examples, keys)
 
     for start in range(0, len(data_source), chunk):
         indices = list(range(start, min(start + chunk, len(data_source))))
@@ -289,24 +385,25 @@ class RandomAccessSource(IndexedSource):
         decoders = {keys.image: tfds.decode.SkipDecoding()} if self.encoded else None
         self._data_source = builder.as_data_source(split, decoders=decoders)
         self._keys = keys
+        self.caption_lists = keys.text_is_list
         self.num_examples = fraction_count(len(self._data_source), fraction)
         self._image_shape = None if self.encoded else tuple(feature.shape)
 
     def _read(self, indices: np.ndarray):
         examples = self._data_source.__getitems__([int(i) for i in indices])
-        labels = np.array([example[self._keys.label] for example in examples], np.int32)
-        if self.encoded:
-            return np.array([example[self._keys.image] for example in examples], object), labels
-        return np.stack([example[self._keys.image] for example in examples]), labels
+        return tuple(_numpy_fields(examples, self._keys).values())
 
     def fetch(self, indices):
         tf = import_tensorflow()
-        image_dtype = tf.string if self.encoded else tf.uint8
-        images, labels = tf.numpy_function(self._read, [indices], (image_dtype, tf.int32),
-                                           stateful=False)
-        images.set_shape([None] + ([] if self.encoded else list(self._image_shape)))
-        labels.set_shape([None])
-        return dict(image=images, label=labels)
+        dtypes = dict(image=tf.string if self.encoded else tf.uint8, label=tf.int32, text=tf.string)
+        names = list(self._keys.fields())
+        values = tf.numpy_function(self._read, [indices], [dtypes[name] for name in names],
+                                   stateful=False)
+        fields = dict(zip(names, values))
+        for name, value in fields.items():
+            value.set_shape([None] + ([] if name != "image" or self.encoded
+                                      else list(self._image_shape)))
+        return fields
 
 
 class StreamSource:
@@ -324,6 +421,7 @@ class StreamSource:
                                  f"split name, got {split!r}; slice the split instead.")
             split = f"{split}[:{fraction_count(num_examples, fraction)}]"
         self._builder, self._split, self._keys = builder, split, keys
+        self.caption_lists = keys.text_is_list
         self.num_examples = builder.info.splits[split].num_examples
         self._shuffle_buffer = shuffle_buffer
 
@@ -333,7 +431,7 @@ class StreamSource:
                                           process_count=process_count)
 
     def _read(self, host_split, seed=None, epoch=None):
-        """Returns one pass over a host split as (image bytes, label) pairs."""
+        """Returns one pass over a host split as dicts of the read fields (image as bytes)."""
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
         tf = import_tensorflow()
         instructions = self._builder.info.splits[host_split].file_instructions
@@ -357,8 +455,8 @@ class StreamSource:
 
         @tf.autograph.experimental.do_not_convert
         def parse(serialized):
-            example = features.deserialize_example(serialized, decoders=decoders)
-            return example[self._keys.image], tf.cast(example[self._keys.label], tf.int32)
+            return _tf_fields(features.deserialize_example(serialized, decoders=decoders),
+                              self._keys)
         return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def train_batches(self, *, seed: int, start_step: int, global_batch_size: int,
@@ -374,7 +472,7 @@ class StreamSource:
             records = self._read(host_split, seed, epoch)
             if repeats > 1:
                 records = records.flat_map(
-                    lambda image, label: tf.data.Dataset.from_tensors((image, label)).repeat(repeats))
+                    lambda example: tf.data.Dataset.from_tensors(example).repeat(repeats))
             return records
         # Skipping reads the records of the current epoch but decodes none of them.
         records = tf.data.Dataset.counter(first_epoch, dtype=tf.int64).flat_map(read_epoch).skip(offset)
@@ -385,7 +483,7 @@ class StreamSource:
         def raw_step(step, batch):
             element_ids = (step * global_batch_size + process_index * local_batch_size
                            + tf.range(local_batch_size, dtype=tf.int64))
-            return dict(image=batch[0], label=batch[1], element_id=element_ids, step=step)
+            return dict(batch, element_id=element_ids, step=step)
         return tf.data.Dataset.zip((steps, records)).map(raw_step)
 
     def eval_batches(self, *, global_batch_size: int, process_index: int, process_count: int):
@@ -399,34 +497,32 @@ class StreamSource:
                              f"than processes ({process_count}).")
         num_steps = math.ceil(max(host_counts) / local_batch_size)
         records = self._read(self._host_split(process_index, process_count)).map(
-            lambda image, label: (image, label, True))
+            lambda example: dict(example, valid=True))
         # Every host runs the same number of steps; padding repeats the first example, masked.
-        padding = records.take(1).map(lambda image, label, valid: (image, label, False)).repeat(
+        padding = records.take(1).map(lambda example: dict(example, valid=False)).repeat(
             num_steps * local_batch_size - host_counts[process_index])
         records = records.concatenate(padding).batch(local_batch_size)
 
         @tf.autograph.experimental.do_not_convert
         def raw_step(step, batch):
-            image, label, valid = batch
+            batch = dict(batch)
+            valid = batch.pop("valid")
             element_ids = (step * global_batch_size + process_index * local_batch_size
                            + tf.range(local_batch_size, dtype=tf.int64))
-            return dict(image=image, label=label, element_id=element_ids, step=step, valid=valid,
+            return dict(batch, element_id=element_ids, step=step, valid=valid,
                         slot=tf.range(local_batch_size, dtype=tf.int32),
                         num_valid=tf.reduce_sum(tf.cast(valid, tf.int32)))
         steps = tf.data.Dataset.range(num_steps)
         return tf.data.Dataset.zip((steps, records)).map(raw_step), num_steps
 
 
-def open_source(builder, split: str, *, kind: str, image_key: str, label_key: str,
-                fraction: float = 1.0, cache: bool = False, shuffle_buffer: int = 10_000):
+def open_source(builder, split: str, *, kind: str, image_key: str, label_key: str | None,
+                fraction: float = 1.0, cache: bool = False, shuffle_buffer: int = 10_000,
+                text_key: str | None = None):
     """Returns the source reading `split` (kind "auto" picks one as the module doc says)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    keys = _Keys(image_key, label_key)
+    keys = check_keys(builder, image_key, label_key, text_key)
     features = builder.info.features
-    for role, feature_key in (("input.image_key", image_key), ("input.label_key", label_key)):
-        if feature_key not in features:
-            raise ValueError(f"{role}={feature_key!r} is not a feature of {builder.name!r}; "
-                             f"features: {', '.join(features.keys())}.")
     num_examples = builder.info.splits[split].num_examples
     image_feature = features[image_key]
     fixed_shape = all(dim is not None for dim in image_feature.shape)
