@@ -7,7 +7,9 @@ without arguments may drop its parentheses ("flip_lr").
 
 Every op maps an example dict to an example dict: `op(example, seed) -> example`. An example
 starts as {"image": image, "label": int32 label} (the dataset's `input.image_key` and
-`input.label_key`, renamed); whatever fields the pp leaves in it become the fields of the
+`input.label_key`, renamed; no "label" when `input.label_key` is None), plus {"text": tf.string}
+when `input.text_key` names a caption feature (one caption of a list, picked per element from a
+stateless seed); whatever fields the pp leaves in it become the fields of the
 batch (uint8 fields as float32, int64 as int32; each field needs one shape across examples).
 `seed` is a stateless TF seed (int64, shape [2]) derived from (run seed, global element index,
 op position), so the random ops give the same augmentation for the same element after a
