@@ -67,6 +67,8 @@ SMALL = {
                                          num_heads=(1, 2, 3, 4), window_sizes=(7, 8, 3, 2), num_classes=10), 64),
     "levit": ("levit_128s", dict(img_size=64, embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(2, 3, 4),
                                  num_classes=10), 64),
+    "resnet": ("resnet26d", dict(img_size=32, depths=(1, 1, 1, 1), widths=(8, 8, 16, 16), num_classes=10), 32),
+    "regnet": ("regnety_002", dict(img_size=32, w0=8, wa=8.0, wm=2.0, depth=6, group_size=8, num_classes=10), 32),
 }
 
 
