@@ -128,7 +128,7 @@ def get_config(arg=None):
         if arg.recipe == "deit":
             config.optim.blr = 5e-3  # lr 1.25e-3 at batch 64: a width-32 ViT wants more than a ViT-S
         if arg.distilled:
-            model.update(distilled=True, distilled_training=True)
+            model.update(distilled=True)
             # A digits teacher of the same family, at the student's 16x16 gray input (a RegNetY:
             # regnet_i1k.py:runlocal's network).
             teacher = dict(num_classes=10, img_size=16, in_chans=1)
@@ -140,7 +140,7 @@ def get_config(arg=None):
 
 def _distill(config, teacher: str, teacher_init: str) -> None:
     """Sets DeiT's distillation (Touvron et al. 2021, Sec. 5): distillation token, hard labels from `teacher`."""
-    config.model = dict(config.model, distilled=True, distilled_training=True)
+    config.model = dict(config.model, distilled=True)
     config.objective = "distill"
     config.objective_kwargs = dict(teacher=teacher, teacher_init=teacher_init, teacher_model=dict(num_classes=1000),
                                    distillation_type="hard", alpha=0.5)
