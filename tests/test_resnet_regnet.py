@@ -145,41 +145,35 @@ def test_validate_rejects_bad_settings():
     ])
 
 
-def test_deit_distilled_runlocal_trains_from_a_timm_regnety_teacher(tmp_path):
-    """configs/vit_i1k.py:distilled with a shrunk timm RegNetY file as teacher_init: the teacher's params and
-    BatchNorm statistics load into the run (its logits on the eval digits are timm's), the student trains."""
-    import json
+def test_deit_distilled_config_loads_a_timm_regnety_teacher(tmp_path):
+    """configs/vit_i1k.py:distilled with a shrunk timm RegNetY file as teacher_init: the teacher the trainer
+    loads (train.load_frozen_weights) is timm's, BatchNorm statistics included, and the distillation loss
+    uses its hard labels."""
     import os
 
     import jax.numpy as jnp
 
-    from vitjax import config_utils, parallel, train
-    teacher_settings = dict(REGNET_TIMM, in_chans=1)
-    torch_teacher = reference("regnety_160", seed=5, **teacher_settings)
+    from vitjax import config_utils, train
+    torch_teacher = reference("regnety_160", seed=5, **dict(REGNET_TIMM, in_chans=1))
     path = str(tmp_path / "regnety_160_digits.pth")
     torch.save(torch_teacher.state_dict(), path)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = config_utils.load_config(os.path.join(repo, "configs", "vit_i1k.py") + f":runlocal,distilled,"
                                       f"teacher_init={path}")
     assert config.objective == "distill" and config.objective_kwargs.teacher == "regnety_160"
-    config.total_steps, config.log_every_steps, config.progress_bar = 20, 1, False
-    config.eval_every_steps, config.checkpoint_every_steps, config.checkpoint_async = 0, 0, False
-    mesh = parallel.create_mesh(dict(data=1, fsdp=1, model=1), devices=jax.devices()[:1])
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir, mesh=mesh)
-    with open(os.path.join(workdir, "metrics.jsonl")) as file:
-        records = [json.loads(line) for line in file]
-    losses = [record["train/distill_loss"] for record in records if "train/distill_loss" in record]
-    assert len(losses) == 20 and np.all(np.isfinite(losses))
-    assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    assert any("eval/teacher_agreement" in record for record in records)
-    # The teacher the trainer loads (train.load_frozen_weights) is timm's, BatchNorm statistics included.
     objective = train.build(config)[1]
-    images = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(6))
+    images = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(6))
     nhwc = jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
     abstract = jax.eval_shape(lambda: objective.init_variables(jax.random.key(0), {"image": nhwc}))
-    loaded = train.load_frozen_weights(objective, abstract)["teacher"]
-    assert set(loaded) == {"params", "batch_stats"}
+    teacher = train.load_frozen_weights(objective, abstract)["teacher"]
+    assert set(teacher) == {"params", "batch_stats"}
     with torch.no_grad():
         expected = torch_teacher(images).numpy()
-    assert relative_error(objective._teacher_logits({"teacher": loaded}, nhwc), expected) <= 1e-5
+    teacher_logits = objective._teacher_logits({"teacher": teacher}, nhwc)
+    assert relative_error(teacher_logits, expected) <= 1e-5
+    # The distilled student's loss with this teacher is finite and has its distillation term.
+    variables = flax.linen.meta.unbox(objective.init_variables(jax.random.key(1), {"image": nhwc}))
+    variables["teacher"] = teacher
+    labels = jax.nn.one_hot(jnp.arange(4) % 10, 10)
+    loss, aux = objective.train_loss(variables, {"image": nhwc, "label": labels}, jax.random.key(2))
+    assert np.isfinite(float(loss)) and float(aux["metrics"]["distill_loss"]) > 0

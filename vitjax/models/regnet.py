@@ -193,7 +193,8 @@ class ClassifierHead(nn.Module):
     @nn.compact
     def __call__(self, pooled: jax.Array) -> jax.Array:
         # timm's RegNet init: classifier weights N(0, 0.01), zero bias.
-        return nn.Dense(self.num_classes, kernel_init=layers.logical(nn.initializers.normal(0.01), ("embed", "classes")),
+        kernel_init = layers.logical(nn.initializers.normal(0.01), ("embed", "classes"))
+        return nn.Dense(self.num_classes, kernel_init=kernel_init,
                         bias_init=layers.logical(nn.initializers.zeros, ("classes",)), dtype=self.dtype,
                         param_dtype=self.param_dtype, name="fc")(pooled)
 
