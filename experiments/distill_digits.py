@@ -1,7 +1,9 @@
-r"""DeiT distillation on the bundled digits: a small DeiT student with no teacher, hard and soft distillation.
+r"""DeiT distillation on the bundled digits: a small DeiT student with no teacher, hard and soft distillation;
+a convnet (ResNet) teacher; SAM vs AdamW for the quickstart ViT without augmentation.
 
-    python experiments/distill_digits.py                 # ~10 min on 2 CPU cores
+    python experiments/distill_digits.py                 # ~10 min on 2 CPU cores (part "vit")
     python experiments/distill_digits.py --seeds=1 --student_steps=200   # a quick look
+    python experiments/distill_digits.py --parts=resnet,sam   # -> experiments/out/distill_digits_resnet_sam.*
 
 1. Trains the teacher: the quickstart ViT (`configs/digits_vit.py`: width 64, depth 4, 800 steps).
 2. Trains a smaller DeiT student (width 32, depth 2, class + distillation tokens) on the same input
@@ -10,8 +12,13 @@ r"""DeiT distillation on the bundled digits: a small DeiT student with no teache
    - hard: objective "distill", the distillation head learns the teacher's argmax (alpha 0.5);
    - soft: objective "distill", KL to the teacher at temperature 3 with alpha 0.1 (the paper's soft setting).
 3. Reports the student's test top-1 (mean of its two heads) and its agreement with the teacher.
+Part "resnet": a ResNet-18-shaped teacher (widths 16 / 32 / 64 / 128, BatchNorm) trained on the same input for
+800 steps, then the same student with hard distillation from it, --seeds seeds.
+Part "sam": the quickstart ViT without augmentation (no random shift, no label smoothing, no drop-path), 800
+steps with AdamW and with SAM around the same AdamW (rho 0.05): the same number of gradient evaluations,
+so SAM makes 400 updates (Chen et al. 2022 claim SAM helps ViTs most without strong augmentation).
 
-Writes experiments/out/distill_digits.{md,json}.
+Writes experiments/out/distill_digits.{md,json} (all parts) or distill_digits_<parts>.{md,json}.
 """
 import argparse
 import os
@@ -61,50 +68,108 @@ def student_config(method: str, seed: int, steps: int, teacher_dir: str, teacher
     return config
 
 
+RESNET_TEACHER = dict(num_classes=10, img_size=16, in_chans=1, widths=(16, 32, 64, 128), depths=(2, 2, 2, 2))
+PARTS = ("vit", "resnet", "sam")
+
+
+def resnet_teacher_config():
+    """Returns the quickstart recipe with a small ResNet-18-shaped model in place of the ViT."""
+    config = quickstart_config()
+    config.model_name = "resnet18"
+    config.model = dict(RESNET_TEACHER)
+    return config
+
+
+def no_augmentation_config(optimizer: str, seed: int):
+    """Returns the quickstart ViT config without augmentation, with AdamW or SAM around AdamW."""
+    config = quickstart_config()
+    config.seed = seed
+    config.input.pp_train = "decode(channels=1)|resize(16)|value_range(-1, 1)"
+    del config.input["label_smoothing"]
+    config.model = dict(config.model, drop_path_rate=0.0)
+    if optimizer == "sam":
+        config.optim.name = "sam"
+        config.optim.sam_base = "adamw"
+        config.optim.sam_rho = 0.05
+    return config
+
+
+def train_runs(make_config, seeds: int, workdir: str, label: str) -> list:
+    """Returns [{seed, top1, seconds, teacher_agreement}] of make_config(seed) over `seeds` seeds."""
+    runs = []
+    for seed in range(seeds):
+        run_start = time.time()
+        final = trainer.train_and_evaluate(make_config(seed), os.path.join(workdir, f"{label}_{seed}"))
+        runs.append(dict(seed=seed, top1=final["eval/top1"], seconds=time.time() - run_start,
+                         teacher_agreement=final.get("eval/teacher_agreement")))
+        print(f"{label} seed {seed}: top-1 {100 * final['eval/top1']:.2f}%", flush=True)
+    return runs
+
+
 def main(argv=None) -> Dict[str, Any]:
     """Trains the teacher and every student; returns the raw results (also written to --out_dir)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--student_steps", type=int, default=400, help="student training steps of 128 images")
     parser.add_argument("--out_dir", default=OUT_DIR)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     args = parser.parse_args(argv)
+    parts = tuple(part for part in args.parts.split(",") if part)
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"--parts must be a comma-separated subset of {PARTS}, got {args.parts!r}")
     started = time.time()
     workdir = tempfile.mkdtemp(prefix="distill_digits_")
-    results: Dict[str, Any] = dict(student=STUDENT, student_steps=args.student_steps, runs={})
+    results: Dict[str, Any] = dict(student=STUDENT, student_steps=args.student_steps, parts=list(parts), runs={})
     try:
-        teacher_config = quickstart_config()
-        teacher_dir = os.path.join(workdir, "teacher")
-        teacher = trainer.train_and_evaluate(teacher_config, teacher_dir)
-        results["teacher"] = dict(model=dict(teacher_config.model), steps=teacher_config.total_steps,
-                                  top1=teacher["eval/top1"])
-        print(f"teacher: top-1 {100 * teacher['eval/top1']:.2f}%", flush=True)
-        for method in METHODS:
-            runs = []
-            for seed in range(args.seeds):
-                config = student_config(method, seed, args.student_steps, teacher_dir, dict(teacher_config.model))
-                run_start = time.time()
-                final = trainer.train_and_evaluate(config, os.path.join(workdir, f"{method}_{seed}"))
-                runs.append(dict(seed=seed, top1=final["eval/top1"], seconds=time.time() - run_start,
-                                 teacher_agreement=final.get("eval/teacher_agreement")))
-                print(f"{method} seed {seed}: top-1 {100 * final['eval/top1']:.2f}%", flush=True)
-            results["runs"][method] = runs
+        if "vit" in parts:
+            teacher_config = quickstart_config()
+            teacher_dir = os.path.join(workdir, "teacher")
+            teacher = trainer.train_and_evaluate(teacher_config, teacher_dir)
+            results["teacher"] = dict(model=dict(teacher_config.model), steps=teacher_config.total_steps,
+                                      top1=teacher["eval/top1"])
+            print(f"teacher: top-1 {100 * teacher['eval/top1']:.2f}%", flush=True)
+            for method in METHODS:
+                results["runs"][method] = train_runs(
+                    lambda seed: student_config(method, seed, args.student_steps, teacher_dir,
+                                                dict(teacher_config.model)), args.seeds, workdir, method)
+        if "resnet" in parts:
+            resnet_config = resnet_teacher_config()
+            resnet_dir = os.path.join(workdir, "resnet_teacher")
+            resnet = trainer.train_and_evaluate(resnet_config, resnet_dir)
+            results["resnet_teacher"] = dict(model=dict(resnet_config.model), steps=resnet_config.total_steps,
+                                             top1=resnet["eval/top1"])
+            print(f"resnet teacher: top-1 {100 * resnet['eval/top1']:.2f}%", flush=True)
+
+            def resnet_student(seed):
+                config = student_config("hard", seed, args.student_steps, resnet_dir, dict(RESNET_TEACHER))
+                config.objective_kwargs.teacher = "resnet18"
+                return config
+            results["runs"]["hard_resnet"] = train_runs(resnet_student, args.seeds, workdir, "hard_resnet")
+        if "sam" in parts:
+            for optimizer in ("adamw", "sam"):
+                results["runs"][f"noaug_{optimizer}"] = train_runs(
+                    lambda seed: no_augmentation_config(optimizer, seed), args.seeds, workdir, f"noaug_{optimizer}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     def mean_std(values):
         return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
-    lines = [
-        f"DeiT distillation on digits: teacher = the quickstart ViT (width 64, depth 4, "
-        f"{results['teacher']['steps']} steps), test top-1 {100 * results['teacher']['top1']:.2f}%; student = "
-        f"DeiT width 32, depth 2 (class + distillation tokens), {args.student_steps} steps of 128, "
-        f"{args.seeds} seeds (mean ± std); 360 test images.",
-        "",
-        "| student training | top-1 % | agreement with the teacher % |",
-        "|---|---|---|",
-    ]
-    labels = {"none": "no teacher (both heads on labels)", "hard": "hard distillation (alpha 0.5)",
-              "soft": "soft distillation (tau 3, alpha 0.1)"}
+    header = [f"Digits, {args.seeds} seeds (mean ± std), 360 test images. Student = DeiT width 32, depth 2 (class + "
+              f"distillation tokens), {args.student_steps} steps of 128."]
+    if "teacher" in results:
+        header.append(f"ViT teacher = the quickstart ViT (width 64, depth 4, {results['teacher']['steps']} steps), "
+                      f"test top-1 {100 * results['teacher']['top1']:.2f}%.")
+    if "resnet_teacher" in results:
+        header.append(f"ResNet teacher = resnet18 with widths 16-128 ({results['resnet_teacher']['steps']} steps), "
+                      f"test top-1 {100 * results['resnet_teacher']['top1']:.2f}%.")
+    lines = [" ".join(header), "", "| run | top-1 % | agreement with the teacher % |", "|---|---|---|"]
+    labels = {"none": "student, no teacher (both heads on labels)",
+              "hard": "student, hard distillation from the ViT (alpha 0.5)",
+              "soft": "student, soft distillation from the ViT (tau 3, alpha 0.1)",
+              "hard_resnet": "student, hard distillation from the ResNet (alpha 0.5)",
+              "noaug_adamw": "quickstart ViT without augmentation, AdamW, 800 steps",
+              "noaug_sam": "quickstart ViT without augmentation, SAM(AdamW, rho 0.05), 800 steps = 400 updates"}
     for method, runs in results["runs"].items():
         agreement = [run["teacher_agreement"] for run in runs if run["teacher_agreement"] is not None]
         lines.append(f"| {labels[method]} | {mean_std([run['top1'] for run in runs])} | "
@@ -113,7 +178,8 @@ def main(argv=None) -> Dict[str, Any]:
     lines += ["", f"Total {results['seconds'] / 60:.1f} min."]
     table = "\n".join(lines)
     print(table)
-    write_outputs(args.out_dir, "distill_digits", table, results)
+    name = "distill_digits" if set(parts) == set(PARTS) else "distill_digits_" + "_".join(parts)
+    write_outputs(args.out_dir, name, table, results)
     return results
 
 

@@ -40,7 +40,7 @@ def test_unknown_config_override_on_the_command_line():
 def test_bad_config_argument_and_values():
     with pytest.raises(ValueError, match=r"Unknown config argument 'run_local'.*runlocal"):
         load_config("run_local")
-    for key, value, message in [("optim.name", "adam", r"valid choices: \['adamw', 'sgd', 'lars', 'lamb'\]"),
+    for key, value, message in [("optim.name", "adam", r"valid choices: \['adamw', 'sgd', 'lars', 'lamb', 'sam'\]"),
                                 ("optim.schedule", "cos", r"valid choices: \['cosine'"),
                                 ("objective", "simclr", r"valid choices: \[.*'supervised'"),
                                 ("mesh.data", -2, "at most one -1")]:

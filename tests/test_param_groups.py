@@ -39,6 +39,8 @@ CASES = {
     "caformer_s18": ({}, "stages_0/blocks_0/", "stages_3/blocks_2/", 18),
     "tiny_vit_5m_224": ({}, "stages_0/blocks_0/", "stages_3/blocks_1/", 12),
     "levit_128s": ({}, "stages_0/blocks_0/", "stages_2/blocks_3/", 9),
+    "resnet18": ({}, "layer1_0/", "layer4_1/", 8),
+    "regnety_002": ({}, "s1/b1/", "s4/b7/", 13),
 }
 
 

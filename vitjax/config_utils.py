@@ -54,7 +54,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import ml_collections
 from ml_collections import config_dict
 
-OPTIMIZERS = ("adamw", "sgd", "lars", "lamb")
+OPTIMIZERS = ("adamw", "sgd", "lars", "lamb", "sam")
 SCHEDULES = ("cosine", "linear", "constant")
 MESH_AXES = ("data", "fsdp", "model")
 
@@ -118,6 +118,10 @@ def default_config() -> ml_collections.ConfigDict:
     optim.grad_accum_steps = 1
     optim.frozen = ()                             # regexes of param paths ("a/b/kernel") not trained
     optim.no_decay = config_dict.placeholder(tuple)  # None: the model's no_weight_decay(); else these regexes
+    optim.sam_base = "adamw"                      # sam: the optimizer it wraps (any other name)
+    optim.sam_rho = 0.05                          # sam: radius of the ascent step
+    optim.sam_adaptive = False                    # sam: ASAM's scale-invariant ascent
+    optim.sam_eta = 0.01                          # sam (adaptive): the offset of |w| in ASAM's scaling
     config.optim = optim
 
     config.ema_decay = 0.0                # 0: no EMA of the params
@@ -322,6 +326,10 @@ def validate_config(config) -> ml_collections.ConfigDict:
     optim = merged["optim"]
     _check_choice("optim.name", optim["name"], OPTIMIZERS)
     _check_choice("optim.schedule", optim["schedule"], SCHEDULES)
+    if optim["name"] == "sam":
+        _check_choice("optim.sam_base", optim["sam_base"], tuple(name for name in OPTIMIZERS if name != "sam"))
+        if not optim["sam_rho"] > 0:
+            raise ValueError(f"config.optim.sam_rho must be positive, got {optim['sam_rho']}")
     if (optim["lr"] is None) == (optim["blr"] is None):
         raise ValueError("Set exactly one of config.optim.lr (absolute) and config.optim.blr "
                          f"(lr = blr * batch_size / 256); got lr={optim['lr']}, blr={optim['blr']}")

@@ -30,8 +30,10 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+import optax.contrib
 
 from vitjax.pytree import map_with_path, param_paths, path_to_str
 
@@ -224,6 +226,10 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
                          "(a `layer_ids(params)` method, see vitjax.models.param_groups); unset optim.layer_decay "
                          "or give the model one")
     name = optim_config.name
+    if name == "sam":
+        return make_sam(optim_config, params, batch_size=batch_size, total_steps=total_steps,
+                        steps_per_epoch=steps_per_epoch, param_axes=param_axes, layer_ids_fn=layer_ids_fn,
+                        no_weight_decay=no_weight_decay)
     peak_lr = peak_learning_rate(optim_config, batch_size)
     warmup_steps = warmup_steps_from_config(optim_config, steps_per_epoch)
     schedule = make_schedule(optim_config.get("schedule", "cosine"), peak_lr, total_steps, warmup_steps,
@@ -260,7 +266,7 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
                        optax.trace(decay=optim_config.momentum, nesterov=optim_config.nesterov,
                                    accumulator_dtype=mu_dtype)]
     else:
-        raise ValueError(f"Unknown optimizer {name!r}; valid choices: ['adamw', 'sgd', 'lars', 'lamb']")
+        raise ValueError(f"Unknown optimizer {name!r}; valid choices: ['adamw', 'sgd', 'lars', 'lamb', 'sam']")
 
     if layer_decay is not None and layer_decay != 1.0:
         transforms.append(scale_by_path(layer_decay_scales(params, float(layer_decay), layer_ids_fn, param_axes)))
@@ -278,6 +284,78 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
         if counts["trained"] == 0:
             raise ValueError(f"optim.frozen patterns {list(frozen)} freeze every param")
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+# --- SAM: sharpness-aware minimisation around any base optimizer -------------------------------------------------
+
+SAM_SYNC_PERIOD = 2   # trainer steps per SAM update: one ascent step, then the base optimizer's step
+
+
+def scale_by_sam_ascent(rho: float, adaptive: bool = False, eta: float = 0.01) -> optax.GradientTransformation:
+    """Returns a transformation mapping gradients g at w to the ascent -eps (optax's sign: params + updates).
+
+    SAM (Foret et al. 2021): eps = rho * g / ||g||. Adaptive SAM (ASAM, Kwon et al. 2021): with T = |w| + eta
+    element-wise, eps = rho * T^2 g / ||T g||, so the ascent is invariant to rescaling the weights.
+    The norms are global over the whole tree (one radius for the model, as both papers).
+    """
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if adaptive:
+            if params is None:
+                raise ValueError("adaptive SAM needs the params to scale its ascent")
+            scales = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
+            scaled = jax.tree.map(lambda t, g: t * g, scales, updates)
+            norm = optax.tree.norm(scaled)
+            ascent = jax.tree.map(lambda t, g: t * t * g, scales, updates)
+        else:
+            norm = optax.tree.norm(updates)
+            ascent = updates
+        # optax.contrib.sam negates what this returns and adds it to the params: w + eps.
+        factor = -rho / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+        return jax.tree.map(lambda g: factor * g, ascent), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_sam(optim_config, params, *, batch_size: int, total_steps: int, steps_per_epoch: Optional[float] = None,
+             param_axes=None, layer_ids_fn: Optional[LayerIdsFn] = None, no_weight_decay: Sequence[str] = ()
+             ) -> Tuple[optax.GradientTransformation, Schedule]:
+    """Returns (SAM around `optim.sam_base`, step -> lr schedule) on optax.contrib.sam's transparent mode.
+
+    Each SAM update takes two trainer steps on consecutive batches: the first moves the params to w + eps
+    (the ascent, `scale_by_sam_ascent` with `sam_rho`, `sam_adaptive`, `sam_eta`), the second takes the
+    gradient there and applies the base optimizer's update to w (weight decay, clipping, layer decay and
+    frozen params as the base optimizer has them). The base optimizer's schedule is laid out over the
+    total_steps / 2 updates it makes; the returned schedule gives its lr at a trainer step. Gradient
+    accumulation and sharding need nothing special: the trainer hands each step one (accumulated) gradient,
+    and the state holds one params-shaped copy (w, sharded as the params).
+    """
+    base_config = dict(optim_config.items() if hasattr(optim_config, "items") else optim_config)
+    base_name = base_config.get("sam_base", "adamw")
+    if base_name == "sam":
+        raise ValueError("optim.sam_base must be a base optimizer; valid choices: ['adamw', 'sgd', 'lars', 'lamb']")
+    base_config["name"] = base_name
+    if base_config.get("warmup_steps") is not None:
+        base_config["warmup_steps"] = int(base_config["warmup_steps"]) // SAM_SYNC_PERIOD
+    base_steps = max(int(total_steps) // SAM_SYNC_PERIOD, 1)
+    base_tx, base_schedule = make_optimizer(
+        ml_collections.ConfigDict(base_config), params, batch_size=batch_size, total_steps=base_steps,
+        steps_per_epoch=None if steps_per_epoch is None else steps_per_epoch / SAM_SYNC_PERIOD,
+        param_axes=param_axes, layer_ids_fn=layer_ids_fn, no_weight_decay=no_weight_decay)
+    rho = float(base_config.get("sam_rho", 0.05))
+    if not rho > 0:
+        raise ValueError(f"optim.sam_rho must be positive, got {rho}")
+    ascent = scale_by_sam_ascent(rho, bool(base_config.get("sam_adaptive", False)),
+                                 float(base_config.get("sam_eta", 0.01)))
+    tx = optax.contrib.sam(base_tx, ascent, sync_period=SAM_SYNC_PERIOD, reset_state=True, opaque_mode=False)
+
+    def schedule(step):
+        return base_schedule(step // SAM_SYNC_PERIOD)
+
     return tx, schedule
 
 

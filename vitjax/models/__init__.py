@@ -15,7 +15,8 @@ from typing import List
 from vitjax.models.registry import ModelEntry, module_fields, register_model, registry
 
 # Architecture families; each module registers its variants when imported.
-_FAMILIES = ("vit", "swin", "convnext", "cvt", "crossvit", "tnt", "convit", "metaformer", "tiny_vit", "levit", "clip")
+_FAMILIES = ("vit", "swin", "convnext", "cvt", "crossvit", "tnt", "convit", "metaformer", "tiny_vit", "levit",
+             "clip", "resnet", "regnet")
 _loaded = False
 
 
