@@ -54,3 +54,4 @@ def test_notebook_runs(path, tmp_path):
         assert float(match.group(1)) > 30.0, match.group(0)  # chance is 10%
         correct = re.search(r"(\d+) of 10 correct", output)
         assert correct and int(correct.group(1)) >= 3, output[-6000:]
+        assert "text features: max relative error vs open_clip" in output, output[-6000:]  # converted weights
