@@ -58,11 +58,11 @@ def test_train_mode_batch_statistics_match_timm(name, ours, theirs):
     """train=True: the logits use batch statistics as torch's, and every running statistic updates with
     momentum 0.1 from the batch statistics of that layer's input (captured from the torch model by hooks).
 
-    The running means match torch's; the running variances differ by design: torch folds in the unbiased batch
-    variance (x n / (n - 1)), flax (layers.batch_norm) the biased one. Both rules are checked exactly here.
+    The running variances fold in the unbiased batch variance (x n / (n - 1)), as torch's: `layers.BatchNorm`;
+    flax's own BatchNorm folds in the biased one, which this test tells apart (the maps are small, so n / (n - 1)
+    is far from 1).
     """
     torch_model = reference(name, seed=3, **theirs)
-    before = {key: value.clone() for key, value in torch_model.state_dict().items()}
     variables = convert.from_timm(torch_model.state_dict(), name, **ours)
     inputs = {}
     hooks = [module.register_forward_hook(lambda mod, args, out, key=key: inputs.__setitem__(key, args[0].double()))
@@ -78,18 +78,12 @@ def test_train_mode_batch_statistics_match_timm(name, ours, theirs):
         variables, images.numpy().transpose(0, 2, 3, 1))
     assert relative_error(logits, expected) <= 1e-5
     after = torch_model.state_dict()
-    biased_rule = dict(after)
-    for key, x in inputs.items():
-        count = x.numel() // x.shape[1]
-        biased = x.var(dim=(0, 2, 3), unbiased=False)
-        old_var = before[f"{key}.running_var"].double()
-        torch_rule = 0.9 * old_var + 0.1 * biased * count / (count - 1)
-        assert relative_error(after[f"{key}.running_var"], torch_rule) <= 1e-5, key
-        biased_rule[f"{key}.running_var"] = (0.9 * old_var + 0.1 * biased).float()
+    smallest_map = min(x.numel() // x.shape[1] for x in inputs.values())
+    assert smallest_map <= 16  # n / (n - 1) >= 1.067 there: the biased rule would miss by far more than 1e-5
     assert len(inputs) == sum(key.endswith("running_var") for key in after)
     flat_ours = flax.traverse_util.flatten_dict(updates["batch_stats"], sep="/")
     flat_expected = flax.traverse_util.flatten_dict(
-        convert.from_timm(biased_rule, name, **ours)["batch_stats"], sep="/")
+        convert.from_timm(dict(after), name, **ours)["batch_stats"], sep="/")
     assert set(flat_ours) == set(flat_expected)
     for path, value in flat_expected.items():
         assert relative_error(flat_ours[path], value) <= 1e-5, path

@@ -23,7 +23,7 @@ from vitjax.models.registry import register_model
 
 QKV_PROJECTIONS = ("dw_bn", "linear")
 
-# torch.nn.BatchNorm2d defaults, in torch's momentum convention (flax keeps 1 - momentum of the old value).
+# torch.nn.BatchNorm2d defaults, in torch's momentum convention (layers.BatchNorm: the weight of the batch).
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
 

@@ -477,7 +477,7 @@ def classifier_head(num_classes: int, zero_init: bool, dtype: Dtype, param_dtype
 
 
 __all__ = [
-    "ACTIVATIONS", "Attention", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
+    "ACTIVATIONS", "Attention", "BatchNorm", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
     "activation", "classifier_head", "constrain", "gelu", "gelu_tanh", "quick_gelu", "layer_norm", "logical",
     "multihead_attention", "pool_tokens",
     "posemb_sincos_1d", "posemb_sincos_2d", "resample_posemb", "resize_like_torch", "to_2tuple", "trunc_normal_init",
@@ -492,20 +492,60 @@ __all__ = [
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+class BatchNorm(nn.Module):
+    """BatchNorm over the last axis with PyTorch's semantics; returns the normalised input.
+
+    Params `scale` and `bias`, statistics `mean` and `var` in the `batch_stats` collection (flax's
+    nn.BatchNorm names, so checkpoints and converters are unchanged). As torch: `momentum` weighs the
+    batch (running = (1 - momentum) * running + momentum * batch), the batch variance is two-pass and
+    biased for normalising but unbiased (x n / (n - 1)) when folded into the running variance. flax's
+    BatchNorm folds in the biased one, so its running variances drift from torch's by n / (n - 1) per
+    update (a 2x2 map at batch 2: 8/7). Statistics are reduced in fp32. Under jit on a sharded batch the
+    means are over the global batch, as torch's SyncBatchNorm.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.1
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: float = 1.0
+    dtype: Optional[Dtype] = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        inputs = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(inputs, axes)
+            var = jnp.mean(jnp.square(inputs - mean), axes)
+            if not self.is_initializing():
+                count = x.size // features
+                unbiased = var * (count / max(count - 1, 1))
+                running_mean.value = (1.0 - self.momentum) * running_mean.value + self.momentum * mean
+                running_var.value = (1.0 - self.momentum) * running_var.value + self.momentum * unbiased
+        y = (inputs - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_scale:
+            y = y * self.param("scale", logical(nn.initializers.constant(self.scale_init), ("embed",)),
+                               (features,), self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", logical(nn.initializers.zeros, ("embed",)), (features,),
+                               self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+
 def batch_norm(train: bool, *, momentum: float = 0.1, eps: float = 1e-5, scale_init: float = 1.0,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               name: Optional[str] = None) -> nn.BatchNorm:
-    """Returns a BatchNorm over the last axis with PyTorch's semantics of `momentum` and `eps`.
-
-    torch updates running = (1 - momentum) * running + momentum * batch, flax the reverse, so the flax
-    momentum is 1 - momentum. Statistics live in the `batch_stats` collection. The batch variance is
-    two-pass, as torch's: flax's default E[x^2] - E[x]^2 cancels badly on small maps (CvT's key/value
-    maps: train-mode logits 2e-5 from the reference in fp32, two-pass 4e-6).
-    """
-    return nn.BatchNorm(use_running_average=not train, momentum=1.0 - momentum, epsilon=eps,
-                        use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=logical(nn.initializers.constant(scale_init), ("embed",)),
-                        bias_init=logical(nn.initializers.zeros, ("embed",)))
+               name: Optional[str] = None) -> BatchNorm:
+    """Returns a `BatchNorm` (PyTorch's semantics) using batch statistics when `train`, else running ones."""
+    return BatchNorm(use_running_average=not train, momentum=momentum, eps=eps, scale_init=scale_init,
+                     dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 CHANNEL_NORM_TYPES = ("layernorm", "rmsnorm", "simplenorm", "groupnorm")

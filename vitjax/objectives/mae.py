@@ -184,7 +184,7 @@ class LinearProbe(nn.Module):
     num_classes: int
     head_init_std: float = 0.01
     batch_norm_eps: float = 1e-6
-    batch_norm_momentum: float = 0.9
+    batch_norm_momentum: float = 0.1  # torch convention: the weight of the batch
 
     def layer_ids(self, params) -> Tuple[Dict[str, Any], int]:
         """Returns ({path: layer id}, num_layers): the encoder's ids under "encoder/", the head in the last group."""
@@ -201,10 +201,10 @@ class LinearProbe(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
         features, intermediates = self.encoder(images, train=False)
         features = jax.lax.stop_gradient(features.astype(jnp.float32))
-        # MAE's probe head: BatchNorm1d(affine=False, eps=1e-6), torch momentum 0.1 (= flax 0.9).
-        normed = nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
-                              epsilon=self.batch_norm_eps, momentum=self.batch_norm_momentum,
-                              axis_name=None, name="head_norm")(features)
+        # MAE's probe head: BatchNorm1d(affine=False, eps=1e-6), torch momentum 0.1.
+        normed = layers.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
+                                  eps=self.batch_norm_eps, momentum=self.batch_norm_momentum,
+                                  name="head_norm")(features)
         logits = nn.Dense(self.num_classes, name="head",
                           kernel_init=layers.logical(nn.initializers.truncated_normal(self.head_init_std),
                                                      ("embed", "classes")),
