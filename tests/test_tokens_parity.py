@@ -1,0 +1,59 @@
+"""Token reduction against the official code through the one interface: EViT (and its keep-rate warm-up).
+
+The fixtures under tests/fixtures/<method>/ come from running the official repositories on a CPU with
+re-randomised weights (see each README.md); the official code is not in this repository.
+"""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vitjax import models
+from vitjax.convert import vit as convert_vit
+from vitjax.tokens import evit
+
+from parity_utils import relative_error
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+EVIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_dim=128, num_classes=5)
+EVIT_CASES = {"fuse": dict(keep_rate=(1, 0.7, 0.5, 1), fuse_token=True),
+              "drop": dict(keep_rate=(1, 0.6, 1, 0.5), fuse_token=False)}
+
+
+def load(method):
+    data = np.load(os.path.join(FIXTURES, method, f"{method}.npz"))
+    state = {key[len("state/"):]: data[key] for key in data.files if key.startswith("state/")}
+    return data, state
+
+
+@pytest.fixture(scope="module")
+def evit_fixture():
+    return load("evit")
+
+
+@pytest.mark.parametrize("case", sorted(EVIT_CASES))
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+def test_evit_equals_official(evit_fixture, case, attention_impl):
+    data, state = evit_fixture
+    model = models.create("deit_tiny_patch16_224", attention_impl=attention_impl,
+                          token_reduction=dict(method="evit", **EVIT_CASES[case]), **EVIT)
+    variables = convert_vit.convert_timm(state, model)
+    logits, intermediates = jax.jit(model.apply)(variables, data["images"])
+    kept = intermediates["evit"]["kept_index"]
+    reference_kept = [data[f"{case}/idx{i}"] for i in range(2)]
+    assert len(kept) == 2
+    for ours, reference in zip(kept.values(), reference_kept):
+        np.testing.assert_array_equal(np.asarray(ours), reference)
+    error = relative_error(logits, data[f"{case}/logits"])
+    print(f"evit {case} {attention_impl}: relative error {error:.2e} "
+          f"(official fp32 vs fp64: {relative_error(data[f'{case}/logits'], data[f'{case}/logits64']):.2e})")
+    assert error <= 1e-5
+
+
+def test_evit_keep_rate_warmup_is_the_official_schedule(evit_fixture):
+    data, _ = evit_fixture
+    ours = [evit.adjust_keep_rate(int(it), int(epoch), warmup_epochs=10, total_epochs=30, iters_per_epoch=10,
+                                  base_keep_rate=0.7) for it, epoch in data["schedule/steps"]]
+    np.testing.assert_allclose(ours, data["schedule/keep_rate"], rtol=1e-12)
+    assert ours[0] == 1.0 and ours[-1] == pytest.approx(0.7)
