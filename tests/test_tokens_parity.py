@@ -57,3 +57,25 @@ def test_evit_keep_rate_warmup_is_the_official_schedule(evit_fixture):
                                   base_keep_rate=0.7) for it, epoch in data["schedule/steps"]]
     np.testing.assert_allclose(ours, data["schedule/keep_rate"], rtol=1e-12)
     assert ours[0] == 1.0 and ours[-1] == pytest.approx(0.7)
+
+
+ATS = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, mlp_dim=128, num_classes=5)
+
+
+@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+def test_ats_equals_official(attention_impl):
+    """The official drop_tokens=False path: fixed shapes, zero padding, the policy as our mask."""
+    data, state = load("ats")
+    model = models.create("deit_tiny_patch16_224", attention_impl=attention_impl,
+                          token_reduction=dict(method="ats", ats_blocks=[1, 2]), **ATS)
+    variables = convert_vit.convert_timm(state, model)
+    logits, intermediates = jax.jit(model.apply)(variables, data["images"])
+    masks = intermediates["ats"]["masks"]
+    for index, block in enumerate((1, 2)):
+        np.testing.assert_array_equal(np.asarray(masks[block]), data[f"drop_tokens0/policy{index}"])
+    kept = [np.asarray(count).tolist() for count in intermediates["ats"]["kept"]]
+    assert kept[0] == [65, 65] and kept[1][0] < 65 and kept[2][0] < kept[1][0], kept  # per-image counts
+    error = relative_error(logits, data["drop_tokens0/logits"])
+    print(f"ats {attention_impl}: relative error {error:.2e} (official fp32 vs fp64: "
+          f"{relative_error(data['drop_tokens0/logits'], data['drop_tokens0/logits64']):.2e})")
+    assert error <= 1e-5

@@ -108,10 +108,10 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, *, bias: Optional[jax.Array] = None,
                  key_bias: Optional[jax.Array] = None, train: bool = False,
                  capture_attention: bool = False, return_keys: bool = False,
-                 return_qk: bool = False) -> Tuple[jax.Array, dict]:
+                 return_qkv: bool = False) -> Tuple[jax.Array, dict]:
         """Returns (output (B, N, C), aux): aux holds `attention` weights when captured, with
         `return_keys` `key_mean` (B, N, head_dim), the keys averaged over heads (ToMe's metric), and with
-        `return_qk` the per-head `query` and `key` (B, N, H, head_dim) (token reduction, `vitjax.tokens`)."""
+        `return_qkv` the per-head `query`, `key` and `value` (B, N, H, head_dim) (token reduction, `vitjax.tokens`)."""
         channels = x.shape[-1]
         if channels % self.num_heads:
             raise ValueError(f"Width {channels} is not divisible by num_heads={self.num_heads}")
@@ -131,8 +131,8 @@ class Attention(nn.Module):
                           capture_attention=capture_attention)
         if return_keys:
             aux["key_mean"] = key.mean(axis=2)
-        if return_qk:
-            aux["query"], aux["key"] = query, key
+        if return_qkv:
+            aux["query"], aux["key"], aux["value"] = query, key, value
         out = project_heads(self, out, channels, train=train, use_bias=self.proj_bias, kernel_init=self.kernel_init)
         return out, aux
 

@@ -72,12 +72,12 @@ class Block(nn.Module):
             proj_drop_rate=self.proj_drop_rate, norm_eps=self.norm_eps, attention_impl=self.attention_impl,
             kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
             norm("norm1")(x), key_bias=key_bias, train=train,
-            capture_attention=capture_attention, return_qk=reducer is not None)
+            capture_attention=capture_attention, return_qkv=reducer is not None)
         if self.init_values is not None:
             y = layers.LayerScale(self.init_values, self.param_dtype, name="ls1")(y)
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
         if reducer is not None:
-            view = tokens.AttentionView(aux.pop("query"), aux.pop("key"), key_bias)
+            view = tokens.AttentionView(aux.pop("query"), aux.pop("key"), aux.pop("value"), key_bias)
             x, token_state = reducer(x, view, token_state)
         y = layers.Mlp(self.mlp_dim, drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
                        dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(norm("norm2")(x), train)

@@ -23,9 +23,10 @@ _METHODS: Dict[str, Type["Method"]] = {}
 
 
 class AttentionView(NamedTuple):
-    """What a block's attention exposes to its reducer: per-head queries and keys (B, N, H, D) and its key bias."""
+    """What a block's attention exposes to its reducer: per-head queries, keys, values (B, N, H, D), its key bias."""
     query: jax.Array
     key: jax.Array
+    value: jax.Array
     key_bias: Optional[jax.Array] = None
 
     def key_mean(self) -> jax.Array:
@@ -64,8 +65,26 @@ class BlockReducer:
 
 
 def state_key_bias(state: Optional[State]) -> Optional[jax.Array]:
-    """Returns the key bias carried in a state (`key_bias`: log sizes, a padding mask as -inf), or None."""
+    """Returns the key bias carried in a state (`key_bias`, e.g. a padding mask's), or None."""
     return None if state is None else state.get("key_bias")
+
+
+# Finite, so a fully padded row stays NaN-free in every kernel; exp of it underflows to exactly 0 in fp32.
+MASKED_LOGIT = -1e9
+
+
+def mask_key_bias(mask: jax.Array) -> jax.Array:
+    """Returns the key bias (B, N) that hides padded tokens (mask 0) from attention: 0 or MASKED_LOGIT."""
+    return jnp.where(mask > 0, 0.0, MASKED_LOGIT).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepAll(BlockReducer):
+    """A block that keeps every token but still applies the state's key bias (e.g. after ATS padded some)."""
+
+    def __call__(self, tokens: jax.Array, view: AttentionView, state: State) -> Tuple[jax.Array, State]:
+        """Returns the tokens and state unchanged."""
+        return tokens, state
 
 
 class Plan(NamedTuple):
@@ -180,6 +199,6 @@ def weighted_average(tokens: jax.Array, sizes: Optional[jax.Array]) -> jax.Array
     return pooled.astype(tokens.dtype)
 
 
-__all__ = ["weighted_average", "AttentionView", "BlockReducer", "Method", "Plan", "State", "check_keep_rate", "check_locations",
+__all__ = ["weighted_average", "AttentionView", "BlockReducer", "KeepAll", "MASKED_LOGIT", "mask_key_bias", "Method", "Plan", "State", "check_keep_rate", "check_locations",
            "get_method", "list_methods", "method_options", "parse", "query_attention", "register",
            "state_key_bias"]
