@@ -11,7 +11,7 @@ import pytest
 
 from vitjax import models
 from vitjax.convert import vit as convert_vit
-from vitjax.tokens import evit
+from vitjax.tokens import evit, mctf
 
 from parity_utils import relative_error
 
@@ -32,8 +32,7 @@ def evit_fixture():
     return load("evit")
 
 
-@pytest.mark.parametrize("case", sorted(EVIT_CASES))
-@pytest.mark.parametrize("attention_impl", ["xla", "pallas"])
+@pytest.mark.parametrize("case, attention_impl", [("fuse", "xla"), ("fuse", "pallas"), ("drop", "xla")])
 def test_evit_equals_official(evit_fixture, case, attention_impl):
     data, state = evit_fixture
     model = models.create("deit_tiny_patch16_224", attention_impl=attention_impl,
@@ -79,3 +78,53 @@ def test_ats_equals_official(attention_impl):
     print(f"ats {attention_impl}: relative error {error:.2e} (official fp32 vs fp64: "
           f"{relative_error(data['drop_tokens0/logits'], data['drop_tokens0/logits64']):.2e})")
     assert error <= 1e-5
+
+
+MCTF = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, mlp_dim=128, num_classes=5)
+# The fixture's cases: the official mctf_type list by its info names, and activate_layer.
+MCTF_CASES = {
+    "default": dict(r_student=0.35, activate_layer=(1, 2)),
+    "plain": dict(r_student=6, one_step_ahead=0, bidirection=0, pooling_type=0, activate_layer=(0, 2, 3)),
+    "precise_max": dict(r_student=0.3, prop_attn=0, one_step_ahead=2, tau_sim=2, tau_info=10, tau_size=0,
+                        pooling_type=2, activate_layer=(1, 3)),
+    "mean_ahead": dict(r_student=7, tau_info=0, bidirection=0, pooling_type=3, activate_layer=(0, 1, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def mctf_fixture():
+    return load("mctf")
+
+
+@pytest.mark.parametrize("case", sorted(MCTF_CASES))
+def test_mctf_equals_official(mctf_fixture, case):
+    data, state = mctf_fixture
+    model = models.create("deit_tiny_patch16_224", token_reduction=dict(method="mctf", **MCTF_CASES[case]), **MCTF)
+    variables = convert_vit.convert_timm(state, model)
+    logits, intermediates = jax.jit(model.apply)(variables, data["images"])
+    assert list(intermediates["mctf"]["token_counts"]) == list(data[f"{case}/counts"])
+    np.testing.assert_allclose(np.asarray(intermediates["mctf"]["sizes"][-1]), data[f"{case}/size"], rtol=1e-6)
+    error = relative_error(logits, data[f"{case}/logits"])
+    print(f"mctf {case}: relative error {error:.2e} (official fp32 vs fp64: "
+          f"{relative_error(data[f'{case}/logits'], data[f'{case}/logits64']):.2e})")
+    assert error <= 1e-5
+
+
+def test_mctf_consistency_loss_equals_official(mctf_fixture):
+    """Training mode: a student at r_student and a teacher at the drawn r_teacher, both with the same weights."""
+    data, state = mctf_fixture
+    encoded, logits = {}, {}
+    r_teacher = float(data["consistency/r_teacher"])
+    for role, r in (("student", 0.35), ("teacher", r_teacher)):
+        model = models.create("deit_tiny_patch16_224", token_reduction=dict(
+            method="mctf", r_student=r, activate_layer=(1, 2)), **MCTF)
+        variables = convert_vit.convert_timm(state, model)
+        logits[role], intermediates = jax.jit(lambda v, x, m=model: m.apply(v, x, train=True))(
+            variables, data["images"])
+        encoded[role] = intermediates["encoded"]
+        assert relative_error(logits[role], data[f"consistency/{role}_logits"]) <= 1e-5
+    loss = mctf.consistency_loss(encoded["student"], encoded["teacher"])
+    error = relative_error(loss, data["consistency/loss"])
+    print(f"mctf consistency loss: relative error {error:.2e}")
+    assert error <= 1e-5 and float(np.min(loss)) > 0
+    assert mctf.draw_r_teacher(np.random.default_rng(0), 0.15) in [k / 100 for k in range(15)]

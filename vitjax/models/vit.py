@@ -65,25 +65,42 @@ class Block(nn.Module):
         """
         drop_path_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         norm = lambda name: layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
-        reducer = self.token_reducer
-        key_bias = None if reducer is None else reducer.key_bias(token_state)
-        y, aux = layers.Attention(
+        norm1 = norm("norm1")
+        attention = layers.Attention(
             self.num_heads, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, attn_drop_rate=self.attn_drop_rate,
             proj_drop_rate=self.proj_drop_rate, norm_eps=self.norm_eps, attention_impl=self.attention_impl,
-            kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-            norm("norm1")(x), key_bias=key_bias, train=train,
-            capture_attention=capture_attention, return_qkv=reducer is not None)
+            kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+        reducer = self.token_reducer
+        stage = None if reducer is None else reducer.stage
+        key_bias = None if reducer is None else reducer.key_bias(token_state)
+        weights = None
+        if stage == tokens.BEFORE_ATTENTION:
+            # The reducer sees this block's attention on the unreduced tokens, reduces them, and may hand back
+            # the attention weights of the reduced tokens (MCTF's one-step-ahead attention).
+            _, probe = attention(norm1(x), key_bias=key_bias, train=train, qkv_only=True)
+            x, token_state = reducer(x, tokens.AttentionView(probe["query"], probe["key"], probe["value"], key_bias),
+                                     token_state)
+            token_state = dict(token_state)
+            weights = token_state.pop("attention_weights", None)
+            key_bias = reducer.key_bias(token_state)
+        y, aux = attention(norm1(x), key_bias=key_bias, train=train, capture_attention=capture_attention,
+                           return_qkv=stage in (tokens.AFTER_ATTENTION, tokens.AFTER_MLP),
+                           attention_weights=weights)
+        view = None
+        if stage in (tokens.AFTER_ATTENTION, tokens.AFTER_MLP):
+            view = tokens.AttentionView(aux.pop("query"), aux.pop("key"), aux.pop("value"), key_bias)
         if self.init_values is not None:
             y = layers.LayerScale(self.init_values, self.param_dtype, name="ls1")(y)
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
-        if reducer is not None:
-            view = tokens.AttentionView(aux.pop("query"), aux.pop("key"), aux.pop("value"), key_bias)
+        if stage == tokens.AFTER_ATTENTION:
             x, token_state = reducer(x, view, token_state)
         y = layers.Mlp(self.mlp_dim, drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
                        dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(norm("norm2")(x), train)
         if self.init_values is not None:
             y = layers.LayerScale(self.init_values, self.param_dtype, name="ls2")(y)
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
+        if stage == tokens.AFTER_MLP:
+            x, token_state = reducer(x, view, token_state)
         x = layers.constrain(x, ("batch", "length", "embed"))
         aux = dict(aux, tokens=x)
         if reducer is not None:

@@ -7,8 +7,8 @@
 """
 from typing import Any, Optional
 
-from vitjax.tokens import ats, base, evit, tome
-from vitjax.tokens.base import (AttentionView, BlockReducer, Method, Plan, get_method, list_methods,
+from vitjax.tokens import ats, base, evit, mctf, tome
+from vitjax.tokens.base import (AFTER_ATTENTION, AFTER_MLP, BEFORE_ATTENTION, AttentionView, BlockReducer, Method, Plan, get_method, list_methods,
                                 method_options, parse, query_attention, weighted_average)
 from vitjax.tokens.tome import ToMeConfig, merge_schedule, parse_config, token_counts
 
@@ -22,6 +22,6 @@ def resolve(token_reduction: Any = None, tome_settings: Any = None) -> Optional[
     return parse(token_reduction)
 
 
-__all__ = ["ats", "AttentionView", "BlockReducer", "Method", "Plan", "ToMeConfig", "base", "evit", "get_method",
+__all__ = ["AFTER_ATTENTION", "AFTER_MLP", "BEFORE_ATTENTION", "ats", "AttentionView", "BlockReducer", "Method", "Plan", "ToMeConfig", "base", "evit", "get_method", "mctf",
            "list_methods", "merge_schedule", "method_options", "parse", "parse_config", "query_attention",
            "resolve", "tome", "token_counts", "weighted_average"]

@@ -52,8 +52,16 @@ def query_attention(query: jax.Array, key: jax.Array, key_bias: Optional[jax.Arr
     return weights.mean(axis=1) if heads_mean else weights
 
 
+# Where in its block a reducer runs. After attention (the default, ToMe, EViT, ATS) it gets that attention's
+# view and the tokens after its residual. Before attention (MCTF's one-step-ahead) it gets the view of the
+# block's attention on the unreduced tokens and may put `attention_weights` (B, H, N', N') in its state for
+# the block to use on the reduced ones. After the MLP (MCTF without one-step-ahead) it gets the block's view.
+BEFORE_ATTENTION, AFTER_ATTENTION, AFTER_MLP = "before_attention", "after_attention", "after_mlp"
+
+
 class BlockReducer:
     """One block's token reduction; subclasses are frozen dataclasses (hashable: a block field, static under jit)."""
+    stage: ClassVar[str] = AFTER_ATTENTION
 
     def key_bias(self, state: State) -> Optional[jax.Array]:
         """Returns the bias (B, N) this block's attention adds to every key's logit, or None."""
@@ -199,6 +207,6 @@ def weighted_average(tokens: jax.Array, sizes: Optional[jax.Array]) -> jax.Array
     return pooled.astype(tokens.dtype)
 
 
-__all__ = ["weighted_average", "AttentionView", "BlockReducer", "KeepAll", "MASKED_LOGIT", "mask_key_bias", "Method", "Plan", "State", "check_keep_rate", "check_locations",
+__all__ = ["AFTER_ATTENTION", "AFTER_MLP", "BEFORE_ATTENTION", "weighted_average", "AttentionView", "BlockReducer", "KeepAll", "MASKED_LOGIT", "mask_key_bias", "Method", "Plan", "State", "check_keep_rate", "check_locations",
            "get_method", "list_methods", "method_options", "parse", "query_attention", "register",
            "state_key_bias"]
