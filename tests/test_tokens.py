@@ -162,3 +162,34 @@ def test_training_gradients_flow_through_reduction(tiny_variables, method):
     for block in ("blocks_0", "blocks_2"):
         norm = max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(grads[block]))
         assert np.isfinite(norm) and norm > 0, (block, norm)
+
+
+def test_recipe_configs_build_their_models():
+    from vitjax import config_utils
+    for method in ("evit", "ats", "mctf", "tome"):
+        for runlocal in ("", ",runlocal"):
+            config = config_utils.load_config(f"configs/token_reduction_deit_s.py:method={method}{runlocal}")
+            model = models.create(config.model_name, **config.model.to_dict())
+            assert model.token_method().name == method
+    config = config_utils.load_config("configs/token_reduction_deit_s.py:method=evit")
+    assert (config.total_epochs, config.optim.blr, config.optim.weight_decay) == (30.0, 1e-5, 1e-6)
+
+
+def test_token_sources_rebuild_what_each_token_holds():
+    """EViT's and ATS's per-block index maps become source maps (for the pictures): each patch in at most
+    one token, the fused token holding exactly the patches not kept."""
+    from vitjax.tokens import visualize
+    for method, settings in (("evit", dict(keep_rate=(1, 0.5, 0.5), fuse_token=True)),
+                             ("evit", dict(keep_rate=(0.5, 1, 1))), ("ats", dict(ats_blocks=(1, 2), num_tokens=10))):
+        model = models.create("vit_tiny_patch16_224", token_reduction=dict(method=method, **settings), **TINY)
+        _, intermediates = jax.jit(model.apply)(random_variables(model, (16, 16, 3), std=0.2), IMAGES)
+        sources = visualize.token_sources(method, intermediates[method], 17)
+        for source, tokens_after in zip(sources, intermediates["blocks"]):
+            assert source.shape == (2, tokens_after.shape[1], 17)
+            held = source.sum(axis=1)
+            assert np.all((held == 0) | (held == 1)) and np.all(source[:, 0, 0] == 1)
+        if settings.get("fuse_token"):
+            assert np.all(sources[-1].sum(axis=1) == 1)  # nothing lost: the fused token holds the rest
+            assert np.all(sources[-1][:, -1].sum(axis=1) >= 9 - 5)  # 8 + fused -> 5 kept: 4 or more fused
+        else:
+            assert sources[-1].sum() < 2 * 17

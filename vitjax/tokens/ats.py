@@ -94,9 +94,13 @@ class ATSConfig(base.Method):
         return {"mask": jnp.ones(tokens.shape[:2], jnp.float32), "key_bias": None}
 
     def summarize(self, plan: base.Plan, states, tokens) -> Dict[str, Any]:
-        """Returns token_counts (padded shapes), `masks` per block (B, N_l) and `kept` per block (B,): valid tokens."""
+        """Returns token_counts (padded shapes), `masks` per block (B, N_l), `kept` per block (B,): valid tokens,
+        and per sampling block `sampled_index` (B, N_l - prefix): the incoming patch token each token is (-1: padding)."""
         masks = [state["mask"] for state in states]
-        return dict(token_counts=plan.token_counts, masks=masks, kept=[mask.sum(axis=1) for mask in masks])
+        sampled = {index: state["sampled_index"] for index, (block, state) in enumerate(zip(plan.blocks, states))
+                   if isinstance(block, BlockSample)}
+        return dict(token_counts=plan.token_counts, masks=masks, kept=[mask.sum(axis=1) for mask in masks],
+                    sampled_index=sampled)
 
     def pool_weights(self, state: base.State) -> Optional[jax.Array]:
         """Returns the padding mask: an average pool counts only the sampled tokens."""
@@ -164,8 +168,11 @@ class BlockSample(base.BlockReducer):
         sampled = jnp.take_along_axis(ranked, picks[:, :, None], axis=1)
         mask = jnp.concatenate([jnp.ones((tokens.shape[0], prefix), jnp.float32),
                                 (picks != candidates).astype(jnp.float32)], axis=1)
+        # Which incoming patch token each output token is (-1: padding), for pictures and analysis.
+        sampled_index = jnp.where(picks == candidates, -1,
+                                  jnp.take_along_axis(order, jnp.minimum(picks, candidates - 1), axis=1))
         return (jnp.concatenate([tokens[:, :prefix], sampled], axis=1),
-                {"mask": mask, "key_bias": base.mask_key_bias(mask)})
+                {"mask": mask, "key_bias": base.mask_key_bias(mask), "sampled_index": sampled_index})
 
 
 __all__ = ["ATSConfig", "BlockSample", "MIN_TOKENS", "sampled_count", "sampling_levels", "significance"]
