@@ -312,6 +312,8 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--speed_models", default=None, help="comma-separated of DeiT-S,ViT-B/16 (default: both on "
                                                            "an accelerator, DeiT-S on a CPU)")
     parser.add_argument("--skip_big", action="store_true", help="skip part 1 (DeiT-S / ViT-B/16 GMACs and speed)")
+    parser.add_argument("--params_cache", default="", help="a pickle of the trained digits params: read if it "
+                                                            "exists, else written after training")
     parser.add_argument("--out_dir", default=OUT_DIR)
     args = parser.parse_args(argv)
     if args.quick:
@@ -324,7 +326,18 @@ def main(argv=None) -> Dict[str, Any]:
     os.makedirs(args.out_dir, exist_ok=True)
     big = [] if args.skip_big else big_model_rows(speed_models, args.batch, args.repeats)
     write_outputs(args.out_dir, stem + "_partial", "part 1 done", dict(big_models=big))
-    params, config = train_digits(args.steps, seed=0)
+    if args.params_cache and os.path.exists(args.params_cache):
+        import pickle
+        import tome_digits
+        with open(args.params_cache, "rb") as f:
+            params = jax.tree.map(jnp.asarray, pickle.load(f))
+        config = tome_digits.train_config(args.steps, 0)
+    else:
+        params, config = train_digits(args.steps, seed=0)
+        if args.params_cache:
+            import pickle
+            with open(args.params_cache, "wb") as f:
+                pickle.dump(jax.tree.map(np.asarray, params), f)
     digits = digits_rows(params, config, args.finetune_steps)
     write_outputs(args.out_dir, stem + "_partial", "parts 1-2 done", dict(big_models=big, digits=digits))
     plot_path = os.path.join(args.out_dir, f"{stem}.png")

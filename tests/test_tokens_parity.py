@@ -128,3 +128,22 @@ def test_mctf_consistency_loss_equals_official(mctf_fixture):
     print(f"mctf consistency loss: relative error {error:.2e}")
     assert error <= 1e-5 and float(np.min(loss)) > 0
     assert mctf.draw_r_teacher(np.random.default_rng(0), 0.15) in [k / 100 for k in range(15)]
+
+
+TOME = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, mlp_dim=128, num_classes=5)
+
+
+@pytest.mark.parametrize("case, r", [("constant", 6), ("schedule", (8, -0.5))])
+def test_tome_equals_official(case, r):
+    """ToMe through the interface (token_reduction=dict(method="tome")) against the official patch of timm."""
+    data, state = load("tome")
+    model = models.create("deit_tiny_patch16_224", token_reduction=dict(method="tome", r=r, trace_source=True),
+                          **TOME)
+    variables = convert_vit.convert_timm(state, model)
+    logits, intermediates = jax.jit(model.apply)(variables, data["images"])
+    np.testing.assert_array_equal(np.asarray(intermediates["tome"]["size"]), data[f"{case}/size"])
+    np.testing.assert_array_equal(np.asarray(intermediates["tome"]["sources"][-1]), data[f"{case}/source"])
+    error = relative_error(logits, data[f"{case}/logits"])
+    print(f"tome {case}: relative error {error:.2e} (official fp32 vs fp64: "
+          f"{relative_error(data[f'{case}/logits'], data[f'{case}/logits64']):.2e})")
+    assert error <= 1e-5
