@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+import tome_digits  # noqa: E402
 from vitjax import models  # noqa: E402
 from vitjax.tokens import visualize  # noqa: E402
 
@@ -60,7 +61,8 @@ PAPERS = [
      "github.com/youweiliang/evit README"),
     ("MCTF", "DeiT-S, r=16 on blocks 1-11, fine-tuned", "80.1 % at 2.60 GFLOPs (DeiT-S: 79.8 % at 4.61)",
      "github.com/mlvlab/MCTF README"),
-    ("ToMe", "ViT-B/16 (AugReg), r=16, off the shelf", "about 2x images/s", "Bolya et al. 2023 (as quoted in issue 10)"),
+    ("ToMe", "ViT-B/16 (AugReg), r=16, off the shelf", "about 2x images/s",
+     "Bolya et al. 2023 (as quoted in issue 10)"),
     ("ATS", "DeiT-S", "not quoted: no figure in the official README", ""),
 ]
 
@@ -80,17 +82,6 @@ def gmacs(model, image_shape) -> float:
     return float(cost["flops"]) / 2e9
 
 
-def images_per_second(apply, variables, images, repeats: int) -> float:
-    """Returns the best-of-`repeats` throughput of a compiled forward over one batch."""
-    jax.block_until_ready(apply(variables, images))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(apply(variables, images))
-        best = min(best, time.perf_counter() - start)
-    return len(images) / best
-
-
 def big_model_rows(speed_models: List[str], batch: int, repeats: int) -> List[Dict[str, Any]]:
     """Returns GMACs (and images/s for speed_models) of DeiT-S and ViT-B/16 for every method and budget."""
     rows = []
@@ -108,7 +99,7 @@ def big_model_rows(speed_models: List[str], batch: int, repeats: int) -> List[Di
                        gmacs=gmacs(model, (224, 224, 3)))
             if timed:
                 apply = jax.jit(lambda v, x, m=model: m.apply(v, x)[0])
-                row["images_per_sec"] = images_per_second(apply, variables, images, repeats)
+                row["images_per_sec"] = tome_digits.images_per_second(apply, variables, images, repeats)
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -118,7 +109,6 @@ def train_digits(steps: int, seed: int):
     """Returns (params, config) of the digits ViT trained without token reduction (tome_digits' recipe)."""
     import shutil
     import tempfile
-    import tome_digits
     from vitjax import checkpoint as checkpoint_lib
     from vitjax import train as trainer
     config = tome_digits.train_config(steps, seed)
@@ -173,7 +163,6 @@ def finetune(model, params, images, labels, steps: int, seed: int):
 
 def digits_rows(params, config, finetune_steps: int) -> List[Dict[str, Any]]:
     """Returns top-1 (off the shelf and fine-tuned) and GMACs of every method and budget on the digits ViT."""
-    import tome_digits
     test_images, test_labels = digit_arrays(config, "test")
     train_images, train_labels = digit_arrays(config, "train")
     image_shape = test_images.shape[1:]
@@ -228,7 +217,6 @@ def picture_grid(rows: List[List[np.ndarray]], path: str) -> None:
 def pictures(digit_params, config, out_dir: str, stem: str) -> List[str]:
     """Writes the astronaut (DeiT-S, random weights) and digit (trained digits ViT) pictures; returns paths."""
     import skimage.data
-    import tome_digits
     from PIL import Image
     astronaut = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((224, 224), Image.BICUBIC))
     astronaut = (astronaut.astype(np.float32) / 255.0 - 0.45) / 0.25
@@ -328,7 +316,6 @@ def main(argv=None) -> Dict[str, Any]:
     write_outputs(args.out_dir, stem + "_partial", "part 1 done", dict(big_models=big))
     if args.params_cache and os.path.exists(args.params_cache):
         import pickle
-        import tome_digits
         with open(args.params_cache, "rb") as f:
             params = jax.tree.map(jnp.asarray, pickle.load(f))
         config = tome_digits.train_config(args.steps, 0)

@@ -1,4 +1,4 @@
-"""Token reduction behind one per-block interface (`base`): ToMe, EViT, ... registered by name.
+"""Token reduction behind one per-block interface (`base`): ToMe, EViT, ATS, MCTF registered by name.
 
     model = vitjax.models.create("deit_small_patch16_224", token_reduction=dict(method="evit", base_keep_rate=0.7))
     model = vitjax.models.create("vit_base_patch16_224", tome=dict(r=16))   # = dict(method="tome", r=16)
@@ -8,8 +8,9 @@
 from typing import Any, Optional
 
 from vitjax.tokens import ats, base, evit, mctf, tome
-from vitjax.tokens.base import (AFTER_ATTENTION, AFTER_MLP, BEFORE_ATTENTION, AttentionView, BlockReducer, Method, Plan, get_method, list_methods,
-                                method_options, parse, query_attention, weighted_average)
+from vitjax.tokens.base import (AFTER_ATTENTION, AFTER_MLP, BEFORE_ATTENTION, AttentionView, BlockReducer, Method,
+                                Plan, get_method, list_methods, method_options, parse, query_attention,
+                                weighted_average)
 from vitjax.tokens.tome import ToMeConfig, merge_schedule, parse_config, token_counts
 
 
@@ -22,6 +23,7 @@ def resolve(token_reduction: Any = None, tome_settings: Any = None) -> Optional[
     return parse(token_reduction)
 
 
-__all__ = ["AFTER_ATTENTION", "AFTER_MLP", "BEFORE_ATTENTION", "ats", "AttentionView", "BlockReducer", "Method", "Plan", "ToMeConfig", "base", "evit", "get_method", "mctf",
-           "list_methods", "merge_schedule", "method_options", "parse", "parse_config", "query_attention",
-           "resolve", "tome", "token_counts", "weighted_average"]
+__all__ = ["AFTER_ATTENTION", "AFTER_MLP", "BEFORE_ATTENTION", "AttentionView", "BlockReducer", "Method", "Plan",
+           "ToMeConfig", "ats", "base", "evit", "get_method", "list_methods", "mctf", "merge_schedule",
+           "method_options", "parse", "parse_config", "query_attention", "resolve", "tome", "token_counts",
+           "weighted_average"]

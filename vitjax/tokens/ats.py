@@ -95,7 +95,8 @@ class ATSConfig(base.Method):
 
     def summarize(self, plan: base.Plan, states, tokens) -> Dict[str, Any]:
         """Returns token_counts (padded shapes), `masks` per block (B, N_l), `kept` per block (B,): valid tokens,
-        and per sampling block `sampled_index` (B, N_l - prefix): the incoming patch token each token is (-1: padding)."""
+        and per sampling block `sampled_index` (B, N_l - prefix): the incoming patch token each token is
+        (-1: padding)."""
         masks = [state["mask"] for state in states]
         sampled = {index: state["sampled_index"] for index, (block, state) in enumerate(zip(plan.blocks, states))
                    if isinstance(block, BlockSample)}

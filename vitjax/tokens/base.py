@@ -138,6 +138,24 @@ class Method:
         return None
 
 
+class TracksSizes:
+    """Mixin of methods whose state carries token `size` (B, N) (merging, fusing): pools weigh tokens by it."""
+
+    def pool_weights(self, state: State) -> Optional[jax.Array]:
+        """Returns the token sizes: a merged token counts as the patches it holds."""
+        return state.get("size")
+
+    def pool_key_bias(self, state: State) -> Optional[jax.Array]:
+        """Returns log(size) with proportional attention, so attention pooling weighs tokens as the blocks do."""
+        return None if not self.prop_attn or state.get("size") is None else jnp.log(state["size"])
+
+    @staticmethod
+    def sizes_per_block(states, tokens) -> list:
+        """Returns the sizes after each block, ones before any merge."""
+        return [jnp.ones(block_tokens.shape[:2], jnp.float32) if state["size"] is None else state["size"]
+                for block_tokens, state in zip(tokens, states)]
+
+
 def register(cls: Type[Method]) -> Type[Method]:
     """Registers a Method subclass under `cls.name`; returns it (a class decorator)."""
     if not cls.name or cls.name in _METHODS:
@@ -207,6 +225,7 @@ def weighted_average(tokens: jax.Array, sizes: Optional[jax.Array]) -> jax.Array
     return pooled.astype(tokens.dtype)
 
 
-__all__ = ["AFTER_ATTENTION", "AFTER_MLP", "BEFORE_ATTENTION", "weighted_average", "AttentionView", "BlockReducer", "KeepAll", "MASKED_LOGIT", "mask_key_bias", "Method", "Plan", "State", "check_keep_rate", "check_locations",
-           "get_method", "list_methods", "method_options", "parse", "query_attention", "register",
-           "state_key_bias"]
+__all__ = ["AFTER_ATTENTION", "AFTER_MLP", "BEFORE_ATTENTION", "AttentionView", "BlockReducer", "KeepAll",
+           "MASKED_LOGIT", "Method", "Plan", "State", "TracksSizes", "check_keep_rate", "check_locations", "get_method",
+           "list_methods", "mask_key_bias", "method_options", "parse", "query_attention", "register",
+           "state_key_bias", "weighted_average"]

@@ -26,7 +26,7 @@ tests/test_tokens_parity.py.
 """
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp

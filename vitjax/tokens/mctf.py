@@ -31,7 +31,7 @@ the student's final class token to a teacher's (the same weights with less reduc
 Written from the paper and from reading the official (MIT) code; equal to it in tests/test_tokens_parity.py.
 """
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ MIN_TOKENS = 10  # the official block never fuses below this many tokens
 
 @base.register
 @dataclasses.dataclass(frozen=True)
-class MCTFConfig(base.Method):
+class MCTFConfig(base.TracksSizes, base.Method):
     """MCTF settings (see the module docstring)."""
     name = "mctf"
     r_student: Any = 0.35
@@ -109,20 +109,11 @@ class MCTFConfig(base.Method):
 
     def summarize(self, plan: base.Plan, states, tokens) -> Dict[str, Any]:
         """Returns token_counts, `fused` per block, `sizes` per block and, with trace_source, `sources`."""
-        sizes = [jnp.ones(block.shape[:2], jnp.float32) if state["size"] is None else state["size"]
-                 for block, state in zip(tokens, states)]
-        summary = dict(token_counts=plan.token_counts, fused=tuple(block.r for block in plan.blocks), sizes=sizes)
+        summary = dict(token_counts=plan.token_counts, fused=tuple(block.r for block in plan.blocks),
+                       sizes=self.sizes_per_block(states, tokens))
         if self.trace_source:
             summary["sources"] = [state["source"] for state in states]
         return summary
-
-    def pool_weights(self, state: base.State) -> Optional[jax.Array]:
-        """Returns the token sizes: a fused token counts as the patches it holds."""
-        return state.get("size")
-
-    def pool_key_bias(self, state: base.State) -> Optional[jax.Array]:
-        """Returns log(size) with proportional attention."""
-        return None if not self.prop_attn or state.get("size") is None else jnp.log(state["size"])
 
 
 def fused_count(r: Any, num_tokens: int, num_prefix_tokens: int) -> int:

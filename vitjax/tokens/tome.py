@@ -48,7 +48,7 @@ class PerLayer(tuple):
 
 @base.register
 @dataclasses.dataclass(frozen=True)
-class ToMeConfig(base.Method):
+class ToMeConfig(base.TracksSizes, base.Method):
     """ToMe settings of a model (see the module docstring)."""
     name = "tome"
     r: Any = 0
@@ -81,21 +81,11 @@ class ToMeConfig(base.Method):
 
     def summarize(self, plan: base.Plan, states, tokens) -> Dict[str, Any]:
         """Returns token_counts, merges, sizes per block, the final size and (traced) sources per block."""
-        sizes = [jnp.ones(block_tokens.shape[:2], jnp.float32) if state["size"] is None else state["size"]
-                 for block_tokens, state in zip(tokens, states)]
         summary = dict(token_counts=plan.token_counts, merges=tuple(block.r for block in plan.blocks),
-                       sizes=sizes, size=states[-1]["size"])
+                       sizes=self.sizes_per_block(states, tokens), size=states[-1]["size"])
         if self.trace_source:
             summary["sources"] = [state["source"] for state in states]
         return summary
-
-    def pool_weights(self, state: base.State) -> Optional[jax.Array]:
-        """Returns the token sizes: a merged token counts as the patches it holds."""
-        return state.get("size")
-
-    def pool_key_bias(self, state: base.State) -> Optional[jax.Array]:
-        """Returns log(size) with proportional attention, so attention pooling weighs tokens as the blocks do."""
-        return None if not self.prop_attn or state.get("size") is None else jnp.log(state["size"])
 
 
 def _is_int(value) -> bool:

@@ -163,4 +163,5 @@ def token_sources(method: str, summary: dict, num_tokens: int, num_prefix_tokens
     return sources
 
 
-__all__ = ["token_sources", "COLOR_MODES", "merged_tokens_grid_png", "merged_tokens_png", "patch_groups", "render_merged_tokens"]
+__all__ = ["COLOR_MODES", "merged_tokens_grid_png", "merged_tokens_png", "patch_groups", "render_merged_tokens",
+           "token_sources"]
