@@ -11,6 +11,8 @@ setup(
     version="0.1.0",
     description="A JAX/Flax research codebase for Vision Transformers.",
     packages=find_packages(include=["vitjax", "vitjax.*"]),
+    # CLIP's BPE merges (MIT, see vitjax/text/CLIP_BPE_LICENSE): the tokenizer works offline.
+    package_data={"vitjax.text": ["clip_bpe_merges.txt.gz", "CLIP_BPE_LICENSE"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -32,12 +34,17 @@ setup(
         # TFDS 4.9 imports it to locate its dataset code but no longer requires it on Python >= 3.9.
         "importlib_resources",
         "scikit-learn",  # ships the bundled offline `digits` dataset
+        # vitjax.text's CLIP tokenizer: unicode repair and the \p{L} word split, as open_clip's.
+        "ftfy>=6.3.1",
+        "regex",
     ],
     extras_require={
         # Weight conversion from PyTorch checkpoints; torch is never imported by `import vitjax`.
         "convert": ["torch", "safetensors"],
         # The notebooks in colabs/ (plots).
         "colab": ["matplotlib"],
+        # SigLIP's tokenizer (vitjax.text.tokenizer("sentencepiece", model_file=...)).
+        "text": ["sentencepiece>=0.2.3"],
         "test": [
             "pytest",
             "pytest-xdist",
@@ -47,6 +54,8 @@ setup(
             "transformers",
             "safetensors",
             "matplotlib",  # tests/test_colabs.py runs the notebooks
+            "open_clip_torch==3.3.0",  # CLIP tokenizer and model parity (tests/test_text.py, test_clip_convert.py)
+            "sentencepiece>=0.2.3",
         ],
     },
 )

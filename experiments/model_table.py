@@ -3,6 +3,9 @@
     python experiments/model_table.py                  # all models -> experiments/out/model_table.{md,json}
     python experiments/model_table.py --filter swin    # a subset
     python experiments/model_table.py --update-readme  # also rewrite the table in README.md
+    python experiments/model_table.py --filter clip --merge   # re-measure a subset, keep the other rows
+
+A two-tower model (CLIP, SigLIP) is measured on one image and one text of its full context length.
 
 Parameters come from `jax.eval_shape` (no weights are made); compute from XLA's cost analysis of the
 lowered forward pass at batch 1. XLA counts a multiply-add as 2 FLOPs; papers (and fvcore, which they use)
@@ -58,14 +61,22 @@ def native_input(model) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((1, height, width, getattr(model, "in_chans", 3)), jnp.float32)
 
 
+def native_inputs(model) -> tuple:
+    """Returns the model's batch-1 inputs at its native sizes: (images,), or (images, tokens) for two towers."""
+    if hasattr(model, "example_inputs"):
+        return tuple(model.example_inputs(1))
+    return (native_input(model),)
+
+
 def measure(name: str) -> dict:
     """Returns {params_m, gmacs, seconds} of one registered model at its native resolution."""
     start = time.time()
     model = models.create(name)
-    images = native_input(model)
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros(images.shape)))
+    inputs = native_inputs(model)
+    images = inputs[0]
+    shapes = jax.eval_shape(model.init, {"params": jax.random.key(0)}, *inputs)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
-    cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(shapes, images).cost_analysis()
+    cost = jax.jit(lambda v, *x: model.apply(v, *x, train=False)).lower(shapes, *inputs).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return dict(params_m=params / 1e6, gmacs=float(cost["flops"]) / 2e9, resolution=images.shape[1],
                 seconds=time.time() - start)
@@ -104,14 +115,20 @@ def main() -> None:
     parser.add_argument("--filter", default="", help="only models whose name contains this")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of the existing JSON not re-measured")
     args = parser.parse_args()
     rows = {}
+    if args.merge:
+        import json
+        with open(os.path.join(args.out, "model_table.json")) as file:
+            rows = json.load(file)["rows"]
     for name in models.list_models(args.filter):
         if name == "vit":  # the variant-string builder; its variants are registered under timm names
             continue
         rows[name] = measure(name)
         print(f"{name}: {rows[name]['params_m']:.2f}M, {rows[name]['gmacs']:.3f} GMACs "
               f"({rows[name]['seconds']:.1f}s)", flush=True)
+    rows = dict(sorted(rows.items()))
     table = markdown(rows)
     write_outputs(args.out, "model_table", table, {"jax": jax.__version__, "rows": rows, "published": PUBLISHED})
     print(table)

@@ -7,8 +7,10 @@ from vitjax import data, models
 from vitjax.data import ops
 
 # Registered names timm does not know: CvT (timm has no CvT; the registry uses Microsoft's release
-# settings) and "vit" (any variant, no weights of its own; the ViT family default).
-NOT_IN_TIMM = ("cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24", "cvt_w24_384", "vit")
+# settings), "vit" (any variant, no weights of its own; the ViT family default) and the two-tower CLIP /
+# SigLIP models (open_clip's and transformers' names; tests/test_clip.py checks their preprocessing).
+NOT_IN_TIMM = ("cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24", "cvt_w24_384", "vit",
+               "clip_vit_b16", "clip_vit_b32", "clip_vit_l14", "clip_vit_tiny_digits", "siglip_base_patch16_224")
 
 
 @pytest.mark.parametrize("name", models.list_models())

@@ -26,11 +26,13 @@ with open(os.path.join(REPO, "experiments", "out", "model_table.json")) as _file
 PARAMS["vit"] = PARAMS["vit_base_patch16_224"]
 
 
-def native_images(model) -> jax.ShapeDtypeStruct:
-    """Returns the (1, H, W, C) input of `model` at its registered resolution."""
+def native_inputs(model) -> tuple:
+    """Returns the batch-1 inputs of `model` at its registered sizes: (images,), or (images, tokens) for CLIP."""
+    if hasattr(model, "example_inputs"):
+        return tuple(model.example_inputs(1))
     size = getattr(model, "img_size", 224)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return jax.ShapeDtypeStruct((1, height, width, getattr(model, "in_chans", 3)), jnp.float32)
+    return (jax.ShapeDtypeStruct((1, height, width, getattr(model, "in_chans", 3)), jnp.float32),)
 
 
 def test_every_registered_model_is_in_the_table():
@@ -41,8 +43,7 @@ def test_every_registered_model_is_in_the_table():
 @pytest.mark.parametrize("name", models.list_models())
 def test_parameter_count_matches_timm(name):
     model = models.create(name)
-    images = native_images(model)
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros(images.shape)))
+    shapes = jax.eval_shape(model.init, {"params": jax.random.key(0)}, *native_inputs(model))
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
     assert count == PARAMS[name]
 
@@ -67,7 +68,27 @@ SMALL = {
                                          num_heads=(1, 2, 3, 4), window_sizes=(7, 8, 3, 2), num_classes=10), 64),
     "levit": ("levit_128s", dict(img_size=64, embed_dim=(32, 48, 64), depth=(1, 1, 1), num_heads=(2, 3, 4),
                                  num_classes=10), 64),
+    # Two towers: the "head" is the pair of (B, embed_dim) features (see `model_inputs`).
+    "clip": ("clip_vit_tiny_digits", dict(embed_dim=10, vision_width=32, text_width=32, vocab_size=100,
+                                          context_length=8), 16),
 }
+
+
+def model_inputs(model, images):
+    """Returns the apply inputs of a small model: the images, and for a two-tower model tokens too."""
+    if not hasattr(model, "context_length"):
+        return (images,)
+    tokens = jnp.asarray(np.arange(images.shape[0] * model.context_length).reshape(images.shape[0], -1)
+                         % model.vocab_size, jnp.int32)
+    return images, tokens
+
+
+def model_heads(output):
+    """Returns the (B, 10) outputs a small model's test loss reads: logits (two for DeiT), or CLIP's per-dimension
+    scaled similarities (every parameter reaches them; unit-norm features alone would give a constant loss)."""
+    if isinstance(output, dict):
+        return (output["image"] * output["text"] * output["scale"],)
+    return output if isinstance(output, (tuple, list)) else (output,)
 
 
 def random_variables(model, images):
@@ -81,7 +102,7 @@ def random_variables(model, images):
         center = 1.0 if name in ("scale", "gamma", "var") else 0.0
         return jnp.asarray(center + 0.05 * rng.standard_normal(leaf.shape), leaf.dtype)
 
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images))
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, *model_inputs(model, images)))
     return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes))
 
 
@@ -103,9 +124,9 @@ def test_forward_and_backward_are_finite(family):
     def forward_backward(params, images, rng):
         def loss(params):
             dropout_rng, drop_path_rng = jax.random.split(rng)
-            (output, _), _ = model.apply({"params": params, **state}, images, train=True, mutable=list(state),
-                                         rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
-            heads = output if isinstance(output, (tuple, list)) else (output,)  # a distilled model has two
+            (output, _), _ = model.apply({"params": params, **state}, *model_inputs(model, images), train=True,
+                                         mutable=list(state), rngs={"dropout": dropout_rng, "drop_path": drop_path_rng})
+            heads = model_heads(output)
             return sum(jnp.mean(jnp.square(head)) for head in heads), heads
         return jax.value_and_grad(loss, has_aux=True)(params)
 

@@ -18,6 +18,9 @@ Sources (`init_from`, a path; `PATH@STEP` picks a step of a vitjax run):
   * a timm / PyTorch checkpoint (`.pth`, `.pt`, `.bin`, `.safetensors`), converted on the fly for the
     run's model (`vitjax.convert.from_timm`, position embeddings resampled to the run's image size);
   * an official MAE checkpoint (`.pth` with MAE's keys: with decoder, encoder-only or fine-tuned).
+  * an open_clip CLIP or transformers SigLIP checkpoint, converted to vitjax's CLIP (its architecture read
+    from the shapes); a ViT classifier takes its image tower (the `visual` subtree) and re-initialises its
+    head: `CLIP.classifier_settings(num_classes)` gives the matching `vit` settings.
 
 Rules, for each target parameter, in this order:
   1. matches `skip`, or `keep` is given and it matches none of it  -> "skipped" (keeps its initial value)
@@ -144,6 +147,9 @@ def load(source: str, *, model_name: Optional[str] = None, model_overrides: Opti
     from vitjax.convert import common
     from vitjax.convert import mae as mae_convert
     state_dict = common.load_state_dict(path)
+    from vitjax.convert import clip as clip_convert
+    if clip_convert.is_open_clip(state_dict) or clip_convert.is_transformers_siglip(state_dict):
+        return _load_clip(state_dict, source, path)
     if mae_convert.is_official_mae(state_dict):
         return _load_mae(state_dict, source, path, model_name, model_overrides)
     if not model_name:
@@ -182,6 +188,20 @@ def _load_mae(state_dict, source: str, path: str, model_name: Optional[str],
         _, variables = mae_convert.load_official(encoder_keys, num_heads=num_heads)
         kind = "pretrain, encoder only"
     return Pretrained(dict(variables), source, "mae", f"official MAE checkpoint ({kind}) {path}", {})
+
+
+def _load_clip(state_dict, source: str, path: str) -> Pretrained:
+    """Returns an open_clip CLIP or transformers SigLIP checkpoint as vitjax CLIP variables."""
+    from vitjax import models
+    from vitjax.convert import clip as clip_convert
+    siglip = clip_convert.is_transformers_siglip(state_dict)
+    name = "siglip_base_patch16_224" if siglip else "clip_vit_b32"
+    settings = clip_convert.settings_from_state_dict(state_dict)
+    model = models.create(name, **settings)
+    convert = clip_convert.convert_transformers if siglip else clip_convert.convert_open_clip
+    kind = "transformers SigLIP" if siglip else "open_clip CLIP"
+    return Pretrained(convert(state_dict, model), source, "clip", f"{kind} checkpoint {path}",
+                      {"model_name": name, "model": settings})
 
 
 def _resampled_by_converter(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any]) -> Dict[str, str]:
@@ -339,7 +359,8 @@ class Plan:
 def _select_source(source: Dict[str, Any], target: Dict[str, Any], scope: str) -> Tuple[Dict[str, Any], str]:
     """Returns (the source subtree that fits the target best, its name): the whole, its `scope` or its encoder."""
     candidates = [(source, "")]
-    for key in dict.fromkeys(k for k in (scope, "encoder") if k):
+    # An MAE run offers its `encoder`, a CLIP model its image tower (`visual`).
+    for key in dict.fromkeys(k for k in (scope, "encoder", "visual") if k):
         if isinstance(source.get(key), Mapping):
             candidates.append((source[key], key))
     target_flat = _flat(target)

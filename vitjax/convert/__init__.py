@@ -3,6 +3,8 @@
     variables = vitjax.convert.from_timm("vit_tiny_patch16_224.pth", "vit_tiny_patch16_224")
     model = vitjax.models.create("vit_tiny_patch16_224")
     logits, _ = model.apply(variables, images)
+    variables = vitjax.convert.from_open_clip("open_clip_model.safetensors", "clip_vit_b32")   # open_clip CLIP
+    variables = vitjax.convert.from_transformers("model.safetensors", "siglip_base_patch16_224")  # SigLIP
 
 torch is imported only to read `.pth` files (with `weights_only=True`); safetensors need no torch.
 """
@@ -25,8 +27,35 @@ def from_timm(source, name: str, **model_overrides) -> Dict[str, Any]:
         converter = importlib.import_module(f"vitjax.convert.{family}")
     except ModuleNotFoundError as error:
         raise ValueError(f"No converter for the {family!r} family of {name!r}") from error
+    if not hasattr(converter, "convert_timm"):
+        raise ValueError(f"{name!r} ({family}) has no timm weights; convert it with "
+                         f"{'from_open_clip or from_transformers' if family == 'clip' else 'its own converter'}")
     model = models.create(name, **model_overrides)
     return converter.convert_timm(load_state_dict(source), model)
 
 
-__all__ = ["KeyTable", "from_timm", "load_state_dict"]
+def _clip_model(name: str, model_overrides):
+    from vitjax import models
+    if models.model_family(name) != "clip":
+        valid = [other for other in models.list_models() if models.model_family(other) == "clip"]
+        raise ValueError(f"{name!r} is not a CLIP/SigLIP model; valid choices: {valid}")
+    return models.create(name, **model_overrides)
+
+
+def from_open_clip(source, name: str, **model_overrides) -> Dict[str, Any]:
+    """Returns flax variables {"params": ...} of the CLIP model `name` from an open_clip CLIP state dict or file.
+
+    `model_overrides` go to `vitjax.models.create` (e.g. `mlp_activation="quick_gelu"` for OpenAI's weights,
+    `img_size=336` resamples the image position embedding). Missing, unexpected or mis-shaped keys raise.
+    """
+    from vitjax.convert.clip import convert_open_clip
+    return convert_open_clip(load_state_dict(source), _clip_model(name, model_overrides))
+
+
+def from_transformers(source, name: str, **model_overrides) -> Dict[str, Any]:
+    """Returns flax variables {"params": ...} of the SigLIP model `name` from a transformers SiglipModel state dict."""
+    from vitjax.convert.clip import convert_transformers
+    return convert_transformers(load_state_dict(source), _clip_model(name, model_overrides))
+
+
+__all__ = ["KeyTable", "from_open_clip", "from_timm", "from_transformers", "load_state_dict"]

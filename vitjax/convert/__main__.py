@@ -8,11 +8,15 @@ r"""Command line: convert PyTorch checkpoints to vitjax variables, or resample p
     # resample a vitjax checkpoint's position embeddings to another resolution
     python -m vitjax.convert --source=resample --checkpoint=vit_b16.msgpack --img_size=384 \
         --out=vit_b16_384.msgpack
+    # an open_clip CLIP (or with --source=transformers a SigLIP) checkpoint -> vitjax CLIP variables
+    python -m vitjax.convert --source=open_clip --model=clip_vit_b32 --checkpoint=open_clip_model.safetensors \
+        --out=clip_b32.msgpack
 
-Flags: --source (timm | mae | resample), --checkpoint (a .pth / .pt / .bin / .safetensors file; for
-resample a .msgpack or orbax directory written here), --model (a registered name; needed for timm, for
-resample taken from the checkpoint's meta when absent), --img_size, --num_classes (0 drops the
-classifier), --set KEY=VALUE (repeatable: any other model option, e.g. --set=depth=6), --out.
+Flags: --source (timm | mae | resample | open_clip | transformers), --checkpoint (a .pth / .pt / .bin /
+.safetensors file; for resample a .msgpack or orbax directory written here), --model (a registered name;
+needed for timm, open_clip and transformers; for resample taken from the checkpoint's meta when absent),
+--img_size, --num_classes (0 drops the classifier), --set KEY=VALUE (repeatable: any other model option,
+e.g. --set=depth=6), --out.
 
 `--out` ending in `.msgpack` writes one file; anything else an orbax checkpoint directory. Either
 carries a `meta` (`vitjax.convert.io`): the model name, the model options used, the weights'
@@ -27,13 +31,14 @@ from absl import flags
 
 from vitjax import cli as cli_lib
 
-SOURCES = ("timm", "mae", "resample")
+SOURCES = ("timm", "mae", "resample", "open_clip", "transformers")
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
     """Defines this command's flags in `flag_values` (the global FLAGS when run as a program)."""
     flags.DEFINE_enum("source", None, SOURCES, "What --checkpoint is: a timm / Hugging Face PyTorch checkpoint, an "
-                      "official MAE checkpoint, or a vitjax checkpoint whose position embeddings to resample.",
+                      "official MAE checkpoint, a vitjax checkpoint whose position embeddings to resample, an "
+                      "open_clip CLIP or a transformers SigLIP checkpoint.",
                       flag_values=flag_values)
     flags.DEFINE_string("checkpoint", None, "Input: .pth, .pt, .bin or .safetensors (timm, mae); .msgpack or orbax "
                         "directory (resample).", flag_values=flag_values)
@@ -93,6 +98,15 @@ def convert(source: str, checkpoint: str, out: str, *, model: Optional[str] = No
                              " ...; see vitjax.models.list_models())")
         from vitjax import convert as convert_lib
         variables = convert_lib.from_timm(checkpoint, model, **overrides)
+        meta.update(model_name=model, model=overrides,
+                    pretrained_cfg=_pretrained_cfg(models.pretrained_cfg(model), overrides))
+    elif source in ("open_clip", "transformers"):
+        clip_names = [name for name in models.list_models() if models.model_family(name) == "clip"]
+        if not model:
+            raise ValueError(f"--source={source} needs --model (one of {clip_names})")
+        from vitjax import convert as convert_lib
+        converter = convert_lib.from_open_clip if source == "open_clip" else convert_lib.from_transformers
+        variables = converter(checkpoint, model, **overrides)
         meta.update(model_name=model, model=overrides,
                     pretrained_cfg=_pretrained_cfg(models.pretrained_cfg(model), overrides))
     elif source == "mae":

@@ -73,6 +73,8 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
     if model.pos_embed == "learn":
         prefix = 0 if model.no_embed_class else model.num_prefix_tokens
         params["pos_embed"] = layers.resample_posemb(table.get("pos_embed"), model.grid_size, prefix)
+    if model.pre_norm:
+        params["norm_pre"] = norm_params(table, "norm_pre")
     for index in range(model.depth):
         params[f"blocks_{index}"] = block_params(table, f"blocks.{index}", model.num_heads, model.qkv_bias,
                                                model.qk_norm, model.init_values is not None)

@@ -15,7 +15,7 @@ from typing import List
 from vitjax.models.registry import ModelEntry, module_fields, register_model, registry
 
 # Architecture families; each module registers its variants when imported.
-_FAMILIES = ("vit", "swin", "convnext", "cvt", "crossvit", "tnt", "convit", "metaformer", "tiny_vit", "levit")
+_FAMILIES = ("vit", "swin", "convnext", "cvt", "crossvit", "tnt", "convit", "metaformer", "tiny_vit", "levit", "clip")
 _loaded = False
 
 

@@ -61,6 +61,27 @@ def gelu(x: jax.Array) -> jax.Array:
     return nn.gelu(x, approximate=False)
 
 
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """Returns the tanh-approximated GELU (PyTorch's GELU(approximate='tanh'); SigLIP's `gelu_pytorch_tanh`)."""
+    return nn.gelu(x, approximate=True)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """Returns x * sigmoid(1.702 x), the GELU approximation OpenAI's CLIP weights were trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# MLP activations by name, so configs and registered variants can pick one.
+ACTIVATIONS = {"gelu": gelu, "gelu_tanh": gelu_tanh, "quick_gelu": quick_gelu}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Returns the activation function called `name`; raises ValueError listing the valid names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; valid choices: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 class PatchEmbed(nn.Module):
     """Splits an NHWC image into patches with a strided conv; returns (tokens (B, N, C), grid (h, w))."""
 
@@ -417,6 +438,7 @@ class MapHead(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    mlp_activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, key_bias: Optional[jax.Array] = None) -> jax.Array:
@@ -438,8 +460,8 @@ class MapHead(nn.Module):
                               kernel_init=logical(trunc_normal_init, ("heads", "kv", "embed")),
                               dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
         y = layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="norm")(out)
-        out = out + Mlp(int(channels * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="mlp")(y, train)
+        out = out + Mlp(int(channels * self.mlp_ratio), activation=activation(self.mlp_activation),
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y, train)
         return out[:, 0]
 
 
@@ -474,8 +496,9 @@ def classifier_head(num_classes: int, zero_init: bool, dtype: Dtype, param_dtype
 
 
 __all__ = [
-    "Attention", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
-    "classifier_head", "constrain", "gelu", "layer_norm", "logical", "multihead_attention", "pool_tokens",
+    "ACTIVATIONS", "Attention", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
+    "activation", "classifier_head", "constrain", "gelu", "gelu_tanh", "quick_gelu", "layer_norm", "logical",
+    "multihead_attention", "pool_tokens",
     "posemb_sincos_1d", "posemb_sincos_2d", "resample_posemb", "resize_like_torch", "to_2tuple", "trunc_normal_init",
     "xavier_uniform_init",
 ]

@@ -52,7 +52,8 @@ class Block(nn.Module):
     kernel_init: layers.Initializer = layers.trunc_normal_init
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
-    # Token reduction (`vitjax.tokens`): called between attention and MLP; None leaves the block as it is.
+    mlp_activation: str = "gelu"  # a name in layers.ACTIVATIONS (CLIP: quick_gelu, SigLIP: gelu_tanh)
+    # Token reduction (`vitjax.tokens`): a per-block hook around attention; None leaves the block as it is.
     token_reducer: Optional[tokens.BlockReducer] = None
 
     @nn.compact
@@ -94,7 +95,8 @@ class Block(nn.Module):
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
         if stage == tokens.AFTER_ATTENTION:
             x, token_state = reducer(x, view, token_state)
-        y = layers.Mlp(self.mlp_dim, drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
+        y = layers.Mlp(self.mlp_dim, activation=layers.activation(self.mlp_activation),
+                       drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
                        dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(norm("norm2")(x), train)
         if self.init_values is not None:
             y = layers.LayerScale(self.init_values, self.param_dtype, name="ls2")(y)
@@ -156,6 +158,10 @@ class VisionTransformer(nn.Module):
     param_dtype: layers.Dtype = jnp.float32
     token_reduction: Optional[Any] = None  # dict(method=..., settings) (see vitjax.tokens) or a tokens.Method
     tome: Optional[Any] = None  # ToMe settings: a dict (see vitjax.tokens.tome) or a ToMeConfig
+    # CLIP's image tower (timm's `pre_norm`): a LayerNorm `norm_pre` after the position embedding, and a
+    # patch embedding without bias.
+    pre_norm: bool = False
+    mlp_activation: str = "gelu"  # a name in layers.ACTIVATIONS (OpenAI CLIP: quick_gelu, SigLIP: gelu_tanh)
 
     POS_EMBED_TYPES = ("learn", "sincos2d", "none")
     WEIGHT_INITS = ("timm", "xavier")
@@ -169,7 +175,8 @@ class VisionTransformer(nn.Module):
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         choices = dict(global_pool=layers.POOLING_TYPES, pos_embed=self.POS_EMBED_TYPES,
-                       weight_init=self.WEIGHT_INITS, attention_impl=ATTENTION_IMPLS)
+                       weight_init=self.WEIGHT_INITS, attention_impl=ATTENTION_IMPLS,
+                       mlp_activation=tuple(layers.ACTIVATIONS))
         for field, valid in choices.items():
             if getattr(self, field) not in valid:
                 raise ValueError(f"Unknown {field} {getattr(self, field)!r}; valid choices: {list(valid)}")
@@ -211,8 +218,9 @@ class VisionTransformer(nn.Module):
 
         `patch_indices` (B, K) keeps only those patches (after position embedding), prefix tokens first.
         """
-        x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, kernel_init=self._kernel_init(),
-                                    dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(images)
+        x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, use_bias=not self.pre_norm,
+                                    kernel_init=self._kernel_init(), dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name="patch_embed")(images)
         if grid != self.grid_size:
             raise ValueError(f"Input grid {grid} does not match the model's {self.grid_size} "
                              f"(img_size={self.img_size}); resample position embeddings to change resolution")
@@ -248,6 +256,8 @@ class VisionTransformer(nn.Module):
             kept = jnp.take_along_axis(x[:, num_prefix:], patch_indices[:, :, None].astype(jnp.int32), axis=1)
             x = jnp.concatenate([x[:, :num_prefix], kept], axis=1)
         x = nn.Dropout(self.pos_drop_rate)(x, deterministic=not train)
+        if self.pre_norm:
+            x = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="norm_pre")(x)
         return layers.constrain(x, ("batch", "length", "embed"))
 
     def block_kwargs(self) -> Dict[str, Any]:
@@ -255,7 +265,7 @@ class VisionTransformer(nn.Module):
         return dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or int(self.embed_dim * self.mlp_ratio),
                     qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, init_values=self.init_values,
                     proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
-                    norm_eps=self.norm_eps, attention_impl=self.attention_impl,
+                    norm_eps=self.norm_eps, attention_impl=self.attention_impl, mlp_activation=self.mlp_activation,
                     kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype)
 
     def encode(self, x: jax.Array, train: bool, capture_attention: bool) -> Tuple[jax.Array, Dict[str, Any]]:
@@ -348,7 +358,8 @@ class VisionTransformer(nn.Module):
             pool_bias = None if pool_bias is None else pool_bias[:, self.num_prefix_tokens:]
             pooled = layers.MapHead(self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                                     norm_eps=self.norm_eps, attention_impl=self.attention_impl, dtype=self.dtype,
-                                    param_dtype=self.param_dtype, name="attn_pool")(
+                                    param_dtype=self.param_dtype, mlp_activation=self.mlp_activation,
+                                    name="attn_pool")(
                 x[:, self.num_prefix_tokens:], train, key_bias=pool_bias)
         elif self.global_pool == "avg" and weights is not None:
             # A merged token stands for `size` patches, so it counts that many times in the mean.
