@@ -300,6 +300,8 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--speed_models", default=None, help="comma-separated of DeiT-S,ViT-B/16 (default: both on "
                                                            "an accelerator, DeiT-S on a CPU)")
     parser.add_argument("--skip_big", action="store_true", help="skip part 1 (DeiT-S / ViT-B/16 GMACs and speed)")
+    parser.add_argument("--big_from", default="", help="a JSON with part 1's `big_models` rows to reuse (e.g. the "
+                                                       "_partial.json an interrupted run left)")
     parser.add_argument("--params_cache", default="", help="a pickle of the trained digits params: read if it "
                                                             "exists, else written after training")
     parser.add_argument("--out_dir", default=OUT_DIR)
@@ -312,7 +314,12 @@ def main(argv=None) -> Dict[str, Any]:
     stem = "bench_tokens_quick" if args.quick else "bench_tokens"
     started = time.time()
     os.makedirs(args.out_dir, exist_ok=True)
-    big = [] if args.skip_big else big_model_rows(speed_models, args.batch, args.repeats)
+    if args.big_from:
+        import json
+        with open(args.big_from) as f:
+            big = json.load(f)["big_models"]
+    else:
+        big = [] if args.skip_big else big_model_rows(speed_models, args.batch, args.repeats)
     write_outputs(args.out_dir, stem + "_partial", "part 1 done", dict(big_models=big))
     if args.params_cache and os.path.exists(args.params_cache):
         import pickle
