@@ -128,9 +128,16 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, bias: Optional[jax.Array] = None,
                  key_bias: Optional[jax.Array] = None, train: bool = False,
-                 capture_attention: bool = False, return_keys: bool = False) -> Tuple[jax.Array, dict]:
-        """Returns (output (B, N, C), aux): aux holds `attention` weights when captured and, with
-        `return_keys`, `key_mean` (B, N, head_dim), the keys averaged over heads (ToMe's metric)."""
+                 capture_attention: bool = False, return_keys: bool = False,
+                 return_qkv: bool = False, qkv_only: bool = False,
+                 attention_weights: Optional[jax.Array] = None) -> Tuple[Optional[jax.Array], dict]:
+        """Returns (output (B, N, C), aux): aux holds `attention` weights when captured, with
+        `return_keys` `key_mean` (B, N, head_dim), the keys averaged over heads (ToMe's metric), and with
+        `return_qkv` the per-head `query`, `key` and `value` (B, N, H, head_dim) (token reduction, `vitjax.tokens`).
+
+        `qkv_only` returns (None, aux with query, key, value) without attending; `attention_weights`
+        (B, H, N, N) replaces softmax(q k^T) (MCTF's one-step-ahead attention: weights merged with the tokens).
+        """
         channels = x.shape[-1]
         if channels % self.num_heads:
             raise ValueError(f"Width {channels} is not divisible by num_heads={self.num_heads}")
@@ -146,10 +153,22 @@ class Attention(nn.Module):
                                  name="q_norm")(query)
             key = nn.LayerNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                                name="k_norm")(key)
-        out, aux = attend(self, query, key, value, bias=bias, key_bias=key_bias, train=train,
-                          capture_attention=capture_attention)
+        if qkv_only:
+            return None, {"query": query, "key": key, "value": value}
+        if attention_weights is None:
+            out, aux = attend(self, query, key, value, bias=bias, key_bias=key_bias, train=train,
+                              capture_attention=capture_attention)
+        else:
+            aux = {"attention": attention_weights} if capture_attention else {}
+            weights = attention_weights
+            if train and self.attn_drop_rate > 0:
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.attn_drop_rate, weights.shape)
+                weights = jnp.where(keep, weights / (1.0 - self.attn_drop_rate), 0.0)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
         if return_keys:
             aux["key_mean"] = key.mean(axis=2)
+        if return_qkv:
+            aux["query"], aux["key"], aux["value"] = query, key, value
         out = project_heads(self, out, channels, train=train, use_bias=self.proj_bias, kernel_init=self.kernel_init)
         return out, aux
 

@@ -13,7 +13,7 @@ import numpy as np
 from vitjax.models import layers, param_groups
 from vitjax.models.registry import (
     IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, register_model)
-from vitjax.tokens import tome as tome_lib
+from vitjax import tokens
 
 # Width, depth, MLP width and heads of each size (ViT paper Table 1; big_vision's `decode_variant`).
 VARIANT_WIDTH = {"mu": 32, "Ti": 192, "S": 384, "M": 512, "B": 768, "L": 1024, "H": 1280, "g": 1408}
@@ -52,41 +52,61 @@ class Block(nn.Module):
     kernel_init: layers.Initializer = layers.trunc_normal_init
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
-    tome: Optional[tome_lib.BlockMerge] = None  # ToMe: merge tokens between attention and MLP
     mlp_activation: str = "gelu"  # a name in layers.ACTIVATIONS (CLIP: quick_gelu, SigLIP: gelu_tanh)
+    # Token reduction (`vitjax.tokens`): a per-block hook around attention; None leaves the block as it is.
+    token_reducer: Optional[tokens.BlockReducer] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, capture_attention: bool = False,
                  drop_path_rate: Optional[jax.Array] = None,
-                 tome_state: Optional[Dict[str, Any]] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                 token_state: Optional[Dict[str, Any]] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         """Returns (tokens, aux); `drop_path_rate`, when given (a scanned per-layer value), overrides the field.
 
-        With `tome` set, `tome_state` carries the token sizes (and source map) in and aux["tome_state"] out.
+        With `token_reducer` set, `token_state` (sizes, masks, ...) comes in and aux["token_state"] goes out.
         """
         drop_path_rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         norm = lambda name: layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name)  # noqa: E731
-        merging = self.tome is not None and self.tome.r > 0
-        y, aux = layers.Attention(
+        norm1 = norm("norm1")
+        attention = layers.Attention(
             self.num_heads, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, attn_drop_rate=self.attn_drop_rate,
             proj_drop_rate=self.proj_drop_rate, norm_eps=self.norm_eps, attention_impl=self.attention_impl,
-            kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-            norm("norm1")(x), key_bias=tome_lib.key_bias(tome_state, self.tome), train=train,
-            capture_attention=capture_attention, return_keys=merging)
+            kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+        reducer = self.token_reducer
+        stage = None if reducer is None else reducer.stage
+        key_bias = None if reducer is None else reducer.key_bias(token_state)
+        weights = None
+        if stage == tokens.BEFORE_ATTENTION:
+            # The reducer sees this block's attention on the unreduced tokens, reduces them, and may hand back
+            # the attention weights of the reduced tokens (MCTF's one-step-ahead attention).
+            _, probe = attention(norm1(x), key_bias=key_bias, train=train, qkv_only=True)
+            x, token_state = reducer(x, tokens.AttentionView(probe["query"], probe["key"], probe["value"], key_bias),
+                                     token_state)
+            token_state = dict(token_state)
+            weights = token_state.pop("attention_weights", None)
+            key_bias = reducer.key_bias(token_state)
+        y, aux = attention(norm1(x), key_bias=key_bias, train=train, capture_attention=capture_attention,
+                           return_qkv=stage in (tokens.AFTER_ATTENTION, tokens.AFTER_MLP),
+                           attention_weights=weights)
+        view = None
+        if stage in (tokens.AFTER_ATTENTION, tokens.AFTER_MLP):
+            view = tokens.AttentionView(aux.pop("query"), aux.pop("key"), aux.pop("value"), key_bias)
         if self.init_values is not None:
             y = layers.LayerScale(self.init_values, self.param_dtype, name="ls1")(y)
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
-        if merging:
-            x, tome_state = tome_lib.merge_step(x, aux.pop("key_mean"), tome_state, self.tome)
+        if stage == tokens.AFTER_ATTENTION:
+            x, token_state = reducer(x, view, token_state)
         y = layers.Mlp(self.mlp_dim, activation=layers.activation(self.mlp_activation),
                        drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
                        dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(norm("norm2")(x), train)
         if self.init_values is not None:
             y = layers.LayerScale(self.init_values, self.param_dtype, name="ls2")(y)
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
+        if stage == tokens.AFTER_MLP:
+            x, token_state = reducer(x, view, token_state)
         x = layers.constrain(x, ("batch", "length", "embed"))
         aux = dict(aux, tokens=x)
-        if self.tome is not None:
-            aux["tome_state"] = tome_state
+        if reducer is not None:
+            aux["token_state"] = token_state
         return x, aux
 
 
@@ -97,10 +117,11 @@ class VisionTransformer(nn.Module):
     when scanned), `attention` (per-block weights, when `capture_attention`), `pre_logits` (B, C).
     A distilled DeiT in training returns (cls_logits, dist_logits); at inference their mean.
 
-    `tome=dict(r=..., merge_impl=..., trace_source=..., prop_attn=...)` turns on token merging
-    (`vitjax.tokens.tome`; None leaves the model exactly as it is); it then adds intermediates["tome"]:
-    `token_counts` and `merges` per block, `sizes` per block (B, N_l), the final `size`, and with
-    trace_source `sources` per block (B, N_l, N_in): which input tokens each token holds.
+    `token_reduction=dict(method=..., ...)` turns on a token-reduction method (`vitjax.tokens`: "tome",
+    "evit", ...; None leaves the model exactly as it is); it then adds intermediates[method], at least
+    `token_counts` per block. `tome=dict(r=..., ...)` is `token_reduction=dict(method="tome", r=..., ...)`;
+    ToMe's entry has `merges` and `sizes` per block (B, N_l), the final `size`, and with trace_source
+    `sources` per block (B, N_l, N_in): which input tokens each token holds.
     """
 
     num_classes: int = 1000
@@ -135,6 +156,7 @@ class VisionTransformer(nn.Module):
     attention_impl: str = "xla"
     dtype: layers.Dtype = jnp.float32
     param_dtype: layers.Dtype = jnp.float32
+    token_reduction: Optional[Any] = None  # dict(method=..., settings) (see vitjax.tokens) or a tokens.Method
     tome: Optional[Any] = None  # ToMe settings: a dict (see vitjax.tokens.tome) or a ToMeConfig
     # CLIP's image tower (timm's `pre_norm`): a LayerNorm `norm_pre` after the position embedding, and a
     # patch embedding without bias.
@@ -164,12 +186,18 @@ class VisionTransformer(nn.Module):
             raise ValueError("A distilled model (DeiT) needs class_token=True")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
-        tome = tome_lib.parse_config(self.tome)
-        if tome is not None:
+        method = self.token_method()
+        if method is not None:
             if self.scan:
-                raise ValueError("tome needs scan=False: merged blocks see different token counts, which nn.scan "
-                                 "cannot stack")
-            tome.schedule(self.depth)
+                raise ValueError(f"token_reduction {method.name!r} needs scan=False: reduced blocks see different "
+                                 "token counts, which nn.scan cannot stack")
+            method.check(self.depth, self.num_prefix_tokens, self.class_token)
+            method.plan(self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1], self.depth,
+                        self.num_prefix_tokens)
+
+    def token_method(self) -> Optional[tokens.Method]:
+        """Returns the token-reduction method (from `token_reduction` or the `tome` shorthand), or None."""
+        return tokens.resolve(self.token_reduction, self.tome)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -247,9 +275,9 @@ class VisionTransformer(nn.Module):
             # self=0, x=1, train=2, capture_attention=3: the flags must stay Python bools.
             block_cls = nn.remat(Block, prevent_cse=not self.scan, static_argnums=(2, 3))
         drop_path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
-        tome = tome_lib.parse_config(self.tome)
-        if tome is not None:
-            return self._encode_tome(block_cls, tome, x, train, capture_attention, drop_path_rates)
+        method = self.token_method()
+        if method is not None:
+            return self._encode_reduced(block_cls, method, x, train, capture_attention, drop_path_rates)
         if self.scan:
             # The scanned block is one module, so its stochastic-depth rate is fed per layer as a scanned input.
             scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={
@@ -268,29 +296,28 @@ class VisionTransformer(nn.Module):
                 attention.append(aux["attention"])
         return x, {"blocks": tokens, **({"attention": attention} if capture_attention else {})}
 
-    def _encode_tome(self, block_cls, tome: tome_lib.ToMeConfig, x: jax.Array, train: bool,
-                     capture_attention: bool, drop_path_rates: np.ndarray) -> Tuple[jax.Array, Dict[str, Any]]:
-        """Returns `encode`'s result with ToMe: the token counts are Python ints fixed by the schedule."""
+    def _encode_reduced(self, block_cls, method: tokens.Method, x: jax.Array, train: bool,
+                        capture_attention: bool, drop_path_rates: np.ndarray) -> Tuple[jax.Array, Dict[str, Any]]:
+        """Returns `encode`'s result with token reduction: each block's token count is a Python int of the plan."""
         if self.scan:
-            raise ValueError("tome needs scan=False: merged blocks see different token counts")
-        merges, counts = tome_lib.token_counts(x.shape[1], tome.schedule(self.depth), self.num_prefix_tokens)
-        state = tome_lib.initial_state(x, tome.trace_source)
-        tokens, attention, sizes, sources = [], [], [], []
+            raise ValueError(f"token_reduction {method.name!r} needs scan=False: reduced blocks see different "
+                             "token counts")
+        plan = method.plan(x.shape[1], self.depth, self.num_prefix_tokens)
+        state = method.initial_state(x, self.num_prefix_tokens)
+        block_tokens, attention, states = [], [], []
         for index in range(self.depth):
-            settings = tome_lib.BlockMerge(merges[index], self.num_prefix_tokens, tome.merge_impl, tome.prop_attn)
-            x, aux = block_cls(drop_path_rate=float(drop_path_rates[index]), name=f"blocks_{index}", tome=settings,
-                               **self.block_kwargs())(x, train, capture_attention, None, state)
-            state = aux["tome_state"]
-            tokens.append(aux["tokens"])
+            x, aux = block_cls(drop_path_rate=float(drop_path_rates[index]), name=f"blocks_{index}",
+                               token_reducer=plan.blocks[index], **self.block_kwargs())(
+                x, train, capture_attention, None, state)
+            state = aux.pop("token_state", state)
+            states.append(state)
+            block_tokens.append(aux["tokens"])
             if capture_attention:
                 attention.append(aux["attention"])
-            sizes.append(jnp.ones(x.shape[:2], jnp.float32) if state["size"] is None else state["size"])
-            if tome.trace_source:
-                sources.append(state["source"])
-        summary = dict(token_counts=counts, merges=merges, sizes=sizes, size=state["size"])
-        if tome.trace_source:
-            summary["sources"] = sources
-        return x, {"blocks": tokens, "tome": summary, **({"attention": attention} if capture_attention else {})}
+        summary = method.summarize(plan, tuple(states), tuple(block_tokens))
+        summary["final_state"] = state
+        return x, {"blocks": block_tokens, method.name: summary,
+                   **({"attention": attention} if capture_attention else {})}
 
     def group_matcher(self) -> param_groups.Matcher:
         """Returns timm's group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
@@ -321,20 +348,22 @@ class VisionTransformer(nn.Module):
         intermediates["encoded"] = x
         if self.distilled:
             return self._distilled_head(x, train, intermediates)
-        sizes = block_aux.get("tome", {}).get("size")
+        method = self.token_method()
+        final_state = block_aux[method.name]["final_state"] if method is not None else {}
+        weights = None if method is None else method.pool_weights(final_state)
         if self.global_pool == "map":
-            # timm pools the patch tokens only; after ToMe, proportional attention (log size on every
-            # key) lets a merged token weigh as the patches it holds, as in the blocks.
-            proportional = sizes is not None and tome_lib.parse_config(self.tome).prop_attn
-            pool_bias = jnp.log(sizes[:, self.num_prefix_tokens:]) if proportional else None
+            # timm pools the patch tokens only; after token reduction the method's key bias (ToMe: log size,
+            # so a merged token weighs as the patches it holds; ATS: its padding mask) applies here too.
+            pool_bias = None if method is None else method.pool_key_bias(final_state)
+            pool_bias = None if pool_bias is None else pool_bias[:, self.num_prefix_tokens:]
             pooled = layers.MapHead(self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                                     norm_eps=self.norm_eps, attention_impl=self.attention_impl, dtype=self.dtype,
                                     param_dtype=self.param_dtype, mlp_activation=self.mlp_activation,
                                     name="attn_pool")(
                 x[:, self.num_prefix_tokens:], train, key_bias=pool_bias)
-        elif self.global_pool == "avg" and sizes is not None:
+        elif self.global_pool == "avg" and weights is not None:
             # A merged token stands for `size` patches, so it counts that many times in the mean.
-            pooled = tome_lib.weighted_average(x[:, self.num_prefix_tokens:], sizes[:, self.num_prefix_tokens:])
+            pooled = tokens.weighted_average(x[:, self.num_prefix_tokens:], weights[:, self.num_prefix_tokens:])
         else:
             pooled = layers.pool_tokens(x, self.global_pool, self.num_prefix_tokens)
         if use_fc_norm:

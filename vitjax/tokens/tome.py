@@ -1,7 +1,9 @@
 """ToMe, Token Merging (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023), as a model transform.
 
-A ViT/DeiT takes it from its config, for inference off the shelf and for training:
+A ViT/DeiT takes it from its config, for inference off the shelf and for training, through the
+token-reduction interface (`vitjax.tokens.base`) as method "tome"; `tome=dict(...)` is the same thing:
 
+    model = vitjax.models.create("deit_small_patch16_224", token_reduction=dict(method="tome", r=16))
     model = vitjax.models.create("deit_small_patch16_224", tome=dict(r=16))
     model = vitjax.models.create("vit_base_patch16_224", tome=dict(r=(16, -0.5), merge_impl="pallas"))
 
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax.kernels import tome_merge
+from vitjax.tokens import base
 
 MERGE_IMPLS = tome_merge.MERGE_IMPLS
 CONFIG_KEYS = ("r", "merge_impl", "trace_source", "prop_attn")
@@ -43,9 +46,11 @@ class PerLayer(tuple):
         return f"PerLayer({list(self)!r})"
 
 
+@base.register
 @dataclasses.dataclass(frozen=True)
-class ToMeConfig:
+class ToMeConfig(base.TracksSizes, base.Method):
     """ToMe settings of a model (see the module docstring)."""
+    name = "tome"
     r: Any = 0
     merge_impl: str = "jnp"
     trace_source: bool = False
@@ -63,6 +68,24 @@ class ToMeConfig:
     def schedule(self, depth: int) -> Tuple[int, ...]:
         """Returns the requested number of merges of each of `depth` layers (before capping)."""
         return merge_schedule(self.r, depth)
+
+    def plan(self, num_tokens: int, depth: int, num_prefix_tokens: int) -> base.Plan:
+        """Returns one BlockMerge per block (r capped at what the block can merge) and the token counts."""
+        merges, counts = token_counts(num_tokens, self.schedule(depth), num_prefix_tokens)
+        return base.Plan(tuple(BlockMerge(r, num_prefix_tokens, self.merge_impl, self.prop_attn) for r in merges),
+                         counts)
+
+    def initial_state(self, tokens: jax.Array, num_prefix_tokens: int) -> base.State:
+        """Returns sizes unknown (all 1) and, with trace_source, the identity source map."""
+        return initial_state(tokens, self.trace_source)
+
+    def summarize(self, plan: base.Plan, states, tokens) -> Dict[str, Any]:
+        """Returns token_counts, merges, sizes per block, the final size and (traced) sources per block."""
+        summary = dict(token_counts=plan.token_counts, merges=tuple(block.r for block in plan.blocks),
+                       sizes=self.sizes_per_block(states, tokens), size=states[-1]["size"])
+        if self.trace_source:
+            summary["sources"] = [state["source"] for state in states]
+        return summary
 
 
 def _is_int(value) -> bool:
@@ -137,12 +160,22 @@ def token_counts(num_tokens: int, schedule: Sequence[int], num_protected: int) -
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockMerge:
+class BlockMerge(base.BlockReducer):
     """What one transformer block does for ToMe: merge `r` tokens (capped), `num_protected` kept first."""
     r: int
     num_protected: int = 1
     merge_impl: str = "jnp"
     prop_attn: bool = True
+
+    def key_bias(self, state: base.State) -> Optional[jax.Array]:
+        """Returns log(size) for proportional attention, or None while no token has merged yet."""
+        return key_bias(state, self)
+
+    def __call__(self, tokens: jax.Array, view: base.AttentionView, state: base.State):
+        """Returns (tokens with r pairs merged by the head-mean keys, the new sizes/source state)."""
+        if self.r == 0:
+            return tokens, state
+        return merge_step(tokens, view.key_mean(), state, self)
 
 
 def initial_state(tokens: jax.Array, trace_source: bool) -> Dict[str, Optional[jax.Array]]:
@@ -182,13 +215,7 @@ def merge_step(tokens: jax.Array, metric: jax.Array, state: Optional[Dict[str, A
     return result.tokens, state
 
 
-def weighted_average(tokens: jax.Array, sizes: Optional[jax.Array]) -> jax.Array:
-    """Returns the size-weighted mean over tokens (B, N, C) -> (B, C): a merged token counts s times."""
-    if sizes is None:
-        return tokens.mean(axis=1)
-    weights = sizes.astype(jnp.float32)[..., None]
-    pooled = jnp.sum(tokens.astype(jnp.float32) * weights, axis=1) / jnp.sum(weights, axis=1)
-    return pooled.astype(tokens.dtype)
+weighted_average = base.weighted_average
 
 
 __all__ = ["BlockMerge", "CONFIG_KEYS", "MERGE_IMPLS", "PerLayer", "ToMeConfig", "initial_state", "key_bias",

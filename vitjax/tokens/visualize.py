@@ -1,4 +1,5 @@
-"""Pictures of token merging: each merged group of patches painted in one colour over the input image.
+"""Pictures of token reduction: each token's patches painted in one colour over the input image (patches no
+token holds, dropped or not sampled, nearly black); `token_sources` gives the maps of every method.
 
     _, intermediates = model.apply(variables, images)        # model created with tome=dict(r=..., trace_source=True)
     source = intermediates["tome"]["sources"][layer][0]      # (N_out, N_in) for image 0 after block `layer`
@@ -22,9 +23,11 @@ def patch_groups(source, grid: Tuple[int, int], num_prefix_tokens: int = 1) -> n
     if source.ndim != 2 or source.shape[1] != num_prefix_tokens + grid_h * grid_w:
         raise ValueError(f"source must be (N_out, {num_prefix_tokens} + {grid_h} * {grid_w}), got {source.shape}")
     patches = source[:, num_prefix_tokens:]
-    if not np.all(np.isclose(patches.sum(axis=0), 1.0)):
-        raise ValueError("every input patch must belong to exactly one output token (is this a ToMe source?)")
-    return np.argmax(patches, axis=0).reshape(grid_h, grid_w)
+    held = patches.sum(axis=0)
+    if not np.all(np.isclose(held, 1.0) | np.isclose(held, 0.0)):
+        raise ValueError("every input patch must belong to at most one output token (is this a source map?)")
+    # A patch no token holds (dropped by EViT without fusion, not sampled by ATS) is -1.
+    return np.where(np.isclose(held, 0.0), -1, np.argmax(patches, axis=0)).reshape(grid_h, grid_w)
 
 
 def _distinct_colors(count: int, seed: int) -> np.ndarray:
@@ -86,6 +89,7 @@ def render_merged_tokens(image, source, grid: Tuple[int, int], *, num_prefix_tok
         palette = np.stack([rgb[pixel_index == index].mean(axis=0) for index in range(len(labels))])
     painted = palette[pixel_index]
     blended = painted if colors == "mean" else (1.0 - alpha) * rgb + alpha * painted
+    blended[pixel_groups < 0] = 0.15 * rgb[pixel_groups < 0]  # dropped patches: nearly black
     border = np.zeros((height, width), bool)
     border[:, :-1] |= pixel_index[:, :-1] != pixel_index[:, 1:]
     border[:-1, :] |= pixel_index[:-1, :] != pixel_index[1:, :]
@@ -132,4 +136,32 @@ def merged_tokens_grid_png(images, sources, grid: Tuple[int, int], path: str, *,
     return picture
 
 
-__all__ = ["COLOR_MODES", "merged_tokens_grid_png", "merged_tokens_png", "patch_groups", "render_merged_tokens"]
+def token_sources(method: str, summary: dict, num_tokens: int, num_prefix_tokens: int = 1) -> list:
+    """Returns per block the (B, N_l, N_in) 0/1 map of which input tokens each token holds, from a model's
+    intermediates[method] (ToMe and MCTF need trace_source; EViT and ATS are rebuilt from their indices)."""
+    if method in ("tome", "mctf"):
+        if "sources" not in summary:
+            raise ValueError(f"{method} needs trace_source=True (tome) / trace_source=1 (mctf) for its sources")
+        return [np.asarray(source) for source in summary["sources"]]
+    if method not in ("evit", "ats"):
+        raise ValueError(f"Unknown method {method!r}; valid choices: ['ats', 'evit', 'mctf', 'tome']")
+    indices = summary["kept_index" if method == "evit" else "sampled_index"]
+    batch = np.asarray(next(iter(indices.values()))).shape[0] if indices else 1
+    source = np.broadcast_to(np.eye(num_tokens), (batch, num_tokens, num_tokens))
+    prefix = num_prefix_tokens
+    sources = []
+    for block, count in enumerate(summary["token_counts"]):
+        if block in indices:
+            index = np.asarray(indices[block])
+            patches = source[:, prefix:]
+            chosen = np.take_along_axis(patches, np.maximum(index, 0)[:, :, None], axis=1) * (index >= 0)[:, :, None]
+            parts = [source[:, :prefix], chosen]
+            if method == "evit" and count == prefix + index.shape[1] + 1:  # the fused token holds the rest
+                parts.append(patches.sum(axis=1, keepdims=True) - chosen.sum(axis=1, keepdims=True))
+            source = np.concatenate(parts, axis=1)
+        sources.append(source)
+    return sources
+
+
+__all__ = ["COLOR_MODES", "merged_tokens_grid_png", "merged_tokens_png", "patch_groups", "render_merged_tokens",
+           "token_sources"]
