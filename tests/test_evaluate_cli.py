@@ -145,7 +145,7 @@ def test_bad_input_fails_clearly(converted, tmp_path):
                              "--out=/tmp/unused.msgpack"], cwd=REPO, env=_env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "flag --source=tim: value should be one of <timm|mae|resample>" in result.stderr
+    assert "flag --source=tim: value should be one of <timm|mae|resample|open_clip|transformers>" in result.stderr
     cases = [
         (lambda: cli([f"--init_from={tmp_path / 'missing.msgpack'}"]), "FATAL: init_from .*: nothing at .*missing"),
         (lambda: cli([f"--init_from={pth}", "--dataset=digits"]), "does not name its model: give --model"),

@@ -31,7 +31,9 @@ class SentencePieceTokenizer:
     def __init__(self, model_file: str, context_length: int = 64, truncate: bool = True, lower: bool = True,
                  canonicalize: bool = True, add_eos: bool = True, pad_id: Optional[int] = None):
         if not model_file or not os.path.exists(os.fspath(model_file)):
-            raise FileNotFoundError(f"No SentencePiece model at {model_file!r}; pass model_file=<path to a .model>")
+            raise FileNotFoundError(f"No SentencePiece model at {model_file!r}; pass model_file=<path to a .model> "
+                                    "(nothing is downloaded; SigLIP's is big_vision's c4_en spiece.model, 32,000 "
+                                    "pieces: configs/siglip_b16.py takes it as spm=PATH)")
         if context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {context_length}")
         import sentencepiece  # only this tokenizer needs it
