@@ -58,7 +58,8 @@ def test_methods_on_models_they_cannot_apply_to_fail_at_create():
     no_cls = dict(TINY, class_token=False, global_pool="avg")
     for method in ("evit", "ats"):
         with pytest.raises(ValueError, match=rf"'{method}' ranks tokens by the class token's attention; this model "
-                                             r"has class_token=False. Methods that need none: \['mctf', 'tome', 'zero_tprune'\]"):
+                                             r"has class_token=False. Methods that need none: "
+                                             r"\['mctf', 'tome', 'zero_tprune'\]"):
             models.create("vit_tiny_patch16_224", token_reduction=dict(method=method), **no_cls)
     models.create("vit_tiny_patch16_224", token_reduction=dict(method="tome", r=2), **no_cls)  # fine
     with pytest.raises(ValueError, match=r"Unknown option\(s\) \['token_reduction'\] for model 'swin_tiny"):

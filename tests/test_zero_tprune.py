@@ -116,8 +116,9 @@ BAD = [
      r"prune_loc must be block indices in \[0, 2\] \(the model has depth 3\)"),
     (dict(method="zero_tprune", wpr_iterations=0), r"wpr_iterations must be an integer >= 1, got 0"),
     (dict(method="zero_tprune", similarity_fraction=1.5), r"similarity_fraction must be a number in \[0, 1\]"),
-    (dict(method="zero_tprune", iterations=5), r"Unknown zero_tprune option\(s\) \['iterations'\]; valid choices: "
-                                               r"\['keep_rate', 'prune_loc', 'wpr_iterations', 'similarity_fraction'\]"),
+    (dict(method="zero_tprune", iterations=5),
+     r"Unknown zero_tprune option\(s\) \['iterations'\]; valid choices: "
+     r"\['keep_rate', 'prune_loc', 'wpr_iterations', 'similarity_fraction'\]"),
 ]
 
 
