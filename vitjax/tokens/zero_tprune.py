@@ -20,8 +20,8 @@ is fixed by the plan, so shapes are static under jit.
 
 Choices the paper leaves open (or that we could not pin down without its code), and ours:
 - Setting names and defaults: none published; `keep_rate` 0.7 at `prune_loc` (3, 6, 9) mirrors EViT's
-  budget so the methods compare at equal counts; `wpr_iterations` 30 (the paper iterates to convergence,
-  WPR converges in a few tens of steps on ViT attention); `similarity_fraction` 0.5 splits the budget
+  budget so the methods compare at equal counts; `wpr_iterations` 30, a fixed count (a static loop under
+  jit) where the paper iterates until the scores settle; `similarity_fraction` 0.5 splits the budget
   evenly between the I- and S-stage.
 - The initial WPR distribution is uniform at every location (the paper may reuse earlier scores).
 - The paper's refinements Emphasizing Informative Region and the Variance-based Head Filter are not
