@@ -27,10 +27,10 @@ def make_batch(seed=0, batch=4):
             "label": jnp.asarray(labels)}
 
 
-def run_steps(objective, batch, num_steps):
+def run_steps(objective, batch, num_steps, learning_rate=1e-2):
     """Returns the metrics of each of `num_steps` trainer steps (sgd) and the final state."""
     variables = objective.init_variables(jax.random.PRNGKey(0), batch)
-    tx = optax.sgd(1e-2)
+    tx = optax.sgd(learning_rate)
     params = variables.pop("params")
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                              model_state=variables, rng=jax.random.PRNGKey(1))
@@ -43,26 +43,25 @@ def run_steps(objective, batch, num_steps):
 
 
 def test_evit_keep_rate_follows_official_schedule():
-    # The official flags in epochs: shrink_start_epoch=1, shrink_epochs=3 at 2 steps per epoch.
-    iters_per_epoch, start_epoch, shrink_epochs = 2, 1, 2
+    # The official flags in epochs: shrink_start_epoch=1, shrink_epochs=1 at 2 steps per epoch.
+    iters_per_epoch, start_epoch, shrink_epochs = 2, 1, 1
     objective = objectives.create("token_reduction", make_config(
         dict(method="evit", base_keep_rate=0.5, drop_loc=(1,), fuse_token=True),
         shrink_start_step=start_epoch * iters_per_epoch, shrink_steps=shrink_epochs * iters_per_epoch))
     batch = make_batch()
-    history, _ = run_steps(objective, batch, 8)
+    # lr 0 keeps the initial weights, so each step's loss can be recomputed at its keep rate.
+    history, _ = run_steps(objective, batch, 5, learning_rate=0.0)
     used = np.array([metrics["train/keep_rate"] for metrics in history])
     official = np.array([tokens.evit.adjust_keep_rate(step, step // iters_per_epoch, start_epoch,
                                                       start_epoch + shrink_epochs, iters_per_epoch, 0.5)
-                         for step in range(8)])
+                         for step in range(5)])
     np.testing.assert_allclose(used, official, rtol=1e-6)
-    assert used[0] == 1.0 and 0.5 < used[3] < 1.0 and used[7] == 0.5
+    assert used[0] == 1.0 and 0.5 < used[3] < 1.0 and used[4] == 0.5
 
     # The loss of a step is the model's at that step's keep rate (the rate reaches the model).
     variables = objective.init_variables(jax.random.PRNGKey(0), batch)
-    loss_fn = jax.jit(objective.train_loss)
-    for step in (0, 3, 7):
-        counter = {"token_schedule": {"step": jnp.asarray(step, jnp.int32)}}
-        loss, _ = loss_fn({**variables, **counter}, batch, jax.random.PRNGKey(2))
+    for step in (0, 3, 4):
+        loss = history[step]["train/loss"]
         module = objective.module.clone(token_reduction=tokens.evit.with_keep_rate(objective.method, official[step]))
         logits, intermediates = module.apply({"params": variables["params"]}, batch["image"], train=False)
         expected = optax.softmax_cross_entropy(logits, batch["label"]).mean()
@@ -72,23 +71,23 @@ def test_evit_keep_rate_follows_official_schedule():
 
 
 def test_mctf_consistency_loss_in_training():
-    method = dict(method="mctf", r_student=4, r_eval=2, r_teacher_max=3, activate_layer=(0, 1))
+    method = dict(method="mctf", r_student=4, r_eval=2, r_teacher_max=2, activate_layer=(1,))
     objective = objectives.create("token_reduction", make_config(method, consistency_threshold=0.01,
                                                                  consistency_weight=2.0))
     batch = make_batch(1)
-    history, state = run_steps(objective, batch, 3)
+    history, state = run_steps(objective, batch, 2)
     for metrics in history:
         assert np.isfinite(metrics["train/loss"])
         np.testing.assert_allclose(metrics["train/loss"],
                                    metrics["train/loss_ce"] + metrics["train/loss_consistency"], rtol=1e-6)
-    assert int(state.model_state["token_schedule"]["step"]) == 3
+    assert int(state.model_state["token_schedule"]["step"]) == 2
 
-    # The term equals consistency_loss on the student (r_student) and the drawn teacher's forwards.
+    # Step 0's term equals consistency_loss on the student (r_student) and the drawn teacher's forwards,
+    # both from the initial weights with the step's key (as the trainer folds it).
     variables = objective.init_variables(jax.random.PRNGKey(0), batch)
-    rng = jax.random.PRNGKey(3)
-    loss, aux = jax.jit(objective.train_loss)(variables, batch, rng)
-    dropout_rng, drop_path_rng, teacher_rng = jax.random.split(rng, 3)
-    r_teacher = int(jax.random.randint(teacher_rng, (), 0, 3))
+    rng = jax.random.fold_in(jax.random.PRNGKey(1), 0)
+    _, _, teacher_rng = jax.random.split(rng, 3)
+    r_teacher = int(jax.random.randint(teacher_rng, (), 0, 2))
     params = {"params": variables["params"]}
 
     def encoded(r):
@@ -104,8 +103,7 @@ def test_mctf_consistency_loss_in_training():
     assert passed.sum() > 0
     expected = 2.0 * float(np.sum(per_image * passed) / passed.sum())
     assert expected > 0
-    np.testing.assert_allclose(float(aux["metrics"]["loss_consistency"]), expected, rtol=1e-5)
-    np.testing.assert_allclose(float(loss), float(aux["metrics"]["loss_ce"]) + expected, rtol=1e-5)
+    np.testing.assert_allclose(history[0]["train/loss_consistency"], expected, rtol=1e-5)
 
 
 def test_bad_settings_fail_early():
