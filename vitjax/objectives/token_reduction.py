@@ -168,7 +168,9 @@ class TokenReduction(Supervised):
             methods, index = self._distinct(candidates, num_tokens)
             draw = jax.random.randint(teacher_rng, (), 0, len(candidates))
             teacher_rngs = {name: jax.random.fold_in(value, 1) for name, value in rngs.items()}
-            _, teacher_cls = self._switch(jnp.asarray(index)[draw], methods, model_variables, images, teacher_rngs)
+            # The teacher is a constant (the official detaches it): no branch of it is differentiated.
+            _, teacher_cls = self._switch(jnp.asarray(index)[draw], methods, jax.lax.stop_gradient(model_variables),
+                                          images, teacher_rngs)
             per_image = tokens.mctf.consistency_loss(student_cls[:, None], teacher_cls[:, None])
             probs = jax.nn.softmax(mean_logits, axis=-1)
             label_classes = labels > jnp.min(labels, axis=-1, keepdims=True) + 1e-6
