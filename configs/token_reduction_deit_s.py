@@ -14,15 +14,17 @@ Expected (the papers' ImageNet figures, quoted in experiments/out/bench_tokens.m
 
 Recipes (`RECIPES`, on top of configs/finetune.py's transfer recipe, the official scripts' values):
   evit  finetune.sh: 30 epochs from DeiT-S, lr 2e-5 per 512 images (DeiT's scaling) at batch 2048, so blr 1e-5,
-        min lr 2e-6, weight decay 1e-6, no warm-up, keep rate fixed (shrink_epochs 0). The from-scratch
-        recipe's keep-rate warm-up is `vitjax.tokens.evit.adjust_keep_rate`; the trainer here keeps one model
-        per run, so a warm-up needs a run per keep-rate phase (not wired in).
+        min lr 2e-6, weight decay 1e-6, no warm-up, keep rate fixed (shrink_start_epoch 0, shrink_epochs 0).
+        The objective `token_reduction` runs the official keep-rate warm-up (`adjust_keep_rate`) in steps:
+        `:method=evit,shrink_start_epoch=10,shrink_epochs=100` gives run_code.sh's (from-scratch) schedule.
   mctf  main.py's DeiT defaults for 30 epochs: lr 5e-4 per 512 images (blr 2.5e-4), min lr 1e-5, 5 warm-up
-        epochs, weight decay 0.05. Its consistency loss (`vitjax.tokens.mctf.consistency_loss`) needs a second,
-        teacher forward that the supervised objective does not run: not wired in.
+        epochs, weight decay 0.05; training fuses r_student, evaluation r_eval. Its consistency loss runs with
+        `consistency_threshold` > 0 (task_type[2]; main.py's default 0 leaves it off, and the repository publishes
+        no training script), e.g. `:method=mctf,consistency_threshold=0.5`, weight `consistency_weight` (1.0).
   ats, tome  the mctf schedule (their repositories give no DeiT-S fine-tuning script).
 All: label smoothing 0.1, drop path 0.1, mixup 0.8 / cutmix 1.0 (DeiT), no layer decay.
 """
+import math
 import os
 
 from vitjax import config_utils
@@ -42,7 +44,9 @@ RECIPES = {
 
 def get_config(arg=None):
     """Returns the DeiT-S token-reduction recipe of `method` (see the module doc)."""
-    arg = config_utils.parse_arg(arg, choices=dict(method=tuple(RECIPES)), method="evit", runlocal=False)
+    arg = config_utils.parse_arg(arg, choices=dict(method=tuple(RECIPES)), method="evit", runlocal=False,
+                                 shrink_start_epoch=0, shrink_epochs=0, consistency_threshold=0.0,
+                                 consistency_weight=1.0)
     recipe = RECIPES[arg.method]
     finetune = os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py")
     settings = (f"model=deit_small_patch16_224,dataset=imagenet2012,epochs=30,batch_size=2048,"
@@ -52,6 +56,16 @@ def get_config(arg=None):
     config.optim.weight_decay = recipe["weight_decay"]
     config.optim.min_lr = recipe["min_lr"]
     config.model.token_reduction = dict(recipe["token_reduction"])
+    if arg.method in ("evit", "mctf"):
+        config.objective = "token_reduction"
+    if arg.method == "evit":
+        # The official flags count epochs; the objective counts steps (ImageNet's 1281167 images, or digits').
+        steps_per_epoch = math.ceil((1437 if arg.runlocal else 1281167) / config.batch_size)
+        config.objective_kwargs = dict(shrink_start_step=int(arg.shrink_start_epoch) * steps_per_epoch,
+                                       shrink_steps=int(arg.shrink_epochs) * steps_per_epoch)
+    elif arg.method == "mctf":
+        config.objective_kwargs = dict(consistency_threshold=float(arg.consistency_threshold),
+                                       consistency_weight=float(arg.consistency_weight))
     if arg.runlocal:
         # Digits at 32 px: 4 px patches give 64 tokens to reduce; DeiT-Ti keeps the CPU run short.
         config.model_name = "deit_tiny_patch16_224"

@@ -14,6 +14,7 @@ _OBJECTIVES = {
     "mae_linprobe": "vitjax.objectives.mae:MaeLinearProbe",
     "distill": "vitjax.objectives.distill:Distillation",
     "clip": "vitjax.objectives.clip:Clip",
+    "token_reduction": "vitjax.objectives.token_reduction:TokenReduction",
 }
 
 
