@@ -1,7 +1,8 @@
 """Zero-TPrune, zero-shot token pruning from the attention graph (Wang, Dedhia, Jha, "Zero-TPrune: Zero-Shot
 Token Pruning through Leveraging of the Attention Graph in Pre-Trained Transformers", arXiv 2305.17328,
-CVPR 2024), on the token-reduction interface. No code was published, and the paper's text was not at hand when this was written (offline, only its
-abstract): this follows the method's published outline, and the choices below are unchecked against the paper.
+CVPR 2024), on the token-reduction interface. No code was published, and the paper's text was not at hand
+when this was written (offline, only its abstract): this follows the method's published outline, and the
+choices below are unchecked against the paper.
 
     model = vitjax.models.create("deit_small_patch16_224",
                                  token_reduction=dict(method="zero_tprune", keep_rate=0.7, prune_loc=(3, 6, 9)))
