@@ -1,8 +1,9 @@
-r"""The Pallas kernels compiled for real TPUs (v4, v5e, v5p) on this CPU host, and what the dispatcher allows.
+r"""The Pallas kernels compiled for real TPUs (v4, v5e, v5p) and for Hopper (sm_90a) on this CPU host, and what the dispatcher allows.
 
     python experiments/kernel_compile_table.py --out experiments/out      # every case, about 10 minutes
     python experiments/kernel_compile_table.py --quick --out /tmp         # one head dim per dtype
     python experiments/kernel_compile_table.py --quick --stem kernel_compile_before   # run before the fixes
+    python experiments/kernel_compile_table.py --target gpu               # sm_90a -> kernel_compile_gpu.{md,json}
 
 Each case is the attention kernel's forward and backward (`jax.grad` through `flash_attention`), or the
 ToMe merge kernel's forward, compiled with Mosaic by the TPU compiler in libtpu (`vitjax.aot.compile_on_chip`,
@@ -10,6 +11,13 @@ one chip of the topology; needs the `aot` extra). Next to the outcome stands wha
 the same operands on a TPU (`dispatch.unsupported_reason("pallas", ...)` / `tome_merge.unsupported_reason`):
 a case the dispatcher allows must compile; one that does not compile must be refused, with its reason.
 Writes experiments/out/kernel_compile_table.{md,json}.
+
+With `--target gpu` the same cases lower with Pallas' Triton backend and each Triton kernel goes through
+the `triton` package's compiler to a cubin for sm_90a (`vitjax.aot.compile_for_gpu`: no GPU needed): the
+table gives per case the dispatcher's verdict for a GPU, the largest shared memory of its kernels against
+Hopper's 227 KB per block, the most registers per thread, and the bytes of spill stores and loads ptxas
+reports (summed over the case's kernels). XLA itself compiles
+these kernels with the Triton inside jaxlib, so these are close figures, not XLA's own.
 """
 import argparse
 import itertools
@@ -30,6 +38,12 @@ TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1"}
 DEVICE_KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5"}
 DTYPES = ("float32", "bfloat16", "float16")
 BATCH, HEADS = 2, 2
+
+
+def _gpu_reason(check):
+    """Returns check() evaluated as on a GPU (the dispatcher's verdict there)."""
+    with common.target_platform("gpu"):
+        return check()
 
 
 def attention_case(dtype, length, head_dim, bias_kind):
@@ -53,10 +67,14 @@ def attention_case(dtype, length, head_dim, bias_kind):
     extra = args[3:]
 
     def reason(device_kind):
-        with common.target_platform("tpu", device_kind):
+        def check():
             return dispatch.unsupported_reason(
                 "pallas", *args[:3], bias=extra[0] if bias_kind == "full" else None,
                 key_bias=extra[0] if bias_kind == "key" else None)
+        if device_kind == "gpu":
+            return _gpu_reason(check)
+        with common.target_platform("tpu", device_kind):
+            return check()
     return function, args, reason
 
 
@@ -70,6 +88,8 @@ def merge_case(dtype, tokens, channels=384, r=16):
         return tome_merge.merge_pallas(x, metric, sizes, r)
 
     def reason(device_kind):
+        if device_kind == "gpu":
+            return _gpu_reason(lambda: tome_merge.unsupported_reason(x, metric))
         with common.target_platform("tpu", device_kind):
             return tome_merge.unsupported_reason(x, metric)
     return function, [x, metric, sizes], reason
@@ -119,13 +139,64 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def gpu_markdown(rows):
+    """Returns the sm_90a table: one line per case with its kernels' largest shared memory, registers, spills."""
+    limit = aot.GPU_SHARED_BYTES[90] // 1024
+    lines = ["| kernel | dtype | N | head dim | bias | sm_90a | shared memory (KB, of %d) | registers (of %d) "
+             "| spill stores + loads (bytes) | compile (s) |" % (limit, aot.GPU_MAX_REGISTERS),
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    allowed = broken = spilling = 0
+    for row in rows:
+        result = row["result"]
+        head = f"| {row['kernel']} | {row['dtype']} | {row['length']} | {row['head_dim']} | {row['bias']} | "
+        if result.get("dispatcher"):
+            lines.append(head + f"refused: {result['dispatcher'].split(' (')[0][:90]} | | | | |")
+            continue
+        allowed += 1
+        kernels = result["kernels"]
+        compiled = [kernel for kernel in kernels if "shared_bytes" in kernel]
+        broken += not result["ok"]
+        spills = sum(kernel["spill_bytes"] for kernel in compiled)
+        spilling += spills > 0
+        verdict = "ok" if result["ok"] else f"**fails**: {(result['error'] or '')[:100]}"
+        shared = max((kernel["shared_bytes"] for kernel in compiled), default=0) / 1024
+        registers = max((kernel["registers"] for kernel in compiled), default=0)
+        lines.append(head + f"{verdict} | {shared:.0f} | {registers} | {spills} | {result['seconds']:.0f} |")
+    lines.append("")
+    lines.append(f"Cases the dispatcher allows on a GPU: {allowed}; of them fail to fit sm_90a: {broken}; with register "
+                 f"spills: {spilling}. Refused: {len(rows) - allowed} (not compiled: the kernels refuse them too).")
+    return "\n".join(lines)
+
+
+def run_gpu(args):
+    """Compiles every case's Triton kernels for sm_90a and writes OUT/kernel_compile_gpu.{md,json}."""
+    rows = []
+    start = time.time()
+    for kernel, settings, build in cases(args.quick):
+        function, abstract_args, reason = build()
+        refusal = reason("gpu")
+        result = (aot.compile_for_gpu(function, abstract_args, capability=90) if not refusal
+                  else dict(ok=None, seconds=0.0, kernels=[], error=None))
+        rows.append(dict(kernel=kernel, **settings, result=dict(result, dispatcher=refusal)))
+        print(kernel, settings, result["ok"], refusal and refusal[:60], result["error"] and result["error"][:160],
+              f"{result['seconds']:.0f} s", flush=True)
+    table = gpu_markdown(rows)
+    print(table)
+    print(f"{len(rows)} cases in {time.time() - start:.0f} s")
+    write_outputs(args.out, args.stem or "kernel_compile_gpu", table, rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--stem", default="kernel_compile_table")
+    parser.add_argument("--stem", default=None, help="output name (default kernel_compile_table, or _gpu)")
+    parser.add_argument("--target", default="tpu", choices=("tpu", "gpu"))
     parser.add_argument("--redraw", action="store_true", help="rewrite the table from OUT/STEM.json, no compiling")
     args = parser.parse_args()
+    if args.target == "gpu":
+        return run_gpu(args)
+    args.stem = args.stem or "kernel_compile_table"
     if args.redraw:
         import json
         with open(os.path.join(args.out, args.stem + ".json")) as file:

@@ -179,3 +179,28 @@ def test_pallas_attention_forward_and_backward_compile_for_tpu(monkeypatch):
     (q, k, v), _ = _attention_operands("float16", 197)
     failed = aot.compile_on_chip(attention.flash_attention, [q, k, v], "v5e:2x2")
     assert not failed["ok"] and "Invalid vector type" in failed["error"]
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="the triton package (installed with torch on Linux) compiles for the GPU")
+
+
+@needs_triton
+def test_attention_kernels_compile_for_hopper_within_its_shared_memory():
+    from vitjax.kernels import attention
+    token = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return attention.flash_attention(q, k, v).astype(jnp.float32).sum()
+
+    function = jax.grad(loss, argnums=(0, 1, 2))
+    kernels = aot.triton_kernels(function, [token] * 3)
+    assert [kernel["name"] for kernel in kernels] == [
+        "vitjax_attention_forward", "vitjax_attention_backward_dq", "vitjax_attention_backward_dkdv"]
+    report = aot.compile_for_gpu(function, [token] * 3, capability=90)
+    assert report["ok"], report["error"]
+    for kernel in report["kernels"]:
+        assert 0 < kernel["shared_bytes"] <= aot.GPU_SHARED_BYTES[90]
+        assert 0 < kernel["registers"] <= aot.GPU_MAX_REGISTERS
+        # The default tiles and warps keep ptxas from spilling (16 bytes in dK/dV; 2.6 KB with 4 warps).
+        assert kernel["spill_bytes"] <= 64, kernel

@@ -21,6 +21,8 @@ import dataclasses
 import math
 import os
 import re
+import subprocess
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -458,6 +460,118 @@ def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
             return dict(ok=False, seconds=time.time() - start, error=message[:400])
     memory = compiled.memory_analysis()
     return dict(ok=True, seconds=time.time() - start, temp_bytes=float(memory.temp_size_in_bytes), error=None)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# One function's Pallas Triton kernels, compiled for an NVIDIA GPU on this host (no GPU needed)
+# ------------------------------------------------------------------------------------------------
+# Largest shared memory one thread block may use (opt-in dynamic shared memory), by compute capability:
+# CUDA C++ Programming Guide, "Technical Specifications per Compute Capability" (8.0: 163 KB, 9.0: 227 KB).
+GPU_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}
+GPU_MAX_REGISTERS = 255  # per thread, every capability since 3.5 (same table)
+
+
+def triton_kernels(function, abstract_args) -> List[Dict[str, Any]]:
+    """Returns the Triton kernels of jit(function) lowered for CUDA: name, TTIR bytecode, grid and launch sizes.
+
+    The Pallas kernels inside lower with Triton (`target_platform("gpu")`); jax's CPU-only jaxlib lowers
+    them (it only cannot compile them), so this runs on any host.
+    """
+    import jax
+    from jax._src.lib.mlir import ir
+
+    from vitjax.kernels import common
+    with common.target_platform("gpu"):
+        module = jax.jit(function).trace(*abstract_args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    kernels = []
+
+    def walk(operation):
+        for region in operation.regions:
+            for block in region.blocks:
+                for op in block.operations:
+                    if op.operation.name == "stablehlo.custom_call" and "xla.gpu.triton" in str(
+                            op.attributes["call_target_name"]):
+                        config = op.attributes["mhlo.backend_config"]
+                        kernels.append(dict(
+                            name=ir.StringAttr(config["name"]).value,
+                            ir=ir.StringAttr(config["ir"]).value_bytes,
+                            grid=tuple(ir.IntegerAttr(config[f"grid_{axis}"]).value for axis in "xyz"),
+                            num_warps=ir.IntegerAttr(config["num_warps"]).value,
+                            num_stages=ir.IntegerAttr(config["num_stages"]).value))
+                    walk(op.operation)
+    walk(module.operation)
+    return kernels
+
+
+def _ptxas_usage(ptxas: str, ptx: str, arch: str) -> Dict[str, int]:
+    """Returns {"registers", "spill_bytes"} that ptxas reports for one kernel's PTX (spill stores plus loads)."""
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as file:
+            file.write(ptx)
+        done = subprocess.run([ptxas, "-v", f"-arch={arch}", source, "-o", os.path.join(folder, "kernel.cubin")],
+                              capture_output=True, text=True, check=True)
+    report = done.stdout + done.stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    return dict(registers=int(registers.group(1)) if registers else -1, spill_bytes=sum(spills))
+
+
+def compile_for_gpu(function, abstract_args, capability: int = 90) -> Dict[str, Any]:
+    """Returns {"ok", "seconds", "kernels", "error"}: jit(function)'s Triton kernels compiled to a cubin for one GPU.
+
+    Each kernel's TTIR (as jax emits it) goes through the `triton` package's compiler (TTIR -> TTGIR ->
+    LLVM -> PTX -> ptxas; `capability` 90 is sm_90a, Hopper). Per kernel: shared memory, registers, spilled
+    bytes and whether it fits the limits of `GPU_SHARED_BYTES` / `GPU_MAX_REGISTERS`. XLA compiles these
+    kernels with the Triton inside jaxlib, not this package, so the figures are this compiler's: close,
+    not identical. Needs the `triton` package (installed with torch on Linux).
+    """
+    import triton
+    from triton._C.libtriton import ir as triton_ir
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
+
+    start = time.time()
+    try:
+        kernels = triton_kernels(function, abstract_args)
+    except Exception as error:  # noqa: BLE001 - a lowering refusal is a row of the table
+        return dict(ok=False, seconds=time.time() - start, kernels=[], error=f"{type(error).__name__}: {error}"[:400])
+    target = GPUTarget("cuda", capability, 32)
+    backend = CUDABackend(target)
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    results = []
+    for kernel in kernels:
+        context = triton_ir.context()
+        triton_ir.load_dialects(context)
+        backend.load_dialects(context)
+        with tempfile.TemporaryDirectory() as folder:
+            bytecode, text = os.path.join(folder, "kernel.mlirbc"), os.path.join(folder, "kernel.ttir")
+            with open(bytecode, "wb") as file:
+                file.write(kernel["ir"])
+            with open(text, "w") as file:
+                file.write(str(triton_ir.parse_mlir_module(bytecode, context)))
+            entry = dict(name=kernel["name"], grid=kernel["grid"], num_warps=kernel["num_warps"],
+                         num_stages=kernel["num_stages"])
+            try:
+                compiled = triton.compile(text, target=target, options=dict(num_warps=kernel["num_warps"],
+                                                                             num_stages=kernel["num_stages"]))
+            except Exception as error:  # noqa: BLE001
+                lines = [line for line in str(error).splitlines() if line.strip()]
+                results.append(dict(entry, ok=False, error=f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]))
+                continue
+        usage = _ptxas_usage(get_ptxas(capability).path, compiled.asm["ptx"], arch)
+        shared = int(compiled.metadata.shared)
+        problems = []
+        if shared > GPU_SHARED_BYTES[capability]:
+            problems.append(f"shared memory {shared / 1024:.0f} KB > {GPU_SHARED_BYTES[capability] // 1024} KB")
+        if usage["spill_bytes"]:
+            problems.append(f"{usage['spill_bytes']} bytes of register spills")
+        results.append(dict(entry, ok=shared <= GPU_SHARED_BYTES[capability], shared_bytes=shared, **usage,
+                            error="; ".join(problems) or None))
+    ok = bool(results) and all(result["ok"] for result in results)
+    errors = [f"{result['name']}: {result['error']}" for result in results if result.get("error")]
+    return dict(ok=ok, seconds=time.time() - start, kernels=results, error="; ".join(errors) or None)
 
 
 # ------------------------------------------------------------------------------------------------

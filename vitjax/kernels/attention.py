@@ -103,11 +103,13 @@ def default_block_sizes(backend: str, head_dim: int) -> BlockSizes:
     if backend == "triton":
         wide = head_dim > 64
         # Forward: a 128-query tile amortises the K/V loads; backward: the key-block kernel keeps dK
-        # and dV accumulators in registers, so its key tile shrinks as the head dim grows.
+        # and dV accumulators in registers, so its key tile shrinks as the head dim grows. Both backward
+        # kernels run 8 warps: at head dim 64 with 4, ptxas (sm_90a) spills 2.6-3.0 KB in the dK/dV kernel
+        # (N = 197), with 8 it spills 16 bytes (experiments/kernel_compile_table.py --target gpu; not timed).
         return BlockSizes(block_q=128, block_k=64,
                           block_q_dkv=32, block_k_dkv=64 if wide else 128,
                           block_q_dq=64 if wide else 128, block_k_dq=32,
-                          num_warps=8 if wide else 4, num_warps_backward=8 if wide else 4,
+                          num_warps=8 if wide else 4, num_warps_backward=8,
                           num_stages=2)
     if backend == "mosaic":
         return BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
