@@ -19,7 +19,8 @@ zeroed in the backward, so sequence lengths like 50, 197 or 577 need nothing fro
 On a CPU the kernels run in Pallas interpret mode (`interpret=True`, the default there): the same
 kernel body evaluated op by op, logged once (`common.resolve_backend`); numerics, not speed. The tests
 run interpret mode and lower both flavours for their hardware (`.lower(lowering_platforms=("cuda",))` and
-("tpu",)); neither lowering has been compiled or timed on a GPU or TPU: experiments/gpu_report.py does that.
+("tpu",)); experiments/kernel_compile_table.py compiles both ahead of time on a CPU host (TPU v4 / v5e / v5p with
+libtpu, sm_90a with the triton package); neither has been run or timed on a GPU or TPU: gpu_report.py does that.
 """
 import dataclasses
 import functools

@@ -28,8 +28,8 @@ matrix product over channel chunks, all in one launch. Lowerings:
   cannot be masked.
 On a CPU the kernel runs in interpret mode: the same kernel body evaluated op by op, logged once
 (`common.resolve_backend`); numerics, not speed. The tests run interpret mode and lower both flavours for
-their hardware (`.lower(lowering_platforms=...)`); neither has been compiled or timed on a GPU or TPU
-yet: experiments/gpu_report.py does that.
+their hardware (`.lower(lowering_platforms=...)`); experiments/kernel_compile_table.py compiles both ahead of
+time (TPU and sm_90a); neither has been run or timed on a GPU or TPU yet: experiments/gpu_report.py does that.
 """
 import dataclasses
 import functools
