@@ -201,8 +201,9 @@ def quantize(module: Any, variables: Mapping[str, Any], calibration: Iterable[An
             kernel = quantizers.uniform_quantize(jnp.asarray(_lookup(params, point.kernel_path), jnp.float32),
                                                  grid_w["scale"], grid_w["zero_point"], w_bits)
             bias = _lookup(params, point.kernel_path[:-1] + ("bias",)) if point.has_bias else None
-            scale, q = quantizers.search_adalog_gelu(data, kernel.reshape(data.shape[-1], -1), bias, spec.bits,
-                                                     shift=spec.shift)
+            full = np.asarray(_lookup(params, point.kernel_path), np.float32).reshape(data.shape[-1], -1)
+            scale, q = quantizers.search_adalog_gelu(data, full, bias, spec.bits, shift=spec.shift,
+                                                     kernel_sim=kernel.reshape(data.shape[-1], -1))
             return dataclasses.replace(spec, q=q), {"scale": jnp.asarray(scale, jnp.float32)}
         if spec.rule == "minmax":
             low, high = recorder.low[name], recorder.high[name]

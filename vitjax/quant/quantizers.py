@@ -28,7 +28,7 @@ UNIFORM_RULES = ("minmax", "percentile", "mse")
 GRANULARITIES = ("tensor", "channel", "token")
 # The percentile rule clips to [0.01th, 99.99th] percentiles; the MSE rule tries these shrink factors.
 PERCENTILE = 99.99
-MSE_SHRINKS = tuple(float(v) for v in np.linspace(0.2, 1.0, 41))
+MSE_SHRINKS = tuple(float(v) for v in np.geomspace(0.02, 1.0, 64))
 
 
 def check_bits(bits: int, what: str) -> int:
@@ -182,27 +182,28 @@ def _chunked(error_fn, scales: jax.Array, qs: jax.Array, per_candidate: int, *da
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "r"))
-def _softmax_errors(scales, qs, attention, value, reference, *, bits, r):
+def _softmax_errors(scales, qs, attention, value_sim, reference, *, bits, r):
     quantized = _adalog_candidates(attention, scales, qs, bits, 0.0, r, clamp_low=False)
-    out = jnp.einsum("cbhqk,bkhd->cbhqd", quantized, value)
+    out = jnp.einsum("cbhqk,bkhd->cbhqd", quantized, value_sim)
     return jnp.mean(jnp.square(out - reference[None]), axis=tuple(range(1, out.ndim)))
 
 
 def search_adalog_softmax(attention: jax.Array, value: jax.Array, bits: int, num_candidates: int = 128,
-                          r: int = ADALOG_R) -> int:
+                          r: int = ADALOG_R, value_sim: Optional[jax.Array] = None) -> int:
     """Returns AdaLog's base numerator q in 10..9+num_candidates (scale 1) for post-softmax weights.
 
-    attention: (B, H, Nq, Nk) softmax weights; value: (B, Nk, H, D), the values they weigh (as fed to the
-    matmul, quantized or not). Picks the q whose quantized weights give the output closest in mean squared
-    error to the full-precision attention @ value (AdaLog's `_search_best_A_log_base`).
+    attention: (B, H, Nq, Nk) softmax weights; value: (B, Nk, H, D), the values they weigh; value_sim: the
+    values as the quantized matmul sees them (default: value). Picks the q whose quantized weights times
+    value_sim come closest in mean squared error to attention @ value (AdaLog's `_search_best_A_log_base`).
     """
     attention = jnp.asarray(attention, jnp.float32)
     value = jnp.asarray(value, jnp.float32)
+    value_sim = value if value_sim is None else jnp.asarray(value_sim, jnp.float32)
     reference = jnp.einsum("bhqk,bkhd->bhqd", attention, value)
     qs = np.arange(10, 10 + num_candidates, dtype=np.int32)
     ones = np.ones((num_candidates,), np.float32)
     errors = functools.partial(_softmax_errors, bits=bits, r=r)
-    found = _chunked(errors, ones, qs, attention.size + reference.size, attention, value, reference)
+    found = _chunked(errors, ones, qs, attention.size + reference.size, attention, value_sim, reference)
     return int(qs[np.argmin(found)])
 
 
@@ -216,31 +217,32 @@ def positive_percentiles(x: np.ndarray, fractions: Sequence[float]) -> np.ndarra
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "shift", "r"))
-def _gelu_errors(scales, qs, x, kernel, bias, reference, *, bits, shift, r):
+def _gelu_errors(scales, qs, x, kernel_sim, bias, reference, *, bits, shift, r):
     quantized = _adalog_candidates(x, scales, qs, bits, shift, r)
-    return jnp.mean(jnp.square(quantized @ kernel + bias - reference[None]), axis=(1, 2))
+    return jnp.mean(jnp.square(quantized @ kernel_sim + bias - reference[None]), axis=(1, 2))
 
 
 def search_adalog_gelu(inputs: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], bits: int,
                        shift: float = GELU_SHIFT, num_candidates: int = 128, steps: int = 6,
                        base_top: int = 8, scale_count: int = 16, width: int = 32,
-                       r: int = ADALOG_R) -> Tuple[float, int]:
+                       r: int = ADALOG_R, kernel_sim: Optional[jax.Array] = None) -> Tuple[float, int]:
     """Returns AdaLog's (scale, q) for the post-GELU input of a linear layer, by Fast Progressive Combining Search.
 
-    inputs: (..., C_in) full-precision activations; kernel: (C_in, C_out) the layer's (quantized) kernel.
-    The error is the mean squared difference of the layer's output with quantized inputs from its
-    full-precision output (inputs @ kernel, the kernel as given). As AdaLog's `activation_fpcs`: the `base_top`
+    inputs: (..., C_in) full-precision activations; kernel: (C_in, C_out) the layer's kernel, kernel_sim the
+    quantized one (default: kernel). The error is the mean squared difference of the output with quantized
+    inputs and kernel_sim from the full-precision output (inputs @ kernel + bias). As AdaLog's `activation_fpcs`: the `base_top`
     best q of 10..9+num_candidates at the initial scale (the second-largest of `num_candidates` between the
     90th percentile and the maximum of the shifted positive inputs), then those q crossed with `scale_count`
     scales in that range, keeping the `width` best pairs and refining their scales `steps - 1` times.
     """
     x = np.asarray(inputs, np.float32).reshape(-1, np.shape(inputs)[-1])
     kernel = np.asarray(kernel, np.float32)
+    kernel_sim = kernel if kernel_sim is None else np.asarray(kernel_sim, np.float32)
     bias = np.zeros((kernel.shape[-1],), np.float32) if bias is None else np.asarray(bias, np.float32)
     reference = x @ kernel + bias
     low, high = (positive_percentiles(x, (0.9, 1.0)) + np.float32(shift)).astype(np.float32)
     errors = functools.partial(_gelu_errors, bits=bits, shift=shift, r=r)
-    device_data = [jnp.asarray(array) for array in (x, kernel, bias, reference)]
+    device_data = [jnp.asarray(array) for array in (x, kernel_sim, bias, reference)]
 
     def top(scales, qs, k):
         found = _chunked(errors, scales.astype(np.float32), qs.astype(np.int32), x.size + reference.size,
