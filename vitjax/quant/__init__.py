@@ -115,7 +115,9 @@ def quantize_kernels(params: Any, points: Iterable[calibrate.LayerPoint], kernel
     return result
 
 
-def _check(method: str, w_bits: int, a_bits: int, act_granularity: str, weight_granularity: str) -> None:
+def check_arguments(method: str, w_bits: int, a_bits: int, act_granularity: str = "tensor",
+                    weight_granularity: str = "channel") -> None:
+    """Returns None when the method, bit widths and granularities are valid; raises ValueError naming the choices."""
     if method not in METHODS:
         raise ValueError(f"Unknown quantization method {method!r}; valid choices: {METHODS}")
     quantizers.check_bits(w_bits, "w_bits")
@@ -141,7 +143,7 @@ def quantize(module: Any, variables: Mapping[str, Any], calibration: Iterable[An
     Bad input (method, bit width outside 2..8, no calibration batch, a log method on a model without
     softmax attention) raises ValueError before anything is compiled.
     """
-    _check(method, w_bits, a_bits, act_granularity, weight_granularity)
+    check_arguments(method, w_bits, a_bits, act_granularity, weight_granularity)
     batches = [calibrate.batch_images(batch) for batch in calibration]
     if not batches:
         raise ValueError("The calibration set has no batches: give an iterable of at least one batch of images")
@@ -224,4 +226,4 @@ def quantize(module: Any, variables: Mapping[str, Any], calibration: Iterable[An
     return model, {**variables, "quant": quant}
 
 
-__all__ = ["InputSpec", "LOG_METHODS", "METHODS", "QuantizedModel", "quantize", "quantize_kernels"]
+__all__ = ["InputSpec", "LOG_METHODS", "METHODS", "QuantizedModel", "check_arguments", "quantize", "quantize_kernels"]
