@@ -15,7 +15,7 @@ Flags as `vitjax.evaluate` (--init_from, --model, --set, --dataset, --split, --d
 --calib_split, --calib_batches, --calib_batch_size. Bad input stops, before anything compiles, with a
 message naming the valid choices.
 """
-from typing import List
+from typing import Callable, List, Optional
 
 from absl import flags
 
@@ -40,12 +40,33 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                          flag_values=flag_values)
 
 
-def quantize_and_evaluate(flag_values: flags.FlagValues, log=print) -> dict:
-    """Returns {"fp32": EvalResult, "quantized": EvalResult, "model": QuantizedModel} as the flags say."""
+def calibration_images(input_config: dict, split: Optional[str], num_batches: int, batch_size: int):
+    """Returns (split, the first `num_batches` image batches of it), preprocessed as the evaluation split."""
     import itertools
 
-    import jax
+    import vitjax.data as data
+    config = {key: value for key, value in input_config.items() if key != "train_split"}
+    split = split or input_config.get("train_split") or "train"
+    batches = data.make_eval_iterator(dict(config, eval_split=split), global_batch_size=batch_size)
+    return split, [batch["image"] for batch in itertools.islice(batches, num_batches)]
+
+
+def logits_fn(qmodel) -> Callable:
+    """Returns logits(qvariables, images): the quantized model's eval fp32 logits (a distilled model's head mean)."""
     import jax.numpy as jnp
+
+    def logits(variables, images):
+        output, _ = qmodel.apply(variables, images, train=False)
+        if isinstance(output, (tuple, list)):
+            output = sum(output) / len(output)
+        return output.astype(jnp.float32)
+
+    return logits
+
+
+def quantize_and_evaluate(flag_values: flags.FlagValues, log=print) -> dict:
+    """Returns {"fp32": EvalResult, "quantized": EvalResult, "model": QuantizedModel} as the flags say."""
+    import jax
 
     from vitjax import quant
     from vitjax.evaluate import pretrained
@@ -59,14 +80,8 @@ def quantize_and_evaluate(flag_values: flags.FlagValues, log=print) -> dict:
         flag_values.init_from, model_name=flag_values.model, model_overrides=overrides, dataset=flag_values.dataset,
         split=flag_values.split, data_dir=flag_values.data_dir, pp=flag_values.pp, image_size=flag_values.image_size,
         log=log)
-    import vitjax.data as data
-    input_config = dict(prepared.input_config)
-    calib_split = flag_values.calib_split or input_config.pop("train_split", None) or "train"
-    input_config.pop("train_split", None)
-    calib_config = dict(input_config, eval_split=calib_split)
-    calibration = [batch["image"] for batch in itertools.islice(
-        data.make_eval_iterator(calib_config, global_batch_size=flag_values.calib_batch_size),
-        flag_values.calib_batches)]
+    calib_split, calibration = calibration_images(prepared.input_config, flag_values.calib_split,
+                                                  flag_values.calib_batches, flag_values.calib_batch_size)
     module = prepared.objective.module
     log(f"Calibrating {flag_values.method} W{flag_values.w_bits}A{flag_values.a_bits} on {len(calibration)} "
         f"batches of {calib_split}")
@@ -77,16 +92,10 @@ def quantize_and_evaluate(flag_values: flags.FlagValues, log=print) -> dict:
                                         apply_kwargs=dict(train=False))
     log(qmodel.summary())
 
-    def quantized_logits(variables, images):
-        logits, _ = qmodel.apply(variables, images, train=False)
-        if isinstance(logits, (tuple, list)):
-            logits = sum(logits) / len(logits)
-        return logits.astype(jnp.float32)
-
     kwargs = dict(batch_size=flag_values.batch_size, num_examples=flag_values.num_examples, log=log)
     fp32 = pretrained.evaluate_prepared(prepared, **kwargs)
     quantized = pretrained.evaluate_prepared(prepared, variables=jax.device_put(qvariables),
-                                             logits_fn=quantized_logits, **kwargs)
+                                             logits_fn=logits_fn(qmodel), **kwargs)
     return {"fp32": fp32, "quantized": quantized, "model": qmodel}
 
 
