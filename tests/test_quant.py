@@ -76,10 +76,10 @@ def test_quantized_vit_accuracy_and_ste(vit_setup):
     errors = {}
     for method in ("mse", "adalog"):
         qmodel, qvariables = quant.quantize(model, variables, calibration, method=method, w_bits=8, a_bits=8)
-        errors[method] = relative_error(qmodel.apply(qvariables, images)[0], reference)
+        errors[method] = relative_error(jax.jit(qmodel.apply)(qvariables, images)[0], reference)
     assert errors["mse"] < 0.02 and errors["adalog"] < 0.2, errors
     qmodel, qvariables = quant.quantize(model, variables, calibration, method="minmax", w_bits=4, a_bits=4)
-    assert relative_error(qmodel.apply(qvariables, images)[0], reference) > 3 * errors["mse"]
+    assert relative_error(jax.jit(qmodel.apply)(qvariables, images)[0], reference) > 3 * errors["mse"]
     # the plan: 2 blocks x (qkv, proj, fc1, fc2) + patch embed + head; 2 softmax points
     assert len(qmodel.layers) == 10 and [name for name, _ in qmodel.softmax] == [
         "blocks_0/attn/softmax_0", "blocks_1/attn/softmax_0"]
@@ -89,7 +89,7 @@ def test_quantized_vit_accuracy_and_ste(vit_setup):
         logits, _ = qmodel.apply({**qvariables, "params": params}, images)
         return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
 
-    grads = jax.grad(loss)(qvariables["params"])
+    grads = jax.jit(jax.grad(loss))(qvariables["params"])
     kernels = [grads["blocks_0"]["attn"]["qkv"]["kernel"], grads["blocks_1"]["mlp"]["fc2"]["kernel"],
                grads["patch_embed"]["proj"]["kernel"], grads["head"]["kernel"]]
     assert all(np.isfinite(k).all() and float(jnp.abs(k).max()) > 0 for k in kernels)
@@ -114,12 +114,12 @@ def test_swin_and_token_granularity():
     model = models.create("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(2, 1),
                           num_heads=(1, 2), window_size=4, num_classes=10)
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    variables = model.init(jax.random.key(1), images)
-    reference = model.apply(variables, images)[0]
+    variables = jax.jit(model.init)(jax.random.key(1), images)
+    reference = jax.jit(model.apply)(variables, images)[0]
     qmodel, qvariables = quant.quantize(model, variables, [images], method="mse", w_bits=8, a_bits=8,
                                         act_granularity="token")
     assert len(qmodel.softmax) == 3 and all(spec.quantizer == "dynamic" for _, spec in qmodel.inputs)
-    assert relative_error(qmodel.apply(qvariables, images)[0], reference) < 0.03
+    assert relative_error(jax.jit(qmodel.apply)(qvariables, images)[0], reference) < 0.03
 
 
 def test_bad_input_fails_before_compile(vit_setup):

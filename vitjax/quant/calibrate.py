@@ -144,20 +144,30 @@ class Recorder:
 
 
 def record(apply_fn: Callable[[Any], Any], batches: Iterable[Any], keep_all: Iterable[str] = ()) -> Recorder:
-    """Returns the Recorder of running `apply_fn(images)` (eagerly, full precision) over the calibration batches."""
+    """Returns the Recorder of running `apply_fn(images)` (full precision, jitted) over the calibration batches."""
     recorder = Recorder(keep_all)
 
-    def on_input(module, name, x):
-        recorder.record(name, x)
-        return x
+    def traced(images):
+        # The tracers seen at each point leave the jitted function as its outputs.
+        seen: Dict[str, List[Tuple[jax.Array, ...]]] = {}
 
-    def on_attention(name, weights, value):
-        recorder.record(name, weights, value)
-        return weights
+        def on_input(module, name, x):
+            seen.setdefault(name, []).append((x,))
+            return x
 
-    with intercepted(on_input, on_attention):
-        for images in batches:
+        def on_attention(name, weights, value):
+            seen.setdefault(name, []).append((weights, value))
+            return weights
+
+        with intercepted(on_input, on_attention):
             apply_fn(images)
+        return seen
+
+    run = jax.jit(traced)
+    for images in batches:
+        for name, calls in jax.device_get(run(images)).items():
+            for arrays in calls:
+                recorder.record(name, *arrays)
     return recorder
 
 
