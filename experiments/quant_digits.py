@@ -8,6 +8,12 @@ Trains the quickstart ViT (configs/digits_vit.py, 800 steps) and a small Swin on
 method of `vitjax.quant.METHODS` at W8A8 / W6A6 / W4A4: calibrate on 4 batches of 32 training images
 (the eval preprocessing) and evaluate on the 360 test images, as `python -m vitjax.quant` does.
 Writes experiments/out/quant_digits.{md,json,png} (the plot: top-1 against bits).
+
+    python experiments/quant_digits.py --part=sparsity --vit_workdir=/tmp/vitjax_digits
+
+Sparse then prune (`vitjax.quant.sparsity`) on the quickstart ViT: fine-tune with L1 on the kernels, prune
+by global magnitude to 50 / 70 / 90 % of the kernels (not the head), fine-tune with the masks kept; top-1
+after each stage. Writes experiments/out/quant_digits_sparsity.{md,json}.
 """
 import argparse
 import os
@@ -61,6 +67,81 @@ def evaluate_model(workdir: str, label: str, calib_batches: int, log) -> Dict[st
     return results
 
 
+def train_arrays(prepared, split: str):
+    """Returns (images, labels) of a digits split with the eval preprocessing, real examples only."""
+    import numpy as np
+
+    import vitjax.data as data
+    config = {key: value for key, value in prepared.input_config.items() if key != "train_split"}
+    images, labels = [], []
+    for batch in data.make_eval_iterator(dict(config, eval_split=split), global_batch_size=120):
+        keep = np.asarray(batch["mask"]).astype(bool)
+        images.append(np.asarray(batch["image"])[keep])
+        labels.append(np.asarray(batch["label"])[keep])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def sparse_then_prune(workdir: str, steps: int, l1: float, log) -> Dict[str, Any]:
+    """Returns top-1 of the run in `workdir` after L1 fine-tuning, pruning and masked fine-tuning per sparsity."""
+    import jax
+    import numpy as np
+    import optax
+
+    from vitjax.evaluate import pretrained
+    from vitjax.quant import sparsity
+    prepared = pretrained.prepare_pretrained(workdir, log=lambda _: None)
+    objective, module = prepared.objective, prepared.objective.module
+    images, labels = train_arrays(prepared, prepared.input_config.get("train_split", "train"))
+    test_images, test_labels = train_arrays(prepared, prepared.input_config["eval_split"])
+    rng = np.random.default_rng(0)
+
+    def top1(params):
+        logits = jax.jit(lambda p, x: objective.eval_logits({"params": p}, x))(params, test_images)
+        return 100 * float((np.asarray(logits).argmax(-1) == test_labels).mean())
+
+    def finetune(params, optimizer):
+        state = optimizer.init(params)
+
+        @jax.jit
+        def step(params, state, x, y):
+            def loss(p):
+                logits, _ = module.apply({"params": p}, x, train=False)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            grads = jax.grad(loss)(params)
+            updates, state = optimizer.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        for _ in range(steps):
+            index = rng.choice(len(images), 128, replace=False)
+            params, state = step(params, state, images[index], labels[index])
+        return params
+
+    params = prepared.variables["params"]
+    rows = [dict(stage="trained (dense)", sparsity=0.0, top1=top1(params))]
+    sparse = finetune(params, optax.chain(sparsity.l1_regularization(l1), optax.adamw(3e-4, weight_decay=0.0)))
+    rows.append(dict(stage=f"L1 {l1:g}, {steps} steps", sparsity=sparsity.sparsity_of(sparse), top1=top1(sparse)))
+    log(rows[-1])
+    for target in (0.5, 0.7, 0.9):
+        masks = sparsity.magnitude_masks(sparse, target)
+        pruned = sparsity.apply_masks(sparse, masks)
+        pruned_top1 = top1(pruned)
+        tuned = finetune(pruned, optax.chain(optax.adamw(3e-4, weight_decay=0.0), sparsity.keep_masked(masks)))
+        rows.append(dict(stage="pruned", sparsity=sparsity.sparsity_of(tuned), top1_pruned=pruned_top1,
+                         top1=top1(tuned)))
+        log(rows[-1])
+    lines = [f"Sparse then prune on the quickstart ViT (digits): L1 on the kernels (not the head) for {steps} "
+             f"steps of 128 training images (AdamW 3e-4), global magnitude pruning, then {steps} steps with the "
+             "masks kept. Sparsity: the fraction of zero kernel weights outside the head.", "",
+             "| stage | sparsity % | top-1 % just pruned | top-1 % |", "|---|---:|---:|---:|"]
+    for row in rows:
+        pruned_cell = f"{row['top1_pruned']:.2f}" if "top1_pruned" in row else "-"
+        lines.append(f"| {row['stage']} | {100 * row['sparsity']:.1f} | {pruned_cell} | {row['top1']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    write_outputs(OUT_DIR, "quant_digits_sparsity", table, dict(steps=steps, l1=l1, rows=rows))
+    return dict(rows=rows)
+
+
 def plot(results: Dict[str, Dict[str, Any]], path: str) -> None:
     """Writes the top-1 against bits plot, one panel per model."""
     import matplotlib
@@ -88,9 +169,17 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--swin_workdir", default=None, help="a finished digits Swin run (default: train one)")
     parser.add_argument("--skip_swin", action="store_true", help="quantize the ViT only")
     parser.add_argument("--calib_batches", type=int, default=4, help="calibration batches of 32 training images")
+    parser.add_argument("--part", default="quant", choices=("quant", "sparsity"), help="which table to make")
+    parser.add_argument("--sparse_steps", type=int, default=200, help="steps of each sparse-then-prune stage")
+    parser.add_argument("--l1", type=float, default=2e-4, help="L1 strength of the sparse stage")
     args = parser.parse_args(argv)
     started = time.time()
     scratch = tempfile.mkdtemp(prefix="quant_digits_")
+    if args.part == "sparsity":
+        workdir = args.vit_workdir or os.path.join(scratch, "vit")
+        if args.vit_workdir is None:
+            train(workdir, False)
+        return sparse_then_prune(workdir, args.sparse_steps, args.l1, print)
     runs = {"ViT (quickstart)": (args.vit_workdir, False)}
     if not args.skip_swin:
         runs["Swin (digits)"] = (args.swin_workdir, True)
