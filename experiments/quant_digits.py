@@ -132,8 +132,8 @@ def sparse_then_prune(workdir: str, steps: int, l1: float, log) -> Dict[str, Any
             log(rows[-1])
     lines = [f"Sparse then prune on the quickstart ViT (digits): L1 on the kernels (not the head) for {steps} "
              f"steps of 128 training images (AdamW 3e-4), global magnitude pruning, then {steps} steps with the "
-             "masks kept; beside it the same pruning and fine-tuning of the dense weights (no L1). Sparsity: the fraction "
-             "of zero kernel weights outside the head.", "",
+             "masks kept; beside it the same pruning and fine-tuning of the dense weights (no L1). Sparsity: the "
+             "fraction of zero kernel weights outside the head.", "",
              "| stage | sparsity % | top-1 % just pruned | top-1 % |", "|---|---:|---:|---:|"]
     for row in rows:
         pruned_cell = f"{row['top1_pruned']:.2f}" if "top1_pruned" in row else "-"

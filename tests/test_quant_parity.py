@@ -41,8 +41,8 @@ def test_softmax_log_base_search_equals_official(fixture, bits):
 
 def test_gelu_fpcs_search_equals_official(fixture):
     """The post-GELU Fast Progressive Combining Search gives the official (scale, q) at 4 bits."""
-    np.testing.assert_allclose(quantizers.positive_percentiles(fixture["post_gelu"], (0.9, 1.0)) + quantizers.GELU_SHIFT,
-                               fixture["gelu_ud"], rtol=1e-6)
+    candidates = quantizers.positive_percentiles(fixture["post_gelu"], (0.9, 1.0)) + quantizers.GELU_SHIFT
+    np.testing.assert_allclose(candidates, fixture["gelu_ud"], rtol=1e-6)
     scale, q = quantizers.search_adalog_gelu(fixture["post_gelu"], fixture["weight"].T, fixture["bias"], 4,
                                              kernel_sim=fixture["weight_sim"].T)
     assert q == int(fixture["gelu_q"])

@@ -185,7 +185,8 @@ def quantize(module: Any, variables: Mapping[str, Any], calibration: Iterable[An
         kernel = np.asarray(_lookup(params, point.kernel_path), np.float32)
         keep = point.output_axes if weight_granularity == "channel" else ()
         scale, zero = quantizers.uniform_params(*quantizers.uniform_range(kernel, w_bits, rule, keep), w_bits)
-        kernel_grids[point.name] = {"scale": jnp.asarray(scale, jnp.float32), "zero_point": jnp.asarray(zero, jnp.float32)}
+        kernel_grids[point.name] = {"scale": jnp.asarray(scale, jnp.float32),
+                                    "zero_point": jnp.asarray(zero, jnp.float32)}
 
     def grid(name, spec, is_softmax):
         if spec.quantizer == "dynamic":

@@ -106,8 +106,8 @@ def run(flag_values: flags.FlagValues) -> dict:
     results = cli_lib.exit_on_user_error(lambda: quantize_and_evaluate(flag_values),
                                          cli_lib.USER_ERRORS + (DatasetNotPreparedError,))
     print(f"FP32: {pretrained.summary(results['fp32'])}")
-    print(f"{flag_values.method} W{flag_values.w_bits}A{flag_values.a_bits}: {pretrained.summary(results['quantized'])}",
-          flush=True)
+    label = f"{flag_values.method} W{flag_values.w_bits}A{flag_values.a_bits}"
+    print(f"{label}: {pretrained.summary(results['quantized'])}", flush=True)
     return results
 
 

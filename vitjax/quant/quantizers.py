@@ -121,7 +121,8 @@ def adalog_levels(q: int, bits: int, r: int = ADALOG_R) -> np.ndarray:
     fractional power, so dequantization is a table look-up and a shift.
     """
     k = np.arange(2 ** bits, dtype=np.int64)
-    return (np.exp2(-((k * int(q)) // r).astype(np.float64)) * _adalog_table(bits, r)[(k * int(q)) % r]).astype(np.float32)
+    powers = np.exp2(-((k * int(q)) // r).astype(np.float64))
+    return (powers * _adalog_table(bits, r)[(k * int(q)) % r]).astype(np.float32)
 
 
 def _adalog_table(bits: int, r: int) -> np.ndarray:
@@ -230,10 +231,11 @@ def search_adalog_gelu(inputs: jax.Array, kernel: jax.Array, bias: Optional[jax.
 
     inputs: (..., C_in) full-precision activations; kernel: (C_in, C_out) the layer's kernel, kernel_sim the
     quantized one (default: kernel). The error is the mean squared difference of the output with quantized
-    inputs and kernel_sim from the full-precision output (inputs @ kernel + bias). As AdaLog's `activation_fpcs`: the `base_top`
-    best q of 10..9+num_candidates at the initial scale (the second-largest of `num_candidates` between the
-    90th percentile and the maximum of the shifted positive inputs), then those q crossed with `scale_count`
-    scales in that range, keeping the `width` best pairs and refining their scales `steps - 1` times.
+    inputs and kernel_sim from the full-precision output (inputs @ kernel + bias). As AdaLog's
+    `activation_fpcs`: the `base_top` best q of 10..9+num_candidates at the initial scale (the second-largest
+    of `num_candidates` between the 90th percentile and the maximum of the shifted positive inputs), then
+    those q crossed with `scale_count` scales in that range, keeping the `width` best pairs and refining
+    their scales `steps - 1` times.
     """
     x = np.asarray(inputs, np.float32).reshape(-1, np.shape(inputs)[-1])
     kernel = np.asarray(kernel, np.float32)
