@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 # Subpackages and modules reachable as attributes of `vitjax`, imported on first access.
 _SUBMODULES = ("checkpoint", "config_utils", "convert", "data", "evaluate", "kernels", "models", "objectives",
-               "optim", "parallel", "text", "tokens", "train", "weights")
+               "optim", "parallel", "quant", "text", "tokens", "train", "weights")
 
 
 def __getattr__(name: str) -> Any:

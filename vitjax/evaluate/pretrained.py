@@ -74,6 +74,17 @@ def _first_examples(batches: Iterator[Dict[str, Any]], limit: Optional[int]) -> 
             return
 
 
+@dataclasses.dataclass
+class Prepared:
+    """Weights fitted to their model, with the data to evaluate them on (`prepare_pretrained`)."""
+    objective: Any                       # the Supervised objective: module, eval_logits, metrics_of
+    variables: Dict[str, Any]            # fitted, on the device
+    model_name: str
+    model_overrides: Dict[str, Any]
+    input_config: Dict[str, Any]         # dataset, data_dir, eval_split, pp_eval, ... (and the run's train_split)
+    plan_table: str
+
+
 def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
                         model_overrides: Optional[Mapping[str, Any]] = None, dataset: Optional[str] = None,
                         split: Optional[str] = None, data_dir: Optional[str] = None, pp: Optional[str] = None,
@@ -85,6 +96,20 @@ def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
     `model_overrides` are model options on top of the source's; `image_size` sets the preprocessing's size
     and the model's `img_size` where it has one; `num_examples` evaluates the first examples of the split only.
     """
+    if batch_size < 1 or (num_examples is not None and num_examples < 1):
+        raise ValueError(f"batch_size and num_examples must be >= 1, got {batch_size} and {num_examples}")
+    prepared = prepare_pretrained(init_from, model_name=model_name, model_overrides=model_overrides,
+                                  dataset=dataset, split=split, data_dir=data_dir, pp=pp, image_size=image_size,
+                                  log=log)
+    return evaluate_prepared(prepared, batch_size=batch_size, num_examples=num_examples,
+                             return_logits=return_logits, log=log)
+
+
+def prepare_pretrained(init_from: str, *, model_name: Optional[str] = None,
+                       model_overrides: Optional[Mapping[str, Any]] = None, dataset: Optional[str] = None,
+                       split: Optional[str] = None, data_dir: Optional[str] = None, pp: Optional[str] = None,
+                       image_size: Optional[int] = None, log: Callable[[str], None] = print) -> Prepared:
+    """Returns the weights `init_from` fitted to their model with the evaluation data (`evaluate_pretrained`'s args)."""
     from vitjax import models, weights
     from vitjax.models.registry import module_fields
     weights.check_source(init_from)
@@ -96,8 +121,6 @@ def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
         import torch  # noqa: F401
     if model_name is not None:
         models.get_entry(model_name)  # an unknown name fails here, listing the valid ones
-    if batch_size < 1 or (num_examples is not None and num_examples < 1):
-        raise ValueError(f"batch_size and num_examples must be >= 1, got {batch_size} and {num_examples}")
 
     # ---- What the source says about itself (a timm file is read once its model is known, below) --------
     pretrained = None if is_torch_checkpoint else weights.load(init_from)
@@ -115,7 +138,7 @@ def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
     same_data = bool(run_input) and dataset in (None, run_input.get("dataset"))
     if same_data:
         input_config = {key: run_input[key] for key in ("dataset", "data_dir", "eval_split", "pp_eval", "image_key",
-                                                        "label_key", "source") if key in run_input}
+                                                        "label_key", "source", "train_split") if key in run_input}
     else:
         if not dataset:
             raise ValueError(f"{init_from!r} names no dataset: give --dataset (a TFDS name such as imagenet2012, "
@@ -125,7 +148,7 @@ def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
         if value is not None:
             input_config[key] = value
     num_classes, channels, builder = _dataset_facts({key: value for key, value in input_config.items()
-                                                     if key not in ("eval_split", "pp_eval")})
+                                                     if key not in ("eval_split", "pp_eval", "train_split")})
     if not input_config.get("eval_split"):
         input_config["eval_split"] = "validation" if "validation" in builder.info.splits else "test"
     from vitjax.data import sources
@@ -158,7 +181,6 @@ def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
     import jax
     import ml_collections
 
-    from vitjax.evaluate import classification
     from vitjax.objectives.supervised import Supervised
     if pretrained is None:
         pretrained = weights.load(init_from, model_name=model_name, model_overrides=overrides)
@@ -179,13 +201,26 @@ def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
                          "options (--set), e.g. the class count")
     variables = plan.apply(jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract))
     variables = jax.device_put(variables)
+    return Prepared(objective, variables, model_name, overrides, input_config, table)
+
+
+def evaluate_prepared(prepared: Prepared, *, variables: Optional[Mapping[str, Any]] = None,
+                      logits_fn: Optional[Callable[[Any, Any], Any]] = None, batch_size: int = 256,
+                      num_examples: Optional[int] = None, return_logits: bool = False,
+                      log: Callable[[str], None] = print) -> EvalResult:
+    """Returns the metrics of `logits_fn(variables, images)` (default: the prepared model and weights) on its split."""
+    import jax
+
+    import vitjax.data as data
+    from vitjax.evaluate import classification
+    objective, input_config, model_name = prepared.objective, prepared.input_config, prepared.model_name
+    variables = prepared.variables if variables is None else variables
+    logits_fn = objective.eval_logits if logits_fn is None else logits_fn
 
     # ---- Evaluate: the trainer's metrics, summed over the real examples ---------------------------------
-    import vitjax.data as data
-
     @jax.jit
     def logits_and_sums(variables, batch):
-        logits = objective.eval_logits(variables, batch["image"])
+        logits = logits_fn(variables, batch["image"])
         return logits, classification.masked_sums(objective.metrics_of(logits, batch["label"]), batch["mask"])
 
     collected = []
@@ -199,14 +234,15 @@ def evaluate_pretrained(init_from: str, *, model_name: Optional[str] = None,
     batch_size = min(batch_size, num_examples) if num_examples else batch_size
     log(f"Evaluating {model_name} on {input_config['dataset']} {input_config['eval_split']} "
         f"(pp: {input_config['pp_eval']})")
-    batches = data.make_eval_iterator(input_config, global_batch_size=batch_size)
+    eval_config = {key: value for key, value in input_config.items() if key != "train_split"}
+    batches = data.make_eval_iterator(eval_config, global_batch_size=batch_size)
     batches = ({key: batch[key] for key in ("image", "label", "mask")} for batch in batches)
     metrics = classification.evaluate(eval_step, variables, _first_examples(batches, num_examples), prefix="")
     logits = None
     if return_logits:
         fetched = jax.device_get(collected)
         logits = np.concatenate([np.asarray(batch_logits)[np.asarray(mask, bool)] for batch_logits, mask in fetched])
-    return EvalResult(metrics, model_name, overrides, input_config, table, logits)
+    return EvalResult(metrics, model_name, prepared.model_overrides, eval_config, prepared.plan_table, logits)
 
 
 def _unbox(tree: Any) -> Any:

@@ -3,7 +3,9 @@
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `classes`) and activations are
 constrained to (`batch`, `length`, `embed`), so a mesh rule set shards any model without touching it.
 """
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -219,6 +221,23 @@ def check_attention_dropout(impl: str, dropout_rate: float) -> None:
             f"'auto' (runs 'xla' here), or attn_drop_rate=0.")
 
 
+# Off (None) unless `attention_weights_hook` is active: vitjax.quant fake-quantizes post-softmax weights with it.
+_attention_weights_hook: contextvars.ContextVar = contextvars.ContextVar("attention_weights_hook", default=None)
+
+
+@contextlib.contextmanager
+def attention_weights_hook(hook: Callable[[jax.Array, jax.Array], jax.Array]) -> Iterator[None]:
+    """Yields with `hook(weights (B, H, Nq, Nk), value)` replacing the softmax weights of every `multihead_attention`.
+
+    While active, attention runs the "xla" path (only it forms the weights); the hook runs at trace time.
+    """
+    token = _attention_weights_hook.set(hook)
+    try:
+        yield
+    finally:
+        _attention_weights_hook.reset(token)
+
+
 def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xla",
                         dropout_rate=0.0, dropout_rng=None, capture_attention=False):
     """Returns (attention output (B, Nq, H, D), aux dict with `attention` (B, H, Nq, Nk) when captured).
@@ -229,12 +248,15 @@ def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xl
     "auto" runs "xla" (logged once) and an explicit "cudnn"/"pallas" raises instead of silently not running.
     """
     aux = {}
+    weights_hook = _attention_weights_hook.get()
     if not capture_attention:
         check_attention_dropout(impl, dropout_rate)
-    if dropout_rate > 0.0 or capture_attention:
-        weights_impl = "xla" if capture_attention else impl
+    if dropout_rate > 0.0 or capture_attention or weights_hook is not None:
+        weights_impl = "xla" if capture_attention or weights_hook is not None else impl
         _, weights = dot_product_attention(query, key, value, bias=bias, key_bias=key_bias,
                                            impl=weights_impl, return_weights=True)
+        if weights_hook is not None:
+            weights = weights_hook(weights, value)
         if capture_attention:
             aux["attention"] = weights
         if dropout_rate > 0.0:
@@ -497,7 +519,8 @@ def classifier_head(num_classes: int, zero_init: bool, dtype: Dtype, param_dtype
 
 __all__ = [
     "ACTIVATIONS", "Attention", "BatchNorm", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
-    "activation", "classifier_head", "constrain", "gelu", "gelu_tanh", "quick_gelu", "layer_norm", "logical",
+    "activation", "attention_weights_hook", "classifier_head", "constrain", "gelu", "gelu_tanh", "quick_gelu",
+    "layer_norm", "logical",
     "multihead_attention", "pool_tokens",
     "posemb_sincos_1d", "posemb_sincos_2d", "resample_posemb", "resize_like_torch", "to_2tuple", "trunc_normal_init",
     "xavier_uniform_init",
