@@ -15,6 +15,7 @@ _OBJECTIVES = {
     "distill": "vitjax.objectives.distill:Distillation",
     "clip": "vitjax.objectives.clip:Clip",
     "token_reduction": "vitjax.objectives.token_reduction:TokenReduction",
+    "gmml": "vitjax.objectives.gmml:GMML",
 }
 
 
