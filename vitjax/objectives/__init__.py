@@ -16,6 +16,7 @@ _OBJECTIVES = {
     "clip": "vitjax.objectives.clip:Clip",
     "token_reduction": "vitjax.objectives.token_reduction:TokenReduction",
     "gmml": "vitjax.objectives.gmml:GMML",
+    "sit": "vitjax.objectives.sit:SiT",
 }
 
 
