@@ -5,7 +5,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from vitjax import train
-from vitjax.evaluate import evaluators, fewshot, linear_probe
+from vitjax.evaluate import evaluators, fewshot, linear_probe, standalone
 from test_train import read_metrics, run, tiny_config
 
 NUM_CLASSES = 6
@@ -96,7 +96,7 @@ def test_linear_probe_matches_scikit_learn_logistic_regression():
     assert chance["top1"] < 0.35
 
 
-def test_fewshot_and_linear_probe_in_config_evals(tmp_path):
+def test_fewshot_and_linear_probe_in_config_evals_and_standalone(tmp_path, capsys):
     config = tiny_config(total_steps=2, log_every_steps=2, eval_every_steps=0)
     config.evals = dict(
         fewshot=dict(kind="fewshot", shots=(1, 10), num_seeds=2, max_train_examples=500),
@@ -107,6 +107,15 @@ def test_fewshot_and_linear_probe_in_config_evals(tmp_path):
     assert 0.1 < final["fewshot/10shot"] <= 1.0 and 0.1 < final["probe/top1"] <= final["probe/top5"] <= 1.0
     assert final["probe/num_examples"] == final["fewshot/num_examples"] == 360
     assert any("fewshot/10shot" in record for record in read_metrics(workdir))
+    # Standalone, on the run's saved weights: the same figures as the run's own evaluation.
+    again = standalone.evaluate_run(workdir, {"fewshot": dict(kind="fewshot", shots=(1, 10), num_seeds=2,
+                                                              max_train_examples=500)}, log=lambda _: None)
+    assert again["fewshot/10shot"] == final["fewshot/10shot"] and again["fewshot/1shot"] == final["fewshot/1shot"]
+    from vitjax.evaluate.__main__ import cli
+    cli([f"--init_from={workdir}", "--kind=linear_probe", "--eval_set=epochs=5", "--eval_set=learning_rates=(0.01,0.1)",
+         "--eval_set=max_train_examples=500", "--batch_size=120"])
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines() if line.startswith("linear_probe/"))
+    assert float(printed["linear_probe/top1"]) == pytest.approx(final["probe/top1"], abs=1e-6)
 
 
 @pytest.mark.parametrize("settings, message", [
