@@ -121,6 +121,13 @@ def layer_norm_with(params: Dict[str, jax.Array], x: jax.Array, eps: float) -> j
     return (normed * params["scale"] + params["bias"]).astype(x.dtype)
 
 
+def encoder_layer_ids(encoder: VisionTransformer, params, scope: str = "encoder") -> Tuple[Dict[str, Any], int]:
+    """Returns ({path: layer id}, num_layers) of params holding `encoder` under `scope`; other params (heads) last."""
+    matcher = param_groups.scoped_matcher(encoder.group_matcher(), scope)
+    stacked = (f"{scope}/blocks",) if encoder.scan else ()
+    return param_groups.layer_ids_from_matcher(params, matcher, stacked=stacked)
+
+
 class GroupMaskedModel(nn.Module):
     """Encoder + reconstruction head; `__call__` returns (reconstruction (B, H, W, C), aux).
 
@@ -132,9 +139,7 @@ class GroupMaskedModel(nn.Module):
 
     def layer_ids(self, params) -> Tuple[Dict[str, Any], int]:
         """Returns ({path: layer id}, num_layers): the encoder's ids under "encoder/", the heads in the last group."""
-        matcher = param_groups.scoped_matcher(self.encoder.group_matcher(), "encoder")
-        stacked = ("encoder/blocks",) if self.encoder.scan else ()
-        return param_groups.layer_ids_from_matcher(params, matcher, stacked=stacked)
+        return encoder_layer_ids(self.encoder, params)
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed: the encoder's."""
@@ -275,4 +280,5 @@ class GMML(Objective):
 
 
 __all__ = ["CORRUPTIONS", "GMML", "GroupMaskedModel", "ReconstructionHead", "check_recons_blocks", "corrupt",
+           "encoder_layer_ids",
            "layer_norm_with", "per_example_l1", "reconstruction_l1"]

@@ -29,6 +29,7 @@ from vitjax import masking
 from vitjax.models import layers, param_groups
 from vitjax.models.vit import Block, VisionTransformer
 from vitjax.objectives.base import Objective, Variables
+from vitjax.objectives.gmml import encoder_layer_ids
 from vitjax.objectives.mae import build_encoder
 from vitjax.tokens.base import KeepAll, mask_key_bias
 
@@ -76,8 +77,7 @@ class PositionPredictionModel(nn.Module):
 
     def layer_ids(self, params) -> Tuple[Dict[str, Any], int]:
         """Returns ({path: layer id}, num_layers): the ViT's ids under "encoder/", the head in the last group."""
-        matcher = param_groups.scoped_matcher(self.vit.group_matcher(), "encoder")
-        return param_groups.layer_ids_from_matcher(params, matcher)
+        return encoder_layer_ids(self.vit, params)
 
     def no_weight_decay(self) -> Tuple[str, ...]:
         """Returns regexes of the param paths not weight-decayed: the ViT's, under "encoder/"."""
