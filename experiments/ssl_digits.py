@@ -1,4 +1,4 @@
-r"""Self-supervised objectives on the bundled digits, on equal footing: same ViT, same data, same steps, same evaluation.
+r"""Self-supervised objectives on the bundled digits on equal footing: same ViT, data, steps and evaluation.
 
     python experiments/ssl_digits.py                          # 3 seeds (run time in the table's last line)
     python experiments/ssl_digits.py --seeds=1 --scale=0.25   # a quick look
@@ -141,7 +141,8 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--pixels_only", action="store_true", help="print the raw-pixel row only and stop")
     args = parser.parse_args(argv)
     pixels = pixel_baseline()
-    pixel_row = "| raw pixels (no encoder) | " + " | ".join(f"{100 * pixels[key]:.2f}" for _, key, _ in PROTOCOLS) + " | - |"
+    pixel_cells = " | ".join(f"{100 * pixels[key]:.2f}" for _, key, _ in PROTOCOLS)
+    pixel_row = f"| raw pixels (no encoder) | {pixel_cells} | - |"
     if args.pixels_only:
         print(pixel_row)
         return {"pixels": pixels}

@@ -15,6 +15,7 @@ def fixed_features(dim=12, per_class_train=40, per_class_test=15, seed=0):
     """Returns (train x, train y, test x, test y): Gaussian classes around random centres, overlapping."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((NUM_CLASSES, dim)) * 1.2
+
     def draw(count):
         labels = np.repeat(np.arange(NUM_CLASSES), count)
         features = centres[labels] + rng.standard_normal((len(labels), dim)) * 1.5 + 3.0
@@ -24,7 +25,10 @@ def fixed_features(dim=12, per_class_train=40, per_class_test=15, seed=0):
 
 def test_knn_equals_a_numpy_transcription_exactly():
     train_x, train_y, test_x, test_y = fixed_features()
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
     top1, top5 = evaluators.knn_classify(unit(train_x), train_y, unit(test_x), test_y, k=20, temperature=0.07)
     similarity = unit(test_x).astype(np.float64) @ unit(train_x).astype(np.float64).T
     nearest = np.argsort(-similarity, axis=1)[:, :20]
@@ -44,7 +48,10 @@ def test_ridge_equals_scikit_learn(shots):
     fit = fewshot.ridge_fit(train_x[index], train_y[index], NUM_CLASSES)
     # The same problem for scikit-learn: big_vision's whitening and bias feature, targets in {-1, 1}.
     mean, std = train_x[index].astype(np.float64).mean(0), train_x[index].astype(np.float64).std(0) + 1e-5
-    design = lambda x: np.pad((x - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+
+    def design(x):
+        return np.pad((x - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+
     targets = 2.0 * np.eye(NUM_CLASSES)[train_y[index]] - 1.0
     for l2 in (0.25, 2.0 ** 10):
         reference = Ridge(alpha=l2, fit_intercept=False, solver="cholesky").fit(design(train_x[index]), targets)
@@ -67,10 +74,13 @@ def test_fewshot_protocol_equals_a_numpy_transcription():
             held = np.concatenate([o[shots:shots + 5] for o in orders])
             x = train_x[chosen].astype(np.float64)
             mean, std = x.mean(0), x.std(0) + 1e-5
-            design = lambda z: np.pad((z - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
             targets = 2.0 * np.eye(NUM_CLASSES)[train_y[chosen]] - 1.0
-            solve = lambda l2: np.linalg.solve(design(x).T @ design(x) + l2 * np.eye(x.shape[1] + 1),
-                                               design(x).T @ targets)
+
+            def design(z, mean=mean, std=std):
+                return np.pad((z - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+
+            def solve(l2, x=x, targets=targets):
+                return np.linalg.solve(design(x).T @ design(x) + l2 * np.eye(x.shape[1] + 1), design(x).T @ targets)
             val = [np.mean((design(train_x[held]) @ solve(l2)).argmax(1) == train_y[held]) for l2 in l2_regs]
             weights = solve(l2_regs[int(np.argmax(val))])
             accuracies.append(np.mean((design(test_x) @ weights).argmax(1) == test_y))
@@ -114,7 +124,8 @@ def test_fewshot_and_linear_probe_in_config_evals_and_standalone(tmp_path, capsy
     from vitjax.evaluate.__main__ import cli
     cli([f"--init_from={workdir}", "--kind=linear_probe", "--eval_set=epochs=5", "--eval_set=learning_rates=(0.01,0.1)",
          "--eval_set=max_train_examples=500", "--batch_size=120"])
-    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines() if line.startswith("linear_probe/"))
+    lines = capsys.readouterr().out.splitlines()
+    printed = dict(line.split(": ") for line in lines if line.startswith("linear_probe/"))
     assert float(printed["linear_probe/top1"]) == pytest.approx(final["probe/top1"], abs=1e-6)
 
 

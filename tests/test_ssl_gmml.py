@@ -107,7 +107,8 @@ def test_bad_settings_are_rejected_with_the_valid_choices(change, message):
 
 
 def test_runlocal_loss_falls(tmp_path):
-    config = config_utils.load_config("configs/gmml_vit.py:runlocal", {"progress_bar": False, "checkpoint_async": False})
+    config = config_utils.load_config("configs/gmml_vit.py:runlocal", {"progress_bar": False,
+                                                                       "checkpoint_async": False})
     config.total_steps = 60
     config.log_every_steps = 10
     final = run(config, str(tmp_path / "run"))

@@ -113,5 +113,5 @@ def patch_mask(mask: jax.Array, patch_size: int) -> jax.Array:
     return cells.mean(axis=(2, 4)).reshape(batch, -1)
 
 
-__all__ = ["check_group_settings", "check_mask_ratio", "downsample_mask", "group_mask", "group_masks", "patch_mask", "random_masking"]
-
+__all__ = ["check_group_settings", "check_mask_ratio", "downsample_mask", "group_mask", "group_masks", "patch_mask",
+           "random_masking"]

@@ -306,7 +306,8 @@ def run_evaluators(evaluators: List[Evaluator], state, step: int, is_last: bool,
     return result
 
 
-__all__ = ["Classification", "EvalContext", "Evaluator", "FeatureEvaluator", "KNearestNeighbours", "build_evaluators", "default_evals",
+__all__ = ["Classification", "EvalContext", "Evaluator", "FeatureEvaluator", "KNearestNeighbours", "build_evaluators",
+           "default_evals",
            "knn_classify", "list_kinds", "register_evaluator", "run_evaluators", "validate_evals"]
 
 # Kinds defined in other modules register on import (after everything above exists: they import it).

@@ -74,7 +74,7 @@ def fewshot_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_
                      test_labels: np.ndarray, *, shots: Sequence[int] = (1, 5, 10, 25),
                      l2_regs: Sequence[float] = DEFAULT_L2_REGS, num_seeds: int = 3, num_val_per_class: int = 5,
                      num_classes: int = 0) -> Dict[str, float]:
-    """Returns {"{K}shot", "{K}shot_std", "{K}shot_l2"}: ridge test top-1 at the l2 chosen on held-out train examples."""
+    """Returns {"{K}shot", "{K}shot_std", "{K}shot_l2"}: ridge test top-1 at the l2 chosen on held-out train images."""
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     result: Dict[str, float] = {}

@@ -30,7 +30,8 @@ def probe_optimizer(num_steps: int, momentum: float = 0.9, weight_decay: float =
                     ) -> optax.GradientTransformation:
     """Returns the probe's optimizer at unit learning rate (the caller scales its updates by the lr)."""
     return optax.chain(optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
-                       optax.trace(decay=momentum), optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, num_steps)),
+                       optax.trace(decay=momentum),
+                       optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, num_steps)),
                        optax.scale(-1.0))
 
 
@@ -79,7 +80,7 @@ def linear_probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray, 
                           test_labels: np.ndarray, *, learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES,
                           epochs: int = 100, batch_size: int = 256, momentum: float = 0.9, weight_decay: float = 0.0,
                           val_fraction: float = 0.1, seed: int = 0, num_classes: int = 0) -> Dict[str, float]:
-    """Returns {"top1", "top5", "lr", "val_top1"}: test accuracy of the probe whose lr is best on held-out train data."""
+    """Returns {"top1", "top5", "lr", "val_top1"}: test accuracy of the probe whose lr is best on held-out data."""
     train_features = np.asarray(train_features, np.float32)
     test_features = np.asarray(test_features, np.float32)
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
@@ -101,7 +102,8 @@ def linear_probe_accuracy(train_features: np.ndarray, train_labels: np.ndarray, 
         best = int(np.argmax(val_accuracy))
         val_top1 = val_accuracy[best]
     logits = test_features @ kernel[best] + bias[best]
-    return {"top1": topk_accuracy(logits, test_labels, 1), "top5": topk_accuracy(logits, test_labels, min(5, num_classes)),
+    return {"top1": topk_accuracy(logits, test_labels, 1),
+            "top5": topk_accuracy(logits, test_labels, min(5, num_classes)),
             "lr": float(learning_rates[best]), "val_top1": val_top1}
 
 

@@ -26,7 +26,7 @@ def run_config(init_from: str) -> Dict[str, Any]:
 
 def evaluate_run(init_from: str, evals: Mapping[str, Mapping[str, Any]], *, dataset: Optional[str] = None,
                  data_dir: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, float]:
-    """Returns {"<name>/<metric>": value} of the evaluators `evals` ({name: settings}) on the run `init_from`'s weights."""
+    """Returns {"<name>/<metric>": value} of the evaluators `evals` ({name: settings}) on the run's weights."""
     import contextlib
 
     import flax.linen as nn

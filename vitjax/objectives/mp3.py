@@ -44,7 +44,7 @@ class ContextEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, context: jax.Array, train: bool = False) -> jax.Array:
-        """Returns the final normed tokens (B, prefix + N, D); `context` (B, N): 1 = the patch's keys / values are seen."""
+        """Returns the final normed tokens (B, prefix + N, D); `context` (B, N): 1 = the patch's keys / values seen."""
         vit = self.vit
         block_kwargs = vit.block_kwargs()
         x, _ = layers.PatchEmbed(vit.patch_size, vit.embed_dim, use_bias=not vit.pre_norm,

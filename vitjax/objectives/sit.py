@@ -16,9 +16,9 @@ over the global batch: the keys are gathered over the mesh's batch axes ("data",
 official `concat_all_gather`). The loss is contrastive + `reconstruction_weight` x L1 on the corrupted pixels.
 
 The teacher lives in the model-state collection "teacher" ({"params", "step"}) and its momentum follows
-the official cosine from `momentum` to 1 over the run (`momentum_steps`, default config.total_steps). One difference: the official update runs after
-the optimizer step with the new student weights; here it runs inside the loss with the weights the step
-starts from (the teacher trails by one step).
+the official cosine from `momentum` to 1 over the run (`momentum_steps`, default config.total_steps).
+One difference: the official update runs after the optimizer step with the new student weights; here it
+runs inside the loss with the weights the step starts from (the teacher trails by one step).
 """
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
