@@ -15,9 +15,10 @@ by 0.3 of it copied from another image; the student reconstructs the clean views
 256 out, BatchNorm) with the momentum teacher's projection of the other clean view (temperature 0.2,
 keys gathered over the batch axes); teacher momentum 0.996 rising to 1 on a cosine. AdamW, lr 5e-4
 per 256 images, 10 warmup epochs, cosine to 1e-6, weight decay 0.04, clipping at 3, drop path 0.1,
-800 epochs, batch 256 (64 on each of 4 GPUs, the README's command). Differences, which vitjax's optimizer
-and pipeline do not offer: the official weight decay rises to 0.1 on a cosine, its clipping is per
-parameter tensor, and its views also get colour jitter, grey scale, blur and solarisation.
+800 epochs, batch 256 (64 on each of 4 GPUs, the README's command); views with colour jitter (p 0.8),
+grey scale (p 0.2), blur (p 1 / 0.1) and solarisation (second view, p 0.2). Differences, which vitjax's
+optimizer does not offer: the official weight decay rises to 0.1 on a cosine and its clipping is per
+parameter tensor; the colour jitter applies its four parts in a fixed order (torchvision: a random one).
 
 Arguments: variant=S/16 | B/16; data_dir=PATH (TFDS dir with imagenet2012); runlocal.
 """
@@ -40,9 +41,13 @@ def get_config(arg=None):
                                    out_dim=256, hidden_dim=4096, num_layers=3, temperature=0.2, momentum=0.996,
                                    reconstruction_weight=1.0)
 
-    crop = "inception_crop(224, scale=(0.2, 1.0), method='bicubic', antialias=True)|flip_lr|normalize()"
+    # DINO's / SiT's two global views: crop, flip, colour jitter, grey scale; blur always on the first,
+    # blur 0.1 and solarisation 0.2 on the second.
+    crop = ("inception_crop(224, scale=(0.2, 1.0), method='bicubic', antialias=True)|flip_lr|"
+            "color_jitter(0.4, 0.4, 0.2, 0.1, probability=0.8)|random_grayscale(0.2)")
     config.input = config_utils.imagenet_input(arg.data_dir or None)
-    config.input["pp_train"] = f'decode|views(2, "{crop}")'
+    config.input["pp_train"] = (f'decode|views(1, "{crop}|gaussian_blur(1.0)|normalize()", '
+                                f'1, "{crop}|gaussian_blur(0.1)|solarize(0.2)|normalize()")')
     config.batch_size = 256
     # Steps rather than epochs: the teacher's momentum schedule is counted in steps.
     config.total_steps = 800 * IMAGENET_TRAIN_IMAGES // config.batch_size
