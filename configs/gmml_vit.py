@@ -15,10 +15,10 @@ aligned blocks up to 0.3 of a side), or with probability 1/2 instead 0.3 of it b
 another image; reconstruction from the mean of blocks 6, 8, 10, 12 through the final norm and the
 light head; L1 on the corrupted pixels; AdamW, lr 5e-4 per 256 images, 10 warmup epochs, cosine to 1e-6,
 weight decay 0.04, gradient clipping at 3, drop path 0.1, 800 epochs; random-resized crop of scale
-(0.05, 1) bicubic + flip. The clean view gets light colour jitter (p 0.3) and
-blur (p 0.1). Differences, which vitjax's optimizer does not offer: the official weight decay rises from
-0.04 to 0.4 on a cosine, and its clipping is per parameter tensor (here the global norm). The official step sees two crops of each
-of 64 x 4 images; here one crop of 512 images per step at the official lr.
+(0.05, 1) bicubic + flip; the clean view gets light colour jitter (p 0.3) and blur (p 0.1). Differences,
+which vitjax's optimizer does not offer: the official weight decay rises from 0.04 to 0.4 on a cosine,
+and its clipping is per parameter tensor (here the global norm). The official step sees two crops of
+each of 64 x 4 images; here one crop of 512 images per step at the official lr.
 
 Arguments: variant=S/16 | B/16; data_dir=PATH (TFDS dir with imagenet2012); runlocal.
 """
