@@ -677,6 +677,120 @@ def random_erasing(probability=0.25, mode="pixel", min_area=0.02, max_area=1 / 3
 
 
 # ---------------------------------------------------------------------------------------------
+# Photometric ops of the self-supervised views (DINO / SiT): on pixels in [0, 255], uint8 or float,
+# before `normalize` / `value_range`; the output keeps the input's dtype.
+# ---------------------------------------------------------------------------------------------
+
+def _as_float(image):
+    tf = import_tensorflow()
+    return tf.cast(image, tf.float32)
+
+
+def _like(result, image):
+    tf = import_tensorflow()
+    if image.dtype == tf.uint8:
+        return tf.cast(tf.round(tf.clip_by_value(result, 0.0, 255.0)), tf.uint8)
+    return tf.cast(tf.clip_by_value(result, 0.0, 255.0), image.dtype)
+
+
+def _gray(image):
+    """Returns the (H, W, 1) luma of an RGB image (ITU-R 601, as PIL's convert("L"))."""
+    tf = import_tensorflow()
+    return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114], tf.float32), axis=-1, keepdims=True)
+
+
+@register_op("color_jitter", RANDOM)
+@image_op
+def color_jitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, probability=0.8):
+    """Returns an op that, with `probability`, scales brightness, contrast and saturation by factors drawn from
+    [1 - x, 1 + x] and shifts the hue by [-hue, hue] of a turn (torchvision's ColorJitter, in this fixed order)."""
+    for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"color_jitter: {name} must be a number >= 0, got {value!r}")
+    if not isinstance(hue, (int, float)) or not 0.0 <= hue <= 0.5:
+        raise ValueError(f"color_jitter: hue must be a number in [0, 0.5], got {hue!r}")
+    probability = _probability(probability)
+
+    def apply(image, seed):
+        tf = import_tensorflow()
+        if image.shape[-1] != 3:
+            raise ValueError(f"color_jitter needs RGB images, got {image.shape[-1]} channel(s)")
+        seeds = tf.random.experimental.stateless_split(seed, 5)
+        factors = [tf.random.stateless_uniform([], seeds[i], 1.0 - value, 1.0 + value)
+                   for i, value in enumerate((brightness, contrast, saturation))]
+        x = _as_float(image)
+        x = tf.clip_by_value(x * factors[0], 0.0, 255.0)
+        x = tf.clip_by_value((x - tf.reduce_mean(_gray(x))) * factors[1] + tf.reduce_mean(_gray(x)), 0.0, 255.0)
+        x = tf.clip_by_value((x - _gray(x)) * factors[2] + _gray(x), 0.0, 255.0)
+        if hue > 0:
+            shift = tf.random.stateless_uniform([], seeds[3], -hue, hue)
+            hsv = tf.image.rgb_to_hsv(x / 255.0)
+            hsv = tf.concat([tf.math.floormod(hsv[..., :1] + shift, 1.0), hsv[..., 1:]], axis=-1)
+            x = tf.image.hsv_to_rgb(hsv) * 255.0
+        apply_it = tf.random.stateless_uniform([], seeds[4]) < probability
+        return tf.cond(apply_it, lambda: _like(x, image), lambda: image)
+    return apply
+
+
+@register_op("random_grayscale", RANDOM)
+@image_op
+def random_grayscale(probability=0.2):
+    """Returns an op replacing, with `probability`, every channel of an RGB image by its luma."""
+    probability = _probability(probability)
+
+    def apply(image, seed):
+        tf = import_tensorflow()
+        gray = _like(tf.tile(_gray(_as_float(image)), [1, 1, 3]), image)
+        return tf.cond(tf.random.stateless_uniform([], seed) < probability, lambda: gray, lambda: image)
+    return apply
+
+
+@register_op("gaussian_blur", RANDOM)
+@image_op
+def gaussian_blur(probability=0.5, sigma_min=0.1, sigma_max=2.0):
+    """Returns an op blurring, with `probability`, by a Gaussian of sigma ~ U(sigma_min, sigma_max) pixels (DINO's
+    PIL GaussianBlur radius), separable, reflected at the border, 2 x ceil(3 sigma_max) + 1 taps."""
+    probability = _probability(probability)
+    if not isinstance(sigma_min, (int, float)) or not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"gaussian_blur needs 0 < sigma_min <= sigma_max, got {sigma_min!r}, {sigma_max!r}")
+    half = int(math.ceil(3 * sigma_max))
+
+    def apply(image, seed):
+        tf = import_tensorflow()
+        sigma_seed, apply_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        sigma = tf.random.stateless_uniform([], sigma_seed, float(sigma_min), float(sigma_max))
+        taps = tf.range(-half, half + 1, dtype=tf.float32)
+        kernel = tf.exp(-0.5 * tf.square(taps / sigma))
+        kernel = kernel / tf.reduce_sum(kernel)
+        x = _as_float(image)[None]
+        channels = x.shape[-1]
+        x = tf.pad(x, [[0, 0], [half, half], [half, half], [0, 0]], mode="SYMMETRIC")
+        rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+        cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+        x = tf.nn.depthwise_conv2d(x, rows, [1, 1, 1, 1], "VALID")
+        x = tf.nn.depthwise_conv2d(x, cols, [1, 1, 1, 1], "VALID")[0]
+        return tf.cond(tf.random.stateless_uniform([], apply_seed) < probability, lambda: _like(x, image),
+                       lambda: image)
+    return apply
+
+
+@register_op("solarize", RANDOM)
+@image_op
+def solarize(probability=0.2, threshold=128):
+    """Returns an op inverting, with `probability`, the pixels >= `threshold` (PIL's ImageOps.solarize)."""
+    probability = _probability(probability)
+    if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 256:
+        raise ValueError(f"solarize: threshold must be a number in [0, 256], got {threshold!r}")
+
+    def apply(image, seed):
+        tf = import_tensorflow()
+        x = _as_float(image)
+        solarized = _like(tf.where(x >= threshold, 255.0 - x, x), image)
+        return tf.cond(tf.random.stateless_uniform([], seed) < probability, lambda: solarized, lambda: image)
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------
 # The multi-view op.
 # ---------------------------------------------------------------------------------------------
 

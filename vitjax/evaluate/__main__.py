@@ -18,6 +18,11 @@ pretrained cfg), --image_size, --batch_size, --num_examples (the first N of the 
 
 Prints how the weights were fitted (loaded / resampled per parameter group), then top-1, top-5, loss
 and the number of examples. Bad input stops with a message naming the valid choices.
+
+Other evaluator kinds (`vitjax.evaluate.evaluators.list_kinds()`: knn, linear_probe, fewshot, ...) read a
+run's objective features, so they take a vitjax workdir: --kind=KIND with --eval_set KEY=VALUE settings
+of that kind (as in config.evals), e.g.
+    python -m vitjax.evaluate --init_from=/tmp/gmml_local --kind=fewshot --eval_set=shots=(1,10)
 """
 from typing import List
 
@@ -49,6 +54,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                          flag_values=flag_values)
     flags.DEFINE_string("save_logits", None, "Write the logits of the evaluated examples to this .npy file.",
                         flag_values=flag_values)
+    flags.DEFINE_string("kind", "classification", "Evaluator kind (vitjax.evaluate.evaluators.list_kinds()); other "
+                        "than classification it needs a vitjax workdir as --init_from.", flag_values=flag_values)
+    flags.DEFINE_multi_string("eval_set", [], "KEY=VALUE: a setting of the --kind evaluator (as in config.evals).",
+                              flag_values=flag_values)
     flags.mark_flag_as_required("init_from", flag_values=flag_values)
 
 
@@ -56,6 +65,9 @@ def run(flag_values: flags.FlagValues) -> None:
     """Evaluates as the parsed `flag_values` say and prints the result; exits with a one-line message on bad input."""
     from vitjax.data import DatasetNotPreparedError
     from vitjax.evaluate import pretrained
+    if flag_values.kind != "classification":
+        run_kind(flag_values)
+        return
     overrides = cli_lib.exit_on_user_error(lambda: dict(cli_lib.parse_setting(item) for item in flag_values.set))
     result = cli_lib.exit_on_user_error(lambda: pretrained.evaluate_pretrained(
         flag_values.init_from, model_name=flag_values.model, model_overrides=overrides,
@@ -68,6 +80,28 @@ def run(flag_values: flags.FlagValues) -> None:
         np.save(flag_values.save_logits, result.logits)
         print(f"wrote logits {result.logits.shape} to {flag_values.save_logits}")
     print(pretrained.summary(result), flush=True)
+
+
+def run_kind(flag_values: flags.FlagValues) -> None:
+    """Runs the evaluator --kind on the run --init_from and prints its metrics."""
+    from vitjax.data import DatasetNotPreparedError
+    from vitjax.evaluate import evaluators, standalone
+
+    def evaluate():
+        if flag_values.kind not in evaluators.list_kinds():
+            raise ValueError(f"--kind={flag_values.kind!r} is not valid; valid kinds: {evaluators.list_kinds()}")
+        settings = dict(cli_lib.parse_setting(item) for item in flag_values.eval_set)
+        if flag_values.split:
+            settings["split"] = flag_values.split
+        if flag_values.pp:
+            settings["pp"] = flag_values.pp
+        return standalone.evaluate_run(flag_values.init_from, {flag_values.kind: dict(kind=flag_values.kind,
+                                                                                      batch_size=flag_values.batch_size,
+                                                                                      **settings)},
+                                       dataset=flag_values.dataset, data_dir=flag_values.data_dir)
+    metrics = cli_lib.exit_on_user_error(evaluate, cli_lib.USER_ERRORS + (DatasetNotPreparedError,))
+    for key, value in sorted(metrics.items()):
+        print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}", flush=True)
 
 
 def cli(args: List[str]) -> None:

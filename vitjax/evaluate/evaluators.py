@@ -24,8 +24,11 @@ Kinds:
                   protocol: cosine similarity, the k most similar train examples vote with weight
                   exp(similarity / temperature)); settings `train_split` (the memory bank, default
                   input.train_split), `k` (20), `temperature` (0.07), `max_train_examples` (None: all).
+  linear_probe    multinomial logistic regression on frozen, cached features (`vitjax.evaluate.linear_probe`).
+  fewshot         closed-form ridge regression on 1/5/10/25 shots per class, big_vision's few-shot protocol
+                  (`vitjax.evaluate.fewshot`).
 A new kind is a class with `default_settings` and `evaluate(state) -> {metric: float}`, registered
-with `register_evaluator(kind, cls)`; the self-supervised, few-shot and zero-shot evaluators plug in so.
+with `register_evaluator(kind, cls)`; the few-shot, linear-probe and zero-shot evaluators plug in so.
 """
 import dataclasses
 import gc
@@ -181,33 +184,33 @@ class Classification(Evaluator):
         return result
 
 
-class KNearestNeighbours(Evaluator):
-    """Weighted kNN classification on the objective's features, the train split as the memory bank."""
+class FeatureEvaluator(Evaluator):
+    """Base of the kinds that read the objective's `features` of a train split and an eval split (kNN, probes)."""
 
-    default_settings: Dict[str, Any] = dict(train_split=None, k=20, temperature=0.07, max_train_examples=None)
-
-    @classmethod
-    def check_settings(cls, name, settings):
-        if isinstance(settings["k"], bool) or not isinstance(settings["k"], int) or settings["k"] < 1:
-            raise ValueError(f"config.evals.{name}.k must be an int >= 1, got {settings['k']!r}")
-        if not isinstance(settings["temperature"], (int, float)) or settings["temperature"] <= 0:
-            raise ValueError(f"config.evals.{name}.temperature must be > 0, got {settings['temperature']!r}")
+    #: Whether `features` returns L2-normalised rows (kNN's cosine similarity) or the raw features.
+    normalise_features: bool = False
 
     def __init__(self, name, settings, context):
         super().__init__(name, settings, context)
         objective = context.objective
+        normalise = self.normalise_features
         from vitjax import parallel
 
         def feature_step(state, batch):
             features = objective.features(_variables(state, state.params), batch["image"])
-            features = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+            if normalise:
+                features = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
             return features, batch["label"], batch["mask"]
 
         self.step = jax.jit(feature_step, in_shardings=(context.state_shardings, context.batch_sharding),
                             out_shardings=parallel.replicated(context.mesh))
 
-    def _features(self, state, split: Optional[str], limit: Optional[int] = None):
-        """Returns (features (N, D), labels (N,)) of the real examples of `split`, as numpy."""
+    def train_split(self) -> str:
+        """Returns the split the features are fitted on: setting `train_split`, else the run's train split."""
+        return self.settings.get("train_split") or self.context.input_config.get("train_split", "train")
+
+    def features(self, state, split: Optional[str], limit: Optional[int] = None):
+        """Returns (features (N, D), labels (N,)) of the real examples of `split` (None: the eval split), as numpy."""
         features, labels, count = [], [], 0
         for batch in self.batches(("image", "label"), split):
             batch_features, batch_labels, mask = jax.device_get(self.step(state, batch))
@@ -220,11 +223,24 @@ class KNearestNeighbours(Evaluator):
         features, labels = np.concatenate(features), np.concatenate(labels)
         return (features[:limit], labels[:limit]) if limit is not None else (features, labels)
 
+
+class KNearestNeighbours(FeatureEvaluator):
+    """Weighted kNN classification on the objective's features, the train split as the memory bank."""
+
+    default_settings: Dict[str, Any] = dict(train_split=None, k=20, temperature=0.07, max_train_examples=None)
+    normalise_features = True
+
+    @classmethod
+    def check_settings(cls, name, settings):
+        if isinstance(settings["k"], bool) or not isinstance(settings["k"], int) or settings["k"] < 1:
+            raise ValueError(f"config.evals.{name}.k must be an int >= 1, got {settings['k']!r}")
+        if not isinstance(settings["temperature"], (int, float)) or settings["temperature"] <= 0:
+            raise ValueError(f"config.evals.{name}.temperature must be > 0, got {settings['temperature']!r}")
+
     def evaluate(self, state) -> Dict[str, float]:
         """Returns top1 / top5 of weighted kNN (and the memory-bank size)."""
-        train_split = self.settings.get("train_split") or self.context.input_config.get("train_split", "train")
-        bank, bank_labels = self._features(state, train_split, self.settings.get("max_train_examples"))
-        queries, labels = self._features(state, None)
+        bank, bank_labels = self.features(state, self.train_split(), self.settings.get("max_train_examples"))
+        queries, labels = self.features(state, None)
         top1, top5 = knn_classify(bank, bank_labels, queries, labels, k=int(self.settings["k"]),
                                   temperature=float(self.settings["temperature"]))
         return {"top1": top1, "top5": top5, "num_examples": int(len(labels)), "num_train_examples": int(len(bank))}
@@ -290,8 +306,10 @@ def run_evaluators(evaluators: List[Evaluator], state, step: int, is_last: bool,
     return result
 
 
-__all__ = ["Classification", "EvalContext", "Evaluator", "KNearestNeighbours", "build_evaluators", "default_evals",
+__all__ = ["Classification", "EvalContext", "Evaluator", "FeatureEvaluator", "KNearestNeighbours", "build_evaluators",
+           "default_evals",
            "knn_classify", "list_kinds", "register_evaluator", "run_evaluators", "validate_evals"]
 
 # Kinds defined in other modules register on import (after everything above exists: they import it).
 from vitjax.evaluate import zeroshot  # noqa: E402,F401  pylint: disable=wrong-import-position
+from vitjax.evaluate import fewshot, linear_probe  # noqa: E402,F401  pylint: disable=wrong-import-position

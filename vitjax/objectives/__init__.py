@@ -15,6 +15,9 @@ _OBJECTIVES = {
     "distill": "vitjax.objectives.distill:Distillation",
     "clip": "vitjax.objectives.clip:Clip",
     "token_reduction": "vitjax.objectives.token_reduction:TokenReduction",
+    "gmml": "vitjax.objectives.gmml:GMML",
+    "sit": "vitjax.objectives.sit:SiT",
+    "mp3": "vitjax.objectives.mp3:MP3",
 }
 
 
