@@ -248,6 +248,7 @@ class Rules:
     scope: str = ""                       # where the pretrained model's params sit in the target ("encoder")
     posemb_prefix: Optional[int] = None   # prefix rows (cls, dist) of pos_embed; None: inferred
     strict: bool = False                  # every target param must load as is (a distillation teacher)
+    adaptation: Tuple[str, ...] = ()      # target paths of adaptation params (vitjax.adapt): absent, kept at init
 
 
 def _matches(path: str, patterns: Sequence[str]) -> bool:
@@ -418,6 +419,8 @@ def plan(target: Mapping[str, Any], pretrained: Pretrained, rules: Rules = Rules
             continue
         if rules.strict:
             errors.append(f"{path}: not in the checkpoint (model shape {shape})")
+        elif _matches(path, rules.adaptation):
+            actions[key] = ("skipped", "adaptation parameter: starts at its initialisation")
         elif any(re.search(pattern, path) for pattern in fills):
             pattern = next(p for p in fills if re.search(p, path))
             values.setdefault("params", {})[prefix + path] = np.asarray(fills[pattern](shape))
