@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from vitjax import checkpoint, config_utils, objectives, train
+from vitjax import checkpoint, train, weights
 from vitjax.pytree import param_paths
 from test_train import run, tiny_config
 
@@ -76,3 +76,16 @@ def test_checkpoints_hold_trained_params_and_a_resumed_run_rebuilds_the_rest(bas
         np.testing.assert_allclose(leaf, param_paths(b["params"])[path], rtol=1e-6, atol=1e-7)
     # The base weights came from init_from: the LoRA run trained (B left zero) and its eval differs from the base.
     assert np.abs(param_paths(a["params"])["blocks_0/attn/qkv/lora_b"]).max() > 0
+    # Loaded as weights (init_from of another run, `python -m vitjax.evaluate`): base + LoRA, merged.
+    loaded = weights.load(interrupted)
+    assert "LoRA, merged" in loaded.description and loaded.meta["model"].get("adapt") is None
+    flat = param_paths(loaded.variables["params"])
+    assert not any("lora_" in path for path in flat)
+    base = param_paths(checkpoint.load_params(base_run)["params"])
+    trained = param_paths(b["params"])
+    update = 4.0 * trained["blocks_1/attn/qkv/lora_a"] @ trained["blocks_1/attn/qkv/lora_b"]  # alpha 8 / rank 2
+    np.testing.assert_allclose(flat["blocks_1/attn/qkv/kernel"],
+                               base["blocks_1/attn/qkv/kernel"] + update.reshape(base["blocks_1/attn/qkv/kernel"].shape),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(flat["blocks_1/mlp/fc1/kernel"], base["blocks_1/mlp/fc1/kernel"])
+    np.testing.assert_array_equal(flat["head/kernel"], trained["head/kernel"])
