@@ -308,15 +308,19 @@ def global_norm(tree: Any) -> jax.Array:
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable,
                     grad_accum_steps: int, batch_sharding, ema_decay: float = 0.0,
-                    batch_transform: Optional[Callable[[Dict[str, jax.Array], jax.Array], Dict[str, jax.Array]]] = None
-                    ) -> Callable:
+                    batch_transform: Optional[Callable[[Dict[str, jax.Array], jax.Array], Dict[str, jax.Array]]] = None,
+                    trainable: Any = None) -> Callable:
     """Returns train_step(state, batch) -> (new state, {"train/...": scalar}); jit it with donated state.
 
     `batch_transform(batch, rng)`, when given, runs first on the device (one-hot labels, mixup / cutmix).
     With `ema_decay` > 0 the step also updates state.ema_params = d * ema + (1 - d) * new params.
+    `trainable` (a bool tree like the params; adaptation) stops the gradient of the False leaves, so their
+    weight gradients are never computed (zeros in the metrics).
     """
 
     def loss_fn(params, model_state, batch, rng):
+        if trainable is not None:
+            params = jax.tree.map(lambda leaf, use: leaf if use else jax.lax.stop_gradient(leaf), params, trainable)
         loss, aux = objective.train_loss({"params": params, **model_state}, batch, rng)
         return loss, aux
 
@@ -374,8 +378,11 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
 def jit_train_step(setup: TrainSetup, batch_transform=None) -> Callable:
     """Returns the run's jitted train step: donated state, the setup's shardings, replicated metrics."""
     config = setup.config
+    adapted = adapted_params(config)
+    trainable = optim.trainable_mask(config.optim, setup.abstract_state.params, adapted) if adapted else None
     step = make_train_step(setup.objective, setup.tx, setup.schedule, int(config.optim.grad_accum_steps),
-                           setup.batch_sharding, ema_decay=float(config.ema_decay), batch_transform=batch_transform)
+                           setup.batch_sharding, ema_decay=float(config.ema_decay), batch_transform=batch_transform,
+                           trainable=trainable)
     return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
                    out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)), donate_argnums=(0,))
 
