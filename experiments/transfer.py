@@ -3,6 +3,11 @@ r"""Transfer harness: adaptation methods x datasets from one pretrained encoder,
     # the supervised quickstart encoder (train it first: python -m vitjax.main --config=configs/digits_vit.py
     # --workdir=/tmp/vitjax_digits), 1,000 digits training images, 3 seeds, about 10 minutes on 2 CPU cores
     python experiments/transfer.py --init_from=/tmp/vitjax_digits
+    # an MAE-pretrained digits encoder (experiments/mae_digits.py's pretraining run): its model and input
+    python experiments/transfer.py --init_from=/tmp/mae_digits_run --overrides='{"model.variant": "mu/2",
+        "model.img_size": 8, "model.pos_embed": "sincos2d", "model.global_pool": "token", "input.pp_train":
+        "decode(channels=1)|random_crop(8, padding=1)|value_range(-1, 1)", "input.pp_eval":
+        "decode(channels=1)|value_range(-1, 1)"}'
     # VTAB-1k tasks by TFDS name (prepared in the TFDS data dir), a model config of your own
     python experiments/transfer.py --init_from=vit_b16.pth --config=configs/finetune.py:model=vit_base_patch16_224 \
         --datasets=caltech101,cifar100,dtd --train_split='train[:800]+validation[:200]' --eval_split=test
@@ -55,7 +60,8 @@ def run_config(args, method: str, dataset: str, seed: int):
         "input.dataset": dataset, "input.train_split": args.train_split, "input.eval_split": args.eval_split,
         "total_steps": args.steps, "optim.warmup_steps": max(1, args.steps // 10),
         "log_every_steps": args.steps, "eval_every_steps": 0, "checkpoint_every_steps": 0,
-        "keep_checkpoints": 1, "checkpoint_async": False, "progress_bar": False, **METHODS[method]}
+        "keep_checkpoints": 1, "checkpoint_async": False, "progress_bar": False,
+        **json.loads(args.overrides or "{}"), **METHODS[method]}
     if dataset != "digits":
         overrides["model.num_classes"] = None  # set from the dataset below
     config = config_utils.load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
@@ -91,6 +97,8 @@ def main(argv=None):
     parser.add_argument("--eval_split", default="test")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--overrides", default="", help='JSON {"key.sub": value} applied to --config, e.g. the '
+                        "encoder's model settings and preprocessing")
     parser.add_argument("--out", default="transfer", help="stem of the outputs in experiments/out")
     parser.add_argument("--label", default="", help="what the encoder is, for the table's title")
     args = parser.parse_args(argv)
