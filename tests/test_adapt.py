@@ -189,3 +189,24 @@ def test_bad_settings_fail_before_compiling_naming_the_valid_choices():
     config = config_utils.load_config("configs/digits_vit.py:runlocal", {"adapt.method": "lora"})
     with pytest.raises(ValueError, match="set config.init_from to the base weights"):
         config_utils.validate_config(config)
+
+
+VPT_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "vpt_official", "vpt_official.npz")
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_vpt_matches_the_official_code(deep):
+    """KMnP/vpt's PromptedVisionTransformer (MAE backbone, img_pool) on a re-randomised tiny ViT: <= 1e-5."""
+    data = np.load(VPT_FIXTURE)
+    tag = "deep" if deep else "shallow"
+    state = {key[len("state/"):]: data[key] for key in data.files if key.startswith("state/")}
+    settings = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_dim=128, num_classes=5,
+                    global_pool="avg", fc_norm=True)
+    params = flax.core.unfreeze(convert.from_timm(state, "vit_tiny_patch16_224", **settings)["params"])
+    params["vpt"] = {"prompts": data[f"{tag}/prompt_embeddings"]}
+    if deep:
+        params["vpt"]["deep_prompts"] = data[f"{tag}/deep_prompt_embeddings"]
+    model = models.create("vit_tiny_patch16_224", **settings, adapt=dict(method="vpt", num_tokens=3, deep=deep))
+    logits, _ = model.apply({"params": params}, jnp.asarray(np.transpose(data["images"], (0, 2, 3, 1))))
+    assert rel_error(logits, data[f"{tag}/logits64"]) <= 1e-5
+    assert rel_error(data[f"{tag}/logits"], data[f"{tag}/logits64"]) <= 1e-5
