@@ -210,3 +210,25 @@ def test_vpt_matches_the_official_code(deep):
     logits, _ = model.apply({"params": params}, jnp.asarray(np.transpose(data["images"], (0, 2, 3, 1))))
     assert rel_error(logits, data[f"{tag}/logits64"]) <= 1e-5
     assert rel_error(data[f"{tag}/logits"], data[f"{tag}/logits64"]) <= 1e-5
+
+
+ADAPTFORMER_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "adaptformer_official",
+                                   "adaptformer_official.npz")
+
+
+def test_adapter_matches_the_official_adaptformer():
+    """ShoufaChen/AdaptFormer's ViT (parallel adapter, s = 0.1, bottleneck 8) on a re-randomised tiny ViT: <= 1e-5."""
+    data = np.load(ADAPTFORMER_FIXTURE)
+    state = {key[len("state/"):]: data[key] for key in data.files
+             if key.startswith("state/") and ".adaptmlp." not in key}
+    settings = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=128, num_classes=5,
+                    global_pool="avg", fc_norm=True)
+    params = flax.core.unfreeze(convert.from_timm(state, "vit_tiny_patch16_224", **settings)["params"])
+    for index in range(2):
+        params[f"blocks_{index}"]["adapter"] = {
+            layer: {"kernel": data[f"state/blocks.{index}.adaptmlp.{layer}.weight"].T,
+                    "bias": data[f"state/blocks.{index}.adaptmlp.{layer}.bias"]} for layer in ("down_proj", "up_proj")}
+    model = models.create("vit_tiny_patch16_224", **settings, adapt=dict(method="adapter", bottleneck=8, scale=0.1))
+    logits, _ = model.apply({"params": params}, jnp.asarray(np.transpose(data["images"], (0, 2, 3, 1))))
+    assert rel_error(logits, data["logits64"]) <= 1e-5
+    assert rel_error(data["logits"], data["logits64"]) <= 1e-5
