@@ -84,8 +84,8 @@ def test_checkpoints_hold_trained_params_and_a_resumed_run_rebuilds_the_rest(bas
     base = param_paths(checkpoint.load_params(base_run)["params"])
     trained = param_paths(b["params"])
     update = 4.0 * trained["blocks_1/attn/qkv/lora_a"] @ trained["blocks_1/attn/qkv/lora_b"]  # alpha 8 / rank 2
-    np.testing.assert_allclose(flat["blocks_1/attn/qkv/kernel"],
-                               base["blocks_1/attn/qkv/kernel"] + update.reshape(base["blocks_1/attn/qkv/kernel"].shape),
+    kernel = base["blocks_1/attn/qkv/kernel"]
+    np.testing.assert_allclose(flat["blocks_1/attn/qkv/kernel"], kernel + update.reshape(kernel.shape),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(flat["blocks_1/mlp/fc1/kernel"], base["blocks_1/mlp/fc1/kernel"])
     np.testing.assert_array_equal(flat["head/kernel"], trained["head/kernel"])

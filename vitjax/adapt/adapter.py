@@ -12,20 +12,12 @@ The branch takes the un-normalised stream and is not dropped by stochastic depth
 Parameters: `blocks_<i>/adapter/down_proj`, `blocks_<i>/adapter/up_proj`.
 """
 import dataclasses
-import math
 from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from vitjax.adapt.base import Method, register
-
-
-def _torch_linear_uniform(key, shape, dtype=jnp.float32):
-    """Returns U(+-1/sqrt(fan_in)) for an (in, out) kernel: torch's kaiming_uniform(a=sqrt(5))."""
-    bound = 1.0 / math.sqrt(shape[0])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+from vitjax.adapt.base import Method, register, torch_linear_uniform
 
 
 class ParallelAdapter(nn.Module):
@@ -36,7 +28,7 @@ class ParallelAdapter(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        hidden = nn.Dense(self.bottleneck, kernel_init=_torch_linear_uniform, name="down_proj")(x)
+        hidden = nn.Dense(self.bottleneck, kernel_init=torch_linear_uniform, name="down_proj")(x)
         hidden = nn.Dropout(self.dropout)(nn.relu(hidden), deterministic=not train)
         return nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros, name="up_proj")(hidden) * self.scale
 

@@ -19,14 +19,22 @@ other parameter is frozen and has no optimizer state (`trained_patterns`).
 """
 import contextlib
 import dataclasses
+import math
 from typing import Any, ClassVar, Dict, Mapping, NamedTuple, Optional, Tuple, Type
 
 import jax
+import jax.numpy as jnp
 
 _METHODS: Dict[str, Type["Method"]] = {}
 
 # Trained beside the adaptation parameters unless the config says otherwise: the classifier head(s).
 DEFAULT_TRAIN = (r"^head(_dist)?/",)
+
+
+def torch_linear_uniform(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """Returns U(+-1/sqrt(fan_in)) for an (in, out) matrix: torch's Linear default (kaiming-uniform, a = sqrt(5))."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def register(cls: Type["Method"]) -> Type["Method"]:

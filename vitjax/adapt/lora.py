@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.adapt.base import Method, register
+from vitjax.adapt.base import Method, register, torch_linear_uniform
 
 
 def _dense_axes(module: nn.Module, x: jax.Array) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -41,12 +41,6 @@ def _dense_axes(module: nn.Module, x: jax.Array) -> Tuple[Tuple[int, ...], Tuple
                          f"{'/'.join(module.path)} has axis={module.axis}, batch_dims={module.batch_dims}")
     features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
     return tuple(x.shape[axis] for axis in axes), tuple(int(f) for f in features)
-
-
-def _kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
-    """Returns U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for an (in, rank) matrix: torch's default Linear init, as peft's A."""
-    bound = 1.0 / math.sqrt(shape[0])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 @register
@@ -114,7 +108,7 @@ def _lora_context(method: LoRA, train: bool):
             raise ValueError(f"adapt.rank={method.rank} exceeds min(in, out) = min({fan_in}, {fan_out}) of the Dense "
                              f"layer {path}; use a rank <= {min(fan_in, fan_out)} or another target")
         y = next_fun(*args, **kwargs)
-        lora_a = module.param("lora_a", _kaiming_uniform_a_sqrt5, (fan_in, method.rank), module.param_dtype)
+        lora_a = module.param("lora_a", torch_linear_uniform, (fan_in, method.rank), module.param_dtype)
         lora_b = module.param("lora_b", nn.initializers.zeros, (method.rank, fan_out), module.param_dtype)
         dtype = module.dtype or x.dtype
         flat = x.reshape(x.shape[:x.ndim - len(in_dims)] + (fan_in,)).astype(dtype)

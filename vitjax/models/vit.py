@@ -292,7 +292,7 @@ class VisionTransformer(nn.Module):
 
     def encode(self, x: jax.Array, train: bool, capture_attention: bool,
                adapt_carry: Any = None) -> Tuple[jax.Array, Dict[str, Any]]:
-        """Returns (tokens after all blocks, per-block aux) for an embedded sequence (`adapt_carry`: see vitjax.adapt)."""
+        """Returns (tokens after all blocks, per-block aux) of an embedded sequence; `adapt_carry`: see vitjax.adapt."""
         block_cls = Block
         if self.remat:
             # self=0, x=1, train=2, capture_attention=3: the flags must stay Python bools.
