@@ -288,8 +288,8 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
             raise ValueError(f"optim.frozen patterns {list(frozen)} match no param; params: "
                              f"{sorted(param_paths(params))[:20]}...")
         if counts["trained"] == 0:
-            raise ValueError(f"optim.frozen patterns {list(frozen)} (and the adaptation's trained params "
-                             f"{list(trained_only)}) freeze every param")
+            only = f" with only {list(trained_only)} trained (config.adapt)" if trained_only else ""
+            raise ValueError(f"optim.frozen patterns {list(frozen)}{only} freeze every param")
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 

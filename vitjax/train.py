@@ -244,8 +244,6 @@ def checkpoint_view(state: TrainState, patterns: Tuple[str, ...]) -> TrainState:
 
 def from_checkpoint_view(restored: TrainState, base: TrainState) -> TrainState:
     """Returns the full state: `base`'s params (init + init_from) with the restored trained params over them."""
-    if restored.params is base.params:
-        return restored
     ema = None if base.ema_params is None else _overlay(base.ema_params, restored.ema_params)
     return restored.replace(params=_overlay(base.params, restored.params), ema_params=ema)
 
