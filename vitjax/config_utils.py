@@ -30,6 +30,11 @@ Layout (the keys `default_config()` defines; see configs/digits_vit.py for a wor
                           torch `.pth` / `.bin` / `.safetensors`, or an official MAE `.pth`; see
                           `vitjax.weights`. init_from_skip / init_from_keep: regexes of param paths to
                           leave at their initialisation / to load exclusively.
+  adapt                   parameter-efficient adaptation (`vitjax.adapt`): method None (default: train as the
+                          objective says) or "lora" | "vpt" | "adapter", and every method's settings (rank,
+                          alpha, dropout, targets; num_tokens, deep, prompt_dropout; bottleneck, scale,
+                          adapter_dropout); only the method's params and `adapt.train` regexes (the head)
+                          are trained, and checkpoints hold only those (the rest comes from init_from).
   evals                   {name: evaluator settings}; empty: one classification evaluator "eval" on
                           input.eval_split with input.pp_eval. See `vitjax.evaluate.evaluators`.
   log_every_steps, eval_every_steps, checkpoint_every_steps (0 -> only at the end), keep_checkpoints,
@@ -130,6 +135,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.init_from_skip = ()            # regexes of param paths kept at their initialisation
     config.init_from_keep = ()            # regexes: when given, only matching params are loaded
     config.evals = ml_collections.ConfigDict()  # {name: evaluator}; empty: classification on input.eval_split
+    from vitjax.adapt.base import SECTION_DEFAULTS  # light: flax and jax only
+    config.adapt = ml_collections.ConfigDict(dict(SECTION_DEFAULTS))
+    config.adapt.method = config_dict.placeholder(str)
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
     config.sharding_rules = DEFAULT_SHARDING_RULES
@@ -393,9 +401,30 @@ def validate_config(config) -> ml_collections.ConfigDict:
 
     import vitjax.objectives as objectives  # light: the objective modules load lazily
     _check_choice("objective", merged["objective"], objectives.list_objectives())
+    _check_adapt(merged)
 
     result = ml_collections.ConfigDict(merged)
     return result
+
+
+def _check_adapt(merged: Dict[str, Any]) -> None:
+    """Raises ValueError when config.adapt names an unknown method or bad settings (see vitjax.adapt)."""
+    from vitjax import adapt
+    section = merged["adapt"]
+    if section.get("method") is not None:
+        _check_choice("adapt.method", section["method"], adapt.list_methods())
+    train = section.get("train")
+    if isinstance(train, str) or not isinstance(train, (tuple, list)):
+        raise ValueError(f"config.adapt.train must be a tuple of regexes, got {train!r}")
+    for pattern in train:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"config.adapt.train holds {pattern!r}, not a regex: {error}") from None
+    method = adapt.parse(section)
+    if method is not None and not merged.get("init_from"):
+        raise ValueError(f"config.adapt.method={method.name!r} trains a few params of a pretrained model and "
+                         "checkpoints only those: set config.init_from to the base weights")
 
 
 def _check_keys(user: Mapping, defaults: Mapping, prefix: str) -> None:

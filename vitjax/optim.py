@@ -213,12 +213,13 @@ def no_decay_patterns(optim_config, no_weight_decay: Sequence[str] = ()) -> Tupl
 
 def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
                    steps_per_epoch: Optional[float] = None, param_axes=None,
-                   layer_ids_fn: Optional[LayerIdsFn] = None, no_weight_decay: Sequence[str] = ()
-                   ) -> Tuple[optax.GradientTransformation, Schedule]:
+                   layer_ids_fn: Optional[LayerIdsFn] = None, no_weight_decay: Sequence[str] = (),
+                   trained_only: Sequence[str] = ()) -> Tuple[optax.GradientTransformation, Schedule]:
     """Returns (optax transformation, step -> lr schedule) for `optim_config` (see `config_utils`).
 
     `params` may be abstract (ShapeDtypeStructs): only paths and shapes are read. `layer_ids_fn` and
-    `no_weight_decay` are the model's (an objective's `layer_ids` and `no_weight_decay()`).
+    `no_weight_decay` are the model's (an objective's `layer_ids` and `no_weight_decay()`). `trained_only`
+    (regexes; parameter-efficient adaptation, `vitjax.adapt`) freezes every param matching none of them.
     """
     layer_decay = optim_config.get("layer_decay")
     if layer_decay is not None and layer_decay != 1.0 and layer_ids_fn is None:
@@ -226,6 +227,9 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
                          "(a `layer_ids(params)` method, see vitjax.models.param_groups); unset optim.layer_decay "
                          "or give the model one")
     name = optim_config.name
+    if name == "sam" and trained_only:
+        raise ValueError("optim.name='sam' does not support parameter-efficient adaptation (config.adapt); "
+                         "valid choices with it: ['adamw', 'sgd', 'lars', 'lamb']")
     if name == "sam":
         return make_sam(optim_config, params, batch_size=batch_size, total_steps=total_steps,
                         steps_per_epoch=steps_per_epoch, param_axes=param_axes, layer_ids_fn=layer_ids_fn,
@@ -274,15 +278,18 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
     tx = optax.chain(*transforms)
 
     frozen = tuple(optim_config.get("frozen", ()))
-    if frozen:
-        labels = _map_with_path(lambda path, _: "frozen" if _matches(path, frozen) else "trained", params)
+    trained_only = tuple(trained_only)
+    if frozen or trained_only:
+        labels = _map_with_path(lambda path, _: "frozen" if _is_frozen(path, frozen, trained_only) else "trained",
+                                params)
         counts = {label: sum(1 for value in jax.tree.leaves(labels) if value == label)
                   for label in ("frozen", "trained")}
-        if counts["frozen"] == 0:
+        if frozen and not any(_matches(path, frozen) for path in param_paths(params)):
             raise ValueError(f"optim.frozen patterns {list(frozen)} match no param; params: "
                              f"{sorted(param_paths(params))[:20]}...")
         if counts["trained"] == 0:
-            raise ValueError(f"optim.frozen patterns {list(frozen)} freeze every param")
+            only = f" with only {list(trained_only)} trained (config.adapt)" if trained_only else ""
+            raise ValueError(f"optim.frozen patterns {list(frozen)}{only} freeze every param")
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 
@@ -359,7 +366,12 @@ def make_sam(optim_config, params, *, batch_size: int, total_steps: int, steps_p
     return tx, schedule
 
 
-def trainable_mask(optim_config, params) -> Any:
-    """Returns a bool tree: False for params frozen by `optim_config.frozen`."""
+def _is_frozen(path: str, frozen: Sequence[str], trained_only: Sequence[str]) -> bool:
+    """Returns whether a param is frozen: it matches `frozen`, or `trained_only` is given and it matches none."""
+    return _matches(path, frozen) or (bool(trained_only) and not _matches(path, trained_only))
+
+
+def trainable_mask(optim_config, params, trained_only: Sequence[str] = ()) -> Any:
+    """Returns a bool tree: False for params frozen by `optim_config.frozen` or outside `trained_only` (if given)."""
     frozen = tuple(optim_config.get("frozen", ()))
-    return _map_with_path(lambda path, _: not _matches(path, frozen), params)
+    return _map_with_path(lambda path, _: not _is_frozen(path, frozen, tuple(trained_only)), params)

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from vitjax import adapt as adapt_lib
 from vitjax import checkpoint as checkpoint_lib
 from vitjax import config_utils, optim, parallel, weights
 from vitjax import objectives as objectives_lib
@@ -183,7 +184,8 @@ def create_train_setup(config, objective, mesh: jax.sharding.Mesh, example_batch
     tx, schedule = optim.make_optimizer(
         config.optim, abstract_params, batch_size=config.batch_size, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, param_axes=logical_specs,
-        layer_ids_fn=objective.layer_ids, no_weight_decay=objective.no_weight_decay())
+        layer_ids_fn=objective.layer_ids, no_weight_decay=objective.no_weight_decay(),
+        trained_only=adapted_params(config))
     setup = TrainSetup(config=config, objective=objective, mesh=mesh, rules=rules, tx=tx, schedule=schedule,
                        total_steps=total_steps, steps_per_epoch=steps_per_epoch, example_batch=example,
                        abstract_variables=abstract_variables, abstract_state=None, state_shardings=None,
@@ -201,6 +203,52 @@ def create_train_setup(config, objective, mesh: jax.sharding.Mesh, example_batch
 
 
 # =============================================================================================
+# Parameter-efficient adaptation: only the trained params are checkpointed
+# =============================================================================================
+def adapted_params(config) -> Tuple[str, ...]:
+    """Returns regexes of the params an adapted run trains (its method's and config.adapt.train), () without one."""
+    section = config.get("adapt") if hasattr(config, "get") else None
+    method = adapt_lib.parse(section) if section is not None else None
+    return adapt_lib.trained_patterns(method, tuple(section.get("train", adapt_lib.DEFAULT_TRAIN))) if method else ()
+
+
+def _keep_paths(tree: Any, patterns: Tuple[str, ...], prefix: str = "") -> Any:
+    """Returns the nested dict `tree` with only the leaves whose path matches a pattern (empty sub-dicts dropped)."""
+    kept = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) or hasattr(value, "items"):
+            sub = _keep_paths(value, patterns, path + "/")
+            if sub:
+                kept[key] = sub
+        elif any(re.search(pattern, path) for pattern in patterns):
+            kept[key] = value
+    return kept
+
+
+def _overlay(full: Any, part: Any) -> Any:
+    """Returns the nested dict `full` with the leaves of `part` in place of its own."""
+    out = dict(full)
+    for key, value in part.items():
+        out[key] = _overlay(full[key], value) if hasattr(value, "items") else value
+    return out
+
+
+def checkpoint_view(state: TrainState, patterns: Tuple[str, ...]) -> TrainState:
+    """Returns what a checkpoint of `state` holds: with adaptation (`patterns`) only the trained params (and EMA)."""
+    if not patterns:
+        return state
+    ema = None if state.ema_params is None else _keep_paths(state.ema_params, patterns)
+    return state.replace(params=_keep_paths(state.params, patterns), ema_params=ema)
+
+
+def from_checkpoint_view(restored: TrainState, base: TrainState) -> TrainState:
+    """Returns the full state: `base`'s params (init + init_from) with the restored trained params over them."""
+    ema = None if base.ema_params is None else _overlay(base.ema_params, restored.ema_params)
+    return restored.replace(params=_overlay(base.params, restored.params), ema_params=ema)
+
+
+# =============================================================================================
 # Pretrained weights (config.init_from, frozen weights such as a teacher)
 # =============================================================================================
 def plan_init_from(config, objective, abstract_variables) -> Optional[weights.Plan]:
@@ -213,7 +261,11 @@ def plan_init_from(config, objective, abstract_variables) -> Optional[weights.Pl
         return None
     pretrained = weights.load(config.init_from, model_name=config.model_name,
                               model_overrides=objectives_lib.base.model_overrides(config.model))
-    return weights.plan(unbox(abstract_variables), pretrained, objective.init_from_rules())
+    rules = objective.init_from_rules()
+    method = adapt_lib.parse(config.get("adapt"))
+    if method is not None:  # the adaptation's own params are new: kept at their init, listed in the table
+        rules = dataclasses.replace(rules, adaptation=tuple(method.param_patterns))
+    return weights.plan(unbox(abstract_variables), pretrained, rules)
 
 
 def load_frozen_weights(objective, abstract_variables) -> Dict[str, Any]:
@@ -254,15 +306,19 @@ def global_norm(tree: Any) -> jax.Array:
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable,
                     grad_accum_steps: int, batch_sharding, ema_decay: float = 0.0,
-                    batch_transform: Optional[Callable[[Dict[str, jax.Array], jax.Array], Dict[str, jax.Array]]] = None
-                    ) -> Callable:
+                    batch_transform: Optional[Callable[[Dict[str, jax.Array], jax.Array], Dict[str, jax.Array]]] = None,
+                    trainable: Any = None) -> Callable:
     """Returns train_step(state, batch) -> (new state, {"train/...": scalar}); jit it with donated state.
 
     `batch_transform(batch, rng)`, when given, runs first on the device (one-hot labels, mixup / cutmix).
     With `ema_decay` > 0 the step also updates state.ema_params = d * ema + (1 - d) * new params.
+    `trainable` (a bool tree like the params; adaptation) stops the gradient of the False leaves, so their
+    weight gradients are never computed (zeros in the metrics).
     """
 
     def loss_fn(params, model_state, batch, rng):
+        if trainable is not None:
+            params = jax.tree.map(lambda leaf, use: leaf if use else jax.lax.stop_gradient(leaf), params, trainable)
         loss, aux = objective.train_loss({"params": params, **model_state}, batch, rng)
         return loss, aux
 
@@ -320,8 +376,11 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
 def jit_train_step(setup: TrainSetup, batch_transform=None) -> Callable:
     """Returns the run's jitted train step: donated state, the setup's shardings, replicated metrics."""
     config = setup.config
+    adapted = adapted_params(config)
+    trainable = optim.trainable_mask(config.optim, setup.abstract_state.params, adapted) if adapted else None
     step = make_train_step(setup.objective, setup.tx, setup.schedule, int(config.optim.grad_accum_steps),
-                           setup.batch_sharding, ema_decay=float(config.ema_decay), batch_transform=batch_transform)
+                           setup.batch_sharding, ema_decay=float(config.ema_decay), batch_transform=batch_transform,
+                           trainable=trainable)
     return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
                    out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)), donate_argnums=(0,))
 
@@ -563,7 +622,10 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
     setup = create_train_setup(config, objective, mesh, {key: first_batch[key] for key in keys},
                                total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     init_plan, frozen = None, None
-    if resume_step is None:  # pretrained weights go into a new run only, never over a resumed one
+    adapted = adapted_params(config)
+    # Pretrained weights go into a new run only, never over a resumed one, except under adaptation, whose
+    # checkpoints hold only the trained params: the frozen rest is rebuilt from init_from.
+    if resume_step is None or adapted:
         init_plan = plan_init_from(config, objective, setup.abstract_variables)
         frozen = load_frozen_weights(objective, setup.abstract_variables)
         if init_plan is not None and is_main:
@@ -579,7 +641,8 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
             and config.checkpoint_every_steps < total_steps):
         logging.warning("config.keep_checkpoints=%d: a damaged newest checkpoint leaves no step to fall back to; "
                         "keep 2 or more.", config.keep_checkpoints)
-    abstract_state = checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings)
+    abstract_state = checkpoint_view(
+        checkpoint_lib.abstract_like(setup.abstract_state, setup.state_shardings), adapted)
     if resume_step is not None:
         # Every array is checked against its fingerprint; damaged steps are moved aside, newest first.
         state, _, restored, _ = checkpointer.restore_newest_good(abstract_state)
@@ -587,13 +650,16 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
             resume_step = start_step = restored.step
             train_iter = data.make_train_iterator(config.input, global_batch_size=config.batch_size,
                                                   seed=config.seed, start_step=start_step)
+        if adapted:
+            state = from_checkpoint_view(state, initial_state(setup, jax.random.PRNGKey(config.seed), init_plan,
+                                                              frozen))
         logging.info("Resuming from step %d (%s)", resume_step, checkpoint_dir)
     else:
         state = initial_state(setup, jax.random.PRNGKey(config.seed), init_plan, frozen)
     if is_main:
         abstract_params = setup.abstract_state.params
         logging.info("Model %s, objective %s:\n%s", config.model_name, config.objective,
-                     param_overview(abstract_params, optim.trainable_mask(config.optim, abstract_params)))
+                     param_overview(abstract_params, optim.trainable_mask(config.optim, abstract_params, adapted)))
 
     with parallel.use_mesh(mesh), nn.logical_axis_rules(setup.rules):
         batch_transform = data.make_batch_transform(config.input, dataset_classes or objective_classes)
@@ -660,10 +726,12 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                         or is_last or stopping):
                     _check_finite(jax.device_get(pending))
                     meta = {"data_step": step, "seed": config.seed, "total_steps": total_steps}
+                    if adapted:  # the checkpoint holds the trained params; the rest is this reference's
+                        meta.update(init_from=config.init_from, adapt=config.adapt.method)
                     if preempted:
-                        save_seconds = checkpointer.save_now(step, state, meta)
+                        save_seconds = checkpointer.save_now(step, checkpoint_view(state, adapted), meta)
                     else:
-                        checkpointer.save(step, state, meta)
+                        checkpointer.save(step, checkpoint_view(state, adapted), meta)
                 writer.write(step, record)
                 if preempted and not is_last:
                     raise _preempted(preemption, step, save_seconds, checkpoint_dir)

@@ -137,7 +137,11 @@ def load(source: str, *, model_name: Optional[str] = None, model_overrides: Opti
         variables = {"params": parts["params"], **dict(parts["model_state"] or {})}
         config = _run_config(directory)
         meta = {"config": config, "model_name": config.get("model_name"), "model": config.get("model", {})}
-        return Pretrained(variables, source, "vitjax", f"vitjax run {directory}, step {step}", meta)
+        description = f"vitjax run {directory}, step {step}"
+        if (config.get("adapt") or {}).get("method"):
+            variables, meta["model"], note = _rebuild_adapted(variables, config)
+            description += f" ({note})"
+        return Pretrained(variables, source, "vitjax", description, meta)
     if step is not None:
         raise ValueError(f"init_from {source!r}: @STEP applies to a vitjax run only")
     if os.path.isdir(path) or path.endswith(VARIABLES_SUFFIXES):
@@ -164,6 +168,48 @@ def load(source: str, *, model_name: Optional[str] = None, model_overrides: Opti
     return Pretrained(variables, source, "timm", f"timm checkpoint {path}",
                       {"model_name": model_name, "resampled": _resampled_by_converter(state_dict, variables),
                        "num_classes": checkpoint_classes(state_dict)})
+
+
+def _rebuild_adapted(trained: Dict[str, Any], config: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any], str]:
+    """Returns (full variables, model settings, a note) of an adapted run from its base weights and its checkpoint.
+
+    An adapted run (`config.adapt`) checkpoints only its trained params; the rest is its `init_from`, fitted to
+    the adapted model as the run did. LoRA is then merged into the kernels, so the weights load into the plain
+    model; other methods keep their params and put `adapt` into the model settings.
+    """
+    from vitjax import adapt, models
+    settings = {key: value for key, value in dict(config.get("adapt") or {}).items() if key != "train"}
+    method = adapt.parse(settings)
+    if not config.get("init_from"):
+        raise ValueError("The adapted run's config names no init_from: its frozen weights cannot be rebuilt")
+    model_settings = dict(config.get("model") or {})
+    model = models.create(config["model_name"], **model_settings, adapt=method)
+    size = getattr(model, "img_size", 224)
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    images = np.zeros((1, *size, getattr(model, "in_chans", 3)), np.float32)
+    target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))
+    base = load(config["init_from"], model_name=config["model_name"], model_overrides=model_settings)
+    rules = Rules(skip=tuple(config.get("init_from_skip") or ()), keep=tuple(config.get("init_from_keep") or ()),
+                  adaptation=tuple(method.param_patterns))
+    fitted = plan(target, base, rules).values
+    checkpoint_params = _flat(trained["params"])
+    params = {}
+    for path in _flat(target["params"]):
+        if path in checkpoint_params:
+            params[path] = np.asarray(checkpoint_params[path])
+        elif path in fitted.get("params", {}):
+            params[path] = np.asarray(fitted["params"][path])
+        else:
+            raise ValueError(f"Rebuilding the adapted run: {path} is neither in its checkpoint nor in its init_from "
+                             f"{config['init_from']!r}")
+    variables = {**{name: values for name, values in trained.items() if name != "params"},
+                 "params": flax.traverse_util.unflatten_dict(params, sep="/")}
+    for collection, values in fitted.items():
+        if collection != "params" and collection not in variables:
+            variables[collection] = flax.traverse_util.unflatten_dict(values, sep="/")
+    if method.name == "lora":
+        return adapt.merge(variables, method), model_settings, f"base {config['init_from']} + its LoRA, merged"
+    return variables, {**model_settings, "adapt": settings}, f"base {config['init_from']} + its {method.name} params"
 
 
 def _load_mae(state_dict, source: str, path: str, model_name: Optional[str],
@@ -248,6 +294,7 @@ class Rules:
     scope: str = ""                       # where the pretrained model's params sit in the target ("encoder")
     posemb_prefix: Optional[int] = None   # prefix rows (cls, dist) of pos_embed; None: inferred
     strict: bool = False                  # every target param must load as is (a distillation teacher)
+    adaptation: Tuple[str, ...] = ()      # target paths of adaptation params (vitjax.adapt): absent, kept at init
 
 
 def _matches(path: str, patterns: Sequence[str]) -> bool:
@@ -418,6 +465,8 @@ def plan(target: Mapping[str, Any], pretrained: Pretrained, rules: Rules = Rules
             continue
         if rules.strict:
             errors.append(f"{path}: not in the checkpoint (model shape {shape})")
+        elif _matches(path, rules.adaptation):
+            actions[key] = ("skipped", "adaptation parameter: starts at its initialisation")
         elif any(re.search(pattern, path) for pattern in fills):
             pattern = next(p for p in fills if re.search(p, path))
             values.setdefault("params", {})[prefix + path] = np.asarray(fills[pattern](shape))

@@ -13,6 +13,7 @@ import numpy as np
 from vitjax.models import layers, param_groups
 from vitjax.models.registry import (
     IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, register_model)
+from vitjax import adapt as adapt_lib
 from vitjax import tokens
 
 # Width, depth, MLP width and heads of each size (ViT paper Table 1; big_vision's `decode_variant`).
@@ -55,6 +56,8 @@ class Block(nn.Module):
     mlp_activation: str = "gelu"  # a name in layers.ACTIVATIONS (CLIP: quick_gelu, SigLIP: gelu_tanh)
     # Token reduction (`vitjax.tokens`): a per-block hook around attention; None leaves the block as it is.
     token_reducer: Optional[tokens.BlockReducer] = None
+    # Parameter-efficient adaptation (`vitjax.adapt`): its `mlp_branch` runs beside the MLP; None: no branch.
+    adapt_method: Optional[adapt_lib.Method] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, capture_attention: bool = False,
@@ -95,12 +98,15 @@ class Block(nn.Module):
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
         if stage == tokens.AFTER_ATTENTION:
             x, token_state = reducer(x, view, token_state)
+        branch = None if self.adapt_method is None else self.adapt_method.mlp_branch(x, train)
         y = layers.Mlp(self.mlp_dim, activation=layers.activation(self.mlp_activation),
                        drop_rate=self.proj_drop_rate, kernel_init=self.kernel_init,
                        dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(norm("norm2")(x), train)
         if self.init_values is not None:
             y = layers.LayerScale(self.init_values, self.param_dtype, name="ls2")(y)
         x = x + layers.DropPath()(y, train, rate=drop_path_rate)
+        if branch is not None:
+            x = x + branch
         if stage == tokens.AFTER_MLP:
             x, token_state = reducer(x, view, token_state)
         x = layers.constrain(x, ("batch", "length", "embed"))
@@ -162,6 +168,9 @@ class VisionTransformer(nn.Module):
     # patch embedding without bias.
     pre_norm: bool = False
     mlp_activation: str = "gelu"  # a name in layers.ACTIVATIONS (OpenAI CLIP: quick_gelu, SigLIP: gelu_tanh)
+    # Parameter-efficient adaptation: dict(method="lora" | "vpt" | "adapter", ...) or a vitjax.adapt.Method;
+    # None leaves the model exactly as it is (see vitjax.adapt).
+    adapt: Optional[Any] = None
 
     POS_EMBED_TYPES = ("learn", "sincos2d", "none")
     WEIGHT_INITS = ("timm", "xavier")
@@ -194,6 +203,18 @@ class VisionTransformer(nn.Module):
             method.check(self.depth, self.num_prefix_tokens, self.class_token)
             method.plan(self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1], self.depth,
                         self.num_prefix_tokens)
+        adaptation = self.adapt_method()
+        if adaptation is not None:
+            adaptation.check_model(self.depth, self.num_prefix_tokens, self.scan, method is not None)
+
+    def adapt_method(self) -> Optional[adapt_lib.Method]:
+        """Returns the adaptation method of `adapt`, or None."""
+        return adapt_lib.parse(self.adapt)
+
+    def adapt_info(self) -> adapt_lib.ModelInfo:
+        """Returns what the adaptation hooks need to know of this model."""
+        patch = layers.to_2tuple(self.patch_size)
+        return adapt_lib.ModelInfo(self.num_prefix_tokens, self.depth, self.in_chans * patch[0] * patch[1])
 
     def token_method(self) -> Optional[tokens.Method]:
         """Returns the token-reduction method (from `token_reduction` or the `tome` shorthand), or None."""
@@ -266,10 +287,12 @@ class VisionTransformer(nn.Module):
                     qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, init_values=self.init_values,
                     proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
                     norm_eps=self.norm_eps, attention_impl=self.attention_impl, mlp_activation=self.mlp_activation,
-                    kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype)
+                    kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype,
+                    adapt_method=self.adapt_method())
 
-    def encode(self, x: jax.Array, train: bool, capture_attention: bool) -> Tuple[jax.Array, Dict[str, Any]]:
-        """Returns (tokens after all blocks, per-block aux) for an embedded sequence."""
+    def encode(self, x: jax.Array, train: bool, capture_attention: bool,
+               adapt_carry: Any = None) -> Tuple[jax.Array, Dict[str, Any]]:
+        """Returns (tokens after all blocks, per-block aux) of an embedded sequence; `adapt_carry`: see vitjax.adapt."""
         block_cls = Block
         if self.remat:
             # self=0, x=1, train=2, capture_attention=3: the flags must stay Python bools.
@@ -277,7 +300,7 @@ class VisionTransformer(nn.Module):
         drop_path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         method = self.token_method()
         if method is not None:
-            return self._encode_reduced(block_cls, method, x, train, capture_attention, drop_path_rates)
+            return self._encode_reduced(block_cls, method, x, train, capture_attention, drop_path_rates, adapt_carry)
         if self.scan:
             # The scanned block is one module, so its stochastic-depth rate is fed per layer as a scanned input.
             scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={
@@ -288,7 +311,10 @@ class VisionTransformer(nn.Module):
                 x, train, capture_attention, jnp.asarray(drop_path_rates, jnp.float32))
             return x, {"blocks": aux["tokens"], **({"attention": aux["attention"]} if capture_attention else {})}
         tokens, attention = [], []
+        adaptation, info = self.adapt_method(), self.adapt_info()
         for index in range(self.depth):
+            if adaptation is not None:
+                x = adaptation.before_block(x, index, adapt_carry, info, train)
             x, aux = block_cls(drop_path_rate=float(drop_path_rates[index]), name=f"blocks_{index}",
                                **self.block_kwargs())(x, train, capture_attention)
             tokens.append(aux["tokens"])
@@ -297,7 +323,8 @@ class VisionTransformer(nn.Module):
         return x, {"blocks": tokens, **({"attention": attention} if capture_attention else {})}
 
     def _encode_reduced(self, block_cls, method: tokens.Method, x: jax.Array, train: bool,
-                        capture_attention: bool, drop_path_rates: np.ndarray) -> Tuple[jax.Array, Dict[str, Any]]:
+                        capture_attention: bool, drop_path_rates: np.ndarray,
+                        adapt_carry: Any = None) -> Tuple[jax.Array, Dict[str, Any]]:
         """Returns `encode`'s result with token reduction: each block's token count is a Python int of the plan."""
         if self.scan:
             raise ValueError(f"token_reduction {method.name!r} needs scan=False: reduced blocks see different "
@@ -305,7 +332,10 @@ class VisionTransformer(nn.Module):
         plan = method.plan(x.shape[1], self.depth, self.num_prefix_tokens)
         state = method.initial_state(x, self.num_prefix_tokens)
         block_tokens, attention, states = [], [], []
+        adaptation, info = self.adapt_method(), self.adapt_info()
         for index in range(self.depth):
+            if adaptation is not None:
+                x = adaptation.before_block(x, index, adapt_carry, info, train)
             x, aux = block_cls(drop_path_rate=float(drop_path_rates[index]), name=f"blocks_{index}",
                                token_reducer=plan.blocks[index], **self.block_kwargs())(
                 x, train, capture_attention, None, state)
@@ -338,9 +368,21 @@ class VisionTransformer(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False, capture_attention: bool = False,
                  patch_indices: Optional[jax.Array] = None) -> Tuple[Any, Dict[str, Any]]:
         """Returns (logits, intermediates); `patch_indices` (B, K) encodes only those patches (MAE, FLIP)."""
+        adaptation = self.adapt_method()
+        if adaptation is None:
+            return self._forward(images, train, capture_attention, patch_indices, None)
+        with adaptation.intercept(train):
+            return self._forward(images, train, capture_attention, patch_indices, adaptation)
+
+    def _forward(self, images, train, capture_attention, patch_indices, adaptation):
         x = self.embed(images, train, patch_indices)
         intermediates: Dict[str, Any] = {}
-        x, block_aux = self.encode(x, train, capture_attention)
+        carry = None
+        if adaptation is not None:
+            x, carry = adaptation.after_embed(x, self.adapt_info(), train)
+        x, block_aux = self.encode(x, train, capture_attention, carry)
+        if adaptation is not None:
+            x = adaptation.after_blocks(x, self.adapt_info())
         intermediates.update(block_aux)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:

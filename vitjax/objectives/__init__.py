@@ -34,11 +34,20 @@ def list_objectives():
 
 
 def create(name: str, config):
-    """Returns the objective `name` built from the full run config."""
+    """Returns the objective `name` built from the full run config, its model adapted as `config.adapt` says."""
     if name not in _OBJECTIVES:
         raise ValueError(f"Unknown objective {name!r}; valid choices: {list_objectives()}")
     target = _OBJECTIVES[name]
     if isinstance(target, str):
         module_name, class_name = target.split(":")
         target = getattr(importlib.import_module(module_name), class_name)
-    return target(config)
+    objective = target(config)
+    settings = config.get("adapt") if hasattr(config, "get") else None
+    if settings is not None and settings.get("method") is not None:
+        # The one place a run's adaptation reaches the model, whatever the objective: the trained module.
+        from vitjax import adapt
+        if getattr(objective, "module", None) is None:
+            raise ValueError(f"config.adapt.method={settings['method']!r} needs an objective with one trained model "
+                             f"(`objective.module`); objective {name!r} has none")
+        objective.module = adapt.attach(objective.module, settings)
+    return objective

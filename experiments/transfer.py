@@ -1,0 +1,144 @@
+r"""Transfer harness: adaptation methods x datasets from one pretrained encoder, one table (trained-param %, top-1).
+
+    # the supervised quickstart encoder (train it first: python -m vitjax.main --config=configs/digits_vit.py
+    # --workdir=/tmp/vitjax_digits), 1,000 digits training images, 3 seeds, about 10 minutes on 2 CPU cores
+    python experiments/transfer.py --init_from=/tmp/vitjax_digits
+    # an MAE-pretrained digits encoder (experiments/mae_digits.py's pretraining run): its model and input
+    python experiments/transfer.py --init_from=/tmp/mae_digits_run --overrides='{"model.variant": "mu/2",
+        "model.img_size": 8, "model.pos_embed": "sincos2d", "model.global_pool": "token", "input.pp_train":
+        "decode(channels=1)|random_crop(8, padding=1)|value_range(-1, 1)", "input.pp_eval":
+        "decode(channels=1)|value_range(-1, 1)"}'
+    # VTAB-1k tasks by TFDS name (prepared in the TFDS data dir), a model config of your own
+    python experiments/transfer.py --init_from=vit_b16.pth --config=configs/finetune.py:model=vit_base_patch16_224 \
+        --datasets=caltech101,cifar100,dtd --train_split='train[:800]+validation[:200]' --eval_split=test
+
+Each (method, dataset, seed) is one run of `vitjax.train.train_and_evaluate` from `--config` (default the
+quickstart's) with `init_from` the encoder and the classifier head re-initialised (`init_from_skip`), so
+every method starts from the same features. The methods are config overrides (`METHODS`): full
+fine-tuning, a linear probe (everything but the head frozen through `optim.frozen`), and `config.adapt`'s
+LoRA, VPT shallow / deep and AdaptFormer adapters. The table reports the trained-parameter percentage (of the
+adapted model's parameters), top-1 per dataset (mean +- std over the seeds) and the mean over the datasets;
+it is printed and written to experiments/out/<--out>.md beside the raw figures (.json).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiment_io import write_outputs  # noqa: E402
+
+import jax  # noqa: E402
+
+from vitjax import config_utils, optim, parallel, train  # noqa: E402
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+
+# Recipes: the overrides of each method (config keys as on the command line). PEFT methods take a 10x larger
+# learning rate than full fine-tuning, as their papers do (few, freshly initialised parameters); no weight decay.
+METHODS: Dict[str, Dict[str, Any]] = {
+    "full": {"optim.blr": 1e-3},
+    "linear": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "optim.frozen": (r"^(?!head/)",)},
+    "lora": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "lora", "adapt.rank": 4,
+             "adapt.alpha": 4.0, "adapt.targets": ("qkv", "proj")},
+    "vpt_shallow": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "vpt", "adapt.num_tokens": 5},
+    "vpt_deep": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "vpt", "adapt.num_tokens": 5,
+                 "adapt.deep": True},
+    "adapter": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "adapter", "adapt.bottleneck": 8},
+}
+
+
+def run_config(args, method: str, dataset: str, seed: int):
+    """Returns the validated config of one run."""
+    overrides = {
+        "seed": seed, "init_from": args.init_from, "init_from_skip": (r"^head/",),
+        "input.dataset": dataset, "input.train_split": args.train_split, "input.eval_split": args.eval_split,
+        "total_steps": args.steps, "optim.warmup_steps": max(1, args.steps // 10),
+        "log_every_steps": args.steps, "eval_every_steps": 0, "checkpoint_every_steps": 0,
+        "keep_checkpoints": 1, "checkpoint_async": False, "progress_bar": False,
+        **json.loads(args.overrides or "{}"), **METHODS[method]}
+    if dataset != "digits":
+        overrides["model.num_classes"] = None  # set from the dataset below
+    config = config_utils.load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+    if dataset != "digits":
+        import vitjax.data as data
+        config.model.num_classes = int(data.dataset_info(config.input)["num_classes"])
+    return config_utils.validate_config(config)
+
+
+def trained_fraction(config) -> Dict[str, float]:
+    """Returns {"trained": count, "total": count, "percent": %} of a run's params, read abstractly (no compile)."""
+    import flax
+    from vitjax import objectives
+    objective = objectives.create(config.objective, config)
+    size = config.model.get("img_size", 224)
+    channels = config.model.get("in_chans", 3)
+    batch = {"image": np.zeros((1, size, size, channels), np.float32)}
+    params = flax.linen.meta.unbox(jax.eval_shape(lambda: objective.init_variables(jax.random.PRNGKey(0), batch))
+                                   ["params"])
+    mask = optim.trainable_mask(config.optim, params, train.adapted_params(config))
+    sizes = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)]
+    trained = sum(size for size, use in zip(sizes, jax.tree.leaves(mask)) if use)
+    return dict(trained=trained, total=sum(sizes), percent=100.0 * trained / sum(sizes))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init_from", required=True, help="the encoder's weights (any config.init_from source)")
+    parser.add_argument("--config", default="configs/digits_vit.py", help="the run config the methods start from")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument("--datasets", default="digits", help="comma-separated TFDS names (VTAB-1k: caltech101, ...)")
+    parser.add_argument("--train_split", default="train[:1000]", help="1,000 training examples, as VTAB-1k")
+    parser.add_argument("--eval_split", default="test")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--overrides", default="", help='JSON {"key.sub": value} applied to --config, e.g. the '
+                        "encoder's model settings and preprocessing")
+    parser.add_argument("--out", default="transfer", help="stem of the outputs in experiments/out")
+    parser.add_argument("--label", default="", help="what the encoder is, for the table's title")
+    args = parser.parse_args(argv)
+    methods, datasets = args.methods.split(","), args.datasets.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"Unknown methods {unknown}; valid choices: {list(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    mesh = parallel.create_mesh(dict(data=1, fsdp=1, model=1), devices=jax.devices()[:1])
+    results: List[Dict[str, Any]] = []
+    fractions: Dict[str, Dict[str, float]] = {}
+    for method in methods:
+        for dataset in datasets:
+            for seed in seeds:
+                config = run_config(args, method, dataset, seed)
+                if method not in fractions:
+                    fractions[method] = trained_fraction(config)
+                start = time.time()
+                with tempfile.TemporaryDirectory() as workdir:
+                    final = train.train_and_evaluate(config, workdir, mesh=mesh)
+                results.append(dict(method=method, dataset=dataset, seed=seed, top1=100.0 * final["eval/top1"],
+                                    seconds=time.time() - start))
+                print(json.dumps(results[-1]), flush=True)
+    lines = [f"Transfer from {args.label or args.init_from}: {args.steps} steps, train split {args.train_split!r}, "
+             f"top-1 % on {args.eval_split!r} (mean +- std over seeds {seeds})", "",
+             "| method | trained params | " + " | ".join(datasets) + " | mean |",
+             "|---|---:|" + "---:|" * (len(datasets) + 1)]
+    for method in methods:
+        cells, means = [], []
+        for dataset in datasets:
+            values = [r["top1"] for r in results if r["method"] == method and r["dataset"] == dataset]
+            cells.append(f"{np.mean(values):.2f} +- {np.std(values):.2f}")
+            means.append(np.mean(values))
+        share = fractions[method]
+        lines.append(f"| {method} | {share['trained']:,} ({share['percent']:.2f}%) | " + " | ".join(cells)
+                     + f" | {np.mean(means):.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    write_outputs(OUT_DIR, args.out, table, dict(args=vars(args), fractions=fractions, runs=results))
+
+
+if __name__ == "__main__":
+    main()
