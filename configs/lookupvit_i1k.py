@@ -16,8 +16,8 @@ repeated augmentation x3; eval resize 256, centre crop 224.
 
 `multires` trains one model over the compressed grids 3x3, 5x5, 7x7 and 10x10 (one drawn per step, the
 paper's multi-resolution training); evaluate it at any of them with `compressed_grid=(h, w)`.
-`runlocal` trains a LookupViT of width 32 (16 px digits, 4 px patches: 4x4 lookup tokens, 2x2 compressed,
-training over 2x2 and 4x4) for 100 steps on a CPU.
+`runlocal` trains a LookupViT of width 32 (16 px digits, 4 px patches: 4x4 lookup tokens, 2x2 compressed) for
+100 steps on a CPU (`runlocal,multires` trains over the 2x2 and 4x4 grids instead).
 """
 from vitjax import config_utils
 
@@ -63,7 +63,9 @@ def get_config(arg=None):
     if arg.runlocal:
         config.model_name = "lookupvit_base_patch16_224_7x7"
         config.model = dict(num_classes=10, img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-                            num_heads=2, compressed_grid=(2, 2), train_grids=((2, 2), (4, 4)), drop_path_rate=0.1)
+                            num_heads=2, compressed_grid=(2, 2), drop_path_rate=0.1)
+        if arg.multires:
+            config.model.train_grids = ((2, 2), (4, 4))
         config.input = config_utils.digits_input(16, label_smoothing=0.1)
         config_utils.runlocal_schedule(config)
         config.optim.blr = 8e-3  # lr 2e-3 at batch 64

@@ -60,25 +60,30 @@ def test_parameter_counts_match_the_official_readme(name, expected_m):
 
 
 def test_frozen_tensors_get_no_gradient_and_no_decay():
-    model = models.create("t2t_vit_7", **SMALL)
-    images = jnp.asarray(np.load(FIXTURE)["images"])
-    variables = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(0), images))
-    pos_embed = np.asarray(variables["params"]["pos_embed"])
-    np.testing.assert_allclose(pos_embed, t2t_vit.sinusoid_table(5, 32), atol=1e-7)
-    w = np.asarray(variables["params"]["tokens_to_token"]["attention1"]["w"])
+    performer = t2t_vit.TokenPerformer(16)
+    w = np.asarray(flax.linen.meta.unbox(performer.init(jax.random.key(0), jnp.zeros((1, 4, 12))))["params"]["w"])
     np.testing.assert_allclose(w @ w.T, 8.0 * np.eye(8), atol=1e-4)  # orthogonal rows scaled by sqrt(m), m = 8
+    data = dict(np.load(FIXTURE))
+    state, name, settings = _case(data, "performer")
+    model = models.create(name, **settings)
+    params = convert.from_timm(state, name, **settings)["params"]
+    images = jnp.asarray(data["images"])
 
     def loss(params):
         logits, _ = model.apply({"params": params}, images, train=True,
                                 rngs={"dropout": jax.random.key(1), "drop_path": jax.random.key(2)})
         return jnp.mean(logits ** 2)
 
-    grads = optim.param_paths(jax.jit(jax.grad(loss))(variables["params"]))
+    grads = optim.param_paths(jax.jit(jax.grad(loss))(params))
     frozen = [path for path in grads if path in ("pos_embed",) or path.endswith("/w")]
     assert len(frozen) == 3 and all(not np.any(np.asarray(grads[path])) for path in frozen)
     assert np.any(np.asarray(grads["tokens_to_token/attention1/kqv/kernel"]))
     for path in frozen:
         assert any(re.search(pattern, path) for pattern in model.no_weight_decay())
+    # A freshly built model's table is the official sin-cos one (what the fixture's pos_embed holds).
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+    assert flax.linen.meta.unbox(shapes)["params"]["pos_embed"].shape == (1, 5, 32)
+    assert relative_error(t2t_vit.sinusoid_table(5, 32), state["pos_embed"]) <= 1e-7
 
 
 def test_converter_errors_and_validation():
