@@ -1,5 +1,6 @@
 """T2T-ViT: parity with the official yitu-opensource/T2T-ViT code (fixture), soft split = torch's nn.Unfold, the
 sin-cos table, parameter counts of the official README, frozen tensors, converter errors and bad settings."""
+import json
 import os
 import re
 
@@ -12,9 +13,10 @@ import pytest
 from vitjax import convert, models, optim
 from vitjax.models import t2t_vit
 
-from parity_utils import assert_converter_errors, assert_create_rejects, parameter_count, relative_error
+from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "t2t_vit", "t2t_vit.npz")
+TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 SMALL = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=3.0, num_classes=5, token_dim=16)
 CASES = {"performer": ("t2t_vit_14", {}), "transformer": ("t2t_vit_t_14", dict(qk_scale=32 ** -0.5))}
 
@@ -53,10 +55,14 @@ def test_sinusoid_table_and_init_match_official():
     assert relative_error(t2t_vit.sinusoid_table(197, 64), data["sinusoid_197_64"]) <= 1e-7
 
 
-@pytest.mark.parametrize("name, expected_m", [("t2t_vit_7", 4.3), ("t2t_vit_14", 21.5), ("t2t_vit_t_24", 64.1)])
-def test_parameter_counts_match_the_official_readme(name, expected_m):
-    # The official main.py counts every nn.Parameter, the frozen pos_embed and performer `w` included.
-    assert round(parameter_count(models.create(name)) / 1e6, 1) == expected_m
+def test_parameter_counts_match_the_official_readme():
+    """The README's counts (every nn.Parameter, as main.py counts them: the frozen pos_embed and performer `w` too)
+    equal experiments/out/model_table.json's, which test_registry checks against the models."""
+    readme = {"t2t_vit_7": 4.3, "t2t_vit_10": 5.9, "t2t_vit_12": 6.9, "t2t_vit_14": 21.5, "t2t_vit_19": 39.2,
+              "t2t_vit_24": 64.1, "t2t_vit_t_14": 21.5, "t2t_vit_t_19": 39.2, "t2t_vit_t_24": 64.1}
+    with open(TABLE) as file:
+        rows = json.load(file)["rows"]
+    assert {name: round(rows[name]["params_m"], 1) for name in readme} == readme
 
 
 def test_frozen_tensors_get_no_gradient_and_no_decay():
