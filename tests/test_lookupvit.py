@@ -59,7 +59,8 @@ def test_token_resize_matches_torch_bilinear():
 
 
 def test_multi_resolution_shares_weights():
-    model = models.create("lookupvit_base_patch16_224_7x7", **{**SMALL, "depth": 1}, train_grids=((2, 2), (4, 4), (8, 8)))
+    model = models.create("lookupvit_base_patch16_224_7x7", **{**SMALL, "depth": 1},
+                          train_grids=((2, 2), (4, 4), (8, 8)))
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     variables = random_variables(model, (32, 32, 3))
     # One compile for the three evaluations (eager flax applies cost more CPU than this jit).
@@ -101,7 +102,8 @@ def test_cost_falls_with_the_compressed_grid():
 
 
 def test_registry_and_validation():
-    assert models.list_models("lookupvit") == [f"lookupvit_base_patch16_224_{g}" for g in ("10x10", "3x3", "5x5", "7x7")]
+    grids = ("10x10", "3x3", "5x5", "7x7")
+    assert models.list_models("lookupvit") == [f"lookupvit_base_patch16_224_{grid}" for grid in grids]
     assert_create_rejects("lookupvit_base_patch16_224_7x7", [
         (dict(compressed_grid=(20, 20)), r"1 <= h <= 14"),
         (dict(train_grids=((3, 3), (0, 2))), "train_grids"),

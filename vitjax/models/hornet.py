@@ -156,7 +156,8 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         conv = nn.Conv(self.features, (self.stride, self.stride), strides=(self.stride, self.stride),
-                       padding="VALID", kernel_init=layers.logical(layers.trunc_normal_init, (None, None, None, "embed")),
+                       padding="VALID",
+                       kernel_init=layers.logical(layers.trunc_normal_init, (None, None, None, "embed")),
                        bias_init=layers.logical(nn.initializers.zeros, ("embed",)),
                        dtype=self.dtype, param_dtype=self.param_dtype, name="conv")
         norm = _norm("norm", self)
@@ -254,7 +255,8 @@ class HorNet(param_groups.LayerGroups, nn.Module):
             return x, intermediates
         scale = self.head_init_scale
         return nn.Dense(self.num_classes,
-                        kernel_init=layers.logical(lambda *a: layers.trunc_normal_init(*a) * scale, ("embed", "classes")),
+                        kernel_init=layers.logical(lambda *a: layers.trunc_normal_init(*a) * scale,
+                                                   ("embed", "classes")),
                         bias_init=layers.logical(nn.initializers.zeros, ("classes",)),
                         dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x), intermediates
 

@@ -51,7 +51,7 @@ GLOBAL_POOLS = ("compressed", "lookup", "both")
 
 
 class LookupCrossAttention(nn.Module):
-    """MHBC_{l->p}: compressed tokens (queries) attend to lookup tokens; returns (update (B, M, C), logits (B, H, M, N))."""
+    """MHBC_{l->p}: compressed tokens attend to lookup tokens; returns (update (B, M, C), logits (B, H, M, N))."""
 
     num_heads: int
     qkv_bias: bool = True

@@ -37,7 +37,7 @@ SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
 
 def soft_split(x: jax.Array, kernel: int, stride: int, padding: int) -> Tuple[jax.Array, Tuple[int, int]]:
-    """Returns overlapping patches of NHWC `x` as tokens (B, h*w, C*k*k), channel-major as torch's nn.Unfold, and (h, w)."""
+    """Returns overlapping patches of NHWC `x` as tokens (B, h*w, C*k*k), channel-major as nn.Unfold, and (h, w)."""
     patches = jax.lax.conv_general_dilated_patches(
         x, (kernel, kernel), (stride, stride), [(padding, padding)] * 2,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
