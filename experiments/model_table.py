@@ -51,6 +51,13 @@ PUBLISHED = {
     "tiny_vit_5m_224": (5.4, 1.3), "tiny_vit_11m_224": (11.0, 2.0), "tiny_vit_21m_224": (21.0, 4.3),
     "levit_128s": (7.8, 0.305), "levit_128": (9.2, 0.406), "levit_192": (11.0, 0.658),
     "levit_256": (19.0, 1.12), "levit_384": (39.0, 2.353),
+    # T2T-ViT: the official yitu-opensource/T2T-ViT README tables (#params, MACs).
+    "t2t_vit_7": (4.3, 1.1), "t2t_vit_10": (5.9, 1.5), "t2t_vit_12": (6.9, 1.8), "t2t_vit_14": (21.5, 4.8),
+    "t2t_vit_19": (39.2, 8.5), "t2t_vit_24": (64.1, 13.8), "t2t_vit_t_14": (21.5, 6.1), "t2t_vit_t_19": (39.2, 9.8),
+    "t2t_vit_t_24": (64.1, 15.0),
+    # HorNet: the official raoyongming/HorNet README (ImageNet-1k models; its L rows are ImageNet-22k models).
+    "hornet_tiny_7x7": (22.0, 4.0), "hornet_tiny_gf": (23.0, 3.9), "hornet_small_7x7": (50.0, 8.8),
+    "hornet_small_gf": (50.0, 8.7), "hornet_base_7x7": (87.0, 15.6), "hornet_base_gf": (88.0, 15.5),
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),

@@ -11,6 +11,9 @@ from vitjax.data import ops
 # SigLIP models (open_clip's and transformers' names; tests/test_clip.py checks their preprocessing).
 NOT_IN_TIMM = ("cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24", "cvt_w24_384", "vit",
                "clip_vit_b16", "clip_vit_b32", "clip_vit_l14", "clip_vit_tiny_digits", "siglip_base_patch16_224")
+# Families timm lacks: LookupViT (no code released), T2T-ViT and HorNet (their official repositories' names and
+# preprocessing: T2T-ViT's default_cfg crop 0.9; HorNet's main.py crop 0.875, uncropped at 384).
+NOT_IN_TIMM += tuple(name for family in ("lookupvit", "t2t_vit", "hornet") for name in models.list_models(family))
 
 
 @pytest.mark.parametrize("name", models.list_models())

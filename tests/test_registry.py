@@ -72,6 +72,10 @@ SMALL = {
     "clip": ("clip_vit_tiny_digits", dict(embed_dim=10, vision_width=32, text_width=32, vocab_size=100,
                                           context_length=8), 16),
     "resnet": ("resnet26d", dict(img_size=32, depths=(1, 1, 1, 1), widths=(8, 8, 16, 16), num_classes=10), 32),
+    "lookupvit": ("lookupvit_base_patch16_224_7x7", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                                         compressed_grid=(2, 2), num_classes=10), 32),
+    "t2t_vit": ("t2t_vit_7", dict(img_size=32, embed_dim=32, depth=2, num_heads=2, token_dim=16, num_classes=10), 32),
+    "hornet": ("hornet_tiny_gf", dict(img_size=32, base_dim=8, depths=(1, 1, 1, 1), num_classes=10), 32),
     "regnet": ("regnety_002", dict(img_size=32, w0=8, wa=8.0, wm=2.0, depth=6, group_size=8, num_classes=10), 32),
 }
 
