@@ -238,6 +238,7 @@ def perturbation_penalty(model: LowRankModel, factors: Mapping[str, Any], teache
                          eps: float = PERTURBATION_EPS) -> jax.Array:
     """Returns the mean over layers of (max |L R - W| - eps)^2, W the original (flattened) kernel."""
     terms = []
+    teacher_params = flax.linen.meta.unbox(teacher_params)
     for layer in model.layers:
         original = _lookup(teacher_params, layer.name.split("/") + ["kernel"])
         original = jnp.reshape(original, (layer.in_features, layer.out_features))
