@@ -293,5 +293,5 @@ def gmacs(apply_fn, variables: Mapping[str, Any], image_shape: Sequence[int]) ->
     return float(cost["flops"]) / 2e9
 
 
-__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_FEATURES", "Linear", "LowRankLayer", "LowRankModel", "compress", "count_params",
-           "find_linear", "gmacs", "perturbation_penalty", "rebuilt_kernels", "recovery_loss", "svd_factors"]
+__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_FEATURES", "Linear", "LowRankLayer", "LowRankModel", "compress",
+           "count_params", "find_linear", "gmacs", "perturbation_penalty", "rebuilt_kernels", "recovery_loss", "svd_factors"]
