@@ -66,7 +66,6 @@ class Linear:
     out_features: int
     input_axes: int
     features: Tuple[int, ...]
-    scanned: bool
 
 
 def _features_of(module: nn.Module) -> Tuple[int, ...]:
@@ -98,7 +97,7 @@ def find_linear(apply_fn) -> Dict[str, Linear]:
             if name not in found and axes is not None:
                 features = _features_of(module)
                 found[name] = Linear(name, int(np.prod(x.shape[x.ndim - axes:])), int(np.prod(features)), axes,
-                                     features, scanned=False)
+                                     features)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -110,6 +109,13 @@ def _lookup(tree: Any, path: Sequence[str]) -> Any:
     for key in path:
         tree = tree[key]
     return tree
+
+
+def _kernel_ndim(params: Any, name: str) -> Optional[int]:
+    try:
+        return np.ndim(_lookup(params, name.split("/") + ["kernel"]))
+    except (KeyError, TypeError):
+        return None
 
 
 def _resolve_rank(layer: Linear, rank: Rank) -> int:
@@ -197,8 +203,9 @@ def compress(module: Any, variables: Mapping[str, Any], images: Any,
     variables.pop("low_rank", None)
     linear = find_linear(lambda: module.apply(variables, images, **apply_kwargs))
     params = flax.core.unfreeze(variables["params"])
+    # Layers inside nn.scan hold stacked kernels (one more axis) and are not replaceable here.
     valid = [name for name, layer in linear.items()
-             if np.ndim(_lookup(params, name.split("/") + ["kernel"])) == layer.input_axes + len(layer.features)]
+             if _kernel_ndim(params, name) == layer.input_axes + len(layer.features)]
     if isinstance(rank, Mapping):
         unknown = [name for name in rank if name not in valid]
         if unknown or not rank:
@@ -227,11 +234,6 @@ def compress(module: Any, variables: Mapping[str, Any], images: Any,
         layers.append(LowRankLayer(layer.name, layer.in_features, layer.out_features, layer_rank,
                                    layer.input_axes, layer.features))
     return LowRankModel(module, tuple(layers)), {**variables, "params": params, "low_rank": factors}
-
-
-def rebuilt_kernels(model: LowRankModel, factors: Mapping[str, Any]) -> Dict[str, jax.Array]:
-    """Returns {layer path: L @ R reshaped as the original kernel}."""
-    return {layer.name: (factors[layer.name]["left"] @ factors[layer.name]["right"]) for layer in model.layers}
 
 
 def perturbation_penalty(model: LowRankModel, factors: Mapping[str, Any], teacher_params: Any,
@@ -285,7 +287,7 @@ def count_params(variables: Mapping[str, Any]) -> int:
 
 
 def gmacs(apply_fn, variables: Mapping[str, Any], image_shape: Sequence[int]) -> float:
-    """Returns XLA's cost-analysis multiply-accumulates (flops / 2, in G) of `apply_fn(variables, image)` for one image."""
+    """Returns XLA's multiply-accumulates (flops / 2, in G) of `apply_fn(variables, image)` for one image."""
     images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
     shapes = jax.eval_shape(lambda: variables)
     cost = jax.jit(apply_fn).lower(shapes, images).cost_analysis()
@@ -294,4 +296,4 @@ def gmacs(apply_fn, variables: Mapping[str, Any], image_shape: Sequence[int]) ->
 
 
 __all__ = ["DEFAULT_EXCLUDE", "DEFAULT_FEATURES", "Linear", "LowRankLayer", "LowRankModel", "compress",
-           "count_params", "find_linear", "gmacs", "perturbation_penalty", "rebuilt_kernels", "recovery_loss", "svd_factors"]
+           "count_params", "find_linear", "gmacs", "perturbation_penalty", "recovery_loss", "svd_factors"]
