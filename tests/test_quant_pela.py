@@ -125,3 +125,20 @@ def test_recovery_training_reduces_feature_gap(vit):
     assert set(first) == {"features", "logits", "perturbation"}
     assert float(terms["features"]) < 0.5 * float(first["features"])
     assert float(terms["perturbation"]) < float(first["perturbation"])
+
+
+def test_swin_full_rank_equals_original_and_skips_downsampling():
+    module = models.create("swin_tiny_patch4_window7_224", img_size=16, patch_size=2, in_chans=1, embed_dim=16,
+                           depths=(1, 1), num_heads=(1, 2), window_size=4, num_classes=10)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2,) + IMAGE_SHAPE)
+    variables = module.init(jax.random.PRNGKey(0), images)
+    lowrank, lowrank_variables = pela.compress(module, variables, images, rank=1.0)
+    names = [layer.name for layer in lowrank.layers]
+    assert len(names) == 8 and names[-1] == "layers_1/blocks_0/mlp/fc2"
+    assert not any("downsample" in name or "head" in name for name in names)
+    expected, _ = module.apply(variables, images)
+    got, _ = lowrank.apply(lowrank_variables, images)
+    error = float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected)))
+    assert error <= 1e-5, error
+    _, features = lowrank.apply(lowrank_variables, images, features=pela.DEFAULT_FEATURES)
+    assert len(features) == 2     # one per Swin block
