@@ -1,13 +1,14 @@
-r"""PELA on the quickstart ViT: low-rank (SVD) replacement at two ranks, top-1 before and after recovery.
+r"""PELA on the quickstart ViT: low-rank (SVD) replacement at three ranks, top-1 before and after recovery.
 
     python experiments/pela_digits.py                                   # trains the quickstart first (~4 min)
     python experiments/pela_digits.py --vit_workdir=/tmp/vitjax_digits  # reuse the quickstart's run
 
 Every linear layer of the blocks (qkv, proj, fc1, fc2; not the patch embedding or the head, as the paper)
-becomes two SVD-initialised factors at 1/4, 1/8 and 1/16 of full rank (min(in, out) = 64 here). Recovery: AdamW
-(5e-4, cosine, no weight decay) for --steps steps of 128 training images (the eval preprocessing, no
-augmentation, the model in eval mode), on cross-entropy + block feature MSE against the original model +
-the weight-perturbation penalty (PELA), and, beside it, on cross-entropy alone. Top-1 on the 360 test
+becomes two SVD-initialised factors at 1/4, 1/8 and 1/16 of full rank (min(in, out) = 64 here). Recovery
+trains every weight with AdamW (5e-4, cosine, no weight decay) for --steps steps of 128 training images
+(the eval preprocessing, no augmentation, the model in eval mode), on cross-entropy + block feature MSE
+against the original model + the weight-perturbation penalty (PELA), and, beside it, on cross-entropy
+alone. Top-1 on the 360 test
 images. Writes experiments/out/pela_digits.{md,json}.
 """
 import argparse
