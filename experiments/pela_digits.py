@@ -8,8 +8,7 @@ becomes two SVD-initialised factors at 1/4, 1/8 and 1/16 of full rank (min(in, o
 trains every weight with AdamW (5e-4, cosine, no weight decay) for --steps steps of 128 training images
 (the eval preprocessing, no augmentation, the model in eval mode), on cross-entropy + block feature MSE
 against the original model + the weight-perturbation penalty (PELA), and, beside it, on cross-entropy
-alone. Top-1 on the 360 test
-images. Writes experiments/out/pela_digits.{md,json}.
+alone. Top-1 on the 360 test images. Writes experiments/out/pela_digits.{md,json}.
 """
 import argparse
 import os
