@@ -105,3 +105,27 @@ def test_runlocal_loss_falls_through_main_with_a_tiny_mae_teacher(tmp_path):
     # Both parts fall: the student's reconstruction, and its distance to the round-1 encoder.
     assert records[-1]["train/mae_loss"] < records[0]["train/mae_loss"]
     assert records[-1]["train/distill_loss"] < 0.5 * records[0]["train/distill_loss"]
+
+
+@pytest.mark.parametrize("variant,decoder_depth,width", [("S/16", 2, 384), ("B/16", 8, 768)])
+def test_medical_mae_config_builds_the_papers_recipe(tmp_path, variant, decoder_depth, width):
+    config = config_utils.validate_config(config_utils.load_config(
+        f"configs/mae_medical.py:variant={variant},data_dir={tmp_path},nih_stats"))
+    assert (config.objective, config.batch_size, config.total_epochs, config.optim.warmup_epochs) == \
+        ("mae", 2048, 800, 40)
+    assert "inception_crop(224, scale=(0.5, 1.0)" in config.input.pp_train and "0.5056" in config.input.pp_train
+    module = objectives.create("mae", config).module
+    assert (module.mask_ratio, module.decoder_depth, module.decoder_embed_dim, module.encoder.embed_dim) == \
+        (0.9, decoder_depth, 512, width)
+
+
+def test_medical_mae_runlocal_steps_remove_nine_tenths(tmp_path):
+    config = config_utils.validate_config(config_utils.load_config("configs/mae_medical.py:runlocal"))
+    objective = objectives.create(config.objective, config)
+    images = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    variables = objective.init_variables(jax.random.key(1), {"image": images})
+    variables = jax.tree.map(lambda x: getattr(x, "value", x), variables, is_leaf=lambda x: hasattr(x, "value"))
+    _, aux = objective.module.apply(variables, images, rngs={"masking": jax.random.key(2)})
+    np.testing.assert_array_equal(np.asarray(aux["mask"]).sum(1), [15] * 4)  # int(16 x 0.1) = 1 patch kept
+    loss, _ = objective.train_loss(variables, {"image": images}, jax.random.key(3))
+    assert objective.norm_pix_loss is False and np.isfinite(float(loss))
