@@ -14,13 +14,13 @@ teacher_init=/ckpt/flowers_round1 --workdir=/ckpt/flowers_round2
 Expected: the target-data runs were not made here (no accelerator budget). The paper (Table 1) reports the
 fine-tuned accuracy of round 2's encoder above that of round 1's on each of its six image datasets; fine-tune
 either workdir with configs/finetune.py and `init_from`. `:runlocal` trains 100 steps on the bundled digits in
-well under a minute on 2 CPU cores; its loss falls (tests/test_ssl_sdft.py checks it).
+about 35 s of CPU (100 s wall on 2 shared cores); its loss falls (tests/test_ssl_sdft.py checks it).
 
 The recipe (official scripts, both rounds): MAE ViT-B/16 (`facebook/vit-mae-base`, decoder included), mask ratio
 0.75, norm_pix_loss, 20000 steps of 64 images, AdamW (0.9, 0.95) at lr 1.5e-4 (not scaled by batch), weight
-decay 0.01 (not on biases and norms; on the cls and mask tokens), no warmup, linear decay to 0; images resized to 224 x 224 and
-normalised with ImageNet's mean and std, no augmentation. Round 2 adds the squared L2 distance of the class
-token after the final norm (whole image, no mask) to the frozen round-1 encoder's, weight 1.
+decay 0.01 (not on biases and norms; on the cls and mask tokens), no warmup, linear decay to 0; images resized to
+224 x 224 and normalised with ImageNet's mean and std, no augmentation. Round 2 adds the squared L2 distance of
+the class token after the final norm (whole image, no mask) to the frozen round-1 encoder's, weight 1.
 
 Arguments: round=1 | 2; dataset=TFDS name (the official six: aircraft, chest_xray, cub, dtd, stanford_dogs,
 vgg_flower_102; default oxford_flowers102); data_dir=PATH; init_from=PATH (the pretrained MAE: an official
