@@ -69,7 +69,7 @@ def get_config(arg=None):
     config.log_every_steps = 100
     config.eval_every_steps = 0
     config.checkpoint_every_steps = 5000
-    config.keep_checkpoints = 1
+    config.keep_checkpoints = 2
 
     if arg.runlocal:
         config.model = dict(config_utils.MAE_RUNLOCAL_ENCODER)
