@@ -89,6 +89,11 @@ def test_runlocal_loss_falls_through_main_with_a_tiny_mae_teacher(tmp_path):
     loaded = train.load_frozen_weights(objective, abstract)["teacher"]["params"]
     saved = checkpoint.load_params(teacher_dir, parts=("params",))["params"]["encoder"]
     jax.tree.map(np.testing.assert_array_equal, loaded, saved)
+    # Round 2 starts from the pretrained MAE (here the same tiny run): every encoder and decoder param loads.
+    config = _config(teacher_dir)
+    config.init_from = teacher_dir
+    plan = train.plan_init_from(config, objective, abstract)
+    assert plan.counts()["loaded"] == len(jax.tree.leaves(abstract["params"])) and plan.counts()["re-initialised"] == 0
 
     workdir = str(tmp_path / "round2")
     result = subprocess.run(
