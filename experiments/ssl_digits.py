@@ -10,13 +10,18 @@ on its objective's `features` (GMML and the random encoder: the mean patch token
 SiT and MAE: the class token after the final norm), by the package's evaluators:
   knn          weighted kNN, k = 20, temperature 0.07 (DINO), the train split as the bank;
   linear_probe logistic regression on the cached features, lr chosen on 10% held-out train images;
-  fewshot      big_vision's ridge regression on 10 shots per class (l2 chosen on 5 held-out per class).
+  fewshot      big_vision's ridge regression on 10 shots per class (l2 chosen on 5 held-out per class);
+  finetune     (`--finetune_steps`, 0 to skip) the encoder fine-tuned on 10% of the train labels by
+               experiments/mae_digits.py's recipe (`mae_finetune`, init_from = the pretraining run; the random
+               encoder's row is the same classifier trained from scratch).
 Top-1 % on the 360 test images, mean ± std over the seeds: a markdown table printed and written to
 experiments/out/ssl_digits.md, the raw figures to ssl_digits.json, a bar chart to ssl_digits.png.
 """
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Dict
 
@@ -25,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from experiment_io import write_outputs  # noqa: E402
-from mae_digits import ENCODER, PLAIN, SHIFT, Arm, summarize  # noqa: E402
+from mae_digits import ENCODER, LABEL_FRACTION, PLAIN, SHIFT, Arm, finetune_config, summarize  # noqa: E402
 
 from vitjax import config_utils  # noqa: E402
 from vitjax.evaluate import evaluators  # noqa: E402
@@ -34,6 +39,7 @@ OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 VIEWS = 'decode(channels=1)|views(2, "random_crop(8, padding=1)|value_range(-1, 1)")'
 PROTOCOLS = (("knn", "knn/top1", "kNN (k=20)"), ("probe", "probe/top1", "linear probe"),
              ("fewshot", "fewshot/10shot", "10-shot ridge"))
+FINETUNE = ("finetune", "finetune/top1", f"fine-tune, {int(LABEL_FRACTION * 100)}% labels")
 
 
 def evals():
@@ -109,7 +115,7 @@ def pixel_baseline() -> Dict[str, float]:
     return {"knn/top1": top1, "probe/top1": probe["top1"], "fewshot/10shot": shots["10shot"]}
 
 
-def plot(results: Dict[str, Any], names, path: str) -> None:
+def plot(results: Dict[str, Any], names, path: str, protocols=PROTOCOLS) -> None:
     """Writes a grouped bar chart (protocol x encoder, mean ± std) to `path`."""
     import matplotlib
     matplotlib.use("Agg")
@@ -117,11 +123,11 @@ def plot(results: Dict[str, Any], names, path: str) -> None:
     figure, axis = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(names)
     for index, name in enumerate(names):
-        means = [results["summary"][name][key][0] for key, _, _ in PROTOCOLS]
-        stds = [results["summary"][name][key][1] for key, _, _ in PROTOCOLS]
-        axis.bar(np.arange(len(PROTOCOLS)) + (index - (len(names) - 1) / 2) * width, means, width, yerr=stds,
+        means = [results["summary"][name][key][0] for key, _, _ in protocols]
+        stds = [results["summary"][name][key][1] for key, _, _ in protocols]
+        axis.bar(np.arange(len(protocols)) + (index - (len(names) - 1) / 2) * width, means, width, yerr=stds,
                  capsize=3, label=name)
-    axis.set_xticks(np.arange(len(PROTOCOLS)), [label for _, _, label in PROTOCOLS])
+    axis.set_xticks(np.arange(len(protocols)), [label for _, _, label in protocols])
     axis.set_ylabel("test top-1 %")
     axis.set_ylim(0, 100)
     axis.legend(loc="lower right", fontsize=8)
@@ -137,6 +143,8 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=800, help="pretraining steps of 128 images, every objective")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of steps")
+    parser.add_argument("--finetune_steps", type=int, default=400,
+                        help="fine-tuning steps of 64 on 10%% of the labels (0: no fine-tuning column)")
     parser.add_argument("--out_dir", default=OUT_DIR)
     parser.add_argument("--pixels_only", action="store_true", help="print the raw-pixel row only and stop")
     args = parser.parse_args(argv)
@@ -150,42 +158,56 @@ def main(argv=None) -> Dict[str, Any]:
     started = time.time()
     arms = {name: make_arm(pretrain_config(name, steps)) for name in ("gmml", "sit", "mae")}
     names = ("GMML", "SiT", "MAE", "random encoder")
+    protocols = PROTOCOLS + ((FINETUNE,) if args.finetune_steps else ())
+    finetune = Arm(finetune_config(max(20, int(round(args.finetune_steps * args.scale))))) \
+        if args.finetune_steps else None
+    workroot = tempfile.mkdtemp(prefix="ssl_digits_")
     results: Dict[str, Any] = {"runs": [], "settings": {
-        "encoder": ENCODER, "steps": steps, **{name: arm.config.to_dict() for name, arm in arms.items()}}}
+        "encoder": ENCODER, "steps": steps, **{name: arm.config.to_dict() for name, arm in arms.items()},
+        "finetune": finetune.config.to_dict() if finetune else None}}
     for seed in range(args.seeds):
         runs = {}
         for name, key in zip(names[:3], ("gmml", "sit", "mae")):
-            runs[name] = arms[key].run(seed)
+            workdir = os.path.join(workroot, f"{key}_seed{seed}") if finetune else None
+            runs[name] = arms[key].run(seed, workdir=workdir)
+            if finetune:
+                runs[name]["eval"]["eval/finetune/top1"] = finetune.run(seed, init_from=workdir)["eval"]["eval/top1"]
+                shutil.rmtree(workdir, ignore_errors=True)
         # The floor: the same ViT at its initialisation (the GMML arm without a step; its mean patch token).
         arms["gmml"].steps, trained = 0, arms["gmml"].steps
         runs["random encoder"] = arms["gmml"].run(seed)
         arms["gmml"].steps = trained
+        if finetune:
+            runs["random encoder"]["eval"]["eval/finetune/top1"] = finetune.run(seed)["eval"]["eval/top1"]
         results["runs"].append({"seed": seed, **runs})
         print(f"seed {seed}: " + "; ".join(
-            f"{name} " + ", ".join(f"{label} {100 * run['eval'][f'eval/{key}']:.1f}" for _, key, label in PROTOCOLS)
+            f"{name} " + ", ".join(f"{label} {100 * run['eval'][f'eval/{key}']:.1f}" for _, key, label in protocols)
             + f" ({run['seconds']:.0f} s)" for name, run in runs.items()), flush=True)
     results["summary"] = {name: {short: summarize([100 * r[name]["eval"][f"eval/{key}"] for r in results["runs"]])
-                                 for short, key, _ in PROTOCOLS} for name in names}
+                                 for short, key, _ in protocols} for name in names}
     results["seconds"] = time.time() - started
     lines = [f"Self-supervised pretraining on digits (ViT width {ENCODER['embed_dim']}, depth {ENCODER['depth']}, "
              f"2x2 patches on 8x8; {steps} steps of 128 unlabelled train images each), frozen encoders, test top-1 % "
-             f"on the 360 test images, mean ± std over {args.seeds} seed(s)", "",
-             "| encoder | " + " | ".join(label for _, _, label in PROTOCOLS) + " | pretraining loss first → last |",
-             "|---|" + "---:|" * len(PROTOCOLS) + "---|"]
+             f"on the 360 test images, mean ± std over {args.seeds} seed(s)"
+             + (f"; fine-tune: {finetune.steps} steps of 64 on {int(LABEL_FRACTION * 100)}% of the train labels "
+                "(the random encoder's: from scratch)" if finetune else ""), "",
+             "| encoder | " + " | ".join(label for _, _, label in protocols) + " | pretraining loss first → last |",
+             "|---|" + "---:|" * len(protocols) + "---|"]
     for name in names:
         cells = [f"{results['summary'][name][short][0]:.2f} ± {results['summary'][name][short][1]:.2f}"
-                 for short, _, _ in PROTOCOLS]
+                 for short, _, _ in protocols]
         first = np.mean([r[name]["first_loss"] for r in results["runs"]])
         last = np.mean([r[name]["last_loss"] for r in results["runs"]])
         losses = "-" if name == "random encoder" else f"{first:.3f} → {last:.3f}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {losses} |")
-    lines.append(pixel_row)
+    lines.append(pixel_row.replace(" | - |", " | - | - |") if finetune else pixel_row)
+    shutil.rmtree(workroot, ignore_errors=True)
     results["pixels"] = pixels
     lines += ["", f"Total {results['seconds'] / 60:.1f} min on this machine (2 shared CPU cores)."]
     table = "\n".join(lines)
     print(table)
     write_outputs(args.out_dir, "ssl_digits", table, results)
-    plot(results, names, os.path.join(args.out_dir, "ssl_digits.png"))
+    plot(results, names, os.path.join(args.out_dir, "ssl_digits.png"), protocols)
     return results
 
 

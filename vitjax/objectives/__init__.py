@@ -18,6 +18,7 @@ _OBJECTIVES = {
     "gmml": "vitjax.objectives.gmml:GMML",
     "sit": "vitjax.objectives.sit:SiT",
     "mp3": "vitjax.objectives.mp3:MP3",
+    "sdft": "vitjax.objectives.sdft:SelfDistillMAE",
 }
 
 

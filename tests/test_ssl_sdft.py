@@ -1,0 +1,136 @@
+"""Self-distillation further pretraining (sdft) and the medical MAE recipe: the distillation term against a NumPy
+transcription, zero with the teacher's weights, bad settings rejected before compile, `:runlocal` through
+`python -m vitjax.main` with a tiny MAE run as the round-1 teacher."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitjax import checkpoint, config_utils, objectives, train
+from vitjax.objectives import sdft
+from test_train import REPO, read_metrics, run
+
+
+def test_distance_equals_a_numpy_transcription_and_the_teacher_gets_no_gradient():
+    rng = np.random.default_rng(0)
+    student, teacher = (rng.standard_normal((5, 7)).astype(np.float32) for _ in range(2))
+    expected = np.sum((student.astype(np.float64) - teacher) ** 2) / 5  # torch MSELoss(sum) / batch
+    np.testing.assert_allclose(float(sdft.representation_distance(student, teacher)), expected, rtol=1e-6)
+    grad_student, grad_teacher = jax.grad(sdft.representation_distance, argnums=(0, 1))(student, teacher)
+    np.testing.assert_allclose(np.asarray(grad_student), 2 * (student - teacher) / 5, rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(grad_teacher))
+    tokens = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(sdft.pooled_representation(tokens, True, 1), tokens[:, 0])
+    np.testing.assert_allclose(sdft.pooled_representation(tokens, False, 0), tokens.mean(1), rtol=1e-6)
+
+
+def _config(teacher_init, **kwargs):
+    config = config_utils.load_config(f"configs/sdft_vit.py:runlocal,teacher_init={teacher_init}",
+                                      {"progress_bar": False, "checkpoint_async": False})
+    config.objective_kwargs.update(kwargs)
+    return config
+
+
+def test_term_is_the_encoders_distance_and_zero_with_the_teachers_weights(tmp_path):
+    objective = objectives.create("sdft", _config(tmp_path, distill_weight=0.5))
+    images = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    variables = jax.tree.map(lambda x: getattr(x, "value", x), objective.init_variables(jax.random.key(1),
+                             {"image": images}), is_leaf=lambda x: hasattr(x, "value"))
+    # The term by hand: class token after the final norm of the whole image, for student and teacher.
+    encoder = objective.module.encoder
+    student = encoder.apply({"params": variables["params"]["encoder"]}, images)[0][:, 0]
+    teacher = encoder.apply(variables["teacher"], images)[0][:, 0]
+    expected = np.sum((np.asarray(student, np.float64) - np.asarray(teacher)) ** 2) / 4
+    rng = jax.random.key(2)
+    loss, aux = objective.train_loss(variables, {"image": images}, rng)
+    metrics = aux["metrics"]
+    assert expected > 1e-3
+    np.testing.assert_allclose(float(metrics["distill_loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(metrics["mae_loss"]) + 0.5 * expected, rtol=1e-5)
+    # MAE's own loss of the student, same rng split: the wrapper adds to it and changes nothing else.
+    mae_loss, _ = objectives.mae.MAE.train_loss(objective, {"params": variables["params"]}, {"image": images},
+                                                jax.random.split(rng)[0])
+    np.testing.assert_allclose(float(metrics["mae_loss"]), float(mae_loss), rtol=1e-6)
+
+    same = dict(variables, teacher={"params": variables["params"]["encoder"]})
+    loss, aux = objective.train_loss(same, {"image": images}, rng)
+    assert float(aux["metrics"]["distill_loss"]) == 0.0
+    np.testing.assert_allclose(float(loss), float(mae_loss), rtol=1e-6)
+
+
+@pytest.mark.parametrize("teacher,kwargs,error,message", [
+    ("", {}, ValueError, r"needs objective_kwargs.teacher_init.*Valid sources"),
+    ("/nonexistent/round1", {}, FileNotFoundError, r"nothing at /nonexistent/round1"),
+    (None, dict(distill_weight=-0.1), ValueError, r"distill_weight must be a number >= 0"),
+    (None, dict(mask_ratio=1.0), ValueError, r"mask_ratio"),
+])
+def test_bad_settings_are_rejected_before_compile(tmp_path, teacher, kwargs, error, message):
+    config = _config(tmp_path if teacher is None else teacher, **kwargs)
+    if teacher == "":
+        config.objective_kwargs.teacher_init = None
+    with pytest.raises(error, match=message):
+        objectives.create("sdft", config)
+
+
+def test_runlocal_loss_falls_through_main_with_a_tiny_mae_teacher(tmp_path):
+    teacher_dir = str(tmp_path / "round1")
+    teacher = config_utils.load_config("configs/sdft_vit.py:runlocal,round=1",
+                                       {"progress_bar": False, "checkpoint_async": False})
+    assert teacher.objective == "mae"
+    teacher.total_steps, teacher.optim.warmup_steps = 4, 2
+    run(teacher, teacher_dir)
+    # The frozen collection the trainer loads is the round-1 run's encoder, exactly.
+    objective = objectives.create("sdft", _config(teacher_dir))
+    abstract = jax.eval_shape(objective.init_variables, jax.random.key(0), {"image": jnp.zeros((2, 8, 8, 1))})
+    loaded = train.load_frozen_weights(objective, abstract)["teacher"]["params"]
+    saved = checkpoint.load_params(teacher_dir, parts=("params",))["params"]["encoder"]
+    jax.tree.map(np.testing.assert_array_equal, loaded, saved)
+    # Round 2 starts from the pretrained MAE (here the same tiny run): every encoder and decoder param loads.
+    config = _config(teacher_dir)
+    config.init_from = teacher_dir
+    plan = train.plan_init_from(config, objective, abstract)
+    assert plan.counts()["loaded"] == len(jax.tree.leaves(abstract["params"])) and plan.counts()["re-initialised"] == 0
+
+    workdir = str(tmp_path / "round2")
+    result = subprocess.run(
+        [sys.executable, "-m", "vitjax.main", f"--config=configs/sdft_vit.py:runlocal,teacher_init={teacher_dir}",
+         f"--workdir={workdir}", "--config.total_steps=20", "--config.log_every_steps=5",
+         "--config.progress_bar=False"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in read_metrics(workdir) if "train/loss" in r]
+    losses = [r["train/loss"] for r in records]
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], losses
+    # Both parts fall: the student's reconstruction, and its distance to the round-1 encoder.
+    assert records[-1]["train/mae_loss"] < records[0]["train/mae_loss"]
+    assert records[-1]["train/distill_loss"] < 0.5 * records[0]["train/distill_loss"]
+
+
+@pytest.mark.parametrize("variant,decoder_depth,width", [("S/16", 2, 384), ("B/16", 8, 768)])
+def test_medical_mae_config_builds_the_papers_recipe(tmp_path, variant, decoder_depth, width):
+    config = config_utils.validate_config(config_utils.load_config(
+        f"configs/mae_medical.py:variant={variant},data_dir={tmp_path},nih_stats"))
+    assert (config.objective, config.batch_size, config.total_epochs, config.optim.warmup_epochs) == \
+        ("mae", 2048, 800, 40)
+    assert "inception_crop(224, scale=(0.5, 1.0)" in config.input.pp_train and "0.5056" in config.input.pp_train
+    module = objectives.create("mae", config).module
+    assert (module.mask_ratio, module.decoder_depth, module.decoder_embed_dim, module.encoder.embed_dim) == \
+        (0.9, decoder_depth, 512, width)
+
+
+def test_medical_mae_runlocal_steps_remove_nine_tenths(tmp_path):
+    config = config_utils.validate_config(config_utils.load_config("configs/mae_medical.py:runlocal"))
+    objective = objectives.create(config.objective, config)
+    images = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    variables = objective.init_variables(jax.random.key(1), {"image": images})
+    variables = jax.tree.map(lambda x: getattr(x, "value", x), variables, is_leaf=lambda x: hasattr(x, "value"))
+    _, aux = objective.module.apply(variables, images, rngs={"masking": jax.random.key(2)})
+    np.testing.assert_array_equal(np.asarray(aux["mask"]).sum(1), [15] * 4)  # int(16 x 0.1) = 1 patch kept
+    loss, _ = objective.train_loss(variables, {"image": images}, jax.random.key(3))
+    assert objective.norm_pix_loss is False and np.isfinite(float(loss))
