@@ -72,3 +72,18 @@ def test_relabel_maps_labels_and_rejects_bad_mappings():
     for bad in ((), (0, -1), [0.5], "01"):
         with pytest.raises(ValueError, match="relabel's mapping"):
             pvp.relabel(bad)
+
+
+def test_config_stages():
+    from vitjax import config_utils
+    source, target = (config_utils.validate_config(config_utils.load_config(
+        f"configs/pvp_digits.py:{stage}", {"init_from": "/tmp/base_run"})) for stage in ("stage=source,runlocal",
+                                                                                         "stage=target"))
+    assert "relabel((0, 0, 1, 1, 2, 2, 3, 3, 4, 4))" in source.input.pp_train and source.input.train_split == \
+        "train[1000:]"
+    assert "relabel" not in target.input.pp_train and target.input.train_split == "train[:1000]"
+    for config in (source, target):
+        assert (config.adapt.method, config.adapt.deep, config.adapt.num_tokens) == ("vpt", True, 5)
+        assert tuple(config.init_from_skip) == (r"^head/",)
+    with pytest.raises(ValueError, match="source"):
+        config_utils.load_config("configs/pvp_digits.py:stage=both")
