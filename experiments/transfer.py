@@ -16,7 +16,9 @@ Each (method, dataset, seed) is one run of `vitjax.train.train_and_evaluate` fro
 quickstart's) with `init_from` the encoder and the classifier head re-initialised (`init_from_skip`), so
 every method starts from the same features. The methods are config overrides (`METHODS`): full
 fine-tuning, a linear probe (everything but the head frozen through `optim.frozen`), and `config.adapt`'s
-LoRA, VPT shallow / deep and AdaptFormer adapters. The table reports the trained-parameter percentage (of the
+LoRA, VPT shallow / deep and AdaptFormer adapters; `pvp` is VPT deep whose prompts start from a stage-1
+VPT-deep run on a source task (`PVP_SOURCES`; on the digits: `--pvp_source_split`, relabelled class // 2,
+`--pvp_source_steps`), run once per dataset with seed 0, its head dropped. The table reports the trained-parameter percentage (of the
 adapted model's parameters), top-1 per dataset (mean +- std over the seeds) and the mean over the datasets;
 it is printed and written to experiments/out/<--out>.md beside the raw figures (.json).
 """
@@ -57,11 +59,11 @@ METHODS: Dict[str, Dict[str, Any]] = {
 METHODS["pvp"] = dict(METHODS["vpt_deep"])
 # The digits source task: a coarser label set (class // 2) on the training images after --train_split's.
 # The head stays 10 wide (5 logits unused): it is dropped at stage 2 anyway.
-PVP_SOURCES = {"digits": lambda args: {
-    "input.pp_modules": ("vitjax.adapt.pvp",), "input.train_split": args.pvp_source_split,
-    "input.pp_train": "decode(channels=1)|resize(16)|random_crop(16, padding=1)|value_range(-1, 1)"
-                      f"|relabel({DIGITS_SOURCE_MAPPING})",
-    "input.pp_eval": f"decode(channels=1)|resize(16)|value_range(-1, 1)|relabel({DIGITS_SOURCE_MAPPING})",
+PVP_SOURCES = {"digits": lambda args, target: {
+    "input.pp_modules": tuple(target.input.pp_modules) + ("vitjax.adapt.pvp",),
+    "input.train_split": args.pvp_source_split,
+    "input.pp_train": f"{target.input.pp_train}|relabel({DIGITS_SOURCE_MAPPING})",
+    "input.pp_eval": f"{target.input.pp_eval}|relabel({DIGITS_SOURCE_MAPPING})",
     "total_steps": args.pvp_source_steps, "optim.warmup_steps": max(1, args.pvp_source_steps // 10),
     "log_every_steps": args.pvp_source_steps}}
 
@@ -139,7 +141,7 @@ def main(argv=None):
                 if method == "pvp":
                     if dataset not in pvp_stage1:
                         pvp_stage1[dataset] = os.path.join(scratch.name, f"pvp_source_{dataset}")
-                        source = run_config(args, method, dataset, 0, PVP_SOURCES[dataset](args))
+                        source = run_config(args, method, dataset, 0, PVP_SOURCES[dataset](args, config))
                         stage1 = train.train_and_evaluate(source, pvp_stage1[dataset], mesh=mesh)
                         print(json.dumps(dict(pvp_source=dataset, top1=100.0 * stage1["eval/top1"],
                                               seconds=time.time() - start)), flush=True)
