@@ -60,7 +60,7 @@ METHODS["pvp"] = dict(METHODS["vpt_deep"])
 # The digits source task: a coarser label set (class // 2) on the training images after --train_split's.
 # The head stays 10 wide (5 logits unused): it is dropped at stage 2 anyway.
 PVP_SOURCES = {"digits": lambda args, target: {
-    "input.pp_modules": tuple(target.input.pp_modules) + ("vitjax.adapt.pvp",),
+    "input.pp_modules": tuple(target.input.get("pp_modules", ())) + ("vitjax.adapt.pvp",),
     "input.train_split": args.pvp_source_split,
     "input.pp_train": f"{target.input.pp_train}|relabel({DIGITS_SOURCE_MAPPING})",
     "input.pp_eval": f"{target.input.pp_eval}|relabel({DIGITS_SOURCE_MAPPING})",
