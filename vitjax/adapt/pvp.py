@@ -10,7 +10,8 @@ PVP is a recipe over VPT-deep (`vitjax.adapt.vpt`), not a new module:
 Stage 2 needs no new code: `init_from` of an adapted run's workdir loads base + trained params
 (`vitjax.weights.load`), so `vpt/prompts` and `vpt/deep_prompts` are "loaded" from stage 1 and the backbone
 is the same frozen one; `init_from_skip=("^head/",)` re-initialises the head (and a source head of another
-class count is re-initialised anyway). Stage 1's checkpoint refers to ENCODER, so stage 2's rebuilds through it.
+class count is re-initialised anyway). Stage 1's checkpoint refers to ENCODER, so stage 2's rebuilds through it
+(a resumed stage 2 is not tested).
 
 What the paper fixes: stage 1 pre-trains the parameter-efficient modules (prompts of VPT-deep among them)
 with the transformer backbone frozen, on a large upstream labelled set (ImageNet-1k in the paper), then
@@ -19,7 +20,8 @@ What it leaves open (our choices): whether the source head is kept (we drop it: 
 differs); whether stage 1 uses the target's prompt count and depth (we require equal shapes: a mismatch
 fails in the init_from plan); the stage 1 schedule (a run config of its own); here, with no ImageNet
 offline, the source task is the digits with a coarser, different label set (`relabel`: class // 2, 5
-classes) on the training images the target does not use.
+classes, the head kept 10 wide) on the training images the target does not use; stage 1 runs once (seed 0)
+and every target seed starts from it.
 
 This module holds only the source task's label op: list it in `input.pp_modules` to use `relabel` in a pp.
 """
