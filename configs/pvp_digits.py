@@ -11,8 +11,8 @@ Expected: stage 2's log lists `vpt/prompts` and `vpt/deep_prompts` as "loaded" a
 top-1 as the pvp row of the README's transfer table (experiments/out/transfer_pvp_digits_supervised.md,
 200 steps: 98.06% on the 360 test images; `experiments/transfer.py --methods=pvp` runs both stages).
 
-The paper (Song et al. 2023) pre-trains the prompts of VPT-deep on ImageNet-1k with a frozen supervised
-ViT-B/16 and tunes them on few-shot FGVC / VTAB-1k; neither is offline here, so the source task is the
+The paper (Song et al. 2023) pre-trains the prompts of VPT-deep on a large labelled set (ImageNet) with a frozen
+ViT and tunes them on few-shot FGVC / VTAB-1k; neither is offline here, so the source task is the
 digits' training images after the first 1,000 (`train[1000:]`, 437 images) with a coarser label set
 (class // 2: 5 classes, `relabel`), and the target the first 1,000 with the 10 digit classes. Settings as
 experiments/transfer.py's vpt_deep: 5 prompts per layer, blr 1e-2, no weight decay, 200 steps of 128.

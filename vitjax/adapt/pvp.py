@@ -14,7 +14,7 @@ class count is re-initialised anyway). Stage 1's checkpoint refers to ENCODER, s
 (a resumed stage 2 is not tested).
 
 What the paper fixes: stage 1 pre-trains the parameter-efficient modules (prompts of VPT-deep among them)
-with the transformer backbone frozen, on a large upstream labelled set (ImageNet-1k in the paper), then
+with the transformer backbone frozen, on a large labelled upstream set (ImageNet in the paper), then
 uses them as the initialisation of the downstream tuning, which is aimed at low-data (few-shot) tasks.
 What it leaves open (our choices): whether the source head is kept (we drop it: the target's label set
 differs); whether stage 1 uses the target's prompt count and depth (we require equal shapes: a mismatch
