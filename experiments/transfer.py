@@ -19,8 +19,9 @@ fine-tuning, a linear probe (everything but the head frozen through `optim.froze
 LoRA, VPT shallow / deep and AdaptFormer adapters; `pvp` is VPT deep whose prompts start from a stage-1
 VPT-deep run on a source task (`PVP_SOURCES`; on the digits: `--pvp_source_split`, relabelled class // 2,
 `--pvp_source_steps`), run once per dataset with seed 0, its head dropped. The table reports the
-trained-parameter percentage (of the adapted model's parameters), top-1 per dataset (mean +- std over the seeds) and the mean over the datasets;
-it is printed and written to experiments/out/<--out>.md beside the raw figures (.json).
+trained-parameter percentage (of the adapted model's parameters), top-1 per dataset (mean +- std over the
+seeds) and the mean over the datasets; it is printed and written to experiments/out/<--out>.md beside the
+raw figures (.json).
 """
 import argparse
 import json
