@@ -16,9 +16,12 @@ Each (method, dataset, seed) is one run of `vitjax.train.train_and_evaluate` fro
 quickstart's) with `init_from` the encoder and the classifier head re-initialised (`init_from_skip`), so
 every method starts from the same features. The methods are config overrides (`METHODS`): full
 fine-tuning, a linear probe (everything but the head frozen through `optim.frozen`), and `config.adapt`'s
-LoRA, VPT shallow / deep and AdaptFormer adapters. The table reports the trained-parameter percentage (of the
-adapted model's parameters), top-1 per dataset (mean +- std over the seeds) and the mean over the datasets;
-it is printed and written to experiments/out/<--out>.md beside the raw figures (.json).
+LoRA, VPT shallow / deep and AdaptFormer adapters; `pvp` is VPT deep whose prompts start from a stage-1
+VPT-deep run on a source task (`PVP_SOURCES`; on the digits: `--pvp_source_split`, relabelled class // 2,
+`--pvp_source_steps`), run once per dataset with seed 0, its head dropped. The table reports the
+trained-parameter percentage (of the adapted model's parameters), top-1 per dataset (mean +- std over the
+seeds) and the mean over the datasets; it is printed and written to experiments/out/<--out>.md beside the
+raw figures (.json).
 """
 import argparse
 import json
@@ -36,6 +39,7 @@ from experiment_io import write_outputs  # noqa: E402
 import jax  # noqa: E402
 
 from vitjax import config_utils, optim, parallel, train  # noqa: E402
+from vitjax.adapt.pvp import DIGITS_SOURCE_MAPPING  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -51,17 +55,29 @@ METHODS: Dict[str, Dict[str, Any]] = {
                  "adapt.deep": True},
     "adapter": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "adapter", "adapt.bottleneck": 8},
 }
+# PVP (vitjax/adapt/pvp.py): VPT-deep whose prompts start from a stage-1 run on a source task (run once per
+# dataset, seed 0, then reused by every seed, as the paper pre-trains once). The target run is vpt_deep's.
+METHODS["pvp"] = dict(METHODS["vpt_deep"])
+# The digits source task: a coarser label set (class // 2) on the training images after --train_split's.
+# The head stays 10 wide (5 logits unused): it is dropped at stage 2 anyway.
+PVP_SOURCES = {"digits": lambda args, target: {
+    "input.pp_modules": tuple(target.input.get("pp_modules", ())) + ("vitjax.adapt.pvp",),
+    "input.train_split": args.pvp_source_split,
+    "input.pp_train": f"{target.input.pp_train}|relabel({DIGITS_SOURCE_MAPPING})",
+    "input.pp_eval": f"{target.input.pp_eval}|relabel({DIGITS_SOURCE_MAPPING})",
+    "total_steps": args.pvp_source_steps, "optim.warmup_steps": max(1, args.pvp_source_steps // 10),
+    "log_every_steps": args.pvp_source_steps}}
 
 
-def run_config(args, method: str, dataset: str, seed: int):
-    """Returns the validated config of one run."""
+def run_config(args, method: str, dataset: str, seed: int, extra=None):
+    """Returns the validated config of one run (`extra`: overrides applied last)."""
     overrides = {
         "seed": seed, "init_from": args.init_from, "init_from_skip": (r"^head/",),
         "input.dataset": dataset, "input.train_split": args.train_split, "input.eval_split": args.eval_split,
         "total_steps": args.steps, "optim.warmup_steps": max(1, args.steps // 10),
         "log_every_steps": args.steps, "eval_every_steps": 0, "checkpoint_every_steps": 0,
         "keep_checkpoints": 1, "checkpoint_async": False, "progress_bar": False,
-        **json.loads(args.overrides or "{}"), **METHODS[method]}
+        **json.loads(args.overrides or "{}"), **METHODS[method], **(extra or {})}
     if dataset != "digits":
         overrides["model.num_classes"] = None  # set from the dataset below
     config = config_utils.load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
@@ -101,15 +117,21 @@ def main(argv=None):
                         "encoder's model settings and preprocessing")
     parser.add_argument("--out", default="transfer", help="stem of the outputs in experiments/out")
     parser.add_argument("--label", default="", help="what the encoder is, for the table's title")
+    parser.add_argument("--pvp_source_split", default="train[1000:]", help="PVP's source task images")
+    parser.add_argument("--pvp_source_steps", type=int, default=200, help="PVP's stage-1 steps")
     args = parser.parse_args(argv)
     methods, datasets = args.methods.split(","), args.datasets.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"Unknown methods {unknown}; valid choices: {list(METHODS)}")
+    if "pvp" in methods and any(d not in PVP_SOURCES for d in datasets):
+        raise SystemExit(f"pvp has a source task for {list(PVP_SOURCES)} only; got datasets {datasets}")
     seeds = [int(s) for s in args.seeds.split(",")]
     mesh = parallel.create_mesh(dict(data=1, fsdp=1, model=1), devices=jax.devices()[:1])
     results: List[Dict[str, Any]] = []
     fractions: Dict[str, Dict[str, float]] = {}
+    pvp_stage1: Dict[str, str] = {}
+    scratch = tempfile.TemporaryDirectory()
     for method in methods:
         for dataset in datasets:
             for seed in seeds:
@@ -117,6 +139,14 @@ def main(argv=None):
                 if method not in fractions:
                     fractions[method] = trained_fraction(config)
                 start = time.time()
+                if method == "pvp":
+                    if dataset not in pvp_stage1:
+                        pvp_stage1[dataset] = os.path.join(scratch.name, f"pvp_source_{dataset}")
+                        source = run_config(args, method, dataset, 0, PVP_SOURCES[dataset](args, config))
+                        stage1 = train.train_and_evaluate(source, pvp_stage1[dataset], mesh=mesh)
+                        print(json.dumps(dict(pvp_source=dataset, top1=100.0 * stage1["eval/top1"],
+                                              seconds=time.time() - start)), flush=True)
+                    config = run_config(args, method, dataset, seed, {"init_from": pvp_stage1[dataset]})
                 with tempfile.TemporaryDirectory() as workdir:
                     final = train.train_and_evaluate(config, workdir, mesh=mesh)
                 results.append(dict(method=method, dataset=dataset, seed=seed, top1=100.0 * final["eval/top1"],
