@@ -59,7 +59,7 @@ def test_import_and_validation_need_no_tensorflow():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(pp_train="decode|random_resized_crop(224)"), "valid ops: central_crop, copy, decode"),
+    (dict(pp_train="decode|random_resized_crop(224)"), "valid ops: central_crop, color_jitter, copy, decode"),
     (dict(pp_train="decode|resize(0)"), "op 'resize'"),
     (dict(pp_train="decode|resize(32, 64, 1, 2)"), "too many positional arguments"),
     (dict(pp_train="decode|flip_lr(probability=2)"), "op 'flip_lr'"),
@@ -389,6 +389,10 @@ _OP_CASES = {
     "drop": ("drop('label')", "rgb", "image", (8, 8, 3), np.uint8),
     "label_map": ("label_map((0, 0, 0, 7))", "rgb", "label", (), np.int32),
     "onehot": ("onehot(5)", "rgb", "label", (5,), np.float32),
+    "color_jitter": ("color_jitter(probability=1.0)", "rgb", "image", (8, 8, 3), np.uint8),
+    "random_grayscale": ("random_grayscale(1.0)", "rgb", "image", (8, 8, 3), np.uint8),
+    "gaussian_blur": ("gaussian_blur(1.0)", "rgb", "image", (8, 8, 3), np.uint8),
+    "solarize": ("solarize(1.0)", "rgb", "image", (8, 8, 3), np.uint8),
 }
 
 
