@@ -115,6 +115,13 @@ def expected_variables(model, image_shape: Tuple[int, int, int]) -> Dict[str, An
     return flax.linen.meta.unbox(shapes)
 
 
+def checked(params: Dict[str, Any], model) -> Dict[str, Any]:
+    """Returns {"params": params} once every shape equals what `model` builds at its img_size (else raises)."""
+    img = (model.img_size, model.img_size) if isinstance(model.img_size, int) else tuple(model.img_size)
+    check_shapes(params, expected_variables(model, (img[0], img[1], model.in_chans))["params"])
+    return {"params": params}
+
+
 def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
     """Returns a nested dict from a flat {"a/b/c": value} dict."""
     return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})

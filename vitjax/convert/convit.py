@@ -58,6 +58,4 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
         else:
             table.get("head.weight"), table.get("head.bias")  # dropped: the model has no classifier
     table.finish()
-    img = layers.to_2tuple(model.img_size)
-    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
-    return {"params": params}
+    return common.checked(params, model)

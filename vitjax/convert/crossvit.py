@@ -80,6 +80,4 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
         elif f"head.{branch}.weight" in table:
             table.get(f"head.{branch}.weight"), table.get(f"head.{branch}.bias")  # a feature extractor drops it
     table.finish()
-    img = layers.to_2tuple(model.img_size)
-    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
-    return {"params": params}
+    return common.checked(params, model)

@@ -11,8 +11,7 @@ from typing import Any, Dict
 import numpy as np
 
 from vitjax.convert import common
-from vitjax.convert.vit import dense_params, norm_params
-from vitjax.models import layers
+from vitjax.convert.vit import classifier_params, dense_params, norm_params
 
 
 def _pointwise(table: common.KeyTable, prefix: str) -> Dict[str, np.ndarray]:
@@ -64,11 +63,6 @@ def convert_timm(state_dict: Dict[str, Any], model) -> Dict[str, Any]:
                                       model.filter_sizes[stage] is not None, model.layer_scale_init_value > 0)
             for index in range(model.depths[stage])}
     params["norm"] = norm_params(table, "norm")
-    if model.num_classes:
-        params["head"] = dense_params(table, "head")
-    elif "head.weight" in table:
-        table.get("head.weight"), table.get("head.bias")  # a feature extractor drops the classifier
+    classifier_params(table, params, "head", model.num_classes)
     table.finish()
-    img = layers.to_2tuple(model.img_size)
-    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
-    return {"params": params}
+    return common.checked(params, model)

@@ -77,6 +77,4 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
             table.get(key)
     params["head"] = head
     table.finish()
-    img = (model.img_size, model.img_size) if isinstance(model.img_size, int) else tuple(model.img_size)
-    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
-    return {"params": params}
+    return common.checked(params, model)

@@ -12,7 +12,6 @@ import numpy as np
 
 from vitjax.convert import common
 from vitjax.convert.vit import attention_params, dense_params, mlp_params, norm_params
-from vitjax.models import layers
 
 
 def _to_timm_layout(state_dict: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -61,6 +60,4 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
         if model.num_classes:
             params["head"] = head  # otherwise dropped: the model has no classifier
     table.finish()
-    img = layers.to_2tuple(model.img_size)
-    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
-    return {"params": params}
+    return common.checked(params, model)

@@ -9,8 +9,7 @@ table), `blocks.{i}` (timm's ViT block layout), `norm`, `head`.
 from typing import Any, Dict
 
 from vitjax.convert import common
-from vitjax.convert.vit import block_params, dense_params, mlp_params, norm_params
-from vitjax.models import layers
+from vitjax.convert.vit import block_params, classifier_params, dense_params, mlp_params, norm_params
 
 
 def _token_transformer(table: common.KeyTable, prefix: str) -> Dict[str, Any]:
@@ -45,11 +44,6 @@ def convert_timm(state_dict: Dict[str, Any], model) -> Dict[str, Any]:
     params["tokens_to_token"]["project"] = dense_params(table, "tokens_to_token.project")
     for index in range(model.depth):
         params[f"blocks_{index}"] = block_params(table, f"blocks.{index}", model.num_heads, model.qkv_bias)
-    if model.num_classes:
-        params["head"] = dense_params(table, "head")
-    elif "head.weight" in table:
-        table.get("head.weight"), table.get("head.bias")  # a feature extractor drops the classifier
+    classifier_params(table, params, "head", model.num_classes)
     table.finish()
-    img = layers.to_2tuple(model.img_size)
-    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
-    return {"params": params}
+    return common.checked(params, model)

@@ -4,7 +4,7 @@ from typing import Any, Dict
 import numpy as np
 
 from vitjax.convert import common
-from vitjax.convert.vit import dense_params, mlp_params, norm_params
+from vitjax.convert.vit import classifier_params, dense_params, mlp_params, norm_params
 from vitjax.models import layers
 
 
@@ -53,11 +53,6 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
         if not model.legacy:
             block["norm2_proj"] = norm_params(table, f"{prefix}.norm2_proj")
         params[f"blocks_{index}"] = block
-    if model.num_classes:
-        params["head"] = dense_params(table, "head")
-    elif "head.weight" in table:
-        table.get("head.weight"), table.get("head.bias")  # a feature extractor drops the classifier
+    classifier_params(table, params, "head", model.num_classes)
     table.finish()
-    img = layers.to_2tuple(model.img_size)
-    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
-    return {"params": params}
+    return common.checked(params, model)

@@ -29,6 +29,14 @@ def norm_params(table: common.KeyTable, prefix: str) -> Dict[str, np.ndarray]:
     return {"scale": table.get(f"{prefix}.weight"), "bias": table.get(f"{prefix}.bias")}
 
 
+def classifier_params(table: common.KeyTable, params: Dict[str, Any], name: str, num_classes: int) -> None:
+    """Puts the Dense classifier `name` into params, or reads and drops it when the model has no classifier."""
+    if num_classes:
+        params[name] = dense_params(table, name)
+    elif f"{name}.weight" in table:
+        table.get(f"{name}.weight"), table.get(f"{name}.bias")  # a feature extractor drops the classifier
+
+
 def dense_params(table: common.KeyTable, prefix: str, bias: bool = True) -> Dict[str, np.ndarray]:
     """Returns Dense {kernel, bias} from a torch Linear; a missing bias is an error unless `bias=False`."""
     out = {"kernel": table.get(f"{prefix}.weight", common.linear)}
@@ -92,17 +100,12 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
             "mlp": mlp_params(table, "attn_pool.mlp"),
         }
     for head in ("head", "head_dist") if model.distilled else ("head",):
-        if model.num_classes:
-            params[head] = dense_params(table, head)
-        elif f"{head}.weight" in table:
-            table.get(f"{head}.weight"), table.get(f"{head}.bias")  # a feature extractor drops the classifier
+        classifier_params(table, params, head, model.num_classes)
     table.finish()
     if model.scan:
         from vitjax.models.vit import scan_params
         params = scan_params(params, model.depth)
-    img = layers.to_2tuple(model.img_size)
-    common.check_shapes(params, common.expected_variables(model, (img[0], img[1], model.in_chans))["params"])
-    return {"params": params}
+    return common.checked(params, model)
 
 
 def _split_heads(dense: Dict[str, np.ndarray], groups: int, num_heads: int) -> Dict[str, np.ndarray]:
