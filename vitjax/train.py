@@ -133,6 +133,11 @@ def param_overview(params: Any, trainable: Any = None) -> str:
     return "\n".join(lines)
 
 
+def split_run_key(rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Returns (init key, train key) of a new run from PRNGKey(config.seed); train step s draws from fold_in(train key, s)."""
+    return tuple(jax.random.split(rng))
+
+
 @dataclasses.dataclass
 class TrainSetup:
     """A run's optimizer, abstract train state and shardings: everything to create and step a state, uncompiled."""
@@ -157,7 +162,7 @@ class TrainSetup:
 
     def init_fn(self, rng: jax.Array) -> TrainState:
         """Returns a freshly initialised TrainState (traceable; jit it with out_shardings=state_shardings)."""
-        init_rng, train_rng = jax.random.split(rng)
+        init_rng, train_rng = split_run_key(rng)
         variables = unbox(dict(self.objective.init_variables(init_rng, self.example_batch)))
         params = variables.pop("params")
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
@@ -611,8 +616,17 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                  dict(mesh.shape), mesh.size, jax.process_count(), total_steps, config.batch_size)
     start_step = int(resume_step or 0)
     keys = tuple(objective.batch_keys)
-    train_iter = data.make_train_iterator(config.input, global_batch_size=config.batch_size,
-                                          seed=config.seed, start_step=start_step)
+    host_fields = objective.host_batch_fields(start_step=start_step, total_steps=total_steps)
+
+    def train_batches(first_step: int):
+        # Batch b is a function of the recipe and b alone; host fields (stored teacher logits) are keyed by b too.
+        batches = data.make_train_iterator(config.input, global_batch_size=config.batch_size, seed=config.seed,
+                                           start_step=first_step)
+        if host_fields is None:
+            return batches
+        return ({**batch, **host_fields(index)} for index, batch in enumerate(batches, first_step))
+
+    train_iter = train_batches(start_step)
     first_batch = next(train_iter)
     missing = sorted(set(keys) - set(first_batch))
     if missing:
@@ -648,8 +662,8 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
         state, _, restored, _ = checkpointer.restore_newest_good(abstract_state)
         if restored.step != resume_step:  # fell back: the data must replay from the older step
             resume_step = start_step = restored.step
-            train_iter = data.make_train_iterator(config.input, global_batch_size=config.batch_size,
-                                                  seed=config.seed, start_step=start_step)
+            host_fields = objective.host_batch_fields(start_step=start_step, total_steps=total_steps)
+            train_iter = train_batches(start_step)
         if adapted:
             state = from_checkpoint_view(state, initial_state(setup, jax.random.PRNGKey(config.seed), init_plan,
                                                               frozen))
@@ -673,7 +687,7 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
 
         # ---- 5. Loop ---------------------------------------------------------------------------
         writer = MetricsWriter(workdir, is_main, start_step)
-        progress = _progress_bar(config.progress_bar and is_main, total_steps, start_step)
+        progress = progress_bar(config.progress_bar and is_main, total_steps, start_step)
         log = lambda message: _log(progress, message)  # noqa: E731
         pending: List[Tuple[int, Dict[str, Any]]] = []  # device metrics since the last log
         final: Dict[str, Any] = {}
@@ -753,11 +767,11 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
     return final
 
 
-def _progress_bar(enabled: bool, total: int, initial: int):
+def progress_bar(enabled: bool, total: int, initial: int, desc: str = "train"):
     """Returns a tqdm progress bar over steps (ETA, it/s), or a no-op stand-in."""
     if enabled:
         from tqdm import tqdm
-        bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train",
+        bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc,
                    mininterval=0.5 if os.isatty(2) else 30.0)
         bar.enabled = True
         return bar
