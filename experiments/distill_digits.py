@@ -215,8 +215,9 @@ def main(argv=None) -> Dict[str, Any]:
     def mean_std(values):
         return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
-    header = [f"Digits, {args.seeds} seeds (mean ± std), 360 test images. Student = DeiT width 32, depth 2 (class + "
-              f"distillation tokens), {args.student_steps} steps of 128."]
+    header = [f"Digits, {args.seeds} seeds (mean ± std), 360 test images, students trained {args.student_steps} steps "
+              "of 128. Parts vit and resnet: a DeiT student of width 32, depth 2 (class + distillation tokens); "
+              "part stored: a plain ViT of the same size (one head)."]
     if "teacher" in results:
         header.append(f"ViT teacher = the quickstart ViT (width 64, depth 4, {results['teacher']['steps']} steps), "
                       f"test top-1 {100 * results['teacher']['top1']:.2f}%.")
