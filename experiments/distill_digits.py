@@ -15,8 +15,15 @@ a convnet (ResNet) teacher; SAM vs AdamW for the quickstart ViT without augmenta
 Part "resnet": a ResNet-18-shaped teacher (widths 16 / 32 / 64 / 128, BatchNorm) trained on the same input for
 800 steps, then the same student with hard distillation from it, --seeds seeds.
 Part "sam": the quickstart ViT without augmentation (no random shift, no label smoothing, no drop-path), 800
-steps with AdamW and with SAM around the same AdamW (rho 0.05): the same number of gradient evaluations,
-so SAM makes 400 updates (Chen et al. 2022 claim SAM helps ViTs most without strong augmentation).
+steps with AdamW and with SAM around the same AdamW (rho 0.05): on one batch per update as the paper (800
+updates, twice AdamW's gradient evaluations) and on consecutive batches (the same evaluations as AdamW, so 400
+updates). Chen et al. 2022 claim SAM helps ViTs most without strong augmentation.
+
+Part "stored": TinyViT's distillation (soft-target cross-entropy against the teacher's top-k probabilities,
+alpha 1: no labels) of a plain ViT student (width 32, depth 2, one head) by the quickstart ViT, with the teacher
+online and from probabilities stored once by `vitjax.distill.save_logits` (k = 10 = every class, and k = 3),
+against the same student on the labels; the student's train throughput with and without the teacher in the
+step, and the time to store. `python experiments/distill_digits.py --parts=stored`.
 
 Writes experiments/out/distill_digits.{md,json} (all parts) or distill_digits_<parts>.{md,json}.
 """
@@ -69,7 +76,14 @@ def student_config(method: str, seed: int, steps: int, teacher_dir: str, teacher
 
 
 RESNET_TEACHER = dict(num_classes=10, img_size=16, in_chans=1, widths=(16, 32, 64, 128), depths=(2, 2, 2, 2))
-PARTS = ("vit", "resnet", "sam")
+PARTS = ("vit", "resnet", "sam", "stored")
+PLAIN_STUDENT = dict(STUDENT, distilled=False)
+STORED_METHODS = {  # label: (objective_kwargs or None for labels only, stored?)
+    "labels": (None, False),
+    "online_k10": (dict(distillation_type="soft_target", alpha=1.0, topk=10), False),
+    "stored_k10": (dict(distillation_type="soft_target", alpha=1.0, topk=10), True),
+    "stored_k3": (dict(distillation_type="soft_target", alpha=1.0, topk=3), True),
+}
 
 
 def resnet_teacher_config():
@@ -81,27 +95,52 @@ def resnet_teacher_config():
 
 
 def no_augmentation_config(optimizer: str, seed: int):
-    """Returns the quickstart ViT config without augmentation, with AdamW or SAM around AdamW."""
+    """Returns the quickstart ViT config without augmentation, with AdamW, or SAM around AdamW on one batch per
+    update ("sam", the paper) or on consecutive batches ("sam_alternating")."""
     config = quickstart_config()
     config.seed = seed
     config.input.pp_train = "decode(channels=1)|resize(16)|value_range(-1, 1)"
     del config.input["label_smoothing"]
     config.model = dict(config.model, drop_path_rate=0.0)
-    if optimizer == "sam":
+    if optimizer in ("sam", "sam_alternating"):
         config.optim.name = "sam"
+        config.optim.sam_same_batch = optimizer == "sam"
         config.optim.sam_base = "adamw"
         config.optim.sam_rho = 0.05
     return config
 
 
+def stored_student_config(method: str, seed: int, steps: int, teacher_dir: str, teacher_model: Dict[str, Any],
+                          logits_dir: str):
+    """Returns the plain ViT student's config for one of STORED_METHODS (TinyViT's loss, or the labels)."""
+    config = student_config("none", seed, steps, teacher_dir, teacher_model)
+    config.model = dict(PLAIN_STUDENT)
+    kwargs, from_store = STORED_METHODS[method]
+    if kwargs is not None:
+        config.objective = "distill"
+        config.objective_kwargs = dict(kwargs, teacher="vit", teacher_model=teacher_model, teacher_init=teacher_dir,
+                                       teacher_logits=logits_dir if from_store else None)
+    return config
+
+
+def _images_per_sec(run_dir: str) -> float:
+    """Returns the mean train images/s a run logged (compilation excluded: the first logged interval dropped)."""
+    import json  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rates = [record["images_per_sec"] for record in map(json.loads, f) if "images_per_sec" in record]
+    return float(np.mean(rates[1:] if len(rates) > 1 else rates))
+
+
 def train_runs(make_config, seeds: int, workdir: str, label: str) -> list:
-    """Returns [{seed, top1, seconds, teacher_agreement}] of make_config(seed) over `seeds` seeds."""
+    """Returns [{seed, top1, seconds, teacher_agreement, images_per_sec}] of make_config(seed) over `seeds` seeds."""
     runs = []
     for seed in range(seeds):
         run_start = time.time()
-        final = trainer.train_and_evaluate(make_config(seed), os.path.join(workdir, f"{label}_{seed}"))
+        run_dir = os.path.join(workdir, f"{label}_{seed}")
+        final = trainer.train_and_evaluate(make_config(seed), run_dir)
         runs.append(dict(seed=seed, top1=final["eval/top1"], seconds=time.time() - run_start,
-                         teacher_agreement=final.get("eval/teacher_agreement")))
+                         teacher_agreement=final.get("eval/teacher_agreement"),
+                         images_per_sec=_images_per_sec(run_dir)))
         print(f"{label} seed {seed}: top-1 {100 * final['eval/top1']:.2f}%", flush=True)
     return runs
 
@@ -121,13 +160,14 @@ def main(argv=None) -> Dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="distill_digits_")
     results: Dict[str, Any] = dict(student=STUDENT, student_steps=args.student_steps, parts=list(parts), runs={})
     try:
-        if "vit" in parts:
-            teacher_config = quickstart_config()
-            teacher_dir = os.path.join(workdir, "teacher")
+        teacher_config = quickstart_config()
+        teacher_dir = os.path.join(workdir, "teacher")
+        if "vit" in parts or "stored" in parts:
             teacher = trainer.train_and_evaluate(teacher_config, teacher_dir)
             results["teacher"] = dict(model=dict(teacher_config.model), steps=teacher_config.total_steps,
                                       top1=teacher["eval/top1"])
             print(f"teacher: top-1 {100 * teacher['eval/top1']:.2f}%", flush=True)
+        if "vit" in parts:
             for method in METHODS:
                 results["runs"][method] = train_runs(
                     lambda seed: student_config(method, seed, args.student_steps, teacher_dir,
@@ -145,8 +185,28 @@ def main(argv=None) -> Dict[str, Any]:
                 config.objective_kwargs.teacher = "resnet18"
                 return config
             results["runs"]["hard_resnet"] = train_runs(resnet_student, args.seeds, workdir, "hard_resnet")
+        if "stored" in parts:
+            from vitjax.distill import save_logits  # pylint: disable=g-import-not-at-top
+            teacher_model = dict(teacher_config.model)
+            results["store"] = {}
+            for method, (kwargs, from_store) in STORED_METHODS.items():
+                logits_dir = os.path.join(workdir, f"logits_{method}")
+                runs = []
+                for seed in range(args.seeds):
+                    def make(seed_, method=method, logits_dir=logits_dir):
+                        return stored_student_config(method, seed_, args.student_steps, teacher_dir, teacher_model,
+                                                     f"{logits_dir}_{seed_}")
+                    if from_store:  # the store belongs to one recipe: one per seed
+                        summary = save_logits.save_logits(make(seed), show_progress=False)
+                        results["store"].setdefault(method, []).append(dict(
+                            seconds=summary["seconds"], images_per_sec=summary["images_per_sec"],
+                            megabytes=sum(os.path.getsize(os.path.join(root, name)) for root, _, names in
+                                          os.walk(f"{logits_dir}_{seed}") for name in names) / 2**20))
+                    runs += train_runs(lambda _s, seed=seed: make(seed), 1, workdir, f"{method}_{seed}")
+                    runs[-1]["seed"] = seed
+                results["runs"][method] = runs
         if "sam" in parts:
-            for optimizer in ("adamw", "sam"):
+            for optimizer in ("adamw", "sam", "sam_alternating"):
                 results["runs"][f"noaug_{optimizer}"] = train_runs(
                     lambda seed: no_augmentation_config(optimizer, seed), args.seeds, workdir, f"noaug_{optimizer}")
     finally:
@@ -155,25 +215,43 @@ def main(argv=None) -> Dict[str, Any]:
     def mean_std(values):
         return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
-    header = [f"Digits, {args.seeds} seeds (mean ± std), 360 test images. Student = DeiT width 32, depth 2 (class + "
-              f"distillation tokens), {args.student_steps} steps of 128."]
+    header = [f"Digits, {args.seeds} seeds (mean ± std), 360 test images, students trained {args.student_steps} steps "
+              "of 128. Parts vit and resnet: a DeiT student of width 32, depth 2 (class + distillation tokens); "
+              "part stored: a plain ViT of the same size (one head)."]
     if "teacher" in results:
         header.append(f"ViT teacher = the quickstart ViT (width 64, depth 4, {results['teacher']['steps']} steps), "
                       f"test top-1 {100 * results['teacher']['top1']:.2f}%.")
     if "resnet_teacher" in results:
         header.append(f"ResNet teacher = resnet18 with widths 16-128 ({results['resnet_teacher']['steps']} steps), "
                       f"test top-1 {100 * results['resnet_teacher']['top1']:.2f}%.")
-    lines = [" ".join(header), "", "| run | top-1 % | agreement with the teacher % |", "|---|---|---|"]
+    lines = [" ".join(header), "", "| run | top-1 % | agreement with the teacher % | student train images/s |",
+             "|---|---|---|---:|"]
     labels = {"none": "student, no teacher (both heads on labels)",
               "hard": "student, hard distillation from the ViT (alpha 0.5)",
               "soft": "student, soft distillation from the ViT (tau 3, alpha 0.1)",
               "hard_resnet": "student, hard distillation from the ResNet (alpha 0.5)",
               "noaug_adamw": "quickstart ViT without augmentation, AdamW, 800 steps",
-              "noaug_sam": "quickstart ViT without augmentation, SAM(AdamW, rho 0.05), 800 steps = 400 updates"}
+              "noaug_sam": "quickstart ViT without augmentation, SAM(AdamW, rho 0.05) on one batch per update, "
+                           "800 updates (1,600 gradients)",
+              "noaug_sam_alternating": "quickstart ViT without augmentation, SAM(AdamW, rho 0.05) on consecutive "
+                                       "batches, 800 steps = 400 updates",
+              "labels": "plain ViT student (width 32, depth 2), labels only",
+              "online_k10": "plain ViT student, TinyViT loss, teacher online (top-10 = all 10 classes)",
+              "stored_k10": "plain ViT student, TinyViT loss, stored top-10 (fp16)",
+              "stored_k3": "plain ViT student, TinyViT loss, stored top-3 (fp16)"}
     for method, runs in results["runs"].items():
         agreement = [run["teacher_agreement"] for run in runs if run["teacher_agreement"] is not None]
         lines.append(f"| {labels[method]} | {mean_std([run['top1'] for run in runs])} | "
-                     f"{mean_std(agreement) if agreement else '—'} |")
+                     f"{mean_std(agreement) if agreement else '—'} | "
+                     f"{np.mean([run['images_per_sec'] for run in runs]):.0f} |")
+    if "stored" in parts:
+        online = np.mean([run["images_per_sec"] for run in results["runs"]["online_k10"]])
+        from_store = np.mean([run["images_per_sec"] for run in results["runs"]["stored_k10"]])
+        saves = results["store"]["stored_k10"]
+        lines += ["", f"Student throughput from the store / with the teacher online: {from_store / online:.2f}x. "
+                  f"Storing {args.student_steps} batches of 128 (top-10, fp16): "
+                  f"{np.mean([save['seconds'] for save in saves]):.1f} s, "
+                  f"{np.mean([save['megabytes'] for save in saves]):.2f} MB."]
     results["seconds"] = time.time() - started
     lines += ["", f"Total {results['seconds'] / 60:.1f} min."]
     table = "\n".join(lines)

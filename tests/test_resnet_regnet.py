@@ -163,7 +163,7 @@ def test_deit_distilled_config_loads_a_timm_regnety_teacher(tmp_path):
     assert set(teacher) == {"params", "batch_stats"}
     with torch.no_grad():
         expected = torch_teacher(images).numpy()
-    teacher_logits = objective._teacher_logits({"teacher": teacher}, nhwc)
+    teacher_logits = objective.teacher_logits(teacher, nhwc)
     assert relative_error(teacher_logits, expected) <= 1e-5
     # The distilled student's loss with this teacher is finite and has its distillation term.
     variables = flax.linen.meta.unbox(objective.init_variables(jax.random.key(1), {"image": nhwc}))

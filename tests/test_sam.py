@@ -1,6 +1,7 @@
 """SAM and adaptive SAM (`optim.name="sam"`) around a base optimizer: one SAM update against a NumPy
-transcription of the papers' equations, the lr schedule over SAM updates, config errors, and the trainer with
-gradient accumulation and on a sharded mesh of fake devices matching one device."""
+transcription of the papers' equations (both gradients on one batch, as the paper, and on consecutive batches),
+the lr schedule over SAM updates, config errors, and the trainer with gradient accumulation and on a sharded mesh
+of fake devices matching one device."""
 import os
 
 import jax
@@ -16,10 +17,11 @@ from test_train import read_metrics, tiny_config
 RHO, ETA, LR, WD = 0.3, 0.01, 0.1, 0.05
 
 
-def optim_config(base: str, adaptive: bool = False) -> ml_collections.ConfigDict:
+def optim_config(base: str, adaptive: bool = False, same_batch: bool = True) -> ml_collections.ConfigDict:
     """Returns config_utils' optim defaults set to SAM around `base` at a constant lr."""
     config = config_utils.default_config().optim
     config.update(name="sam", sam_base=base, sam_rho=RHO, sam_adaptive=adaptive, sam_eta=ETA, lr=LR,
+                  sam_same_batch=same_batch,
                   schedule="constant", weight_decay=WD, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8)
     return config
 
@@ -64,10 +66,25 @@ def test_one_sam_update_matches_numpy(base, adaptive):
     rng = np.random.default_rng(0)
     w0 = {"kernel": rng.normal(size=(2, 3)), "bias": rng.normal(size=(3,))}
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), w0)
-    tx, schedule = optim.make_optimizer(optim_config(base, adaptive), params, batch_size=256, total_steps=10)
+    expected = expected_sam_update(w0, base, adaptive)
+
+    # One batch (the paper): one trainer step, the optimizer evaluating the second gradient through grad_fn.
+    config = optim_config(base, adaptive)
+    assert optim.needs_grad_fn(config)
+    tx, schedule = optim.make_optimizer(config, params, batch_size=256, total_steps=10)
+    grad_fn = lambda p, _: jax.grad(loss_jax)(p)  # noqa: E731
+    updates, _ = jax.jit(lambda p, s: tx.update(jax.grad(loss_jax)(p), s, p, grad_fn=grad_fn))(params, tx.init(params))
+    final = optax.apply_updates(params, updates)
+    for k in w0:
+        np.testing.assert_allclose(np.asarray(final[k]), expected[k], rtol=1e-5, atol=1e-6)
+    assert float(schedule(0)) == float(schedule(1)) == pytest.approx(LR, rel=1e-6)
+
+    # Consecutive batches: trainer step 1 ascends to w + eps; step 2 updates w with the gradient at w + eps.
+    config = optim_config(base, adaptive, same_batch=False)
+    assert not optim.needs_grad_fn(config)
+    tx, schedule = optim.make_optimizer(config, params, batch_size=256, total_steps=10)
     state = tx.init(params)
     update = jax.jit(lambda p, s: tx.update(jax.grad(loss_jax)(p), s, p))
-    # Trainer step 1: the ascent to w + eps; step 2: the base update of w with the gradient at w + eps.
     updates, state = update(params, state)
     perturbed = optax.apply_updates(params, updates)
     g = grad_numpy(w0)
@@ -77,7 +94,6 @@ def test_one_sam_update_matches_numpy(base, adaptive):
             np.testing.assert_allclose(np.asarray(perturbed[k]), w0[k] + eps[k], rtol=1e-5, atol=1e-6)
     updates, state = update(perturbed, state)
     final = optax.apply_updates(perturbed, updates)
-    expected = expected_sam_update(w0, base, adaptive)
     for k in w0:
         np.testing.assert_allclose(np.asarray(final[k]), expected[k], rtol=1e-5, atol=1e-6)
     # A plain step of the base optimizer from w lands elsewhere: the ascent matters.
@@ -88,15 +104,21 @@ def test_one_sam_update_matches_numpy(base, adaptive):
 
 
 def test_schedule_runs_over_sam_updates():
-    config = optim_config("adamw")
-    config.update(schedule="cosine", warmup_steps=4, min_lr=0.0)
     params = {"kernel": jnp.ones((2, 3))}
+    config = optim_config("adamw", same_batch=False)
+    config.update(schedule="cosine", warmup_steps=4, min_lr=0.0)
     _, schedule = optim.make_optimizer(config, params, batch_size=256, total_steps=20)
     # 10 SAM updates, 2 of warmup: trainer steps 2k and 2k + 1 share the lr of update k; cosine ends at 0.
     lrs = [float(schedule(step)) for step in range(20)]
     assert lrs[0::2] == lrs[1::2]
     assert lrs[4] == pytest.approx(LR, rel=1e-6)
     assert lrs[-1] == pytest.approx(LR * 0.5 * (1 + np.cos(np.pi * 7 / 8)), rel=1e-5)
+    # One batch per update: the base schedule itself, one update per trainer step.
+    config = optim_config("adamw")
+    config.update(schedule="cosine", warmup_steps=4, min_lr=0.0)
+    _, schedule = optim.make_optimizer(config, params, batch_size=256, total_steps=20)
+    assert float(schedule(4)) == pytest.approx(LR, rel=1e-6)
+    assert float(schedule(19)) == pytest.approx(LR * 0.5 * (1 + np.cos(np.pi * 15 / 16)), rel=1e-5)
 
 
 def test_config_errors_name_the_valid_choices():
@@ -112,7 +134,7 @@ def test_config_errors_name_the_valid_choices():
 
 
 def run_sam(tmp_path, name: str, accum: int = 1, mesh_axes=None) -> tuple:
-    """Returns (train losses, final params) of 4 trainer steps (2 SAM updates) of the tiny fp32 ViT."""
+    """Returns (train losses, final params) of 4 trainer steps (4 SAM updates, each on one batch) of the tiny fp32 ViT."""
     config = tiny_config(total_steps=4, log_every_steps=1, checkpoint_every_steps=0)
     config.optim.name = "sam"
     config.optim.sam_base = "adamw"

@@ -127,6 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
     optim.sam_rho = 0.05                          # sam: radius of the ascent step
     optim.sam_adaptive = False                    # sam: ASAM's scale-invariant ascent
     optim.sam_eta = 0.01                          # sam (adaptive): the offset of |w| in ASAM's scaling
+    optim.sam_same_batch = True                   # sam: both gradients on one batch per step (the paper);
+                                                  # False: ascent and descent on consecutive batches, half the cost
     config.optim = optim
 
     config.ema_decay = 0.0                # 0: no EMA of the params
@@ -338,6 +340,8 @@ def validate_config(config) -> ml_collections.ConfigDict:
         _check_choice("optim.sam_base", optim["sam_base"], tuple(name for name in OPTIMIZERS if name != "sam"))
         if not optim["sam_rho"] > 0:
             raise ValueError(f"config.optim.sam_rho must be positive, got {optim['sam_rho']}")
+        if not isinstance(optim.get("sam_same_batch", True), bool):
+            raise ValueError(f"config.optim.sam_same_batch must be True or False, got {optim['sam_same_batch']!r}")
     if (optim["lr"] is None) == (optim["blr"] is None):
         raise ValueError("Set exactly one of config.optim.lr (absolute) and config.optim.blr "
                          f"(lr = blr * batch_size / 256); got lr={optim['lr']}, blr={optim['blr']}")

@@ -296,7 +296,12 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
 
 # --- SAM: sharpness-aware minimisation around any base optimizer -------------------------------------------------
 
-SAM_SYNC_PERIOD = 2   # trainer steps per SAM update: one ascent step, then the base optimizer's step
+SAM_SYNC_PERIOD = 2   # gradients per SAM update: one for the ascent, one for the base optimizer's step
+
+
+def needs_grad_fn(optim_config) -> bool:
+    """Returns whether the optimizer takes `grad_fn` in its update (SAM on one batch: it evaluates a second gradient)."""
+    return optim_config.get("name") == "sam" and bool(optim_config.get("sam_same_batch", True))
 
 
 def scale_by_sam_ascent(rho: float, adaptive: bool = False, eta: float = 0.01) -> optax.GradientTransformation:
@@ -331,37 +336,44 @@ def scale_by_sam_ascent(rho: float, adaptive: bool = False, eta: float = 0.01) -
 def make_sam(optim_config, params, *, batch_size: int, total_steps: int, steps_per_epoch: Optional[float] = None,
              param_axes=None, layer_ids_fn: Optional[LayerIdsFn] = None, no_weight_decay: Sequence[str] = ()
              ) -> Tuple[optax.GradientTransformation, Schedule]:
-    """Returns (SAM around `optim.sam_base`, step -> lr schedule) on optax.contrib.sam's transparent mode.
+    """Returns (SAM around `optim.sam_base`, step -> lr schedule) on optax.contrib.sam.
 
-    Each SAM update takes two trainer steps on consecutive batches: the first moves the params to w + eps
-    (the ascent, `scale_by_sam_ascent` with `sam_rho`, `sam_adaptive`, `sam_eta`), the second takes the
-    gradient there and applies the base optimizer's update to w (weight decay, clipping, layer decay and
-    frozen params as the base optimizer has them). The base optimizer's schedule is laid out over the
-    total_steps / 2 updates it makes; the returned schedule gives its lr at a trainer step. Gradient
-    accumulation and sharding need nothing special: the trainer hands each step one (accumulated) gradient,
-    and the state holds one params-shaped copy (w, sharded as the params).
+    A SAM update takes the gradient g at w, the ascent eps (`scale_by_sam_ascent` with `sam_rho`,
+    `sam_adaptive`, `sam_eta`), the gradient at w + eps, and applies the base optimizer's update with it to w
+    (weight decay, clipping, layer decay and frozen params as the base optimizer has them).
+
+    `sam_same_batch=True` (default; the paper): optax's opaque mode. Both gradients come from the step's batch:
+    the trainer passes `grad_fn` (its own, accumulated, loss gradient on that batch) to the update, so every
+    trainer step is one SAM update at twice the cost of a plain step (see `needs_grad_fn`).
+    `sam_same_batch=False`: optax's transparent mode. Each update takes two trainer steps on consecutive batches
+    (the first moves the params to w + eps, the second takes the gradient there): the cost of a plain step, half
+    the updates; the base schedule is laid out over the total_steps / 2 updates and the returned schedule gives
+    its lr at a trainer step; the state holds one params-shaped copy (w, sharded as the params).
+    Gradient accumulation and sharding need nothing special in either mode.
     """
     base_config = dict(optim_config.items() if hasattr(optim_config, "items") else optim_config)
     base_name = base_config.get("sam_base", "adamw")
     if base_name == "sam":
         raise ValueError("optim.sam_base must be a base optimizer; valid choices: ['adamw', 'sgd', 'lars', 'lamb']")
     base_config["name"] = base_name
+    same_batch = bool(base_config.get("sam_same_batch", True))
+    steps_per_update = 1 if same_batch else SAM_SYNC_PERIOD
     if base_config.get("warmup_steps") is not None:
-        base_config["warmup_steps"] = int(base_config["warmup_steps"]) // SAM_SYNC_PERIOD
-    base_steps = max(int(total_steps) // SAM_SYNC_PERIOD, 1)
+        base_config["warmup_steps"] = int(base_config["warmup_steps"]) // steps_per_update
+    base_steps = max(int(total_steps) // steps_per_update, 1)
     base_tx, base_schedule = make_optimizer(
         ml_collections.ConfigDict(base_config), params, batch_size=batch_size, total_steps=base_steps,
-        steps_per_epoch=None if steps_per_epoch is None else steps_per_epoch / SAM_SYNC_PERIOD,
+        steps_per_epoch=None if steps_per_epoch is None else steps_per_epoch / steps_per_update,
         param_axes=param_axes, layer_ids_fn=layer_ids_fn, no_weight_decay=no_weight_decay)
     rho = float(base_config.get("sam_rho", 0.05))
     if not rho > 0:
         raise ValueError(f"optim.sam_rho must be positive, got {rho}")
     ascent = scale_by_sam_ascent(rho, bool(base_config.get("sam_adaptive", False)),
                                  float(base_config.get("sam_eta", 0.01)))
-    tx = optax.contrib.sam(base_tx, ascent, sync_period=SAM_SYNC_PERIOD, reset_state=True, opaque_mode=False)
+    tx = optax.contrib.sam(base_tx, ascent, sync_period=SAM_SYNC_PERIOD, reset_state=True, opaque_mode=same_batch)
 
     def schedule(step):
-        return base_schedule(step // SAM_SYNC_PERIOD)
+        return base_schedule(step // steps_per_update)
 
     return tx, schedule
 

@@ -133,6 +133,11 @@ def param_overview(params: Any, trainable: Any = None) -> str:
     return "\n".join(lines)
 
 
+def split_run_key(rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Returns (init key, train key) of a new run from PRNGKey(config.seed); train step s draws from fold_in(train key, s)."""
+    return tuple(jax.random.split(rng))
+
+
 @dataclasses.dataclass
 class TrainSetup:
     """A run's optimizer, abstract train state and shardings: everything to create and step a state, uncompiled."""
@@ -157,7 +162,7 @@ class TrainSetup:
 
     def init_fn(self, rng: jax.Array) -> TrainState:
         """Returns a freshly initialised TrainState (traceable; jit it with out_shardings=state_shardings)."""
-        init_rng, train_rng = jax.random.split(rng)
+        init_rng, train_rng = split_run_key(rng)
         variables = unbox(dict(self.objective.init_variables(init_rng, self.example_batch)))
         params = variables.pop("params")
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
@@ -307,13 +312,15 @@ def global_norm(tree: Any) -> jax.Array:
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable,
                     grad_accum_steps: int, batch_sharding, ema_decay: float = 0.0,
                     batch_transform: Optional[Callable[[Dict[str, jax.Array], jax.Array], Dict[str, jax.Array]]] = None,
-                    trainable: Any = None) -> Callable:
+                    trainable: Any = None, optimizer_grad_fn: bool = False) -> Callable:
     """Returns train_step(state, batch) -> (new state, {"train/...": scalar}); jit it with donated state.
 
     `batch_transform(batch, rng)`, when given, runs first on the device (one-hot labels, mixup / cutmix).
     With `ema_decay` > 0 the step also updates state.ema_params = d * ema + (1 - d) * new params.
     `trainable` (a bool tree like the params; adaptation) stops the gradient of the False leaves, so their
     weight gradients are never computed (zeros in the metrics).
+    `optimizer_grad_fn` (SAM on one batch, `optim.needs_grad_fn`): the update also gets `grad_fn(params, i)`,
+    the same (accumulated) gradient of this step's batch and keys at other params.
     """
 
     def loss_fn(params, model_state, batch, rng):
@@ -324,40 +331,43 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def gradients(params, model_state, batch, step_rng):
+        """Returns (grads, updated model_state, metrics) of the batch, micro-batched under accumulation."""
+        if grad_accum_steps == 1:
+            (loss, aux), grads = grad_fn(params, model_state, batch, step_rng)
+            return grads, {**model_state, **aux.get("updates", {})}, dict(aux.get("metrics", {}), loss=loss)
+
+        # Micro-batch i takes examples i, i + k, i + 2k, ...: every device keeps an equal share
+        # of each micro-batch, so no data moves between devices.
+        def split(x):
+            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+            return jnp.swapaxes(x, 0, 1)
+
+        micro_batches = jax.tree.map(split, batch)
+
+        def accumulate(carry, inputs):
+            grads_sum, model_state = carry
+            micro_batch, index = inputs
+            micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_sharding)
+            (loss, aux), grads = grad_fn(params, model_state, micro_batch, jax.random.fold_in(step_rng, index))
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            model_state = {**model_state, **aux.get("updates", {})}
+            return (grads_sum, model_state), dict(aux.get("metrics", {}), loss=loss)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, model_state), metrics = jax.lax.scan(
+            accumulate, (zeros, model_state), (micro_batches, jnp.arange(grad_accum_steps)))
+        return jax.tree.map(lambda g: g / grad_accum_steps, grads), model_state, jax.tree.map(jnp.mean, metrics)
+
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         step_rng = jax.random.fold_in(state.rng, state.step)
         if batch_transform is not None:  # it folds its own salt into the key: the model's draws stay independent
             batch = batch_transform(batch, step_rng)
-        if grad_accum_steps == 1:
-            (loss, aux), grads = grad_fn(state.params, state.model_state, batch, step_rng)
-            model_state = {**state.model_state, **aux.get("updates", {})}
-            metrics = dict(aux.get("metrics", {}), loss=loss)
-        else:
-            # Micro-batch i takes examples i, i + k, i + 2k, ...: every device keeps an equal share
-            # of each micro-batch, so no data moves between devices.
-            def split(x):
-                x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
-                return jnp.swapaxes(x, 0, 1)
-
-            micro_batches = jax.tree.map(split, batch)
-
-            def accumulate(carry, inputs):
-                grads_sum, model_state = carry
-                micro_batch, index = inputs
-                micro_batch = jax.lax.with_sharding_constraint(micro_batch, batch_sharding)
-                (loss, aux), grads = grad_fn(state.params, model_state, micro_batch,
-                                             jax.random.fold_in(step_rng, index))
-                grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-                model_state = {**model_state, **aux.get("updates", {})}
-                return (grads_sum, model_state), dict(aux.get("metrics", {}), loss=loss)
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, model_state), metrics = jax.lax.scan(
-                accumulate, (zeros, state.model_state), (micro_batches, jnp.arange(grad_accum_steps)))
-            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
-            metrics = jax.tree.map(jnp.mean, metrics)
-
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        grads, model_state, metrics = gradients(state.params, state.model_state, batch, step_rng)
+        extra = {}
+        if optimizer_grad_fn:  # its model-state updates (batch statistics) are dropped: the step keeps the first pass's
+            extra["grad_fn"] = lambda params, _: gradients(params, state.model_state, batch, step_rng)[0]
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         metrics = {f"train/{name}": value for name, value in metrics.items()}
         metrics["train/grad_norm"] = global_norm(grads)
@@ -380,7 +390,7 @@ def jit_train_step(setup: TrainSetup, batch_transform=None) -> Callable:
     trainable = optim.trainable_mask(config.optim, setup.abstract_state.params, adapted) if adapted else None
     step = make_train_step(setup.objective, setup.tx, setup.schedule, int(config.optim.grad_accum_steps),
                            setup.batch_sharding, ema_decay=float(config.ema_decay), batch_transform=batch_transform,
-                           trainable=trainable)
+                           trainable=trainable, optimizer_grad_fn=optim.needs_grad_fn(config.optim))
     return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
                    out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)), donate_argnums=(0,))
 
@@ -611,8 +621,17 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
                  dict(mesh.shape), mesh.size, jax.process_count(), total_steps, config.batch_size)
     start_step = int(resume_step or 0)
     keys = tuple(objective.batch_keys)
-    train_iter = data.make_train_iterator(config.input, global_batch_size=config.batch_size,
-                                          seed=config.seed, start_step=start_step)
+    host_fields = objective.host_batch_fields(start_step=start_step, total_steps=total_steps)
+
+    def train_batches(first_step: int):
+        # Batch b is a function of the recipe and b alone; host fields (stored teacher logits) are keyed by b too.
+        batches = data.make_train_iterator(config.input, global_batch_size=config.batch_size, seed=config.seed,
+                                           start_step=first_step)
+        if host_fields is None:
+            return batches
+        return ({**batch, **host_fields(index)} for index, batch in enumerate(batches, first_step))
+
+    train_iter = train_batches(start_step)
     first_batch = next(train_iter)
     missing = sorted(set(keys) - set(first_batch))
     if missing:
@@ -648,8 +667,8 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
         state, _, restored, _ = checkpointer.restore_newest_good(abstract_state)
         if restored.step != resume_step:  # fell back: the data must replay from the older step
             resume_step = start_step = restored.step
-            train_iter = data.make_train_iterator(config.input, global_batch_size=config.batch_size,
-                                                  seed=config.seed, start_step=start_step)
+            host_fields = objective.host_batch_fields(start_step=start_step, total_steps=total_steps)
+            train_iter = train_batches(start_step)
         if adapted:
             state = from_checkpoint_view(state, initial_state(setup, jax.random.PRNGKey(config.seed), init_plan,
                                                               frozen))
@@ -673,7 +692,7 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
 
         # ---- 5. Loop ---------------------------------------------------------------------------
         writer = MetricsWriter(workdir, is_main, start_step)
-        progress = _progress_bar(config.progress_bar and is_main, total_steps, start_step)
+        progress = progress_bar(config.progress_bar and is_main, total_steps, start_step)
         log = lambda message: _log(progress, message)  # noqa: E731
         pending: List[Tuple[int, Dict[str, Any]]] = []  # device metrics since the last log
         final: Dict[str, Any] = {}
@@ -753,11 +772,11 @@ def train_and_evaluate(config, workdir: str, *, mesh: Optional[jax.sharding.Mesh
     return final
 
 
-def _progress_bar(enabled: bool, total: int, initial: int):
+def progress_bar(enabled: bool, total: int, initial: int, desc: str = "train"):
     """Returns a tqdm progress bar over steps (ETA, it/s), or a no-op stand-in."""
     if enabled:
         from tqdm import tqdm
-        bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train",
+        bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc,
                    mininterval=0.5 if os.isatty(2) else 30.0)
         bar.enabled = True
         return bar

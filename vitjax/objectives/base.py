@@ -29,8 +29,10 @@ Hooks with defaults (override where the objective needs something else):
   frozen_weights()        {collection: dict(source, model_name, model_overrides)}: non-trained weights
                           the trainer loads once for a new run (a distillation teacher).
   features(variables, images) -> (B, D) features for the kNN and few-shot evaluators.
+  host_batch_fields(...)  None, or fields(batch_index) -> {name: (local_batch, ...) array}: data read on the
+                          host that the trainer adds to every train batch (stored teacher logits).
 """
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
 import jax
@@ -104,6 +106,16 @@ class Objective:
     def frozen_weights(self) -> Dict[str, Dict[str, Any]]:
         """Returns {collection: dict(source, model_name, model_overrides)} to load once into a new run (none here)."""
         return {}
+
+    def host_batch_fields(self, *, start_step: int, total_steps: int
+                          ) -> Optional[Callable[[int], Dict[str, Any]]]:
+        """Returns None, or fields(batch_index) -> {name: this host's (local_batch, ...) array} for each train batch.
+
+        Called once before the first batch, so a check that reads files fails before anything compiles.
+        Batch b is the one train step b + 1 consumes; the fields' names belong in `batch_keys`.
+        """
+        del start_step, total_steps
+        return None
 
     def features(self, variables: Variables, images: jax.Array) -> jax.Array:
         """Returns (B, D) fp32 features of the images: the model's pre-logits (its pooled representation)."""

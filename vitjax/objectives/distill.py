@@ -23,6 +23,20 @@ under "teacher", sharded by their own logical axes, so checkpoints hold them and
 no reload. Evaluation reports the student (the mean of its two heads for a distilled DeiT),
 plus `teacher_agreement`, the fraction of examples where the student's prediction equals the
 teacher's.
+
+TinyViT's distillation (Wu et al. 2022) is `distillation_type="soft_target"`: L_dist = CE(d, p), the
+cross-entropy against the teacher's top-`topk` softmax probabilities with the rest of the mass spread
+evenly over the other classes (TinyViT: k = 10, alpha = 1, so the labels are not used). It runs with
+the teacher online, or from **stored** probabilities: set `teacher_logits=DIR`, written once by
+
+    python -m vitjax.distill.save_logits --config=<this config>
+
+for exactly the images this run will see (see `vitjax.distill.stored`). Then no teacher is built or
+loaded and no teacher runs during training; the step reads (values, indices, fingerprint) from the
+batch and reports `replay_mismatch`, the fraction of images whose fingerprint differs from the image
+the teacher saw (0 when the replay is exact). A store written for another recipe, missing a file or
+holding a truncated one stops the run before anything compiles. Stored probabilities serve
+"soft_target" and "hard" (the top-1 class); "soft" needs the teacher's logits at temperature tau.
 """
 from typing import Any, Dict, Tuple
 
@@ -32,22 +46,29 @@ import optax
 
 import vitjax.models as models
 from vitjax import weights
+from vitjax.distill import stored
 from vitjax.objectives.base import Variables, model_overrides
 from vitjax.objectives.supervised import Supervised
 
-DISTILLATION_TYPES = ("hard", "soft")
+DISTILLATION_TYPES = ("hard", "soft", "soft_target")
+STORED_TYPES = ("hard", "soft_target")
 TEACHER = "teacher"
 
 
 def distillation_loss(class_logits: jax.Array, dist_logits: jax.Array, teacher_logits: jax.Array,
                       labels: jax.Array, *, distillation_type: str, alpha: float, tau: float
                       ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-    """Returns (loss, {"base_loss", "distill_loss"}) of DeiT's distillation (see the module doc)."""
+    """Returns (loss, {"base_loss", "distill_loss"}) of DeiT's distillation (see the module doc).
+
+    For "soft_target", `teacher_logits` are the teacher's (B, C) target probabilities (`teacher_targets`).
+    """
     class_logits, dist_logits = class_logits.astype(jnp.float32), dist_logits.astype(jnp.float32)
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     base = optax.softmax_cross_entropy(class_logits, labels.astype(jnp.float32)).mean()
     if distillation_type == "hard":
         distill = optax.softmax_cross_entropy_with_integer_labels(dist_logits, jnp.argmax(teacher_logits, -1)).mean()
+    elif distillation_type == "soft_target":  # `teacher_logits` are probabilities here (see teacher_targets)
+        distill = optax.softmax_cross_entropy(dist_logits, teacher_logits).mean()
     else:
         log_student = jax.nn.log_softmax(dist_logits / tau, axis=-1)
         log_teacher = jax.nn.log_softmax(teacher_logits / tau, axis=-1)
@@ -58,10 +79,11 @@ def distillation_loss(class_logits: jax.Array, dist_logits: jax.Array, teacher_l
 
 
 class Distillation(Supervised):
-    """A student classifier trained on the labels and on a frozen teacher's predictions."""
+    """A student classifier trained on the labels and on a frozen teacher's predictions (online or stored)."""
 
     default_kwargs: Dict[str, Any] = dict(teacher=None, teacher_model={}, teacher_init=None,
-                                          distillation_type="hard", alpha=0.5, tau=1.0)
+                                          distillation_type="hard", alpha=0.5, tau=1.0,
+                                          topk=10, teacher_logits=None)
 
     def __init__(self, config):
         super().__init__(config)
@@ -73,9 +95,24 @@ class Distillation(Supervised):
             raise ValueError(f"objective_kwargs.alpha must be in [0, 1], got {kwargs['alpha']!r}")
         if not float(kwargs["tau"]) > 0.0:
             raise ValueError(f"objective_kwargs.tau must be > 0, got {kwargs['tau']!r}")
+        topk = kwargs["topk"]
+        uses_topk = kwargs["distillation_type"] == "soft_target" or kwargs["teacher_logits"]
+        if uses_topk and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= self.num_classes):
+            raise ValueError(f"objective_kwargs.topk must be an int in [1, {self.num_classes}] (the classes), "
+                             f"got {topk!r}")
+        self.stored = bool(kwargs["teacher_logits"])
+        self.teacher = None
+        if self.stored:
+            if kwargs["distillation_type"] not in STORED_TYPES:
+                raise ValueError(f"Stored teacher probabilities (objective_kwargs.teacher_logits) serve the "
+                                 f"distillation types {STORED_TYPES}; {kwargs['distillation_type']!r} needs the "
+                                 "teacher online (set teacher_logits=None)")
+            self.batch_keys = ("image", "label") + stored.FIELDS
+            return
         if not kwargs["teacher"]:
             raise ValueError("objective 'distill' needs objective_kwargs.teacher, a registered model name "
-                             "(see vitjax.models.list_models())")
+                             "(see vitjax.models.list_models()), or teacher_logits, a store written by "
+                             "python -m vitjax.distill.save_logits")
         if not kwargs["teacher_init"]:
             raise ValueError("objective 'distill' needs objective_kwargs.teacher_init: a vitjax workdir or "
                              "checkpoint directory, or a timm .pth / .bin / .safetensors file")
@@ -91,24 +128,57 @@ class Distillation(Supervised):
         """Returns the student's variables plus the teacher's (random here; the trainer loads `frozen_weights`)."""
         student_rng, teacher_rng = jax.random.split(rng)
         variables = super().init_variables(student_rng, batch)
+        if self.stored:
+            return variables
         teacher = self.teacher.init({"params": teacher_rng}, batch["image"], train=False)
         # The teacher's params keep their logical-axis boxes: the trainer shards them by their own names.
         return {**variables, TEACHER: dict(teacher)}
 
     def frozen_weights(self) -> Dict[str, Dict[str, Any]]:
         """Returns the teacher's weights to load once into a new run: `teacher_init` fitted exactly to `teacher`."""
+        if self.stored:
+            return {}
         return {TEACHER: dict(source=self.kwargs["teacher_init"], model_name=self.kwargs["teacher"],
                               model_overrides=self.teacher_overrides)}
+
+    def host_batch_fields(self, *, start_step: int, total_steps: int):
+        """Returns the stored teacher probabilities' reader (checked for this run's recipe and steps), or None."""
+        if not self.stored:
+            return None
+        store = stored.open_store(self.kwargs["teacher_logits"], self.config, num_classes=self.num_classes,
+                                  start_batch=start_step, num_batches=total_steps)
+        if store.meta["topk"] != self.kwargs["topk"]:
+            raise ValueError(f"The store {self.kwargs['teacher_logits']} holds the top {store.meta['topk']} "
+                             f"probabilities; objective_kwargs.topk is {self.kwargs['topk']}")
+        return store.fields
 
     def features(self, variables: Variables, images: jax.Array) -> jax.Array:
         """Returns the student's pre-logits features."""
         return super().features(self._student(variables), images)
 
-    def _teacher_logits(self, variables: Variables, images: jax.Array) -> jax.Array:
-        logits, _ = self.teacher.apply(variables[TEACHER], images, train=False)
+    def teacher_logits(self, teacher_variables: Variables, images: jax.Array) -> jax.Array:
+        """Returns the frozen teacher's fp32 logits (the mean of a distilled DeiT teacher's two heads)."""
+        logits, _ = self.teacher.apply(teacher_variables, images, train=False)
         if isinstance(logits, (tuple, list)):
             logits = sum(logits) / len(logits)
         return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+    def teacher_targets(self, variables: Variables, batch: Dict[str, Any]) -> jax.Array:
+        """Returns what `distillation_loss` takes as the teacher's output for this batch and distillation type.
+
+        Logits for "hard" and "soft" online; for "soft_target" the top-k probabilities made dense (TinyViT),
+        from the teacher online or from the stored fields; stored "hard" gives the stored top-1 as a one-hot.
+        """
+        if self.stored:
+            probs = stored.dense_probabilities(batch["teacher_values"], batch["teacher_indices"], self.num_classes)
+            if self.kwargs["distillation_type"] == "hard":
+                return jax.nn.one_hot(batch["teacher_indices"][:, 0], self.num_classes)
+            return probs
+        logits = self.teacher_logits(variables[TEACHER], batch["image"])
+        if self.kwargs["distillation_type"] != "soft_target":
+            return logits
+        values, indices = stored.top_k_probabilities(logits, self.kwargs["topk"])
+        return stored.dense_probabilities(values, indices, self.num_classes)
 
     @staticmethod
     def _student(variables: Variables) -> Variables:
@@ -116,21 +186,25 @@ class Distillation(Supervised):
 
     def train_loss(self, variables: Variables, batch: Dict[str, Any], rng: jax.Array
                    ) -> Tuple[jax.Array, Dict[str, Any]]:
-        """Returns (DeiT's distillation loss, {"metrics": loss, base_loss, distill_loss, top1, "updates"})."""
+        """Returns (the distillation loss, {"metrics": loss, base_loss, distill_loss, top1[, replay_mismatch], "updates"})."""
         output, updates = self._apply(self._student(variables), batch["image"], True, rng)
         class_logits, dist_logits = output if isinstance(output, (tuple, list)) else (output, output)
-        teacher_logits = self._teacher_logits(variables, batch["image"])
-        loss, parts = distillation_loss(class_logits, dist_logits, teacher_logits, batch["label"],
-                                        distillation_type=self.kwargs["distillation_type"],
+        loss, parts = distillation_loss(class_logits, dist_logits, self.teacher_targets(variables, batch),
+                                        batch["label"], distillation_type=self.kwargs["distillation_type"],
                                         alpha=float(self.kwargs["alpha"]), tau=float(self.kwargs["tau"]))
         logits = (class_logits.astype(jnp.float32) + dist_logits.astype(jnp.float32)) / 2
         top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1))
-        return loss, {"metrics": {"loss": loss, "top1": top1, **parts}, "updates": updates}
+        metrics = {"loss": loss, "top1": top1, **parts}
+        if self.stored:  # the image the student sees must be, bit for bit, the one the teacher saw
+            seen = stored.fingerprint(batch["image"])
+            metrics["replay_mismatch"] = jnp.mean((seen != batch["teacher_fingerprint"]).astype(jnp.float32))
+        return loss, {"metrics": metrics, "updates": updates}
 
     def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
-        """Returns the student's per-example {"loss", "top1", "top5"} and `teacher_agreement`."""
+        """Returns the student's per-example {"loss", "top1", "top5"} and, with a teacher online, `teacher_agreement`."""
         student = self.eval_logits(self._student(variables), batch["image"])
         metrics = self.metrics_of(student, batch["label"])
-        teacher = self._teacher_logits(variables, batch["image"])
-        metrics["teacher_agreement"] = (jnp.argmax(student, -1) == jnp.argmax(teacher, -1)).astype(jnp.float32)
+        if not self.stored:
+            teacher = self.teacher_logits(variables[TEACHER], batch["image"])
+            metrics["teacher_agreement"] = (jnp.argmax(student, -1) == jnp.argmax(teacher, -1)).astype(jnp.float32)
         return metrics
