@@ -1,7 +1,7 @@
 """Stored teacher probabilities (TinyViT): written once, replayed bit for bit, equal to the online teacher."""
 import json
 import os
-import shutil
+import textwrap
 
 import jax
 import numpy as np
@@ -188,3 +188,46 @@ def test_runlocal_config_loads():
     full = config_utils.load_config("configs/tiny_vit_distill.py:variant=21m,teacher_init=/x.pth,logits=/y")
     assert (full.model_name, full.batch_size, full.objective_kwargs.topk) == ("tiny_vit_21m_224", 4096, 10)
     objectives.create("distill", config)  # the shrunk TinyViT student builds
+
+
+# Two jax.distributed processes (2 CPU devices each): each writes and reads only its own rows of every batch.
+MULTIHOST_CHILD = textwrap.dedent("""
+    from test_distill_stored import STEPS, multihost_student_config
+    from vitjax import parallel, train
+    from vitjax.distill import save_logits
+    teacher_dir, logits_dir = sys.argv[4], sys.argv[5]
+    config = multihost_student_config(teacher_dir, logits_dir)
+    mesh = parallel.create_mesh(dict(data=4))
+    summary = save_logits.save_logits(config, batches_per_file=3, mesh=mesh, show_progress=False)
+    final = train.train_and_evaluate(config, workdir, mesh=mesh)
+    print("FINAL " + json.dumps(dict(local_batch=summary["local_batch"], top1=float(final["eval/top1"]))))
+""")
+
+
+def multihost_student_config(teacher_dir, logits_dir):
+    """Returns the mixup student of the stored-logits tests, one workdir per process count (4 steps of 32)."""
+    config = _student_config(teacher_dir, logits_dir)
+    config.total_steps, config.checkpoint_every_steps, config.eval_batch_size = 4, 4, 120
+    return config
+
+
+def test_each_process_writes_and_reads_its_own_rows(teacher_dir, tmp_path):
+    from test_multihost import CHILD_PROLOGUE, start_two_processes
+    logits_dir, workdir = str(tmp_path / "logits"), str(tmp_path / "student")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_PROLOGUE + MULTIHOST_CHILD)
+    children = start_two_processes(script, workdir, extra_args=(teacher_dir, logits_dir))
+    outputs = [child.communicate(timeout=600) for child in children]
+    for child, (stdout, stderr) in zip(children, outputs):
+        assert child.returncode == 0, stderr[-4000:]
+    finals = [json.loads(stdout.split("FINAL ", 1)[1]) for stdout, _ in outputs]
+    assert finals[0] == finals[1] and finals[0]["local_batch"] == 16
+    rows = [np.load(stored.file_path(logits_dir, index, 0)) for index in range(2)]
+    assert all(r["fingerprint"].shape == (3, 16) for r in rows)
+    assert not set(rows[0]["fingerprint"].ravel()) & set(rows[1]["fingerprint"].ravel())  # other images
+    records = [r for r in read_metrics(workdir) if "train/replay_mismatch" in r]
+    assert len(records) == 4 and all(r["train/replay_mismatch"] == 0.0 for r in records)
+    # One process cannot take the two processes' store: the recipe names the process count.
+    with pytest.raises(ValueError, match=r"process_count \(stored: 2, this run: 1\)"):
+        objectives.create("distill", multihost_student_config(teacher_dir, logits_dir)).host_batch_fields(
+            start_step=0, total_steps=4)

@@ -45,17 +45,17 @@ CHILD = CHILD_PROLOGUE + textwrap.dedent(f"""
 """)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         return sock.getsockname()[1]
 
 
-def _start_two_processes(script, workdir) -> list:
-    """Returns the two `jax.distributed` processes running `script` (coordinator port, index, workdir)."""
-    port = str(_free_port())
+def start_two_processes(script, workdir, extra_args=()) -> list:
+    """Returns the two `jax.distributed` processes running `script` (coordinator port, index, workdir, extra_args)."""
+    port = str(free_port())
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    return [subprocess.Popen([sys.executable, str(script), port, str(index), workdir], cwd=REPO, env=env,
+    return [subprocess.Popen([sys.executable, str(script), port, str(index), workdir, *extra_args], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for index in range(2)]
 
 
@@ -66,7 +66,7 @@ def test_two_processes_train_like_one_process_with_their_devices(tmp_path):
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    children = _start_two_processes(script, multi)
+    children = start_two_processes(script, multi)
     outputs = [child.communicate(timeout=600) for child in children]
     for child, (stdout, stderr) in zip(children, outputs):
         assert child.returncode == 0, stderr[-4000:]
@@ -114,7 +114,7 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step_and_the_run_resume
     multi = str(tmp_path / "multi")
     script = tmp_path / "preempted_child.py"
     script.write_text(PREEMPTED_CHILD)
-    children = _start_two_processes(script, multi)
+    children = start_two_processes(script, multi)
     assert faults.wait_for_step(children[0], multi, 2) >= 2
     children[1].send_signal(signal.SIGTERM)  # the platform's notice reaches one host first; JAX tells the other
     outputs = [child.communicate(timeout=600) for child in children]

@@ -140,9 +140,14 @@ def fingerprints(tree: Any) -> Dict[str, str]:
     with jax.set_mesh(None):  # single-device programs, whatever mesh the caller (the trainer) has set
         values = [_leaf_partial_fingerprint(leaf) for leaf in paths.values()]
         partial = np.asarray([int(value) for value in values], np.uint64)
-    if jax.process_count() > 1:  # each host summed its own shards: add the hosts' sums
+    if jax.process_count() > 1:  # each host summed its own shards of a global array: add the hosts' sums
         from jax.experimental import multihost_utils
-        partial = np.asarray(multihost_utils.process_allgather(partial.astype(np.uint32)), np.uint64).sum(axis=0)
+        # A host-local leaf (numpy, or an array on this host's devices only: a restored teacher) is whole on
+        # every host already; summing the hosts' copies would count it process_count times.
+        spread = np.asarray([isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+                             for leaf in paths.values()])
+        summed = np.asarray(multihost_utils.process_allgather(partial.astype(np.uint32)), np.uint64).sum(axis=0)
+        partial = np.where(spread, summed, partial)
     return {path: f"{int(value) % 2**32:08x}" for path, value in zip(paths, partial)}
 
 
