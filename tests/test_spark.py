@@ -119,3 +119,69 @@ def test_features_decoder_and_loss_equal_the_official_spark(densify_norm, mode):
     for feature in aux["features"]:
         cells = np.repeat(np.repeat(data["active"], feature.shape[1] // 2, 1), feature.shape[2] // 2, 2)
         assert np.all(np.asarray(feature)[~cells.astype(bool)] == 0)
+
+
+def test_random_active_keeps_round_of_the_kept_share_per_image():
+    active = np.asarray(spark.random_active(jax.random.key(0), 64, (7, 7), 0.6))
+    # round(49 x 0.4) = 20 (MAE's int() would keep 19), a different subset per image.
+    assert np.all(active.reshape(64, -1).sum(axis=1) == 20)
+    assert len({row.tobytes() for row in active.reshape(64, -1)}) == 64
+    # Every cell is kept equally often (20/49 = 0.41) within sampling error.
+    frequency = np.asarray(spark.random_active(jax.random.key(1), 4096, (7, 7), 0.6)).mean(axis=0)
+    assert np.all(np.abs(frequency - 20 / 49) < 0.04), frequency
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(objective_kwargs=dict(mask_ratio=1.2)), r"mask_ratio must be a number in the open interval \(0, 1\)"),
+    (dict(objective_kwargs=dict(mask_ratio=0.0)), r"mask_ratio must be a number in the open interval \(0, 1\)"),
+    (dict(objective_kwargs=dict(mask_ratio=0.9)), r"keeps 0 of the 4 patches"),
+    (dict(objective_kwargs=dict(densify_norm="gn")), r"valid choices: \['ln', 'bn', 'none'\]"),
+    (dict(objective_kwargs=dict(decoder_width=16)), r"halves to 0 over 5 upsampling blocks; use at least 32"),
+    (dict(model_name="vit_tiny_patch16_224", model=dict(img_size=64)),
+     r"SparK needs a ConvNeXt encoder; model 'vit_tiny_patch16_224' is a VisionTransformer\. "
+     r"Valid choices: \[.*'convnext_small'"),
+    (dict(model_name="convnextv2_atto", model=dict(img_size=64)), r"patch stem and no GRN.*valid choices"),
+    (dict(model=dict(img_size=64, num_classes=10)), r"config.model.num_classes must be 0"),
+])
+def test_bad_settings_are_rejected_with_the_valid_choices(change, message):
+    config = fixture_config()
+    for key, value in change.items():
+        if key == "objective_kwargs":
+            config.objective_kwargs.update(value)
+        else:
+            config[key] = value
+    with pytest.raises(ValueError, match=message):
+        objectives.create("spark", config)
+    assert "convnextv2_atto" not in spark.sparse_convnext_names()
+    assert "convnext_atto_ols" not in spark.sparse_convnext_names()
+
+
+def test_runlocal_loss_falls_and_a_finetune_loads_the_encoder(tmp_path):
+    from vitjax import checkpoint, train
+    config = config_utils.load_config("configs/spark_convnext.py:runlocal", {"progress_bar": False,
+                                                                             "checkpoint_async": False})
+    config.total_steps, config.batch_size, config.log_every_steps = 30, 32, 5
+    config.evals = {}
+    workdir = str(tmp_path / "spark")
+    final = run(config, workdir)
+    losses = [record["train/loss"] for record in read_metrics(workdir) if "train/loss" in record]
+    print("runlocal losses", losses, final)
+    assert losses[-1] < 0.8 * losses[0], losses
+    # Fine-tuning a ConvNeXt classifier from the SparK run: every encoder param loads, only the head is new.
+    finetune = config_utils.load_config("configs/spark_convnext.py:runlocal")
+    finetune.objective, finetune.objective_kwargs = "supervised", {}
+    finetune.model = dict(finetune.model, num_classes=10)
+    finetune.init_from = workdir
+    objective = objectives.create("supervised", finetune)
+    abstract = jax.eval_shape(objective.init_variables, jax.random.key(0), {"image": jnp.zeros((2, 64, 64, 1))})
+    plan = train.plan_init_from(finetune, objective, abstract)
+    counts = plan.counts()
+    num_params = len(jax.tree.leaves(abstract["params"]))
+    assert counts["loaded"] == num_params - 2 and counts["re-initialised"] == 2, counts   # head/fc kernel, bias
+    saved = checkpoint.load_params(workdir, parts=("params",))["params"]["encoder"]
+    loaded = plan.values["params"]
+    for path in ("stem_0/kernel", "stages_3/blocks_0/conv_dw/kernel", "head/norm/scale"):
+        node = saved
+        for key in path.split("/"):
+            node = node[key]
+        np.testing.assert_array_equal(loaded[path], node)
