@@ -68,9 +68,10 @@ def official_variables(data, densify_norm):
     decoder, stats = {}, {}
     for index in range(5):
         prefix = f"dense_decoder.dec.{index}."
-        up = state[prefix + "up_sample.weight"]   # (in, out, kh, kw): a transposed conv is a conv with the kernel flipped
+        # ConvTranspose2d (in, out, kh, kw): a transposed conv is a conv of the dilated input with the kernel flipped.
+        up = state[prefix + "up_sample.weight"].transpose(2, 3, 0, 1)[::-1, ::-1].copy()
         decoder[f"blocks_{index}"] = {
-            "up_sample": {"kernel": up.transpose(2, 3, 0, 1)[::-1, ::-1].copy(), "bias": state[prefix + "up_sample.bias"]},
+            "up_sample": {"kernel": up, "bias": state[prefix + "up_sample.bias"]},
             "conv_0": conv(state[prefix + "conv.0.weight"]), "conv_1": conv(state[prefix + "conv.3.weight"]),
             "bn_0": {"scale": state[prefix + "conv.1.weight"], "bias": state[prefix + "conv.1.bias"]},
             "bn_1": {"scale": state[prefix + "conv.4.weight"], "bias": state[prefix + "conv.4.bias"]}}
