@@ -196,3 +196,24 @@ def test_runlocal_loss_falls_and_a_finetune_loads_the_encoder(tmp_path):
         for key in path.split("/"):
             node = node[key]
         np.testing.assert_array_equal(loaded[path], node)
+
+
+def test_convnext_sparse_mode_is_default_off_and_ignores_removed_patches():
+    from vitjax import models
+    model = models.create("convnext_atto", img_size=64, num_classes=0, depths=(1, 1, 1, 1), dims=(4, 8, 16, 32))
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    variables = model.init(jax.random.key(1), images)
+    dense, dense_aux = model.apply(variables, images)
+    # Everything kept: the sparse mode is the dense model.
+    _, all_kept = model.apply(variables, images, active=jnp.ones((2, 2, 2)))
+    for ours, reference in zip(all_kept["stages"], dense_aux["stages"]):
+        np.testing.assert_array_equal(ours, reference)
+    # New pixels inside a removed patch change nothing anywhere; in a kept one they do.
+    active = jnp.asarray([[[1, 0], [0, 1]], [[0, 1], [1, 1]]], jnp.float32)
+    _, sparse = model.apply(variables, images, active=active)
+    _, changed = model.apply(variables, images.at[0, :32, 32:].add(5.0), active=active)
+    for ours, reference in zip(changed["stages"], sparse["stages"]):
+        np.testing.assert_array_equal(ours, reference)
+    _, kept_changed = model.apply(variables, images.at[0, :32, :32].add(5.0), active=active)
+    assert np.max(np.abs(kept_changed["stages"][-1] - sparse["stages"][-1])) > 1e-3
+    assert dense.shape == (2, 32)
