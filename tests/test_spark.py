@@ -217,3 +217,16 @@ def test_convnext_sparse_mode_is_default_off_and_ignores_removed_patches():
     _, kept_changed = model.apply(variables, images.at[0, :32, :32].add(5.0), active=active)
     assert np.max(np.abs(kept_changed["stages"][-1] - sparse["stages"][-1])) > 1e-3
     assert dense.shape == (2, 32)
+
+
+@pytest.mark.parametrize("variant, drop_path", [("convnext_small", 0.2), ("convnext_large", 0.4)])
+def test_config_builds_the_official_recipe(tmp_path, variant, drop_path):
+    config = config_utils.validate_config(config_utils.load_config(
+        f"configs/spark_convnext.py:variant={variant},data_dir={tmp_path}"))
+    assert (config.batch_size, config.total_epochs, config.optim.name, config.optim.blr, config.optim.b2,
+            config.optim.clip_grad_norm) == (4096, 1600, "lamb", 2e-4, 0.999, 5.0)
+    assert config.optim.warmup_init_lr == pytest.approx(0.005 * 3.2e-3)
+    assert "inception_crop(224, scale=(0.67, 1.0)" in config.input.pp_train
+    module = objectives.create("spark", config).module
+    assert (module.encoder.drop_path_rate, module.decoder_width, module.densify_norm) == (drop_path, 768, "ln")
+    assert objectives.create("spark", config).grid == (7, 7)
