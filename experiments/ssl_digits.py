@@ -217,8 +217,10 @@ def main(argv=None) -> Dict[str, Any]:
     results["summary"] = {name: {short: summarize([100 * r[name]["eval"][f"eval/{key}"] for r in results["runs"]])
                                  for short, key, _ in protocols} for name in names}
     results["seconds"] = time.time() - started
+    spark_note = "; SparK: ConvNeXt dims 16-64 on 64 px" if "spark" in chosen else ""
     lines = [f"Self-supervised pretraining on digits (ViT width {ENCODER['embed_dim']}, depth {ENCODER['depth']}, "
-             f"2x2 patches on 8x8; {steps} steps of 128 unlabelled train images each), frozen encoders, test top-1 % "
+             f"2x2 patches on 8x8{spark_note}; {steps} steps of 128 unlabelled train images each), frozen encoders, "
+             f"test top-1 % "
              f"on the 360 test images, mean ± std over {args.seeds} seed(s)"
              + (f"; fine-tune: {finetune.steps} steps of 64 on {int(LABEL_FRACTION * 100)}% of the train labels "
                 "(the random encoder's: from scratch)" if finetune else ""), "",
@@ -227,9 +229,8 @@ def main(argv=None) -> Dict[str, Any]:
     for name in names:
         cells = [f"{results['summary'][name][short][0]:.2f} ± {results['summary'][name][short][1]:.2f}"
                  if np.isfinite(results['summary'][name][short][0]) else "-" for short, _, _ in protocols]
-        first = np.mean([r[name]["first_loss"] for r in results["runs"]])
-        last = np.mean([r[name]["last_loss"] for r in results["runs"]])
-        losses = "-" if name in floors else f"{first:.3f} → {last:.3f}"
+        losses = "-" if name in floors else (f"{np.mean([r[name]['first_loss'] for r in results['runs']]):.3f} → "
+                                             f"{np.mean([r[name]['last_loss'] for r in results['runs']]):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {losses} |")
     lines.append(pixel_row.replace(" | - |", " | - | - |") if finetune else pixel_row)
     shutil.rmtree(workroot, ignore_errors=True)
