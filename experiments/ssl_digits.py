@@ -2,12 +2,17 @@ r"""Self-supervised objectives on the bundled digits on equal footing: same ViT,
 
     python experiments/ssl_digits.py                          # 3 seeds (run time in the table's last line)
     python experiments/ssl_digits.py --seeds=1 --scale=0.25   # a quick look
+    python experiments/ssl_digits.py --objectives=spark       # one objective (and its random floor)
 
 For each seed, GMML, SiT and MAE pretrain the same small ViT (8x8 gray digits in 2x2 patches, width 64,
 depth 4) on the 1,437 train images without labels, for the same number of steps with the same optimizer;
-a random encoder (the same ViT at its initialisation) is the floor. Each encoder is then evaluated frozen,
-on its objective's `features` (GMML and the random encoder: the mean patch token after the final norm;
-SiT and MAE: the class token after the final norm), by the package's evaluators:
+a random encoder (the same ViT at its initialisation) is the floor. SparK needs a convnet and more than one
+32 px patch: it pretrains a small ConvNeXt (dims 16-64, one block per stage) on the digits resized to 64 px
+(2 of 4 patches kept), with the same steps and optimizer, against its own floor (that ConvNeXt at its
+initialisation; features: the last stage averaged); the fine-tune column, a ViT recipe, is left empty for both.
+Each encoder is then evaluated frozen, on its objective's `features` (GMML and the random encoder: the mean
+patch token after the final norm; SiT and MAE: the class token after the final norm), by the package's
+evaluators:
   knn          weighted kNN, k = 20, temperature 0.07 (DINO), the train split as the bank;
   linear_probe logistic regression on the cached features, lr chosen on 10% held-out train images;
   fewshot      big_vision's ridge regression on 10 shots per class (l2 chosen on 5 held-out per class);
@@ -39,6 +44,12 @@ OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 VIEWS = 'decode(channels=1)|views(2, "random_crop(8, padding=1)|value_range(-1, 1)")'
 PROTOCOLS = (("knn", "knn/top1", "kNN (k=20)"), ("probe", "probe/top1", "linear probe"),
              ("fewshot", "fewshot/10shot", "10-shot ridge"))
+# SparK's encoder: the ConvNeXt of configs/spark_convnext.py:runlocal, on the digits resized to 64 px.
+SPARK_ENCODER = dict(img_size=64, in_chans=1, num_classes=0, depths=(1, 1, 1, 1), dims=(16, 32, 48, 64))
+SPARK_SHIFT = "decode(channels=1)|random_crop(8, padding=1)|resize(64)|value_range(-1, 1)"
+SPARK_PLAIN = "decode(channels=1)|resize(64)|value_range(-1, 1)"
+OBJECTIVES = ("gmml", "sit", "mae", "spark")
+ROW_NAMES = dict(gmml="GMML", sit="SiT", mae="MAE", spark="SparK (ConvNeXt, 64 px)")
 FINETUNE = ("finetune", "finetune/top1", f"fine-tune, {int(LABEL_FRACTION * 100)}% labels")
 
 
@@ -50,7 +61,8 @@ def evals():
 
 
 def pretrain_config(objective: str, steps: int):
-    """Returns the pretraining config of `objective` ("gmml", "sit" or "mae"): the same ViT, data and optimizer."""
+    """Returns the pretraining config of `objective` (one of OBJECTIVES): the same ViT (SparK: a ConvNeXt), data and
+    optimizer."""
     config = config_utils.default_config()
     config.model = dict(ENCODER)
     config.objective = objective
@@ -61,11 +73,17 @@ def pretrain_config(objective: str, steps: int):
     elif objective == "sit":
         config.objective_kwargs = dict(mask_ratio=0.5, corruption="zeros", replace_ratio=0.3, max_block_fraction=0.5,
                                        hidden_dim=256, out_dim=64)
+    elif objective == "spark":
+        config.model_name = "convnext_atto"
+        config.model = dict(SPARK_ENCODER)
+        config.objective_kwargs = dict(mask_ratio=0.6, decoder_width=64)
     else:
         config.objective_kwargs = dict(mask_ratio=0.75, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
                                        norm_pix_loss=False)
     config.input = dict(dataset="digits", train_split="train", eval_split="test",
                         pp_train=VIEWS if objective == "sit" else SHIFT, pp_eval=PLAIN)
+    if objective == "spark":
+        config.input.update(pp_train=SPARK_SHIFT, pp_eval=SPARK_PLAIN)
     config.batch_size = 128
     config.total_steps = steps
     config.optim.update(name="adamw", blr=3e-3, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=max(1, steps // 20),
@@ -147,6 +165,8 @@ def main(argv=None) -> Dict[str, Any]:
                         help="fine-tuning steps of 64 on 10%% of the labels (0: no fine-tuning column)")
     parser.add_argument("--out_dir", default=OUT_DIR)
     parser.add_argument("--pixels_only", action="store_true", help="print the raw-pixel row only and stop")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES),
+                        help=f"comma-separated subset of {list(OBJECTIVES)}")
     args = parser.parse_args(argv)
     pixels = pixel_baseline()
     pixel_cells = " | ".join(f"{100 * pixels[key]:.2f}" for _, key, _ in PROTOCOLS)
@@ -154,10 +174,17 @@ def main(argv=None) -> Dict[str, Any]:
     if args.pixels_only:
         print(pixel_row)
         return {"pixels": pixels}
+    chosen = tuple(name for name in args.objectives.split(",") if name)
+    if not chosen or set(chosen) - set(OBJECTIVES):
+        raise ValueError(f"--objectives={args.objectives!r}: valid choices are comma-separated {list(OBJECTIVES)}")
     steps = max(20, int(round(args.steps * args.scale)))
     started = time.time()
-    arms = {name: make_arm(pretrain_config(name, steps)) for name in ("gmml", "sit", "mae")}
-    names = ("GMML", "SiT", "MAE", "random encoder")
+    arms = {name: make_arm(pretrain_config(name, steps)) for name in chosen}
+    vit_keys = tuple(key for key in chosen if key != "spark")
+    # Each family's floor: its encoder at initialisation (the first arm of the family without a step).
+    floors = ({"random encoder": vit_keys[0]} if vit_keys else {})
+    floors.update({"random ConvNeXt": "spark"} if "spark" in chosen else {})
+    names = tuple(ROW_NAMES[key] for key in chosen) + tuple(floors)
     protocols = PROTOCOLS + ((FINETUNE,) if args.finetune_steps else ())
     finetune = Arm(finetune_config(max(20, int(round(args.finetune_steps * args.scale))))) \
         if args.finetune_steps else None
@@ -167,18 +194,22 @@ def main(argv=None) -> Dict[str, Any]:
         "finetune": finetune.config.to_dict() if finetune else None}}
     for seed in range(args.seeds):
         runs = {}
-        for name, key in zip(names[:3], ("gmml", "sit", "mae")):
-            workdir = os.path.join(workroot, f"{key}_seed{seed}") if finetune else None
+        for key in chosen:
+            name = ROW_NAMES[key]
+            vit = key != "spark"
+            workdir = os.path.join(workroot, f"{key}_seed{seed}") if finetune and vit else None
             runs[name] = arms[key].run(seed, workdir=workdir)
             if finetune:
-                runs[name]["eval"]["eval/finetune/top1"] = finetune.run(seed, init_from=workdir)["eval"]["eval/top1"]
-                shutil.rmtree(workdir, ignore_errors=True)
-        # The floor: the same ViT at its initialisation (the GMML arm without a step; its mean patch token).
-        arms["gmml"].steps, trained = 0, arms["gmml"].steps
-        runs["random encoder"] = arms["gmml"].run(seed)
-        arms["gmml"].steps = trained
-        if finetune:
-            runs["random encoder"]["eval"]["eval/finetune/top1"] = finetune.run(seed)["eval"]["eval/top1"]
+                runs[name]["eval"]["eval/finetune/top1"] = (
+                    finetune.run(seed, init_from=workdir)["eval"]["eval/top1"] if vit else float("nan"))
+                shutil.rmtree(workdir or "", ignore_errors=True)
+        for name, key in floors.items():
+            arms[key].steps, trained = 0, arms[key].steps
+            runs[name] = arms[key].run(seed)
+            arms[key].steps = trained
+            if finetune:
+                runs[name]["eval"]["eval/finetune/top1"] = (finetune.run(seed)["eval"]["eval/top1"]
+                                                            if key != "spark" else float("nan"))
         results["runs"].append({"seed": seed, **runs})
         print(f"seed {seed}: " + "; ".join(
             f"{name} " + ", ".join(f"{label} {100 * run['eval'][f'eval/{key}']:.1f}" for _, key, label in protocols)
@@ -186,8 +217,10 @@ def main(argv=None) -> Dict[str, Any]:
     results["summary"] = {name: {short: summarize([100 * r[name]["eval"][f"eval/{key}"] for r in results["runs"]])
                                  for short, key, _ in protocols} for name in names}
     results["seconds"] = time.time() - started
+    spark_note = "; SparK: ConvNeXt dims 16-64 on 64 px" if "spark" in chosen else ""
     lines = [f"Self-supervised pretraining on digits (ViT width {ENCODER['embed_dim']}, depth {ENCODER['depth']}, "
-             f"2x2 patches on 8x8; {steps} steps of 128 unlabelled train images each), frozen encoders, test top-1 % "
+             f"2x2 patches on 8x8{spark_note}; {steps} steps of 128 unlabelled train images each), frozen encoders, "
+             f"test top-1 % "
              f"on the 360 test images, mean ± std over {args.seeds} seed(s)"
              + (f"; fine-tune: {finetune.steps} steps of 64 on {int(LABEL_FRACTION * 100)}% of the train labels "
                 "(the random encoder's: from scratch)" if finetune else ""), "",
@@ -195,10 +228,9 @@ def main(argv=None) -> Dict[str, Any]:
              "|---|" + "---:|" * len(protocols) + "---|"]
     for name in names:
         cells = [f"{results['summary'][name][short][0]:.2f} ± {results['summary'][name][short][1]:.2f}"
-                 for short, _, _ in protocols]
-        first = np.mean([r[name]["first_loss"] for r in results["runs"]])
-        last = np.mean([r[name]["last_loss"] for r in results["runs"]])
-        losses = "-" if name == "random encoder" else f"{first:.3f} → {last:.3f}"
+                 if np.isfinite(results['summary'][name][short][0]) else "-" for short, _, _ in protocols]
+        losses = "-" if name in floors else (f"{np.mean([r[name]['first_loss'] for r in results['runs']]):.3f} → "
+                                             f"{np.mean([r[name]['last_loss'] for r in results['runs']]):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {losses} |")
     lines.append(pixel_row.replace(" | - |", " | - | - |") if finetune else pixel_row)
     shutil.rmtree(workroot, ignore_errors=True)
@@ -206,8 +238,10 @@ def main(argv=None) -> Dict[str, Any]:
     lines += ["", f"Total {results['seconds'] / 60:.1f} min on this machine (2 shared CPU cores)."]
     table = "\n".join(lines)
     print(table)
-    write_outputs(args.out_dir, "ssl_digits", table, results)
-    plot(results, names, os.path.join(args.out_dir, "ssl_digits.png"), protocols)
+    # A subset of the objectives writes its own files, never over the full study's.
+    stem = "ssl_digits" if chosen == OBJECTIVES[:len(chosen)] and len(chosen) >= 3 else "ssl_digits_" + "_".join(chosen)
+    write_outputs(args.out_dir, stem, table, results)
+    plot(results, names, os.path.join(args.out_dir, f"{stem}.png"), protocols)
     return results
 
 

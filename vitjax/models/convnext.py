@@ -26,6 +26,17 @@ STEM_TYPES = ("patch", "overlap", "overlap_tiered", "overlap_act")
 NORM_TYPES = ("layernorm", "rmsnorm", "simplenorm")
 
 
+def mask_feature_map(x: jax.Array, active: Optional[jax.Array]) -> jax.Array:
+    """Returns NHWC `x` times `active` ((B, h, w), 1 = kept) repeated up to x's grid; `x` itself where None."""
+    if active is None:
+        return x
+    height, width = x.shape[1], x.shape[2]
+    if height % active.shape[1] or width % active.shape[2]:
+        raise ValueError(f"active mask of grid {active.shape[1:]} does not divide the feature map {(height, width)}")
+    cells = jnp.repeat(jnp.repeat(active, height // active.shape[1], axis=1), width // active.shape[2], axis=2)
+    return x * cells[..., None].astype(x.dtype)
+
+
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
     """Returns `value` rounded to a multiple of `divisor`, never more than 10% below it (timm's rule)."""
     new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
@@ -107,7 +118,7 @@ class ConvNeXtBlock(nn.Module):
     param_dtype: layers.Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, active: Optional[jax.Array] = None) -> jax.Array:
         batch, height, width, channels = x.shape
         shortcut = x
         pad = self.kernel_size // 2
@@ -116,6 +127,7 @@ class ConvNeXtBlock(nn.Module):
                     kernel_init=_kernel_init((None, None, None, "embed")),
                     bias_init=layers.logical(nn.initializers.zeros, ("embed",)),
                     dtype=self.dtype, param_dtype=self.param_dtype, name="conv_dw")(x)
+        x = mask_feature_map(x, active)
         # The channels-last part runs on tokens (B, L, C), so the shared MLP's sharding constraints apply.
         x = x.reshape(batch, height * width, channels)
         x = channel_norm(self.norm_type, self.norm_eps, self.dtype, self.param_dtype, "norm")(x)
@@ -131,7 +143,8 @@ class ConvNeXtBlock(nn.Module):
                                (channels,), self.param_dtype)
             x = x * gamma.astype(x.dtype)
         x = layers.DropPath(self.drop_path_rate)(x, train)
-        return x.reshape(batch, height, width, channels) + shortcut
+        # Sparse mode: the branch of a masked cell (the MLP's biases) must not leak into the next conv.
+        return mask_feature_map(x.reshape(batch, height, width, channels), active) + shortcut
 
 
 def _conv(features: int, kernel: int, stride: int, padding: int, use_bias: bool, dtype: layers.Dtype,
@@ -156,7 +169,7 @@ class ConvNeXtStage(nn.Module):
     param_dtype: layers.Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, active: Optional[jax.Array] = None) -> jax.Array:
         kwargs = dict(self.block_kwargs or {})
         if x.shape[-1] != self.features or self.stride > 1:
             x = channel_norm(kwargs["norm_type"], kwargs["norm_eps"], self.dtype, self.param_dtype,
@@ -164,10 +177,11 @@ class ConvNeXtStage(nn.Module):
             kernel = 2 if self.stride > 1 else 1
             x = _conv(self.features, kernel, self.stride, 0, kwargs["conv_bias"], self.dtype, self.param_dtype,
                       "downsample_conv")(x)
+            x = mask_feature_map(x, active)
         for index in range(self.depth):
             x = ConvNeXtBlock(kernel_size=self.kernel_size, drop_path_rate=self.drop_path_rates[index],
                               dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{index}",
-                              **kwargs)(x, train)
+                              **kwargs)(x, train, active)
         return x
 
 
@@ -269,9 +283,22 @@ class ConvNeXt(param_groups.LayerGroups, nn.Module):
         return ()
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
-        """Returns (logits (B, num_classes), intermediates); with num_classes=0, (pre_logits, intermediates)."""
-        x = self.stem(images.astype(self.dtype))
+    def __call__(self, images: jax.Array, train: bool = False,
+                 active: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, Any]]:
+        """Returns (logits (B, num_classes), intermediates); with num_classes=0, (pre_logits, intermediates).
+
+        `active` (default None: the dense model) is a sparse mode for masked inputs: a (B, h, w) 0/1 mask of
+        kept cells on a grid that divides every feature map (e.g. the last stage's). Every feature map is
+        multiplied by it after the stem, after each downsampling conv and on each block's residual branch,
+        so masked cells stay zero and never reach kept ones through the convs: sparse convolution emulated
+        with dense ops (SparK). The channel norms act per position, so they normalise kept cells only. The
+        pooled head then averages zeros too; sparse callers read `intermediates["stages"]`.
+        """
+        if active is not None and (self.stem_type != "patch" or self.use_grn):
+            # Overlapping stems mix cells before the first mask, and GRN normalises over all positions.
+            raise ValueError(f"active (the sparse mode) needs stem_type='patch' and no GRN, got stem_type="
+                             f"{self.stem_type!r}, use_grn={self.use_grn}")
+        x = mask_feature_map(self.stem(images.astype(self.dtype)), active)
         intermediates: Dict[str, Any] = {"stem": x, "stages": []}
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
         block_kwargs = dict(mlp_ratio=self.mlp_ratio, conv_bias=self.conv_bias, use_grn=self.use_grn,
@@ -280,7 +307,7 @@ class ConvNeXt(param_groups.LayerGroups, nn.Module):
         for stage, (depth, dim, kernel, stride) in enumerate(
                 zip(self.depths, self.dims, self.stage_kernel_sizes(), self.stage_strides)):
             x = ConvNeXtStage(dim, depth, stride, kernel, tuple(float(r) for r in rates[start:start + depth]),
-                              block_kwargs, self.dtype, self.param_dtype, name=f"stages_{stage}")(x, train)
+                              block_kwargs, self.dtype, self.param_dtype, name=f"stages_{stage}")(x, train, active)
             intermediates["stages"].append(x)
             start += depth
         if self.head_norm_first:

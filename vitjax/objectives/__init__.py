@@ -17,6 +17,7 @@ _OBJECTIVES = {
     "token_reduction": "vitjax.objectives.token_reduction:TokenReduction",
     "gmml": "vitjax.objectives.gmml:GMML",
     "sit": "vitjax.objectives.sit:SiT",
+    "spark": "vitjax.objectives.spark:SparK",
     "mp3": "vitjax.objectives.mp3:MP3",
     "sdft": "vitjax.objectives.sdft:SelfDistillMAE",
     "g2sd": "vitjax.objectives.g2sd:G2SD",
