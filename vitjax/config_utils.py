@@ -127,6 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
     optim.sam_rho = 0.05                          # sam: radius of the ascent step
     optim.sam_adaptive = False                    # sam: ASAM's scale-invariant ascent
     optim.sam_eta = 0.01                          # sam (adaptive): the offset of |w| in ASAM's scaling
+    # Sparse then prune (vitjax.quant.sparsity): None, or dict(l1=2e-4, prune_step=N, target=0.7, scope="global").
+    optim.sparsity = None
     config.optim = optim
 
     config.ema_decay = 0.0                # 0: no EMA of the params
