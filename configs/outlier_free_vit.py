@@ -28,7 +28,8 @@ def get_config(arg=None):
     """Returns the outlier-free ViT config; arguments: method, alpha, gate_init, data_dir, runlocal."""
     arg = config_utils.parse_arg(arg, method="clipped", alpha=12.0, gate_init=0.25, data_dir="", runlocal=False,
                                  choices=dict(method=METHODS))
-    base = "variant=S/16" + (",runlocal" if arg.runlocal else "") + (f",data_dir={arg.data_dir}" if arg.data_dir else "")
+    base = "variant=S/16" + (",runlocal" if arg.runlocal else "")
+    base += f",data_dir={arg.data_dir}" if arg.data_dir else ""
     config = config_utils.load_config(f"configs/vit_i1k.py:{base}")
     model = dict(config.model)
     if arg.method == "clipped":

@@ -1,6 +1,6 @@
 r"""Outlier-free attention on digits: vanilla vs clipped softmax vs gated attention, FP32 and W8A8.
 
-    python experiments/outliers_digits.py                  # 3 variants x 3 seeds of the quickstart ViT (~10-20 min, 2 CPUs)
+    python experiments/outliers_digits.py                  # 3 variants x 3 seeds of the quickstart ViT
     python experiments/outliers_digits.py --seeds=0 --steps=200   # a quicker look
 
 Each variant trains the quickstart recipe (configs/digits_vit.py: width 64, depth 4, 17 tokens, 800 steps)

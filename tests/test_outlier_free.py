@@ -137,16 +137,19 @@ def test_cudnn_refuses_the_clipped_softmax_before_compile():
 
 def test_vit_gated_clipped_pallas_equals_xla_interpret():
     """Gating multiplies the kernel's output, so a gated, clipped ViT gives the same logits on both."""
-    settings = dict(TINY_VIT, depth=1, softmax_kind="clipped", clip_gamma=-0.05, attn_gate="linear", attn_gate_init=0.25)
+    settings = dict(TINY_VIT, depth=1, softmax_kind="clipped", clip_gamma=-0.05, attn_gate="linear",
+                    attn_gate_init=0.25)
     images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 16, 1), np.float32))
     xla_model = models.create("vit", **settings)
     pallas_model = models.create("vit", attention_impl="pallas", **settings)
     variables = xla_model.init(jax.random.key(0), images)
     assert variables["params"]["blocks_0"]["attn"]["gate"]["bias"].value.shape == (2,)
-    np.testing.assert_allclose(variables["params"]["blocks_0"]["attn"]["gate"]["bias"].value, np.log(1 / 3), rtol=1e-6)
+    gate_bias = variables["params"]["blocks_0"]["attn"]["gate"]["bias"].value
+    np.testing.assert_allclose(gate_bias, np.log(0.25 / 0.75), rtol=1e-6)  # logit(attn_gate_init)
 
     # Gradients through the kernel are test_pallas_clipped_softmax_matches_xla_interpret's; here the forward.
-    assert _relative_error(pallas_model.apply(variables, images)[0], xla_model.apply(variables, images)[0]) <= KERNEL_TOLERANCE
+    expected = xla_model.apply(variables, images)[0]
+    assert _relative_error(pallas_model.apply(variables, images)[0], expected) <= KERNEL_TOLERANCE
 
 
 def flax_unbox(tree):
@@ -199,8 +202,8 @@ def test_outlier_metrics_of_a_vit_and_an_injected_outlier():
     variables = model.init(jax.random.key(0), images)
     metrics = outliers.outlier_metrics(model, variables, [images[:3], {"image": images[3:]}])
     assert metrics["num_examples"] == 6
-    assert set(k for k in metrics if "/" in k) == {f"{place}{i}/{m}" for place in ("block", "ffn") for i in (0, 1)
-                                                    for m in ("inf_norm", "kurtosis")}
+    expected_names = {f"{place}{i}/{m}" for place in ("block", "ffn") for i in (0, 1) for m in ("inf_norm", "kurtosis")}
+    assert set(k for k in metrics if "/" in k) == expected_names
     _, intermediates = model.apply(variables, images)
     last = np.asarray(intermediates["blocks"][1]).reshape(6, -1)
     assert metrics["block1/inf_norm"] == pytest.approx(np.abs(last).max(1).mean(), rel=1e-5)

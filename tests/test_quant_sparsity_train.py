@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import one_device_mesh, run, tiny_config  # noqa: E402
+from test_train import run, tiny_config  # noqa: E402
 
 from vitjax import checkpoint, optim  # noqa: E402
 from vitjax.quant import sparsity  # noqa: E402
@@ -20,7 +20,8 @@ def _kernel_sparsity(params):
     """Returns the fraction of exact zeros among the prunable kernels, and how many prunable weights there are."""
     paths = jax.tree_util.tree_map_with_path(lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params)
     leaves = [np.asarray(w) for w, p in zip(jax.tree.leaves(params), jax.tree.leaves(paths)) if sparsity.prunable(p, w)]
-    return sum(int((leaf == 0).sum()) for leaf in leaves) / sum(leaf.size for leaf in leaves), sum(l.size for l in leaves)
+    size = sum(leaf.size for leaf in leaves)
+    return sum(int((leaf == 0).sum()) for leaf in leaves) / size, size
 
 
 def _config(total_steps, **overrides):

@@ -237,4 +237,5 @@ def quantize(module: Any, variables: Mapping[str, Any], calibration: Iterable[An
     return model, {**variables, "quant": quant}
 
 
-__all__ = ["BACKENDS", "InputSpec", "LOG_METHODS", "METHODS", "QuantizedModel", "check_arguments", "quantize", "quantize_kernels"]
+__all__ = ["BACKENDS", "InputSpec", "LOG_METHODS", "METHODS", "QuantizedModel", "check_arguments", "quantize",
+           "quantize_kernels"]

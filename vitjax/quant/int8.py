@@ -124,4 +124,3 @@ def check_backend(method: str, w_bits: int, a_bits: int, act_granularity: str) -
 
 
 __all__ = ["INT8_BITS", "Int8Model", "QWIX_OPS", "check_backend", "dot_dtypes", "quantize_int8", "rules"]
-

@@ -199,7 +199,8 @@ def check_prune(prune_step: int, sparsity: float, scope: str, total_steps: Optio
     if isinstance(prune_step, bool) or not isinstance(prune_step, int) or prune_step < 1:
         raise ValueError(f"prune_step must be an int >= 1, got {prune_step!r}")
     if total_steps is not None and prune_step > total_steps:
-        raise ValueError(f"prune_step={prune_step} is beyond the run's total_steps={total_steps}; valid: 1..{total_steps}")
+        raise ValueError(f"prune_step={prune_step} is beyond the run's total_steps={total_steps}; "
+                         f"valid: 1..{total_steps}")
 
 
 def from_config(settings: Optional[Mapping[str, Any]], total_steps: int):
@@ -210,7 +211,8 @@ def from_config(settings: Optional[Mapping[str, Any]], total_steps: int):
     settings = dict(settings.to_dict() if hasattr(settings, "to_dict") else settings)
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown or "prune_step" not in settings or "target" not in settings:
-        raise ValueError(f"config.optim.sparsity takes {SETTINGS} (prune_step and target required), got {sorted(settings)}")
+        raise ValueError(f"config.optim.sparsity takes {SETTINGS} (prune_step and target required), "
+                         f"got {sorted(settings)}")
     l1, scope = float(settings.get("l1", 0.0)), settings.get("scope", "global")
     check_prune(settings["prune_step"], settings["target"], scope, total_steps)
     if l1 < 0:
