@@ -74,13 +74,23 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=800, help="training steps of each run")
     parser.add_argument("--calib_batches", type=int, default=4)
+    parser.add_argument("--previous", default=None,
+                        help="an earlier outliers_digits.json (same --steps) whose runs join this one's in the table")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     scratch = tempfile.mkdtemp(prefix="outliers_digits_")
     started = time.time()
     runs: Dict[str, list] = {}
+    if args.previous:
+        import json
+        with open(args.previous) as f:
+            previous = json.load(f)
+        if previous["steps"] != args.steps:
+            raise ValueError(f"--previous has {previous['steps']} steps, this run {args.steps}")
+        runs = {label: [row for row in rows if row["seed"] not in seeds] for label, rows in previous["runs"].items()}
     for label, settings in VARIANTS.items():
         for seed in seeds:
+            runs.setdefault(label, [])
             workdir = os.path.join(scratch, f"{label.split()[0]}_{seed}")
             train(workdir, settings, seed, args.steps)
             runs.setdefault(label, []).append(dict(seed=seed, **measure(workdir, args.calib_batches)))
@@ -88,7 +98,8 @@ def main(argv=None) -> Dict[str, Any]:
     columns = (("fp32", "FP32 top-1 %", ".2f"), ("max_inf_norm", "max inf-norm", ".2f"),
                ("max_ffn_inf_norm", "max FFN inf-norm", ".2f"), ("avg_kurtosis", "avg kurtosis", ".2f"),
                ("max_kurtosis", "max kurtosis", ".2f"), ("w8a8", "W8A8 top-1 %", ".2f"))
-    lines = [f"Quickstart ViT on digits ({args.steps} steps, seeds {args.seeds}; mean +- std over seeds), 360 test "
+    all_seeds = sorted({row["seed"] for rows in runs.values() for row in rows})
+    lines = [f"Quickstart ViT on digits ({args.steps} steps, seeds {all_seeds}; mean +- std over seeds), 360 test "
              "images. Outlier metrics as Bondarenko et al. (2023): per example, the infinity norm / kurtosis of a "
              "layer's output, averaged over examples; max inf-norm over the block outputs (residual stream), avg "
              "kurtosis over block and FFN outputs. W8A8: vitjax.quant minmax, per-tensor static activations, "
@@ -107,7 +118,8 @@ def main(argv=None) -> Dict[str, Any]:
     lines.append(f"Total time {time.time() - started:.0f} s on this machine.")
     table = "\n".join(lines)
     print(table)
-    write_outputs(OUT_DIR, "outliers_digits", table, dict(steps=args.steps, seeds=seeds, runs=runs, summary=summary))
+    write_outputs(OUT_DIR, "outliers_digits", table, dict(steps=args.steps, seeds=all_seeds, runs=runs,
+                                                          summary=summary))
     return dict(runs=runs, summary=summary)
 
 
