@@ -297,6 +297,28 @@ def _logits(cfg, refs, q, k, start_q, start_k, block_q, block_k, query_valid, ke
 # Kernels
 # ------------------------------------------------------------------------------------------------
 
+def _loop(cfg, length: int, block: int, step, carry):
+    """Returns `carry` after step(start, carry, is_partial) over each `block` of [0, length), a partial last one too."""
+    num_full = length // block
+    if num_full:
+        carry = lax.fori_loop(0, num_full, lambda i, c: step(_block_start(cfg, i, block), c, False), carry)
+    if length % block:
+        carry = step(num_full * block, carry, True)
+    return carry
+
+
+def _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid, is_partial):
+    """Returns (logits with -inf past the keys, key_valid (1, block_k), key_rows_valid (block_k, 1)) of one key tile."""
+    key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
+    key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
+    k = _load(cfg, refs["k"], rows=pl.ds(start_k, block_k), mask=_and(key_rows_valid, dim_valid))
+    # This program's bias ref is its own (block_q, Nk) row tile, hence start_q = 0.
+    s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
+    if key_valid is not None:
+        s = jnp.where(key_valid, s, -jnp.inf)
+    return s, key_valid, key_rows_valid
+
+
 def _forward_kernel(*refs, cfg: _Config):
     refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "out", "lse"))
     block_q, block_k = cfg.block_q, cfg.block_k
@@ -307,14 +329,7 @@ def _forward_kernel(*refs, cfg: _Config):
 
     def step(start_k, carry, is_partial):
         accumulator, row_max, row_sum = carry
-        keys = pl.ds(start_k, block_k)
-        key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
-        key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
-        k = _load(cfg, refs["k"], rows=keys, mask=_and(key_rows_valid, dim_valid))
-        # This program's bias ref is its own (block_q, Nk) row tile, hence start_q = 0.
-        s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
-        if key_valid is not None:
-            s = jnp.where(key_valid, s, -jnp.inf)
+        s, _, key_rows_valid = _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid, is_partial)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1, keepdims=True))
         # A row whose logits are all -inf (a fully masked query) keeps max -inf; exponentiating
         # against 0 instead keeps it at p = 0 rather than NaN.
@@ -322,20 +337,14 @@ def _forward_kernel(*refs, cfg: _Config):
         correction = jnp.exp2(row_max - safe_max)
         p = jnp.exp2(s - safe_max)
         row_sum = correction * row_sum + jnp.sum(p, axis=1, keepdims=True)
-        v = _load(cfg, refs["v"], rows=keys, mask=_and(key_rows_valid, dim_valid))
+        v = _load(cfg, refs["v"], rows=pl.ds(start_k, block_k), mask=_and(key_rows_valid, dim_valid))
         accumulator = correction * accumulator + _dot(cfg, p.astype(v.dtype), v)
         return accumulator, new_max, row_sum
 
     carry = (jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32),
              jnp.full((block_q, 1), -jnp.inf, jnp.float32),
              jnp.zeros((block_q, 1), jnp.float32))
-    num_full = cfg.kv_len // block_k
-    if num_full:
-        carry = lax.fori_loop(
-            0, num_full, lambda i, c: step(_block_start(cfg, i, block_k), c, False), carry)
-    if cfg.kv_len % block_k:
-        carry = step(num_full * block_k, carry, True)
-    accumulator, row_max, row_sum = carry
+    accumulator, row_max, row_sum = _loop(cfg, cfg.kv_len, block_k, step, carry)
     row_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
     lse2 = jnp.where(row_max == -jnp.inf, 0.0, row_max) + jnp.log2(row_sum)
     if cfg.softmax_clip is None:
@@ -365,25 +374,13 @@ def _clipped_forward_pass(cfg, refs, q, lse2, query_valid, dim_valid):
     block_q, block_k = cfg.block_q, cfg.block_k
 
     def step(start_k, accumulator, is_partial):
-        keys = pl.ds(start_k, block_k)
-        key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
-        key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
-        k = _load(cfg, refs["k"], rows=keys, mask=_and(key_rows_valid, dim_valid))
-        s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
-        if key_valid is not None:
-            s = jnp.where(key_valid, s, -jnp.inf)
+        s, key_valid, key_rows_valid = _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid,
+                                                 is_partial)
         clipped, _ = _clip_tile(cfg, jnp.exp2(s - lse2), key_valid)
-        v = _load(cfg, refs["v"], rows=keys, mask=_and(key_rows_valid, dim_valid))
+        v = _load(cfg, refs["v"], rows=pl.ds(start_k, block_k), mask=_and(key_rows_valid, dim_valid))
         return accumulator + _dot(cfg, clipped.astype(v.dtype), v)
 
-    accumulator = jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32)
-    num_full = cfg.kv_len // block_k
-    if num_full:
-        accumulator = lax.fori_loop(
-            0, num_full, lambda i, c: step(_block_start(cfg, i, block_k), c, False), accumulator)
-    if cfg.kv_len % block_k:
-        accumulator = step(num_full * block_k, accumulator, True)
-    return accumulator
+    return _loop(cfg, cfg.kv_len, block_k, step, jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32))
 
 
 def _dkdv_kernel(*refs, cfg: _Config):
@@ -461,14 +458,11 @@ def _dq_kernel(*refs, cfg: _Config):
 
     def probabilities(start_k, is_partial):
         """Returns (p, dP) of one key tile: dP = dO V^T, through the clip's gradient when clipping."""
+        s, key_valid, key_rows_valid = _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid,
+                                                 is_partial)
         keys = pl.ds(start_k, block_k)
-        key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
-        key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
         k = _load(cfg, refs["k"], rows=keys, mask=_and(key_rows_valid, dim_valid))
         v = _load(cfg, refs["v"], rows=keys, mask=_and(key_rows_valid, dim_valid))
-        s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
-        if key_valid is not None:
-            s = jnp.where(key_valid, s, -jnp.inf)
         p = jnp.exp2(s - lse2)
         dp = _dot(cfg, do, v, transpose_b=True)
         if cfg.softmax_clip is not None:
@@ -486,12 +480,7 @@ def _dq_kernel(*refs, cfg: _Config):
         return dq + _dot(cfg, ds.astype(k.dtype), k)
 
     def over_keys(step, carry):
-        num_full = cfg.kv_len // block_k
-        if num_full:
-            carry = lax.fori_loop(0, num_full, lambda i, c: step(_block_start(cfg, i, block_k), c, False), carry)
-        if cfg.kv_len % block_k:
-            carry = step(num_full * block_k, carry, True)
-        return carry
+        return _loop(cfg, cfg.kv_len, block_k, step, carry)
 
     if cfg.softmax_clip is not None:
         # With clipping, delta_i = sum_j p_ij dP_ij is no longer do_i . o_i: one more pass over the keys

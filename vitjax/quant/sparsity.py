@@ -37,18 +37,22 @@ def _paths(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: pytree.path_to_str(path), tree)
 
 
+def _add_l1(updates, params, strength, predicate: Predicate, caller: str):
+    """Returns updates + strength * sign(w) on the prunable weights (`strength` may be traced)."""
+    if params is None:
+        raise ValueError(f"{caller} needs the params: call update(grads, state, params)")
+    paths = _paths(params)
+    return jax.tree.map(lambda g, w, p: g + (strength * jnp.sign(w)).astype(g.dtype) if predicate(p, w) else g,
+                        updates, params, paths)
+
+
 def l1_regularization(strength: float, predicate: Predicate = prunable) -> optax.GradientTransformation:
     """Returns a transform adding strength * sign(w) (the L1 subgradient) to the gradients of prunable weights."""
     if strength < 0:
         raise ValueError(f"L1 strength must be >= 0, got {strength}")
 
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("l1_regularization needs the params: call update(grads, state, params)")
-        paths = _paths(params)
-        updates = jax.tree.map(lambda g, w, p: g + strength * jnp.sign(w) if predicate(p, w) else g,
-                               updates, params, paths)
-        return updates, state
+        return _add_l1(updates, params, strength, predicate, "l1_regularization"), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -128,13 +132,8 @@ def l1_until(strength: float, stop_step: int, predicate: Predicate = prunable) -
         raise ValueError(f"L1 strength must be >= 0, got {strength}")
 
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("l1_until needs the params: call update(grads, state, params)")
-        paths = _paths(params)
         on = (state.count < stop_step).astype(jnp.float32)
-        updates = jax.tree.map(lambda g, w, p: g + (on * strength * jnp.sign(w)).astype(g.dtype)
-                               if predicate(p, w) else g, updates, params, paths)
-        return updates, CountState(state.count + 1)
+        return _add_l1(updates, params, on * strength, predicate, "l1_until"), CountState(state.count + 1)
 
     return optax.GradientTransformation(lambda params: CountState(jnp.zeros([], jnp.int32)), update)
 
