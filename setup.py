@@ -59,6 +59,9 @@ setup(
             "matplotlib",  # tests/test_colabs.py runs the notebooks
             "open_clip_torch==3.3.0",  # CLIP tokenizer and model parity (tests/test_text.py, test_clip_convert.py)
             "sentencepiece>=0.2.3",
+            "qwix>=0.1.8",  # real int8 execution, vitjax.quant.int8 (tests/test_quant_int8.py)
         ],
+        # vitjax.quant's backend="qwix": Dense matmuls in int8 through Google's qwix.
+        "int8": ["qwix>=0.1.8"],
     },
 )

@@ -25,6 +25,8 @@ on; a cell that would not fit its section's time, as long as the longest cell so
    Sections 2 and 3 run `bench_mae.ArmRunner`.
 4. ToMe inference (random weights, bf16, batch 256): ViT-B/16 at r = 0, 8, 16 and ViT-L/16 at r = 0, 8,
    jnp vs Pallas merge: images/s and speed-up over r = 0 (`bench_tome.ModelBench`).
+5. int8 inference (random weights, batch 256): ViT-B/16 in bf16 vs its Dense matmuls in int8 through qwix
+   (`vitjax.quant.int8`): images/s, int8 / bf16 ratio, the logits' difference (`int8_bench.Int8Bench`).
 
 Each section runs in a child process that alone touches the GPU, cell after cell. A cell that raises
 writes its short error in its cell; a cell that kills its process or leaves the GPU unusable (a crash, an
@@ -69,11 +71,12 @@ from bench_attention import short_error  # noqa: E402
 from experiment_io import write_outputs  # noqa: E402
 
 OUT_DIR = os.path.join(EXPERIMENTS, "out")
-SECTIONS = ("attention", "train", "mae", "tome")
-LABELS = {"attention": "attention", "train": "train step", "mae": "MAE train step", "tome": "ToMe"}
+SECTIONS = ("attention", "train", "mae", "tome", "int8")
+LABELS = {"attention": "attention", "train": "train step", "mae": "MAE train step", "tome": "ToMe",
+          "int8": "int8 inference"}
 # Shares of the budget, and what one cell is expected to take before any has run (a GPU compile dominates).
-SHARES = {"attention": 0.25, "train": 0.3, "mae": 0.2, "tome": 0.25}
-FIRST_CELL_SECONDS = {"attention": 15.0, "train": 45.0, "mae": 45.0, "tome": 20.0}
+SHARES = {"attention": 0.25, "train": 0.3, "mae": 0.2, "tome": 0.25, "int8": 0.1}
+FIRST_CELL_SECONDS = {"attention": 15.0, "train": 45.0, "mae": 45.0, "tome": 20.0, "int8": 30.0}
 
 # Cells run in the order listed, so what matters most comes first should the budget run out: per N our
 # kernel, then cuDNN, then XLA (the slowest to run at N=1025, and the least in doubt).
@@ -91,6 +94,7 @@ FULL = dict(
              repeats=3),
     tome=dict(models={"vit_base_patch16_224": (0, 8, 16), "vit_large_patch16_224": (0, 8)}, overrides={},
               batch=256, dtype="bfloat16", iters=5, repeats=2),
+    int8=dict(model="vit_base_patch16_224", overrides={}, batch=256, iters=5, repeats=2),
 )
 SMOKE_RECIPE = dict(model=dict(variant="Ti/16", embed_dim=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8,
                                img_size=32),
@@ -106,6 +110,8 @@ SMOKE = dict(
     tome=dict(models={"vit_tiny_patch16_224": (0, 4)},
               overrides=dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),
               batch=2, dtype="bfloat16", iters=1, repeats=1),
+    int8=dict(model="vit_tiny_patch16_224", overrides=dict(img_size=32, patch_size=8, depth=1, embed_dim=32,
+                                                           num_heads=2), batch=2, iters=1, repeats=1),
 )
 MAE_ARMS = (("mae", 0.75), ("mae_all_tokens", 0.0))
 
@@ -183,6 +189,9 @@ def section_cells(name: str, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
                      setting=f"{model} inference, batch {settings['batch']}, {settings['dtype']}, r={r}")
                 for model, rs in settings["models"].items() for r in rs
                 for impl in (("jnp",) if r == 0 else ("jnp", "pallas"))]
+    if name == "int8":
+        return [dict(mode=mode, impl=mode, setting=f"{settings['model']} inference, batch {settings['batch']}")
+                for mode in ("bf16", "int8")]
     raise ValueError(f"Unknown section {name!r}; valid choices: {SECTIONS}")
 
 
@@ -267,6 +276,12 @@ def measure(name: str, cell: Dict[str, Any], settings: Dict[str, Any], peak, cac
         result.update(impl=cell["impl"], analytic_flops_per_image=flops, model=model,
                       mfu=result["images_per_sec_per_device"] * flops / (peak * 1e12) if peak else None)
         return result
+    if name == "int8":
+        import int8_bench
+        if "int8" not in cache:
+            cache["int8"] = int8_bench.Int8Bench(settings["model"], batch=settings["batch"],
+                                                 overrides=settings["overrides"])
+        return cache["int8"].run(cell["mode"], settings["iters"], settings["repeats"])
     import bench_tome
     bench = cache.get(("tome", cell["model"]))
     if bench is None:
@@ -430,6 +445,16 @@ def add_rows(report: Report, section: str, cell: Dict[str, Any], entry: Dict[str
                            throughput=f"{ratio:.2f}x", raw=dict(ratio=ratio),
                            note="paper (He et al. 2021, Table 1c): about 3x; README (CPU, small ViT, fp32): 2.5x; "
                                 "analytic FLOP ratio (ViT-B/16, decoder 512 x 8): 2.35x")
+    elif section == "int8":
+        if cell["mode"] == "bf16":
+            done["int8_bf16"] = record["images_per_sec"]
+        baseline = done.get("int8_bf16")
+        ratio = f"; {record['images_per_sec'] / baseline:.2f}x bf16" if baseline and cell["mode"] == "int8" else ""
+        diff = record.get("max_rel_diff_vs_bf16")
+        report.add(section, label, cell, ms=fmt(record["ms_per_batch"]),
+                   throughput=f"{fmt(record['images_per_sec'])} images/s",
+                   note=f"{record['int8_dots']} int8 dots{ratio}"
+                        + (f"; logits max rel. diff vs bf16 {diff:.3f}" if diff is not None else ""), raw=record)
     else:
         if cell["r"] == 0:
             done[("tome", cell["model"])] = record["images_per_sec"]

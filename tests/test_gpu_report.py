@@ -51,7 +51,8 @@ def test_interpret_smoke_run_fills_every_section_of_one_table(tmp_path):
     assert results["complete"] and results["platform"] == "cpu" and results["device_kind"] == "cpu"
     assert "CPU smoke run" in table and "interpret mode" in table
     assert table.count("| section | setting | impl |") == 1  # one table
-    for label in ("attention fwd", "attention fwd+bwd", "train step", "MAE train step", "MAE speed-up", "ToMe"):
+    for label in ("attention fwd", "attention fwd+bwd", "train step", "MAE train step", "MAE speed-up", "ToMe",
+                  "int8 inference"):
         assert f"| {label} |" in table, label
     assert "skipped" not in table and "Traceback" not in process.stderr
 
@@ -82,14 +83,18 @@ def test_interpret_smoke_run_fills_every_section_of_one_table(tmp_path):
     assert tome[(0, "-")]["final_tokens"] == 17
     assert tome[(4, "jnp")]["final_tokens"] == tome[(4, "pallas")]["final_tokens"] == 9
 
+    int8 = _by(results["sections"]["int8"], key="mode")
+    assert int8["int8"]["int8_dots"] == 1 * 4 + 1 and int8["bf16"]["int8_dots"] == 0  # qkv, proj, fc1, fc2; head
+    assert int8["int8"]["max_rel_diff_vs_bf16"] < 0.1
+
 
 def test_a_spent_budget_skips_every_cell_with_a_note(tmp_path):
     _, table, results = _run(tmp_path, "--budget", "0")
     assert results["complete"]
-    for section in ("attention", "train", "mae", "tome"):
+    for section in ("attention", "train", "mae", "tome", "int8"):
         records = results["sections"][section]
         assert records and all(record.get("skipped") == "budget" for record in records), section
-    assert table.count("skipped: the section's time budget is spent") == 3 + 3 + 2 + 3
+    assert table.count("skipped: the section's time budget is spent") == 3 + 3 + 2 + 3 + 2
 
 
 def test_the_hard_limit_ends_the_run_with_a_report_that_says_where(tmp_path):

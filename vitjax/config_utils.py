@@ -129,6 +129,8 @@ def default_config() -> ml_collections.ConfigDict:
     optim.sam_eta = 0.01                          # sam (adaptive): the offset of |w| in ASAM's scaling
     optim.sam_same_batch = True                   # sam: both gradients on one batch per step (the paper);
                                                   # False: ascent and descent on consecutive batches, half the cost
+    # Sparse then prune (vitjax.quant.sparsity): None, or dict(l1=2e-4, prune_step=N, target=0.7, scope="global").
+    optim.sparsity = None
     config.optim = optim
 
     config.ema_decay = 0.0                # 0: no EMA of the params

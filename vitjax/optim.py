@@ -227,6 +227,9 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
                          "(a `layer_ids(params)` method, see vitjax.models.param_groups); unset optim.layer_decay "
                          "or give the model one")
     name = optim_config.name
+    if name == "sam" and optim_config.get("sparsity"):
+        raise ValueError("optim.sparsity (sparse then prune) is not supported with optim.name='sam'; valid choices "
+                         "with it: ['adamw', 'sgd', 'lars', 'lamb']")
     if name == "sam" and trained_only:
         raise ValueError("optim.name='sam' does not support parameter-efficient adaptation (config.adapt); "
                          "valid choices with it: ['adamw', 'sgd', 'lars', 'lamb']")
@@ -234,6 +237,8 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
         return make_sam(optim_config, params, batch_size=batch_size, total_steps=total_steps,
                         steps_per_epoch=steps_per_epoch, param_axes=param_axes, layer_ids_fn=layer_ids_fn,
                         no_weight_decay=no_weight_decay)
+    from vitjax.quant import sparsity  # optim.sparsity: sparse then prune (L1, then magnitude masks)
+    sparse_front, sparse_back = sparsity.from_config(optim_config.get("sparsity"), total_steps)
     peak_lr = peak_learning_rate(optim_config, batch_size)
     warmup_steps = warmup_steps_from_config(optim_config, steps_per_epoch)
     schedule = make_schedule(optim_config.get("schedule", "cosine"), peak_lr, total_steps, warmup_steps,
@@ -247,6 +252,8 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
     transforms = []
     if optim_config.get("clip_grad_norm"):
         transforms.append(optax.clip_by_global_norm(float(optim_config.clip_grad_norm)))
+    if sparse_front is not None:
+        transforms.append(sparse_front)
     if name == "adamw":
         transforms += [optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
                                            mu_dtype=mu_dtype),
@@ -275,6 +282,8 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
     if layer_decay is not None and layer_decay != 1.0:
         transforms.append(scale_by_path(layer_decay_scales(params, float(layer_decay), layer_ids_fn, param_axes)))
     transforms.append(optax.scale_by_learning_rate(schedule))
+    if sparse_back is not None:
+        transforms.append(sparse_back)  # last: a pruned weight's update is minus the weight, whatever came before
     tx = optax.chain(*transforms)
 
     frozen = tuple(optim_config.get("frozen", ()))

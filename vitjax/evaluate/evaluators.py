@@ -313,3 +313,4 @@ __all__ = ["Classification", "EvalContext", "Evaluator", "FeatureEvaluator", "KN
 # Kinds defined in other modules register on import (after everything above exists: they import it).
 from vitjax.evaluate import zeroshot  # noqa: E402,F401  pylint: disable=wrong-import-position
 from vitjax.evaluate import fewshot, linear_probe  # noqa: E402,F401  pylint: disable=wrong-import-position
+from vitjax.evaluate import outliers  # noqa: E402,F401  pylint: disable=wrong-import-position

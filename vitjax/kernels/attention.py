@@ -48,14 +48,27 @@ MAX_TRITON_FP32_HEAD_DIM = 128
 # Reference
 # ------------------------------------------------------------------------------------------------
 
+def clip_probabilities(weights, softmax_clip):
+    """Returns clip((zeta - gamma) * weights + gamma, 0, 1) for softmax_clip = (gamma, zeta); weights as is for None.
+
+    The clipped softmax of Bondarenko et al. (2023): the stretch lets a head give a key exactly 0 (or 1)
+    without pushing its logits towards infinity.
+    """
+    if softmax_clip is None:
+        return weights
+    gamma, zeta = softmax_clip
+    return jnp.clip((zeta - gamma) * weights + gamma, 0.0, 1.0)
+
+
 def attention_reference(q, k, v, *, bias=None, key_bias=None, scale: Optional[float] = None,
-                        return_weights: bool = False, return_lse: bool = False):
+                        return_weights: bool = False, return_lse: bool = False, softmax_clip=None):
     """Returns softmax(q k^T * scale + bias + key_bias) v in layout (batch, length, heads, head_dim).
 
     q: (B, Nq, H, D); k, v: (B, Nk, H, D).
     bias: broadcastable to (B, H, Nq, Nk) (e.g. Swin's relative position bias plus mask).
     key_bias: (B, Nk), added to every query's logit for that key (ToMe's log token size).
     scale defaults to 1/sqrt(D). The softmax is computed in fp32 whatever the input dtype.
+    softmax_clip: (gamma, zeta) for the clipped softmax (`clip_probabilities`); the weights returned are clipped.
     With return_weights and/or return_lse, returns a tuple (out, [weights (B, H, Nq, Nk)], [lse (B, H, Nq)]).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -66,7 +79,7 @@ def attention_reference(q, k, v, *, bias=None, key_bias=None, scale: Optional[fl
         logits = logits + bias.astype(acc)
     if key_bias is not None:
         logits = logits + jnp.broadcast_to(key_bias, (q.shape[0], k.shape[1])).astype(acc)[:, None, None, :]
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = clip_probabilities(jax.nn.softmax(logits, axis=-1), softmax_clip)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
     extras = []
     if return_weights:
@@ -146,6 +159,9 @@ class _Config:
     bias_per_head: bool
     has_key_bias: bool
     dtype: str
+    # (gamma, zeta) of the clipped softmax, or None. Clipping needs each probability normalised before it is
+    # clipped, so the forward makes a second pass over the keys with the first pass's log-sum-exp.
+    softmax_clip: Optional[tuple] = None
 
     @property
     def masked_io(self) -> bool:
@@ -163,7 +179,7 @@ class _Config:
         return 0 if self.backend == "triton" else 2
 
 
-def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret) -> _Config:
+def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret, softmax_clip=None) -> _Config:
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     defaults = default_block_sizes(backend, head_dim)
@@ -201,6 +217,7 @@ def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret) -
         bias_per_head=bias is not None and bias.shape[1] != 1,
         has_key_bias=key_bias is not None,
         dtype=jnp.dtype(q.dtype).name,
+        softmax_clip=None if softmax_clip is None else (float(softmax_clip[0]), float(softmax_clip[1])),
     )
 
 
@@ -280,6 +297,28 @@ def _logits(cfg, refs, q, k, start_q, start_k, block_q, block_k, query_valid, ke
 # Kernels
 # ------------------------------------------------------------------------------------------------
 
+def _loop(cfg, length: int, block: int, step, carry):
+    """Returns `carry` after step(start, carry, is_partial) over each `block` of [0, length), a partial last one too."""
+    num_full = length // block
+    if num_full:
+        carry = lax.fori_loop(0, num_full, lambda i, c: step(_block_start(cfg, i, block), c, False), carry)
+    if length % block:
+        carry = step(num_full * block, carry, True)
+    return carry
+
+
+def _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid, is_partial):
+    """Returns (logits with -inf past the keys, key_valid (1, block_k), key_rows_valid (block_k, 1)) of one key tile."""
+    key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
+    key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
+    k = _load(cfg, refs["k"], rows=pl.ds(start_k, block_k), mask=_and(key_rows_valid, dim_valid))
+    # This program's bias ref is its own (block_q, Nk) row tile, hence start_q = 0.
+    s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
+    if key_valid is not None:
+        s = jnp.where(key_valid, s, -jnp.inf)
+    return s, key_valid, key_rows_valid
+
+
 def _forward_kernel(*refs, cfg: _Config):
     refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "out", "lse"))
     block_q, block_k = cfg.block_q, cfg.block_k
@@ -290,14 +329,7 @@ def _forward_kernel(*refs, cfg: _Config):
 
     def step(start_k, carry, is_partial):
         accumulator, row_max, row_sum = carry
-        keys = pl.ds(start_k, block_k)
-        key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
-        key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
-        k = _load(cfg, refs["k"], rows=keys, mask=_and(key_rows_valid, dim_valid))
-        # This program's bias ref is its own (block_q, Nk) row tile, hence start_q = 0.
-        s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
-        if key_valid is not None:
-            s = jnp.where(key_valid, s, -jnp.inf)
+        s, _, key_rows_valid = _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid, is_partial)
         new_max = jnp.maximum(row_max, jnp.max(s, axis=1, keepdims=True))
         # A row whose logits are all -inf (a fully masked query) keeps max -inf; exponentiating
         # against 0 instead keeps it at p = 0 rather than NaN.
@@ -305,25 +337,50 @@ def _forward_kernel(*refs, cfg: _Config):
         correction = jnp.exp2(row_max - safe_max)
         p = jnp.exp2(s - safe_max)
         row_sum = correction * row_sum + jnp.sum(p, axis=1, keepdims=True)
-        v = _load(cfg, refs["v"], rows=keys, mask=_and(key_rows_valid, dim_valid))
+        v = _load(cfg, refs["v"], rows=pl.ds(start_k, block_k), mask=_and(key_rows_valid, dim_valid))
         accumulator = correction * accumulator + _dot(cfg, p.astype(v.dtype), v)
         return accumulator, new_max, row_sum
 
     carry = (jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32),
              jnp.full((block_q, 1), -jnp.inf, jnp.float32),
              jnp.zeros((block_q, 1), jnp.float32))
-    num_full = cfg.kv_len // block_k
-    if num_full:
-        carry = lax.fori_loop(
-            0, num_full, lambda i, c: step(_block_start(cfg, i, block_k), c, False), carry)
-    if cfg.kv_len % block_k:
-        carry = step(num_full * block_k, carry, True)
-    accumulator, row_max, row_sum = carry
+    accumulator, row_max, row_sum = _loop(cfg, cfg.kv_len, block_k, step, carry)
     row_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
-    out = accumulator / row_sum
+    lse2 = jnp.where(row_max == -jnp.inf, 0.0, row_max) + jnp.log2(row_sum)
+    if cfg.softmax_clip is None:
+        out = accumulator / row_sum
+    else:
+        out = _clipped_forward_pass(cfg, refs, q, lse2, query_valid, dim_valid)
     _store(cfg, refs["out"], out.astype(refs["out"].dtype), mask=_and(query_valid, dim_valid))
-    lse = (jnp.where(row_max == -jnp.inf, 0.0, row_max) + jnp.log2(row_sum)) * LN_2
-    _store(cfg, refs["lse"], lse, mask=query_valid)
+    _store(cfg, refs["lse"], lse2 * LN_2, mask=query_valid)
+
+
+def _clip_tile(cfg, p, key_valid=None, query_valid=None):
+    """Returns the clipped probabilities of a tile and the (0 < stretched < 1) mask their gradient passes."""
+    gamma, zeta = cfg.softmax_clip
+    stretched = (zeta - gamma) * p + gamma
+    passes = (stretched > 0.0) & (stretched < 1.0)
+    clipped = jnp.clip(stretched, 0.0, 1.0)
+    # Keys past the sequence (and padded query rows) must not take the gamma > 0 floor of a clip.
+    valid = _and(key_valid, query_valid)
+    if valid is not None:
+        clipped = jnp.where(valid, clipped, 0.0)
+        passes = passes & valid
+    return clipped, passes
+
+
+def _clipped_forward_pass(cfg, refs, q, lse2, query_valid, dim_valid):
+    """Returns sum_j clip(p_ij) v_j for one query block: a second pass over the keys with the final lse."""
+    block_q, block_k = cfg.block_q, cfg.block_k
+
+    def step(start_k, accumulator, is_partial):
+        s, key_valid, key_rows_valid = _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid,
+                                                 is_partial)
+        clipped, _ = _clip_tile(cfg, jnp.exp2(s - lse2), key_valid)
+        v = _load(cfg, refs["v"], rows=pl.ds(start_k, block_k), mask=_and(key_rows_valid, dim_valid))
+        return accumulator + _dot(cfg, clipped.astype(v.dtype), v)
+
+    return _loop(cfg, cfg.kv_len, block_k, step, jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32))
 
 
 def _dkdv_kernel(*refs, cfg: _Config):
@@ -354,8 +411,13 @@ def _dkdv_kernel(*refs, cfg: _Config):
             # Padded query rows have q = do = 0 but an arbitrary lse: p could overflow to inf there,
             # and inf * 0 would poison dK/dV with NaN.
             p = jnp.where(query_valid, p, 0.0)
-        dv = dv + _dot(cfg, p.astype(do.dtype).T, do)
         dp = _dot(cfg, do, v, transpose_b=True)
+        if cfg.softmax_clip is None:
+            dv = dv + _dot(cfg, p.astype(do.dtype).T, do)
+        else:
+            clipped, passes = _clip_tile(cfg, p, key_valid, query_valid)
+            dv = dv + _dot(cfg, clipped.astype(do.dtype).T, do)
+            dp = jnp.where(passes, dp * (cfg.softmax_clip[1] - cfg.softmax_clip[0]), 0.0)
         ds = p * (dp - delta)
         dk = dk + _dot(cfg, ds.astype(q.dtype).T, q)
         if cfg.has_bias:
@@ -383,7 +445,8 @@ def _dkdv_kernel(*refs, cfg: _Config):
 
 
 def _dq_kernel(*refs, cfg: _Config):
-    refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "do", "lse", "delta", "dq"))
+    names = ("q", "k", "v", "bias", "key_bias", "do", "lse", "delta", "dq")
+    refs = _split_refs(cfg, refs, names + (("delta_out",) if cfg.softmax_clip is not None else ()))
     block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
     start_q = pl.program_id(cfg.block_axis) * block_q
     query_valid = (_positions(start_q, block_q, 0) < cfg.q_len) if cfg.q_len % block_q else None
@@ -393,26 +456,38 @@ def _dq_kernel(*refs, cfg: _Config):
     lse2 = _load(cfg, refs["lse"], mask=query_valid) * LOG2_E
     delta = _load(cfg, refs["delta"], mask=query_valid)
 
-    def step(start_k, dq, is_partial):
+    def probabilities(start_k, is_partial):
+        """Returns (p, dP) of one key tile: dP = dO V^T, through the clip's gradient when clipping."""
+        s, key_valid, key_rows_valid = _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid,
+                                                 is_partial)
         keys = pl.ds(start_k, block_k)
-        key_valid = _column_valid(cfg, start_k, block_k) if is_partial else None
-        key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if is_partial else None
         k = _load(cfg, refs["k"], rows=keys, mask=_and(key_rows_valid, dim_valid))
         v = _load(cfg, refs["v"], rows=keys, mask=_and(key_rows_valid, dim_valid))
-        s = _logits(cfg, refs, q, k, 0, start_k, block_q, block_k, query_valid, key_valid)
-        if key_valid is not None:
-            s = jnp.where(key_valid, s, -jnp.inf)
         p = jnp.exp2(s - lse2)
         dp = _dot(cfg, do, v, transpose_b=True)
+        if cfg.softmax_clip is not None:
+            _, passes = _clip_tile(cfg, p, key_valid)
+            dp = jnp.where(passes, dp * (cfg.softmax_clip[1] - cfg.softmax_clip[0]), 0.0)
+        return p, dp, k
+
+    def delta_step(start_k, row_delta, is_partial):
+        p, dp, _ = probabilities(start_k, is_partial)
+        return row_delta + jnp.sum(p * dp, axis=1, keepdims=True)
+
+    def dq_step(start_k, dq, is_partial):
+        p, dp, k = probabilities(start_k, is_partial)
         ds = p * (dp - delta)
         return dq + _dot(cfg, ds.astype(k.dtype), k)
 
-    dq = jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32)
-    num_full = cfg.kv_len // block_k
-    if num_full:
-        dq = lax.fori_loop(0, num_full, lambda i, c: step(_block_start(cfg, i, block_k), c, False), dq)
-    if cfg.kv_len % block_k:
-        dq = step(num_full * block_k, dq, True)
+    def over_keys(step, carry):
+        return _loop(cfg, cfg.kv_len, block_k, step, carry)
+
+    if cfg.softmax_clip is not None:
+        # With clipping, delta_i = sum_j p_ij dP_ij is no longer do_i . o_i: one more pass over the keys
+        # adds it to the incoming -d_lse, and the dK/dV kernel reads the total back.
+        delta = over_keys(delta_step, delta)
+        _store(cfg, refs["delta_out"], delta, mask=query_valid)
+    dq = over_keys(dq_step, jnp.zeros((block_q, cfg.head_dim_padded), jnp.float32))
     _store(cfg, refs["dq"], (dq * cfg.scale).astype(refs["dq"].dtype), mask=_and(query_valid, dim_valid))
 
 
@@ -569,7 +644,7 @@ def _dkdv_call(cfg: _Config, q, k, v, bias, key_bias, d_out, lse, delta):
 
 
 def _dq_call(cfg: _Config, q, k, v, bias, key_bias, d_out, lse, delta):
-    """Returns dq, like q."""
+    """Returns (dq like q, delta): with clipping the delta the dK/dV kernel needs, computed here; else `delta`."""
     specs = _Specs(cfg)
     block_q = cfg.block_q_dq
     all_keys = _whole(cfg.kv_len_padded, cfg.block_k_dq)
@@ -583,16 +658,21 @@ def _dq_call(cfg: _Config, q, k, v, bias, key_bias, d_out, lse, delta):
         operands.append(key_bias)
     in_specs += [specs.tokens(block_q, True), specs.row_stats(block_q, True), specs.row_stats(block_q, True)]
     operands += [d_out, lse, delta]
-    return pl.pallas_call(
+    out_specs, out_shape = [specs.tokens(block_q, True)], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if cfg.softmax_clip is not None:
+        out_specs.append(specs.row_stats(block_q, True))
+        out_shape.append(jax.ShapeDtypeStruct(delta.shape, jnp.float32))
+    results = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=specs.grid(pl.cdiv(cfg.q_len, block_q)),
         in_specs=in_specs,
-        out_specs=specs.tokens(block_q, True),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_compiler_params(cfg, cfg.num_warps_backward),
         interpret=cfg.interpret,
         name="vitjax_attention_backward_dq",
     )(*operands)
+    return results[0], (results[1] if cfg.softmax_clip is not None else delta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -615,11 +695,14 @@ def _attention_core_backward(cfg, residuals, cotangents):
     d_out, d_lse = cotangents
     # delta_i = sum_j p_ij dp_ij = do_i . o_i; a gradient arriving through lse adds p_ij * d_lse_i to
     # d logits_ij, which is the same as lowering delta_i by d_lse_i.
-    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
-    if cfg.backend == "triton":
-        delta = jnp.swapaxes(delta, 1, 2)  # (B, N, H) -> (B, H, N)
-    delta = delta[..., None] - d_lse
-    dq = _dq_call(cfg, q, k, v, bias, key_bias, d_out, lse, delta)
+    if cfg.softmax_clip is None:
+        delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+        if cfg.backend == "triton":
+            delta = jnp.swapaxes(delta, 1, 2)  # (B, N, H) -> (B, H, N)
+        delta = delta[..., None] - d_lse
+    else:
+        delta = -d_lse  # the dQ kernel adds sum_j p_ij dP_ij
+    dq, delta = _dq_call(cfg, q, k, v, bias, key_bias, d_out, lse, delta)
     dk, dv, dbias, dkey_bias = _dkdv_call(cfg, q, k, v, bias, key_bias, d_out, lse, delta)
     if cfg.has_bias:
         broadcast_axes = tuple(axis for axis, kept in ((0, cfg.bias_per_batch), (1, cfg.bias_per_head))
@@ -718,7 +801,7 @@ def unsupported_reason(q, k, v, *, bias=None, key_bias=None, backend: Optional[s
 
 def flash_attention(q, k, v, *, bias=None, key_bias=None, scale: Optional[float] = None,
                     return_lse: bool = False, block_sizes: Optional[BlockSizes] = None,
-                    backend: Optional[str] = None, interpret: Optional[bool] = None):
+                    backend: Optional[str] = None, interpret: Optional[bool] = None, softmax_clip=None):
     """Returns the fused-attention output (B, Nq, H, D), and with return_lse also lse (B, H, Nq) fp32.
 
     q: (B, Nq, H, D); k, v: (B, Nk, H, D); fp32, bf16 or fp16 (fp32 accumulation either way).
@@ -726,6 +809,8 @@ def flash_attention(q, k, v, *, bias=None, key_bias=None, scale: Optional[float]
     key_bias (and through lse when it is returned).
     backend: "triton" (GPU) or "mosaic" (TPU); defaults to the platform's. interpret defaults to True
     on a CPU (the same kernel evaluated op by op; logged once).
+    softmax_clip: (gamma, zeta) for the clipped softmax (`clip_probabilities`): a second pass over the keys
+    forward, and one more in the dQ kernel backward (lse is still the plain softmax's).
     """
     backend, interpret = common.resolve_backend("vitjax attention kernel", backend, interpret)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
@@ -745,7 +830,7 @@ def flash_attention(q, k, v, *, bias=None, key_bias=None, scale: Optional[float]
         key_bias = jnp.broadcast_to(key_bias.reshape((1,) * (2 - key_bias.ndim) + key_bias.shape),
                                     (batch, kv_len))
         key_bias = key_bias.astype(jnp.float32)[:, None, :]
-    cfg = _make_config(q, k, bias, key_bias, scale, block_sizes or BlockSizes(), backend, interpret)
+    cfg = _make_config(q, k, bias, key_bias, scale, block_sizes or BlockSizes(), backend, interpret, softmax_clip)
 
     if backend == "triton":
         out, lse = _attention_core(cfg, q, k, v, bias, key_bias)

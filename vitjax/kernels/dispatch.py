@@ -72,8 +72,11 @@ def _platform() -> str:
     return platform if platform in AUTO_PREFERENCES else "cpu"
 
 
-def cudnn_unsupported_reason(q, k, v, *, bias=None, key_bias=None, return_lse=False) -> Optional[str]:
+def cudnn_unsupported_reason(q, k, v, *, bias=None, key_bias=None, return_lse=False,
+                             softmax_clip=None) -> Optional[str]:
     """Returns why the cuDNN path cannot take these operands, or None when it can."""
+    if softmax_clip is not None:
+        return "cuDNN's fused attention has no clipped softmax"
     if common.platform() != "gpu":
         return f"cuDNN needs a CUDA GPU, the platform is {common.platform()}"
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -134,7 +137,7 @@ def kernel_partition(q, *, bias=None, key_bias=None) -> Optional[Tuple[object, o
     return batch_axes, head_axes
 
 
-def _shard_mapped_flash_attention(q, k, v, bias, key_bias, return_lse, partition):
+def _shard_mapped_flash_attention(q, k, v, bias, key_bias, return_lse, partition, softmax_clip=None):
     """Returns `flash_attention` run per (batch shard, head shard) inside jax.shard_map."""
     batch_axes, head_axes = partition
     batch, heads = q.shape[0], q.shape[2]
@@ -155,7 +158,8 @@ def _shard_mapped_flash_attention(q, k, v, bias, key_bias, return_lse, partition
         rest = list(rest)
         local_bias = rest.pop(0) if has_bias else None
         local_key_bias = rest.pop(0) if has_key_bias else None
-        return flash_attention(q, k, v, bias=local_bias, key_bias=local_key_bias, return_lse=return_lse)
+        return flash_attention(q, k, v, bias=local_bias, key_bias=local_key_bias, return_lse=return_lse,
+                               softmax_clip=softmax_clip)
 
     out_specs = (qkv_spec, PartitionSpec(batch_axes, head_axes, None)) if return_lse else qkv_spec
     # check_vma=False: pallas_call does not declare how its outputs vary over the mesh axes.
@@ -167,14 +171,15 @@ _WEIGHTS_REASON = "attention weights were requested (return_weights=True) and fu
 
 
 def unsupported_reason(impl: str, q, k, v, *, bias=None, key_bias=None, return_lse=False,
-                       return_weights=False) -> Optional[str]:
+                       return_weights=False, softmax_clip=None) -> Optional[str]:
     """Returns why `impl` cannot run this call, or None when it can ("xla" always can)."""
     if impl not in ATTENTION_IMPLS:
         return f"unknown attention_impl {impl!r}; valid choices: {ATTENTION_IMPLS}"
     if impl in FUSED_IMPLS and return_weights:
         return _WEIGHTS_REASON
     if impl == "cudnn":
-        return cudnn_unsupported_reason(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
+        return cudnn_unsupported_reason(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse,
+                                        softmax_clip=softmax_clip)
     if impl == "pallas":
         return pallas_unsupported_reason(q, k, v, bias=bias, key_bias=key_bias)
     return None
@@ -195,16 +200,19 @@ def _preferences(q, k) -> Tuple[str, ...]:
     return ("xla",)
 
 
-def _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights) -> List[Tuple[str, Optional[str]]]:
+def _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights,
+               softmax_clip=None) -> List[Tuple[str, Optional[str]]]:
     """Returns [(impl, why it cannot run this call or None)] in the order "auto" tries them."""
     return [(impl, unsupported_reason(impl, q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse,
-                                      return_weights=return_weights)) for impl in _preferences(q, k)]
+                                      return_weights=return_weights, softmax_clip=softmax_clip))
+            for impl in _preferences(q, k)]
 
 
-def choose_impl(q, k, v, *, bias=None, key_bias=None, return_lse=False, return_weights=False) -> str:
+def choose_impl(q, k, v, *, bias=None, key_bias=None, return_lse=False, return_weights=False,
+                softmax_clip=None) -> str:
     """Returns the implementation "auto" resolves to for these operands on this platform."""
-    return next(impl for impl, reason in _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights)
-                if reason is None)
+    return next(impl for impl, reason in _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights,
+                                                    softmax_clip) if reason is None)
 
 
 def _refusal(error: Exception) -> str:
@@ -213,17 +221,17 @@ def _refusal(error: Exception) -> str:
     return f"cuDNN refused it: {type(error).__name__}: {lines[0]}"
 
 
-def _run(impl, q, k, v, bias, key_bias, return_weights, return_lse):
+def _run(impl, q, k, v, bias, key_bias, return_weights, return_lse, softmax_clip=None):
     """Returns what `dot_product_attention` returns, computed by `impl` (already known to take the call)."""
     if impl == "cudnn":
         return _cudnn_attention(q, k, v, bias, key_bias)
     if impl == "pallas":
         partition = kernel_partition(q, bias=bias, key_bias=key_bias)
         if partition is not None:
-            return _shard_mapped_flash_attention(q, k, v, bias, key_bias, return_lse, partition)
-        return flash_attention(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse)
-    return attention_reference(q, k, v, bias=bias, key_bias=key_bias,
-                               return_weights=return_weights, return_lse=return_lse)
+            return _shard_mapped_flash_attention(q, k, v, bias, key_bias, return_lse, partition, softmax_clip)
+        return flash_attention(q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse, softmax_clip=softmax_clip)
+    return attention_reference(q, k, v, bias=bias, key_bias=key_bias, return_weights=return_weights,
+                               return_lse=return_lse, softmax_clip=softmax_clip)
 
 
 # cuDNN checks more than we mirror (library version, compute capability, shape limits) and refuses at
@@ -232,34 +240,35 @@ _CUDNN_REFUSALS = (NotImplementedError, RuntimeError, ValueError, TypeError)
 
 
 def dot_product_attention(q, k, v, *, bias=None, key_bias=None, impl: str = "xla",
-                          return_weights: bool = False, return_lse: bool = False):
+                          return_weights: bool = False, return_lse: bool = False, softmax_clip=None):
     """Returns attention output (B, Nq, H, D); with return_weights/return_lse a tuple adding them in that order.
 
     q: (B, Nq, H, D); k, v: (B, Nk, H, D). bias: broadcastable to (B, H, Nq, Nk); key_bias: (B, Nk).
     weights are (B, H, Nq, Nk) fp32, lse (B, H, Nq) fp32. Only "xla" materialises the weights: with
     return_weights, "auto" runs "xla" and "cudnn"/"pallas" raise. An explicit "cudnn" or "pallas" that
     cannot take the call raises `UnsupportedAttentionError` with the reason; only "auto" falls back.
+    softmax_clip: (gamma, zeta) for the clipped softmax (weights clipped too); "xla" and "pallas" take it, not "cudnn".
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"Unknown attention_impl {impl!r}; valid choices: {ATTENTION_IMPLS}")
     if impl != "auto":
         reason = unsupported_reason(impl, q, k, v, bias=bias, key_bias=key_bias, return_lse=return_lse,
-                                    return_weights=return_weights)
+                                    return_weights=return_weights, softmax_clip=softmax_clip)
         if reason is not None:
             raise _unsupported(impl, reason)
         if impl != "cudnn":
-            return _run(impl, q, k, v, bias, key_bias, return_weights, return_lse)
+            return _run(impl, q, k, v, bias, key_bias, return_weights, return_lse, softmax_clip)
         try:
             return _run(impl, q, k, v, bias, key_bias, return_weights, return_lse)
         except _CUDNN_REFUSALS as error:
             raise _unsupported(impl, _refusal(error)) from error
     skipped = []
-    for chosen, reason in _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights):
+    for chosen, reason in _auto_plan(q, k, v, bias, key_bias, return_lse, return_weights, softmax_clip):
         if reason is not None:
             skipped.append((chosen, reason))
             continue
         try:
-            result = _run(chosen, q, k, v, bias, key_bias, return_weights, return_lse)
+            result = _run(chosen, q, k, v, bias, key_bias, return_weights, return_lse, softmax_clip)
         except _CUDNN_REFUSALS as error:
             if chosen != "cudnn":
                 raise

@@ -126,6 +126,13 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     proj_bias: bool = True  # MetaFormer's attention has no output-projection bias
+    # Outlier-free attention (Bondarenko et al. 2023), off by default: see `softmax_clip_for` and `AttentionGate`.
+    softmax_kind: str = "softmax"
+    clip_gamma: Optional[float] = None
+    clip_alpha: Optional[float] = None
+    clip_zeta: float = 1.0
+    attn_gate: Optional[str] = None
+    attn_gate_init: float = 0.5
 
     @nn.compact
     def __call__(self, x: jax.Array, *, bias: Optional[jax.Array] = None,
@@ -161,12 +168,20 @@ class Attention(nn.Module):
             out, aux = attend(self, query, key, value, bias=bias, key_bias=key_bias, train=train,
                               capture_attention=capture_attention)
         else:
+            if self.softmax_kind != "softmax":
+                raise ValueError(f"softmax_kind={self.softmax_kind!r} cannot take precomputed attention_weights "
+                                 "(MCTF's merged attention); valid choice there: 'softmax'")
             aux = {"attention": attention_weights} if capture_attention else {}
             weights = attention_weights
             if train and self.attn_drop_rate > 0:
                 keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.attn_drop_rate, weights.shape)
                 weights = jnp.where(keep, weights / (1.0 - self.attn_drop_rate), 0.0)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
+        if self.attn_gate is not None:
+            # The gate multiplies each head's output, so it works whatever kernel computed it.
+            gate = AttentionGate(self.attn_gate, self.attn_gate_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name="gate")(x.reshape(x.shape[:-1] + (self.num_heads, head_dim)))
+            out = out * gate[..., None].astype(out.dtype)
         if return_keys:
             aux["key_mean"] = key.mean(axis=2)
         if return_qkv:
@@ -188,14 +203,116 @@ def heads_dense(module: nn.Module, tokens: jax.Array, num_heads: int, head_dim: 
         dtype=module.dtype, param_dtype=module.param_dtype, name=name)(tokens)
 
 
+SOFTMAX_KINDS = ("softmax", "clipped")
+ATTENTION_GATES = (None, "linear", "mlp")
+
+
+def check_outlier_free(softmax_kind: str = "softmax", clip_gamma: Optional[float] = None,
+                       clip_alpha: Optional[float] = None, clip_zeta: float = 1.0, attn_gate: Optional[str] = None,
+                       attn_gate_init: float = 0.5) -> None:
+    """Raises ValueError naming the valid choices when the outlier-free attention settings are not usable."""
+    if softmax_kind not in SOFTMAX_KINDS:
+        raise ValueError(f"Unknown softmax_kind {softmax_kind!r}; valid choices: {list(SOFTMAX_KINDS)}")
+    if attn_gate not in ATTENTION_GATES:
+        raise ValueError(f"Unknown attn_gate {attn_gate!r}; valid choices: {list(ATTENTION_GATES)}")
+    if attn_gate is not None and not 0.0 < attn_gate_init < 1.0:
+        raise ValueError(f"attn_gate_init is the gate's initial probability, in (0, 1); got {attn_gate_init}")
+    if softmax_kind == "softmax":
+        if clip_gamma is not None or clip_alpha is not None:
+            raise ValueError("clip_gamma / clip_alpha need softmax_kind='clipped'")
+        return
+    if (clip_gamma is None) == (clip_alpha is None):
+        raise ValueError("softmax_kind='clipped' needs exactly one of clip_gamma (gamma <= 0) or clip_alpha "
+                         f"(gamma = -alpha / sequence length, alpha >= 0); got clip_gamma={clip_gamma}, "
+                         f"clip_alpha={clip_alpha}")
+    if clip_gamma is not None and clip_gamma > 0:
+        raise ValueError(f"clip_gamma must be <= 0 (the clipped softmax stretches below 0), got {clip_gamma}")
+    if clip_alpha is not None and clip_alpha < 0:
+        raise ValueError(f"clip_alpha must be >= 0, got {clip_alpha}")
+    if clip_zeta < 1.0:
+        raise ValueError(f"clip_zeta must be >= 1 (the clipped softmax stretches above 1), got {clip_zeta}")
+
+
+def softmax_clip_for(module: nn.Module, kv_len: int) -> Optional[Tuple[float, float]]:
+    """Returns (gamma, zeta) of `module`'s clipped softmax for `kv_len` keys, or None for the plain softmax.
+
+    With clip_alpha, gamma = -alpha / kv_len, as the official code derives it from the sequence length.
+    """
+    check_outlier_free(module.softmax_kind, module.clip_gamma, module.clip_alpha, module.clip_zeta)
+    if module.softmax_kind == "softmax":
+        return None
+    gamma = module.clip_gamma if module.clip_gamma is not None else -module.clip_alpha / kv_len
+    return float(gamma), float(module.clip_zeta)
+
+
+def _torch_linear_init(in_axis: int, out_axis: int, batch_axis=()) -> Initializer:
+    """Returns PyTorch nn.Linear's default kernel init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the official gate's)."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=in_axis, out_axis=out_axis,
+                                            batch_axis=batch_axis)
+
+
+def _torch_bias_init(fan_in: int) -> Initializer:
+    """Returns PyTorch nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+class AttentionGate(nn.Module):
+    """The gated attention's gate: sigmoid(G_h(x_h)) per head and token, x_h the head's slice of the input.
+
+    "linear": G_h is a Linear(head_dim -> 1) per head, its bias initialised to logit(init) so the gate
+    starts near `init` (the paper's default); "mlp": Linear(head_dim -> head_dim // 4), ReLU, Linear(-> 1)
+    per head (the official code's --attn_gate_mlp, default PyTorch init). Returns (B, N, H) gates.
+    """
+
+    kind: str = "linear"
+    init: float = 0.5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, heads: jax.Array) -> jax.Array:
+        num_heads, head_dim = heads.shape[-2:]
+        x = heads.astype(self.dtype)
+        if self.kind == "linear":
+            kernel = self.param("kernel", logical(_torch_linear_init(-1, -2), ("heads", "kv")),
+                                (num_heads, head_dim), self.param_dtype)
+            bias_value = float(np.log(self.init / (1.0 - self.init)))
+            bias = self.param("bias", logical(nn.initializers.constant(bias_value), ("heads",)),
+                              (num_heads,), self.param_dtype)
+            logit = jnp.einsum("bnhd,hd->bnh", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        elif self.kind == "mlp":
+            hidden = max(head_dim // 4, 1)
+            fc1_kernel = self.param("fc1_kernel", logical(_torch_linear_init(-2, -1, (0,)), ("heads", "kv", None)),
+                                    (num_heads, head_dim, hidden), self.param_dtype)
+            fc1_bias = self.param("fc1_bias", logical(_torch_bias_init(head_dim), ("heads", None)),
+                                  (num_heads, hidden), self.param_dtype)
+            fc2_kernel = self.param("fc2_kernel", logical(_torch_linear_init(-1, -2, (0,)), ("heads", None)),
+                                    (num_heads, hidden), self.param_dtype)
+            fc2_bias = self.param("fc2_bias", logical(_torch_bias_init(hidden), ("heads",)),
+                                  (num_heads,), self.param_dtype)
+            hidden_act = jax.nn.relu(jnp.einsum("bnhd,hde->bnhe", x, fc1_kernel.astype(self.dtype))
+                                     + fc1_bias.astype(self.dtype))
+            logit = jnp.einsum("bnhe,he->bnh", hidden_act, fc2_kernel.astype(self.dtype)) + fc2_bias.astype(self.dtype)
+        else:
+            raise ValueError(f"Unknown attn_gate {self.kind!r}; valid choices: {list(ATTENTION_GATES[1:])}")
+        return jax.nn.sigmoid(logit)
+
+
 def attend(module: nn.Module, query, key, value, *, train: bool, bias=None, key_bias=None,
            capture_attention: bool = False):
-    """Returns `multihead_attention` with `module`'s attention_impl and attention dropout (attn_drop_rate)."""
+    """Returns `multihead_attention` with `module`'s attention_impl, attention dropout (attn_drop_rate) and,
+    when it has the fields (`Attention`), its clipped softmax."""
     dropping = train and module.attn_drop_rate > 0
+    softmax_clip = softmax_clip_for(module, key.shape[1]) if hasattr(module, "softmax_kind") else None
     return multihead_attention(
         query, key, value, bias=bias, key_bias=key_bias, impl=module.attention_impl,
         dropout_rate=module.attn_drop_rate if train else 0.0,
-        dropout_rng=module.make_rng("dropout") if dropping else None, capture_attention=capture_attention)
+        dropout_rng=module.make_rng("dropout") if dropping else None, capture_attention=capture_attention,
+        softmax_clip=softmax_clip)
 
 
 def project_heads(module: nn.Module, out: jax.Array, channels: int, *, train: bool, use_bias: bool = True,
@@ -239,13 +356,15 @@ def attention_weights_hook(hook: Callable[[jax.Array, jax.Array], jax.Array]) ->
 
 
 def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xla",
-                        dropout_rate=0.0, dropout_rng=None, capture_attention=False):
+                        dropout_rate=0.0, dropout_rng=None, capture_attention=False, softmax_clip=None):
     """Returns (attention output (B, Nq, H, D), aux dict with `attention` (B, H, Nq, Nk) when captured).
 
     The one place every architecture computes softmax attention, so `impl` applies to all of them.
     Both paths below need the weights, which only "xla" materialises: capturing them (an inspection,
     e.g. for visualisation) always runs "xla"; attention dropout (training) passes `impl` on, so
     "auto" runs "xla" (logged once) and an explicit "cudnn"/"pallas" raises instead of silently not running.
+    softmax_clip: (gamma, zeta) of the clipped softmax (Bondarenko et al. 2023), None for the plain one;
+    the captured / hooked weights are the clipped ones.
     """
     aux = {}
     weights_hook = _attention_weights_hook.get()
@@ -254,7 +373,7 @@ def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xl
     if dropout_rate > 0.0 or capture_attention or weights_hook is not None:
         weights_impl = "xla" if capture_attention or weights_hook is not None else impl
         _, weights = dot_product_attention(query, key, value, bias=bias, key_bias=key_bias,
-                                           impl=weights_impl, return_weights=True)
+                                           impl=weights_impl, return_weights=True, softmax_clip=softmax_clip)
         if weights_hook is not None:
             weights = weights_hook(weights, value)
         if capture_attention:
@@ -264,7 +383,8 @@ def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xl
             weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
         return out, aux
-    return dot_product_attention(query, key, value, bias=bias, key_bias=key_bias, impl=impl), aux
+    return dot_product_attention(query, key, value, bias=bias, key_bias=key_bias, impl=impl,
+                                 softmax_clip=softmax_clip), aux
 
 
 class Mlp(nn.Module):

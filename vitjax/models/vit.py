@@ -58,6 +58,8 @@ class Block(nn.Module):
     token_reducer: Optional[tokens.BlockReducer] = None
     # Parameter-efficient adaptation (`vitjax.adapt`): its `mlp_branch` runs beside the MLP; None: no branch.
     adapt_method: Optional[adapt_lib.Method] = None
+    # Outlier-free attention (layers.Attention's fields; the model's `outlier_free` settings).
+    outlier_free: Optional[Dict[str, Any]] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, capture_attention: bool = False,
@@ -73,7 +75,8 @@ class Block(nn.Module):
         attention = layers.Attention(
             self.num_heads, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, attn_drop_rate=self.attn_drop_rate,
             proj_drop_rate=self.proj_drop_rate, norm_eps=self.norm_eps, attention_impl=self.attention_impl,
-            kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+            kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype, name="attn",
+            **(self.outlier_free or {}))
         reducer = self.token_reducer
         stage = None if reducer is None else reducer.stage
         key_bias = None if reducer is None else reducer.key_bias(token_state)
@@ -171,6 +174,15 @@ class VisionTransformer(nn.Module):
     # Parameter-efficient adaptation: dict(method="lora" | "vpt" | "adapter", ...) or a vitjax.adapt.Method;
     # None leaves the model exactly as it is (see vitjax.adapt).
     adapt: Optional[Any] = None
+    # Outlier-free attention (Bondarenko et al. 2023) in every block, off by default: softmax_kind "clipped"
+    # with clip_gamma (<= 0) or clip_alpha (gamma = -alpha / tokens) and clip_zeta (>= 1); attn_gate "linear"
+    # or "mlp" with attn_gate_init, the gate's starting probability (see layers.Attention).
+    softmax_kind: str = "softmax"
+    clip_gamma: Optional[float] = None
+    clip_alpha: Optional[float] = None
+    clip_zeta: float = 1.0
+    attn_gate: Optional[str] = None
+    attn_gate_init: float = 0.5
 
     POS_EMBED_TYPES = ("learn", "sincos2d", "none")
     WEIGHT_INITS = ("timm", "xavier")
@@ -195,6 +207,7 @@ class VisionTransformer(nn.Module):
             raise ValueError("A distilled model (DeiT) needs class_token=True")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
+        layers.check_outlier_free(**self.outlier_free_settings())
         method = self.token_method()
         if method is not None:
             if self.scan:
@@ -206,6 +219,11 @@ class VisionTransformer(nn.Module):
         adaptation = self.adapt_method()
         if adaptation is not None:
             adaptation.check_model(self.depth, self.num_prefix_tokens, self.scan, method is not None)
+
+    def outlier_free_settings(self) -> Dict[str, Any]:
+        """Returns the outlier-free attention settings every block's attention takes."""
+        return dict(softmax_kind=self.softmax_kind, clip_gamma=self.clip_gamma, clip_alpha=self.clip_alpha,
+                    clip_zeta=self.clip_zeta, attn_gate=self.attn_gate, attn_gate_init=self.attn_gate_init)
 
     def adapt_method(self) -> Optional[adapt_lib.Method]:
         """Returns the adaptation method of `adapt`, or None."""
@@ -288,7 +306,7 @@ class VisionTransformer(nn.Module):
                     proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
                     norm_eps=self.norm_eps, attention_impl=self.attention_impl, mlp_activation=self.mlp_activation,
                     kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype,
-                    adapt_method=self.adapt_method())
+                    adapt_method=self.adapt_method(), outlier_free=self.outlier_free_settings())
 
     def encode(self, x: jax.Array, train: bool, capture_attention: bool,
                adapt_carry: Any = None) -> Tuple[jax.Array, Dict[str, Any]]:

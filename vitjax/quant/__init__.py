@@ -31,6 +31,7 @@ import numpy as np
 from vitjax.quant import calibrate, quantizers
 
 METHODS = ("minmax", "percentile", "mse", "log2", "adalog")
+BACKENDS = ("fake", "qwix")
 # Methods whose softmax quantizer needs softmax attention in the model.
 LOG_METHODS = ("log2", "adalog")
 FIRST_LAYER_BITS = 8
@@ -137,16 +138,25 @@ def _lookup(tree: Any, path: Tuple[str, ...]) -> Any:
 def quantize(module: Any, variables: Mapping[str, Any], calibration: Iterable[Any], method: str = "adalog",
              w_bits: int = 8, a_bits: int = 8, *, act_granularity: str = "tensor",
              weight_granularity: str = "channel",
-             apply_kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[QuantizedModel, Dict[str, Any]]:
+             apply_kwargs: Optional[Mapping[str, Any]] = None, backend: str = "fake") -> Tuple[Any, Dict[str, Any]]:
     """Returns (quantized model, its variables: the model's plus a "quant" collection of calibrated grids).
 
+    backend "fake" (default) simulates the quantization in floating point; "qwix" runs the Dense /
+    DenseGeneral matmuls really in int8 (`vitjax.quant.int8`; W8A8, method "minmax", act_granularity "token").
     Bad input (method, bit width outside 2..8, no calibration batch, a log method on a model without
-    softmax attention) raises ValueError before anything is compiled.
+    softmax attention, a backend that cannot take the settings) raises ValueError before anything is compiled.
     """
     check_arguments(method, w_bits, a_bits, act_granularity, weight_granularity)
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
+    if backend == "qwix":
+        from vitjax.quant import int8
+        int8.check_backend(method, w_bits, a_bits, act_granularity)
     batches = [calibrate.batch_images(batch) for batch in calibration]
     if not batches:
         raise ValueError("The calibration set has no batches: give an iterable of at least one batch of images")
+    if backend == "qwix":
+        return int8.quantize_int8(module, variables, batches[0], apply_kwargs=apply_kwargs)
     apply_kwargs = dict(apply_kwargs or {})
     variables = dict(flax.linen.meta.unbox(dict(variables)))
     variables.pop("quant", None)
@@ -227,4 +237,5 @@ def quantize(module: Any, variables: Mapping[str, Any], calibration: Iterable[An
     return model, {**variables, "quant": quant}
 
 
-__all__ = ["InputSpec", "LOG_METHODS", "METHODS", "QuantizedModel", "check_arguments", "quantize", "quantize_kernels"]
+__all__ = ["BACKENDS", "InputSpec", "LOG_METHODS", "METHODS", "QuantizedModel", "check_arguments", "quantize",
+           "quantize_kernels"]
