@@ -1,0 +1,94 @@
+"""CrossFormer / CrossFormer++: parity with the official cheerss/CrossFormer code (fixture: SDA and LDA groups,
+padded groups, a map smaller than its group, the cooling layer), attention_impl="pallas" (interpret mode on the CPU)
+equal to "xla" with the position bias and padding mask, parameter counts of every official name, converter errors."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitjax import convert, models
+from vitjax.models import crossformer
+
+from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "crossformer", "crossformer.npz")
+TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
+# Three stages on 64 px (maps 16, 8, 4): stage 1 groups 4 (LDA interval 2), stage 2 groups 3 (both SDA and LDA
+# pad 8 up to 9 and 12), stage 3's group 4 covers its whole 4x4 map.
+SMALL = dict(img_size=64, num_classes=5, embed_dim=16, depths=(4, 2, 1), num_heads=(1, 2, 4), group_sizes=(4, 3, 4),
+             intervals=(2, 2, 1), merge_sizes=((2, 4), (2, 4)))
+CASES = {"v1": ("crossformer_tiny", dict(use_acl=False)), "pp": ("crossformer_pp_small", dict(use_acl=True))}
+
+
+def _case(data, case):
+    state = {key[len("v1/state/"):]: value for key, value in data.items() if key.startswith("v1/state/")}
+    if case == "pp":  # the same weights plus the cooling layer of stage 1's third block
+        state.update({key[len("pp/state/"):]: value for key, value in data.items() if key.startswith("pp/state/")})
+    name, extra = CASES[case]
+    return state, name, {**SMALL, **extra}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_official_parity(case):
+    data = dict(np.load(FIXTURE))
+    state, name, settings = _case(data, case)
+    variables = convert.from_timm(state, name, **settings)
+    model = models.create(name, **settings)
+    logits, intermediates = jax.jit(model.apply)(variables, jnp.asarray(data["images"]))
+    assert [x.shape[1:] for x in intermediates["stages"]] == [(16, 16, 16), (8, 8, 32), (4, 4, 64)]
+    assert relative_error(logits, data[f"{case}/logits"]) <= 1e-5
+    assert relative_error(logits, data[f"{case}/logits64"]) <= 1e-5
+
+
+def test_pallas_equals_xla_with_position_bias_and_padding_mask():
+    """One stage on 12 px: its 3x3 map pads to 4 for groups of 2 (a key mask), both blocks a position bias."""
+    settings = dict(img_size=12, num_classes=3, embed_dim=16, depths=(2,), num_heads=(2,), group_sizes=(2,),
+                    intervals=(1,), merge_sizes=())
+    images = jax.random.normal(jax.random.key(0), (1, 12, 12, 3))
+    xla = models.create("crossformer_tiny", **settings)
+    variables = xla.init(jax.random.key(1), images)
+    pallas = models.create("crossformer_tiny", attention_impl="pallas", **settings)
+    expected, _ = jax.jit(xla.apply)(variables, images)
+    ours, _ = jax.jit(pallas.apply)(variables, images)
+    assert relative_error(ours, expected) <= 1e-5
+
+
+def test_group_and_ungroup_are_inverse_and_lda_strides_by_the_interval():
+    x = np.arange(2 * 8 * 8).reshape(2, 8, 8, 1)
+    groups = crossformer.group_tokens(x, 2, 4, True)
+    assert groups.shape == (2 * 16, 4, 1)
+    assert groups[1, :, 0].tolist() == [1, 5, 33, 37]  # offsets (0, 1) + interval 4 in both directions
+    back = crossformer.ungroup_tokens(groups, 2, 8, 8, 2, 4, True)
+    np.testing.assert_array_equal(back, x)
+    assert crossformer.block_geometry(7, 7, 1, True) == (7, False, 0)   # a 7x7 map: one group, SDA
+    assert crossformer.block_geometry(8, 3, 2, True) == (3, True, 4)
+
+
+def test_parameter_counts_equal_the_official_code():
+    """The official counts equal experiments/out/model_table.json's, which test_registry checks against the models."""
+    data = np.load(FIXTURE)
+    counts = dict(zip(data["param_names"].tolist(), data["param_counts"].tolist()))
+    assert sorted(counts) == models.list_models("crossformer")
+    with open(TABLE) as file:
+        rows = json.load(file)["rows"]
+    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+
+
+def test_converter_errors_and_validation():
+    data = dict(np.load(FIXTURE))
+    state, name, settings = _case(data, "pp")
+    assert_converter_errors(
+        state, name, settings, missing="layers.0.blocks.2.ex_conv.weight",
+        unexpected={"layers.1.blocks.0.attn.extra": np.zeros(3, np.float32)},
+        misshapen={"layers.1.blocks.1.attn.pos.pos2.2.bias": (np.zeros(3, np.float32),
+                                                              "layers_1/blocks_1/attn/pos/pos2_fc/bias")})
+    assert_create_rejects("crossformer_tiny", [
+        (dict(img_size=200), "multiple of 32"),
+        (dict(depths=(1, 1, 8)), "one entry per stage"),
+        (dict(num_heads=(3, 4, 8, 16)), "divisible by its num_heads"),
+        (dict(embed_dim=8), ">= 16"),
+        (dict(merge_sizes=((2, 3), (2, 4), (2, 4))), "even steps"),
+    ])
