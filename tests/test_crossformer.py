@@ -92,3 +92,28 @@ def test_converter_errors_and_validation():
         (dict(embed_dim=8), ">= 16"),
         (dict(merge_sizes=((2, 3), (2, 4), (2, 4))), "even steps"),
     ])
+
+
+def test_from_torch_is_the_entry_for_timm_and_official_layouts_and_from_timm_its_alias():
+    """A timm ViT state dict and an official-layout CrossFormer one convert through both names, identically."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    vit_settings = dict(img_size=32, patch_size=8, depth=1, num_classes=3)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **vit_settings).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(images).numpy()
+    data = dict(np.load(FIXTURE))
+    state, name, settings = _case(data, "v1")
+    for source, model_name, overrides in ((reference.state_dict(), "vit_tiny_patch16_224", vit_settings),
+                                          (state, name, settings)):
+        ours = convert.from_torch(source, model_name, **overrides)
+        alias = convert.from_timm(source, model_name, **overrides)
+        assert jax.tree.structure(ours) == jax.tree.structure(alias)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(alias)))
+    logits, _ = models.create("vit_tiny_patch16_224", **vit_settings).apply(
+        convert.from_torch(reference.state_dict(), "vit_tiny_patch16_224", **vit_settings),
+        jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
+    assert relative_error(logits, expected) <= 1e-5
+    with pytest.raises(ValueError, match="from_open_clip or from_transformers"):
+        convert.from_torch({}, "clip_vit_tiny_digits")
