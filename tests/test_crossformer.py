@@ -117,3 +117,18 @@ def test_from_torch_is_the_entry_for_timm_and_official_layouts_and_from_timm_its
     assert relative_error(logits, expected) <= 1e-5
     with pytest.raises(ValueError, match="from_open_clip or from_transformers"):
         convert.from_torch({}, "clip_vit_tiny_digits")
+
+
+def test_layer_ids_end_each_stage_with_its_patch_merging():
+    import flax.linen as nn
+    settings = dict(img_size=64, embed_dim=16, depths=(2, 1, 1), num_heads=(1, 2, 4), merge_sizes=((2, 4), (2, 4)),
+                    intervals=(2, 1, 1), group_sizes=(2, 2, 2))
+    model = models.create("crossformer_tiny", **settings)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    ids, num_layers = model.layer_ids(nn.meta.unbox(shapes["params"]))
+    assert num_layers == 4   # the stem, then one id per block; the head is num_layers + 1
+    assert int(ids["patch_embed/norm/scale"]) == 0
+    assert int(ids["layers_0/blocks_1/norm1/scale"]) == 2
+    assert int(ids["layers_0/downsample/reductions_1/kernel"]) == 2
+    assert int(ids["layers_1/blocks_0/norm1/scale"]) == 3
+    assert int(ids["norm/scale"]) == 4 and int(ids["head/kernel"]) == 5

@@ -83,3 +83,18 @@ def test_converter_errors_and_validation():
         (dict(num_heads=(3, 4, 8, 16)), "heads of an even width"),
         (dict(img_size=16), "at least 32"),
     ])
+
+
+def test_layer_ids_end_each_stage_with_its_downsampling():
+    import flax.linen as nn
+    settings = dict(img_size=32, embed_dims=(16, 16), depths=(2, 1), num_heads=(2, 2), init_values=(2, 2),
+                    heads_ranges=(4, 6), mlp_ratios=(2, 2), decomposed=(True, False), layer_scales=(False, True),
+                    projection=16)
+    model = models.create("rmt_b", **settings)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    ids, num_layers = model.layer_ids(nn.meta.unbox(shapes["params"]))
+    assert num_layers == 3
+    assert int(ids["patch_embed_proj_10/scale"]) == 0
+    assert int(ids["layers_0/downsample_reduction/kernel"]) == 2
+    assert int(ids["layers_1/blocks_0/gamma_1/gamma"]) == 3
+    assert int(ids["proj/kernel"]) == 3 and int(ids["head/kernel"]) == 4

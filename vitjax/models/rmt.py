@@ -263,7 +263,9 @@ class RMT(param_groups.LayerGroups, nn.Module):
     def group_matcher(self) -> param_groups.Matcher:
         """Returns timm-style group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
         return dict(stem=r"^patch_embed_",
-                    blocks=[(r"^layers_(\d+)/blocks_(\d+)", None), (r"^layers_(\d+)/downsample", (0,)),
+                    blocks=[(r"^layers_(\d+)/blocks_(\d+)", None),
+                            # the merging ends stage i: it joins stage i's last block
+                            (r"^layers_(\d+)/downsample", (param_groups.MERGE_WITH_PREVIOUS,)),
                             (r"^(?:proj|norm)", (param_groups.MERGE_WITH_PREVIOUS,))])
 
     def no_weight_decay(self) -> Tuple[str, ...]:
