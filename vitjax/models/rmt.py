@@ -62,23 +62,24 @@ def retention_decay(num_heads: int, init_value: float, heads_range: float) -> np
 
 
 def rotation(height: int, width: int, key_dim: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Returns (sin, cos), each (height, width, key_dim) float32, of the row-major token index times the angles."""
+    """Returns (sin, cos), each (height, width, key_dim) float64, of the row-major token index times the (float32)
+    angles; the model casts them to its dtype."""
     angles = np.arange(height * width, dtype=np.float64)[:, None] * retention_angle(key_dim).astype(np.float64)
     shape = (height, width, key_dim)
-    return np.sin(angles).astype(np.float32).reshape(shape), np.cos(angles).astype(np.float32).reshape(shape)
+    return np.sin(angles).reshape(shape), np.cos(angles).reshape(shape)
 
 
 def decay_mask_1d(length: int, decay: np.ndarray) -> np.ndarray:
-    """Returns the (heads, length, length) float32 bias |i - j| * decay[h]."""
-    index = np.arange(length, dtype=np.float32)
-    return (np.abs(index[:, None] - index[None, :])[None] * decay[:, None, None]).astype(np.float32)
+    """Returns the (heads, length, length) bias |i - j| * decay[h] (decay's dtype)."""
+    index = np.arange(length, dtype=decay.dtype)
+    return np.abs(index[:, None] - index[None, :])[None] * decay[:, None, None]
 
 
 def decay_mask_2d(height: int, width: int, decay: np.ndarray) -> np.ndarray:
-    """Returns the (heads, H * W, H * W) float32 bias (|dh| + |dw|) * decay[h] over row-major tokens."""
+    """Returns the (heads, H * W, H * W) bias (|dh| + |dw|) * decay[h] over row-major tokens (decay's dtype)."""
     grid = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij"), -1).reshape(-1, 2)
-    distance = np.abs(grid[:, None, :] - grid[None, :, :]).sum(-1).astype(np.float32)
-    return (distance[None] * decay[:, None, None]).astype(np.float32)
+    distance = np.abs(grid[:, None, :] - grid[None, :, :]).sum(-1).astype(decay.dtype)
+    return distance[None] * decay[:, None, None]
 
 
 def _rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
@@ -115,26 +116,27 @@ class ManhattanSelfAttention(nn.Module):
         key = _rotate(key.reshape(batch, height, width, heads, key_dim), sin, cos)
         value = value.reshape(batch, height, width, heads, key_dim)
         decay = retention_decay(heads, self.init_value, self.heads_range)
+        bias_dtype = jnp.promote_types(x.dtype, jnp.float32)  # decays of far tokens need more than bf16's 8 bits
         if self.decomposed:
             def rows(t):  # (B, H, W, heads, D) -> (B * H, W, heads, D)
                 return t.reshape(batch * height, width, heads, -1)
 
             out, _ = layers.attend(self, rows(query), rows(key), rows(value), train=train,
-                                   bias=jnp.asarray(decay_mask_1d(width, decay))[None])
+                                   bias=jnp.asarray(decay_mask_1d(width, decay), bias_dtype)[None])
             out = out.reshape(batch, height, width, heads, key_dim)
 
             def columns(t):  # (B, H, W, heads, D) -> (B * W, H, heads, D)
                 return jnp.swapaxes(t, 1, 2).reshape(batch * width, height, heads, -1)
 
             out, _ = layers.attend(self, columns(query), columns(key), columns(out), train=train,
-                                   bias=jnp.asarray(decay_mask_1d(height, decay))[None])
+                                   bias=jnp.asarray(decay_mask_1d(height, decay), bias_dtype)[None])
             out = jnp.swapaxes(out.reshape(batch, width, height, channels), 1, 2)
         else:
             def tokens(t):  # (B, H, W, heads, D) -> (B, H * W, heads, D)
                 return t.reshape(batch, height * width, heads, -1)
 
             out, _ = layers.attend(self, tokens(query), tokens(key), tokens(value), train=train,
-                                   bias=jnp.asarray(decay_mask_2d(height, width, decay))[None])
+                                   bias=jnp.asarray(decay_mask_2d(height, width, decay), bias_dtype)[None])
             out = out.reshape(batch, height, width, channels)
         return _dense(self, channels, "out_proj")(out + lepe)
 
