@@ -44,15 +44,14 @@ def test_official_parity(case):
 
 
 def test_pallas_equals_xla_with_position_bias_and_padding_mask():
-    """One stage on 12 px: its 3x3 map pads to 4 for groups of 2 (a key mask), both blocks a position bias."""
-    settings = dict(img_size=12, num_classes=3, embed_dim=16, depths=(2,), num_heads=(2,), group_sizes=(2,),
-                    intervals=(1,), merge_sizes=())
-    images = jax.random.normal(jax.random.key(0), (1, 12, 12, 3))
-    xla = models.create("crossformer_tiny", **settings)
-    variables = xla.init(jax.random.key(1), images)
-    pallas = models.create("crossformer_tiny", attention_impl="pallas", **settings)
-    expected, _ = jax.jit(xla.apply)(variables, images)
-    ours, _ = jax.jit(pallas.apply)(variables, images)
+    """An LDA block on a 5x5 map, groups of 2 at interval 2: padded to 8 (a key mask), the position bias per head."""
+    x = jax.random.normal(jax.random.key(0), (1, 25, 16))
+    xla = crossformer.CrossFormerBlock(5, 2, 2, 2, True)
+    variables = xla.init(jax.random.key(1), x)
+    pallas = crossformer.CrossFormerBlock(5, 2, 2, 2, True, attention_impl="pallas")
+    expected = jax.jit(xla.apply)(variables, x)
+    ours = jax.jit(pallas.apply)(variables, x)
+    assert crossformer.block_geometry(5, 2, 2, True) == (2, True, 3)
     assert relative_error(ours, expected) <= 1e-5
 
 
@@ -91,6 +90,7 @@ def test_converter_errors_and_validation():
         (dict(num_heads=(3, 4, 8, 16)), "divisible by its num_heads"),
         (dict(embed_dim=8), ">= 16"),
         (dict(merge_sizes=((2, 3), (2, 4), (2, 4))), "even steps"),
+        (dict(attention_impl="flash"), r"valid choices: \[.xla., .cudnn., .pallas., .auto.\]"),
     ])
 
 

@@ -36,17 +36,15 @@ def test_official_parity():
     assert relative_error(logits, data["logits64"]) <= 1e-5
 
 
-def test_pallas_equals_xla_with_decay_biases():
-    """One decomposed and one whole-map stage on 16 px (maps 4x4 and 2x2)."""
-    settings = dict(img_size=16, num_classes=3, embed_dims=(16, 16), depths=(1, 1), num_heads=(2, 2),
-                    init_values=(2, 2), heads_ranges=(4, 6), mlp_ratios=(2, 2), decomposed=(True, False),
-                    layer_scales=(False, False), projection=8)
-    images = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
-    xla = models.create("rmt_t", **settings)
-    variables = xla.init(jax.random.key(1), images)
-    pallas = models.create("rmt_t", attention_impl="pallas", **settings)
-    expected, _ = jax.jit(xla.apply)(variables, images)
-    ours, _ = jax.jit(pallas.apply)(variables, images)
+@pytest.mark.parametrize("decomposed", [True, False])
+def test_pallas_equals_xla_with_decay_biases(decomposed):
+    """MaSA on a 3x4 map: rows then columns with the 1-D decays, or the whole map with the 2-D decay."""
+    x = jax.random.normal(jax.random.key(0), (1, 3, 4, 16))
+    xla = rmt.ManhattanSelfAttention(2, 2.0, 4.0, decomposed)
+    variables = xla.init(jax.random.key(1), x)
+    pallas = rmt.ManhattanSelfAttention(2, 2.0, 4.0, decomposed, attention_impl="pallas")
+    expected = jax.jit(xla.apply)(variables, x)
+    ours = jax.jit(pallas.apply)(variables, x)
     assert relative_error(ours, expected) <= 1e-5
 
 
@@ -82,6 +80,7 @@ def test_converter_errors_and_validation():
         (dict(depths=(2, 2, 8)), "one entry per stage"),
         (dict(num_heads=(3, 4, 8, 16)), "heads of an even width"),
         (dict(img_size=16), "at least 32"),
+        (dict(attention_impl="flash"), "Unknown attention_impl .flash.; valid choices"),
     ])
 
 
