@@ -58,6 +58,12 @@ PUBLISHED = {
     # HorNet: the official raoyongming/HorNet README (ImageNet-1k models; its L rows are ImageNet-22k models).
     "hornet_tiny_7x7": (22.0, 4.0), "hornet_tiny_gf": (23.0, 3.9), "hornet_small_7x7": (50.0, 8.8),
     "hornet_small_gf": (50.0, 8.7), "hornet_base_7x7": (87.0, 15.6), "hornet_base_gf": (88.0, 15.5),
+    # CrossFormer / CrossFormer++: the official cheerss/CrossFormer README table (params, FLOPs).
+    "crossformer_tiny": (27.8, 2.9), "crossformer_small": (30.7, 4.9), "crossformer_base": (52.0, 9.2),
+    "crossformer_large": (92.0, 16.1), "crossformer_pp_small": (23.3, 4.9), "crossformer_pp_base": (52.0, 9.5),
+    "crossformer_pp_large": (92.0, 16.6), "crossformer_pp_huge": (96.0, 21.8),
+    # RMT: Fan et al. 2024, Table 1 (params, FLOPs); rmt_b / rmt_l are the official RMT_M2 / RMT_L6.
+    "rmt_t": (14.0, 2.5), "rmt_s": (27.0, 4.5), "rmt_b": (54.0, 9.7), "rmt_l": (95.0, 18.2),
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),

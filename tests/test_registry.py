@@ -76,6 +76,12 @@ SMALL = {
                                                          compressed_grid=(2, 2), num_classes=10), 32),
     "t2t_vit": ("t2t_vit_7", dict(img_size=32, embed_dim=32, depth=2, num_heads=2, token_dim=16, num_classes=10), 32),
     "hornet": ("hornet_tiny_gf", dict(img_size=32, base_dim=8, depths=(1, 1, 1, 1), num_classes=10), 32),
+    "crossformer": ("crossformer_tiny", dict(img_size=16, embed_dim=16, depths=(2, 1), num_heads=(1, 2),
+                                             group_sizes=(3, 2), intervals=(1, 1), merge_sizes=((2, 4),),
+                                             num_classes=10), 16),
+    "rmt": ("rmt_b", dict(img_size=16, embed_dims=(16, 16), depths=(1, 1), num_heads=(2, 2), init_values=(2, 2),
+                          heads_ranges=(4, 6), mlp_ratios=(2, 2), decomposed=(True, False), layer_scales=(False, True),
+                          projection=16, num_classes=10), 16),
     "regnet": ("regnety_002", dict(img_size=32, w0=8, wa=8.0, wm=2.0, depth=6, group_size=8, num_classes=10), 32),
 }
 

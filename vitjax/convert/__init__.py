@@ -1,6 +1,7 @@
 """Weights in: timm / Hugging Face PyTorch state dicts and official checkpoints, by explicit key tables.
 
-    variables = vitjax.convert.from_timm("vit_tiny_patch16_224.pth", "vit_tiny_patch16_224")
+    variables = vitjax.convert.from_torch("vit_tiny_patch16_224.pth", "vit_tiny_patch16_224")   # timm's layout
+    variables = vitjax.convert.from_torch("crossformer-s.pth", "crossformer_small")   # the official repo's layout
     model = vitjax.models.create("vit_tiny_patch16_224")
     logits, _ = model.apply(variables, images)
     variables = vitjax.convert.from_open_clip("open_clip_model.safetensors", "clip_vit_b32")   # open_clip CLIP
@@ -14,12 +15,14 @@ from typing import Any, Dict
 from vitjax.convert.common import KeyTable, load_state_dict
 
 
-def from_timm(source, name: str, **model_overrides) -> Dict[str, Any]:
+def from_torch(source, name: str, **model_overrides) -> Dict[str, Any]:
     """Returns flax variables ({"params": ...}, plus "batch_stats" where the model has BatchNorm).
 
-    `source` is a state dict or a checkpoint path; `name` a registered model name; `model_overrides` are
-    passed to `vitjax.models.create` (e.g. `img_size=384` resamples position embeddings to that size).
-    Missing, unexpected or mis-shaped keys raise an error that names them.
+    The one entry for PyTorch state dicts: `source` is a state dict or a checkpoint path in the layout of timm
+    where timm has the family (and Hugging Face transformers' for CvT), else of the family's official repository
+    (HorNet, T2T-ViT, CrossFormer, RMT, ...); the family's converter reads it by an explicit key table. `name` is a
+    registered model name; `model_overrides` are passed to `vitjax.models.create` (e.g. `img_size=384` resamples
+    position embeddings to that size). Missing, unexpected or mis-shaped keys raise an error that names them.
     """
     from vitjax import models
     family = models.model_family(name)
@@ -28,10 +31,15 @@ def from_timm(source, name: str, **model_overrides) -> Dict[str, Any]:
     except ModuleNotFoundError as error:
         raise ValueError(f"No converter for the {family!r} family of {name!r}") from error
     if not hasattr(converter, "convert_timm"):
-        raise ValueError(f"{name!r} ({family}) has no timm weights; convert it with "
+        raise ValueError(f"{name!r} ({family}) has no PyTorch key table here; convert it with "
                          f"{'from_open_clip or from_transformers' if family == 'clip' else 'its own converter'}")
     model = models.create(name, **model_overrides)
     return converter.convert_timm(load_state_dict(source), model)
+
+
+def from_timm(source, name: str, **model_overrides) -> Dict[str, Any]:
+    """Returns `from_torch(source, name, **model_overrides)`: the earlier name of the same entry, kept as an alias."""
+    return from_torch(source, name, **model_overrides)
 
 
 def _clip_model(name: str, model_overrides):
@@ -58,4 +66,4 @@ def from_transformers(source, name: str, **model_overrides) -> Dict[str, Any]:
     return convert_transformers(load_state_dict(source), _clip_model(name, model_overrides))
 
 
-__all__ = ["KeyTable", "from_open_clip", "from_timm", "from_transformers", "load_state_dict"]
+__all__ = ["KeyTable", "from_open_clip", "from_timm", "from_torch", "from_transformers", "load_state_dict"]
