@@ -54,6 +54,9 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "vpt_deep": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "vpt", "adapt.num_tokens": 5,
                  "adapt.deep": True},
     "adapter": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "adapter", "adapt.bottleneck": 8},
+    # HST's paper defaults (configs/hst_digits.py): 4 side stages 32-72 wide, one meta token per layer, its
+    # lr 1e-2 and weight decay 5e-4; a 4-block encoder gives one layer per stage.
+    "hst": {"optim.blr": 1e-2, "optim.weight_decay": 5e-4, "adapt.method": "hst", "model.drop_path_rate": 0.0},
 }
 # PVP (vitjax/adapt/pvp.py): VPT-deep whose prompts start from a stage-1 run on a source task (run once per
 # dataset, seed 0, then reused by every seed, as the paper pre-trains once). The target run is vpt_deep's.
