@@ -16,7 +16,7 @@ Each (method, dataset, seed) is one run of `vitjax.train.train_and_evaluate` fro
 quickstart's) with `init_from` the encoder and the classifier head re-initialised (`init_from_skip`), so
 every method starts from the same features. The methods are config overrides (`METHODS`): full
 fine-tuning, a linear probe (everything but the head frozen through `optim.frozen`), and `config.adapt`'s
-LoRA, VPT shallow / deep and AdaptFormer adapters; `pvp` is VPT deep whose prompts start from a stage-1
+LoRA, VPT shallow / deep, AdaptFormer adapters, HST and DVPT; `pvp` is VPT deep whose prompts start from a stage-1
 VPT-deep run on a source task (`PVP_SOURCES`; on the digits: `--pvp_source_split`, relabelled class // 2,
 `--pvp_source_steps`), run once per dataset with seed 0, its head dropped. The table reports the
 trained-parameter percentage (of the adapted model's parameters), top-1 per dataset (mean +- std over the
@@ -57,6 +57,9 @@ METHODS: Dict[str, Dict[str, Any]] = {
     # HST's paper defaults (configs/hst_digits.py): 4 side stages 32-72 wide, one meta token per layer, its
     # lr 1e-2 and weight decay 5e-4; a 4-block encoder gives one layer per stage.
     "hst": {"optim.blr": 1e-2, "optim.weight_decay": 5e-4, "adapt.method": "hst", "model.drop_path_rate": 0.0},
+    # DVPT (vitjax/adapt/dvpt.py): vpt_deep's prompts and recipe, generated per image by a Meta-Net (meta_dim 16).
+    "dvpt": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "dvpt", "adapt.num_tokens": 5,
+             "adapt.deep": True, "adapt.meta_dim": 16},
 }
 # PVP (vitjax/adapt/pvp.py): VPT-deep whose prompts start from a stage-1 run on a source task (run once per
 # dataset, seed 0, then reused by every seed, as the paper pre-trains once). The target run is vpt_deep's.

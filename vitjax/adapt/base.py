@@ -179,6 +179,7 @@ SECTION_DEFAULTS: Dict[str, Any] = dict(
     side_depths=(),               # hst: backbone layers per side stage (sum = depth); (): an even split
     meta_tokens=1,                # hst: meta tokens per layer
     side_mlp_ratio=4.0,           # hst: side MLP width / stage width (the official code: the backbone's ratio)
+    meta_dim=16,                  # dvpt: the Meta-Net's bottleneck width (its prompts: num_tokens, deep)
     train=DEFAULT_TRAIN,    # regexes of other params trained beside the method's own (the head)
 )
 

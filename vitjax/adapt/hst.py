@@ -22,10 +22,10 @@ read and run, not copied), whose outputs it matches (tests/fixtures/hst). With t
 Trained: `hst_meta/`, `hst/` (side network, bridges, norms), every backbone block's LayerNorms (`norm1`,
 `norm2`, as the official `freeze_vit`) and the head. Defaults: the official code's for ViT-B/16 (its training
 scripts pass no others): side_dims (32, 48, 64, 72), side_heads (2, 4, 8, 12), 3 layers per stage, 1 meta
-token, the side MLPs at the backbone's mlp_ratio (`side_mlp_ratio`). A stage may own 0 layers (it only down-samples: models
-shallower than 4 blocks; the official code has no such case). `side_depths=()` splits the layers evenly.
-Left out: the side blocks' dropout and drop path (the official rates are the backbone's; its training scripts
-set them to 0). The stage-0 BatchNorm and the final one keep running statistics in `batch_stats`
+token, the side MLPs at the backbone's mlp_ratio (`side_mlp_ratio`). A stage may own 0 layers (it only
+down-samples: models shallower than 4 blocks; the official code has no such case); `side_depths=()` splits
+the layers evenly. Left out: the side blocks' dropout and drop path (the official rates are the backbone's;
+its training scripts set them to 0). The stage-0 BatchNorm and the final one keep running statistics in `batch_stats`
 (`hst/embed_0_bn`, `hst/fc_norm`), trained with the batch's statistics as torch's `train()` mode.
 """
 import dataclasses
