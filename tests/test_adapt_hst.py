@@ -115,6 +115,12 @@ def test_hst_errors_name_the_valid_choices():
         adapt.parse(dict(method="hst", side_width=4))
     with pytest.raises(ValueError, match="needs scan=False"):
         models.create("vit", variant="mu/4", **VIT, depth=4, scan=True, adapt=dict(method="hst"))
+    with pytest.raises(ValueError, match="cannot be combined with token_reduction"):
+        models.create("vit", variant="mu/4", **VIT, depth=4, tome=dict(r=2), adapt=dict(method="hst"))
+    # A model family without the adaptation hook says which models have it, for the new methods too.
+    for method in ("hst", "dvpt"):
+        with pytest.raises(ValueError, match=r"ConvNeXt has none. Models with it: \[\"VisionTransformer"):
+            adapt.attach(models.create("convnext_atto", num_classes=10), dict(method=method))
 
 
 def test_an_hst_run_trains_the_side_network_and_block_norms_only(tmp_path):
