@@ -3,8 +3,8 @@ r"""HST (hierarchical side-tuning, vitjax/adapt/hst.py) on the bundled digits fr
     python -m vitjax.main --config=configs/hst_digits.py --config.init_from=/tmp/vitjax_digits --workdir=/tmp/hst
 
 Expected: the log's trainable count 259,058 of 394,290 (65.70%: at the paper's widths the side network is
-large next to this 137k-parameter encoder; see the README for ViT-B/16), top-1 as the hst row of the README's
-transfer table (experiments/out/transfer_hst_digits_supervised.md: 200 steps on 1,000 training images).
+large next to this 137k-parameter encoder; 0.97% of a ViT-B/16 with a 1,000-class head), top-1 about 98.4%
+on the 360 test images (the hst row of experiments/out/transfer_digits_all.md: 98.43 +- 0.13 over 3 seeds).
 
 Paper defaults (Lin et al., the official ViT-B/16 settings of AFeng-x/HST `models/vit_hsn.py` and its VTAB-1k
 scripts `train_scripts/vit/vtab/*/train_s4.sh`): side stages 32 / 48 / 64 / 72 wide with 2 / 4 / 8 / 12
