@@ -37,7 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vitjax.adapt.base import Method, ModelInfo, register, torch_linear_uniform
+from vitjax.adapt.base import ModelInfo, register, torch_linear_uniform
+from vitjax.adapt.vpt import VPT
 
 
 def dynamic_prompts(patches: jax.Array, static: jax.Array, queries: jax.Array, down_kernel: jax.Array,
@@ -76,30 +77,21 @@ class MetaNet(nn.Module):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class DVPT(Method):
-    """Per-input prompts from a Meta-Net, before every block (deep) or the first only."""
+class DVPT(VPT):
+    """Per-input prompts from a Meta-Net, before every block (deep) or the first only; VPT's settings and removal."""
     name = "dvpt"
     param_patterns = (r"^dvpt_\d+/",)
-    scannable = False
 
-    num_tokens: int = 10
-    deep: bool = False
-    prompt_dropout: float = 0.0
     meta_dim: int = 16
 
     def validate(self) -> None:
-        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
-            raise ValueError(f"adapt.num_tokens must be a positive int, got {self.num_tokens!r}")
+        super().validate()
         if not isinstance(self.meta_dim, int) or self.meta_dim < 1:
             raise ValueError(f"adapt.meta_dim must be a positive int, got {self.meta_dim!r}")
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"adapt.prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
 
-    def check_model(self, depth: int, num_prefix_tokens: int, scan: bool, token_reduction: bool) -> None:
-        super().check_model(depth, num_prefix_tokens, scan, token_reduction)
-        if token_reduction:
-            raise ValueError("Adaptation 'dvpt' cannot be combined with token_reduction: a reducer would merge or "
-                             "drop the prompt tokens, whose positions DVPT relies on")
+    def after_embed(self, x: jax.Array, info: ModelInfo, train: bool) -> Tuple[jax.Array, Any]:
+        """Returns (the tokens unchanged: block 0's prompts come from its own input, no carry)."""
+        return x, None
 
     def before_block(self, x: jax.Array, index: int, carry: Any, info: ModelInfo, train: bool) -> jax.Array:
         """Returns the tokens with block `index`'s prompts after the prefix (inserted at 0, replaced after)."""
@@ -110,8 +102,3 @@ class DVPT(Method):
         prompts = MetaNet(self.num_tokens, self.meta_dim, info.patch_dim, name=f"dvpt_{index}")(patches)
         prompts = nn.Dropout(self.prompt_dropout)(prompts, deterministic=not train)
         return jnp.concatenate([x[:, :start], prompts, patches], axis=1)
-
-    def after_blocks(self, x: jax.Array, info: ModelInfo) -> jax.Array:
-        """Returns the tokens without the prompts."""
-        start = info.num_prefix
-        return jnp.concatenate([x[:, :start], x[:, start + self.num_tokens:]], axis=1)
