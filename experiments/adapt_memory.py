@@ -27,11 +27,17 @@ from vitjax import checkpoint, config_utils, objectives, parallel, train  # noqa
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
+# id: (label, settings); the PEFT methods at their papers' ViT-B/16 settings (VPT: 10 prompts per layer).
 METHODS = {
-    "full fine-tuning": {},
-    "LoRA r=8 (qkv)": {"adapt": dict(method="lora", rank=8, alpha=8.0, targets=("qkv",))},
-    "LoRA r=8 (qkv, proj, fc1, fc2)": {"adapt": dict(method="lora", rank=8, alpha=8.0,
-                                                     targets=("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2"))},
+    "full": ("full fine-tuning", {}),
+    "lora_qkv": ("LoRA r=8 (qkv)", {"adapt": dict(method="lora", rank=8, alpha=8.0, targets=("qkv",))}),
+    "lora_all": ("LoRA r=8 (qkv, proj, fc1, fc2)", {"adapt": dict(method="lora", rank=8, alpha=8.0, targets=(
+        "attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2"))}),
+    "vpt_deep": ("VPT deep, 10 prompts", {"adapt": dict(method="vpt", num_tokens=10, deep=True)}),
+    "adapter": ("AdaptFormer, bottleneck 64", {"adapt": dict(method="adapter", bottleneck=64)}),
+    "hst": ("HST (32-72 wide side network)", {"adapt": dict(method="hst")}),
+    "dvpt": ("DVPT deep, 10 prompts, meta_dim 16", {"adapt": dict(method="dvpt", num_tokens=10, deep=True,
+                                                                  meta_dim=16)}),
 }
 
 
@@ -78,9 +84,15 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--out", default="adapt_memory")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "full" not in methods:
+        raise SystemExit(f"--methods must include 'full' (the reference) and only {list(METHODS)}; got {methods}")
     results = {}
-    for name, settings in METHODS.items():
+    for method in methods:
+        name, settings = METHODS[method]
         results[name] = measure(args.model, args.batch_size, args.image_size, settings)
         print(name, results[name], flush=True)
     mib = lambda value: f"{value / 2 ** 20:,.0f}"  # noqa: E731

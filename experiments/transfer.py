@@ -16,12 +16,15 @@ Each (method, dataset, seed) is one run of `vitjax.train.train_and_evaluate` fro
 quickstart's) with `init_from` the encoder and the classifier head re-initialised (`init_from_skip`), so
 every method starts from the same features. The methods are config overrides (`METHODS`): full
 fine-tuning, a linear probe (everything but the head frozen through `optim.frozen`), and `config.adapt`'s
-LoRA, VPT shallow / deep and AdaptFormer adapters; `pvp` is VPT deep whose prompts start from a stage-1
+LoRA, VPT shallow / deep, AdaptFormer adapters, HST and DVPT; `pvp` is VPT deep whose prompts start from a stage-1
 VPT-deep run on a source task (`PVP_SOURCES`; on the digits: `--pvp_source_split`, relabelled class // 2,
 `--pvp_source_steps`), run once per dataset with seed 0, its head dropped. The table reports the
 trained-parameter percentage (of the adapted model's parameters), top-1 per dataset (mean +- std over the
 seeds) and the mean over the datasets; it is printed and written to experiments/out/<--out>.md beside the
-raw figures (.json).
+raw figures (.json). `--merge=A.json,B.json,...` writes one table of earlier runs (one digits dataset, the same
+steps / split / seeds), a column pair per encoder (the runs' --label):
+
+    python experiments/transfer.py --out=transfer_digits_all --merge=experiments/out/transfer_digits_supervised.json,...
 """
 import argparse
 import json
@@ -54,6 +57,12 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "vpt_deep": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "vpt", "adapt.num_tokens": 5,
                  "adapt.deep": True},
     "adapter": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "adapter", "adapt.bottleneck": 8},
+    # HST's paper defaults (configs/hst_digits.py): 4 side stages 32-72 wide, one meta token per layer, its
+    # lr 1e-2 and weight decay 5e-4; a 4-block encoder gives one layer per stage.
+    "hst": {"optim.blr": 1e-2, "optim.weight_decay": 5e-4, "adapt.method": "hst", "model.drop_path_rate": 0.0},
+    # DVPT (vitjax/adapt/dvpt.py): vpt_deep's prompts and recipe, generated per image by a Meta-Net (meta_dim 16).
+    "dvpt": {"optim.blr": 1e-2, "optim.weight_decay": 0.0, "adapt.method": "dvpt", "adapt.num_tokens": 5,
+             "adapt.deep": True, "adapt.meta_dim": 16},
 }
 # PVP (vitjax/adapt/pvp.py): VPT-deep whose prompts start from a stage-1 run on a source task (run once per
 # dataset, seed 0, then reused by every seed, as the paper pre-trains once). The target run is vpt_deep's.
@@ -103,9 +112,50 @@ def trained_fraction(config) -> Dict[str, float]:
     return dict(trained=trained, total=sum(sizes), percent=100.0 * trained / sum(sizes))
 
 
+def merge(paths: List[str], out: str) -> str:
+    """Returns (and writes to experiments/out/<out>) one table of earlier runs' JSONs: a column pair per encoder."""
+    encoders: Dict[str, Dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        encoder = encoders.setdefault(result["args"].get("label") or result["args"]["init_from"],
+                                      dict(fractions={}, runs=[], settings=set()))
+        encoder["fractions"].update(result["fractions"])
+        encoder["runs"] += result["runs"]
+        encoder["settings"].add((result["args"]["steps"], result["args"]["train_split"], result["args"]["seeds"]))
+    if any(len(e["settings"]) > 1 for e in encoders.values()) or len({s for e in encoders.values()
+                                                                       for s in e["settings"]}) > 1:
+        raise SystemExit(f"--merge needs runs of one setting (steps, train split, seeds); got "
+                         f"{sorted({s for e in encoders.values() for s in e['settings']})}")
+    steps, split, seeds = next(iter(next(iter(encoders.values()))["settings"]))
+    methods = list(dict.fromkeys(m for e in encoders.values() for m in e["fractions"]))
+    names = list(encoders)
+    lines = [f"Transfer on the digits: {steps} steps, train split {split!r}, top-1 % (mean +- std over seeds "
+             f"{seeds}); trained params of the adapted model. Encoders: "
+             + "; ".join(f"({i + 1}) {name}" for i, name in enumerate(names)), "",
+             "| method | " + " | ".join(f"trained ({i + 1}) | top-1 ({i + 1})" for i in range(len(names))) + " |",
+             "|---|" + "---:|---:|" * len(names)]
+    for method in methods:
+        cells = []
+        for name in names:
+            encoder = encoders[name]
+            values = [r["top1"] for r in encoder["runs"] if r["method"] == method]
+            share = encoder["fractions"].get(method)
+            cells += [f"{share['trained']:,} ({share['percent']:.2f}%)" if share else "-",
+                      f"{np.mean(values):.2f} +- {np.std(values):.2f}" if values else "-"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    write_outputs(OUT_DIR, out, table, dict(sources=paths, encoders={
+        name: dict(fractions=e["fractions"], runs=e["runs"]) for name, e in encoders.items()}))
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--init_from", required=True, help="the encoder's weights (any config.init_from source)")
+    parser.add_argument("--merge", default="", help="comma-separated JSONs of earlier runs: write one table of them "
+                        "(to --out) instead of running")
+    parser.add_argument("--init_from", help="the encoder's weights (any config.init_from source)")
     parser.add_argument("--config", default="configs/digits_vit.py", help="the run config the methods start from")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
     parser.add_argument("--datasets", default="digits", help="comma-separated TFDS names (VTAB-1k: caltech101, ...)")
@@ -120,6 +170,11 @@ def main(argv=None):
     parser.add_argument("--pvp_source_split", default="train[1000:]", help="PVP's source task images")
     parser.add_argument("--pvp_source_steps", type=int, default=200, help="PVP's stage-1 steps")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge.split(","), args.out)
+        return
+    if not args.init_from:
+        raise SystemExit("--init_from (the encoder's weights) is required unless --merge is given")
     methods, datasets = args.methods.split(","), args.datasets.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

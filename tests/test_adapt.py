@@ -174,7 +174,8 @@ def test_bad_settings_fail_before_compiling_naming_the_valid_choices():
         _abstract_init(models.create("vit", **TINY, adapt=dict(method="lora", targets=("qkv", "nonexistent"))))
     with pytest.raises(ValueError, match=r"rank=40 exceeds min\(in, out\) = min\(32, 32\).*blocks_0/attn/proj"):
         _abstract_init(models.create("vit", **TINY, adapt=dict(method="lora", rank=40, targets=("proj",))))
-    with pytest.raises(ValueError, match=r"Unknown adaptation method 'loraa'; valid choices: \['adapter', 'lora', "):
+    with pytest.raises(ValueError,
+                       match=r"Unknown adaptation method 'loraa'; valid choices: \['adapter', .*'hst', 'lora', "):
         models.create("vit", **TINY, adapt=dict(method="loraa"))
     with pytest.raises(ValueError, match=r"adapt.num_tokens does not apply to method 'lora'"):
         adapt.parse(dict(adapt.SECTION_DEFAULTS, method="lora", num_tokens=5))
@@ -184,7 +185,8 @@ def test_bad_settings_fail_before_compiling_naming_the_valid_choices():
     with pytest.raises(ValueError, match=r"ConvNeXt has none. Models with it: \[\"VisionTransformer"):
         adapt.attach(convnext, dict(method="lora"))
     config = config_utils.load_config("configs/digits_vit.py:runlocal", {"adapt.method": "prompt"})
-    with pytest.raises(ValueError, match=r"adapt.method='prompt' is not valid; valid choices: \['adapter', 'lora', "):
+    with pytest.raises(ValueError,
+                       match=r"adapt.method='prompt' is not valid; valid choices: \['adapter', .*'hst', 'lora', "):
         config_utils.validate_config(config)
     config = config_utils.load_config("configs/digits_vit.py:runlocal", {"adapt.method": "lora"})
     with pytest.raises(ValueError, match="set config.init_from to the base weights"):

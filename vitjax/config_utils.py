@@ -31,9 +31,10 @@ Layout (the keys `default_config()` defines; see configs/digits_vit.py for a wor
                           `vitjax.weights`. init_from_skip / init_from_keep: regexes of param paths to
                           leave at their initialisation / to load exclusively.
   adapt                   parameter-efficient adaptation (`vitjax.adapt`): method None (default: train as the
-                          objective says) or "lora" | "vpt" | "adapter", and every method's settings (rank,
-                          alpha, dropout, targets; num_tokens, deep, prompt_dropout; bottleneck, scale,
-                          adapter_dropout); only the method's params and `adapt.train` regexes (the head)
+                          objective says) or "lora" | "vpt" | "adapter" | "hst" | "dvpt", and every method's
+                          settings (rank, alpha, dropout, targets; num_tokens, deep, prompt_dropout; bottleneck,
+                          scale, adapter_dropout; side_*, meta_tokens; meta_dim: `vitjax.adapt.SECTION_DEFAULTS`);
+                          only the method's params and `adapt.train` regexes (the head)
                           are trained, and checkpoints hold only those (the rest comes from init_from).
   evals                   {name: evaluator settings}; empty: one classification evaluator "eval" on
                           input.eval_split with input.pp_eval. See `vitjax.evaluate.evaluators`.

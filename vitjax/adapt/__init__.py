@@ -1,4 +1,4 @@
-"""Parameter-efficient adaptation behind one interface (`base`): LoRA, VPT (shallow / deep), AdaptFormer adapters.
+"""Parameter-efficient adaptation behind one interface (`base`): LoRA, VPT, AdaptFormer adapters, HST, DVPT.
 
     model = vitjax.models.create("vit_base_patch16_224", adapt=dict(method="lora", rank=8, targets=("qkv",)))
     merged = vitjax.adapt.merge(variables, dict(method="lora", rank=8, targets=("qkv",)))  # for adapt=None
@@ -8,7 +8,7 @@ parameters and `adapt.train` (the head) are trained, and checkpoints hold only t
 """
 from typing import Any
 
-from vitjax.adapt import adapter, base, lora, vpt
+from vitjax.adapt import adapter, base, dvpt, hst, lora, vpt
 from vitjax.adapt.base import (DEFAULT_TRAIN, SECTION_DEFAULTS, Method, ModelInfo, get_method, list_methods,
                                method_options, parse, trained_patterns)
 from vitjax.adapt.lora import merge
@@ -34,4 +34,5 @@ def attach(module: Any, settings: Any) -> Any:
 
 
 __all__ = ["DEFAULT_TRAIN", "HOOKED_MODELS", "Method", "ModelInfo", "SECTION_DEFAULTS", "adapter", "attach", "base",
-           "get_method", "list_methods", "lora", "merge", "method_options", "parse", "trained_patterns", "vpt"]
+           "dvpt", "get_method", "hst", "list_methods", "lora", "merge", "method_options", "parse",
+           "trained_patterns", "vpt"]

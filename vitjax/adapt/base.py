@@ -2,16 +2,18 @@
 
     model = vitjax.models.create("vit_base_patch16_224", adapt=dict(method="lora", rank=8, alpha=16))
 
-A `Method` validates its settings (`parse`, before anything is built) and gives the model five hooks, each
+A `Method` validates its settings (`parse`, before anything is built) and gives the model seven hooks, each
 a no-op by default, so a model with the hook knows only this interface:
 
   intercept(train)                a context the model's whole forward runs in (LoRA wraps matching Dense layers);
   after_embed(x, info, train)     the token sequence after embedding (VPT inserts its prompts after the prefix)
                                   and a carry for the blocks (deep VPT's per-layer prompts);
   before_block(x, index, carry)   the tokens entering block `index` (deep VPT replaces the previous prompts);
+  after_block(x, index, carry)    the tokens leaving block `index` and the carry (HST takes its meta tokens out);
   mlp_branch(x, train)            called by each block on its residual stream before the MLP: a parallel
                                   branch added to the MLP's output (AdaptFormer), or None;
-  after_blocks(x, info)           the tokens after the last block (VPT removes its prompts before pooling).
+  after_blocks(x, info)           the tokens after the last block (VPT removes its prompts before pooling);
+  pooled(images, carry, info)     features replacing the pooled tokens before the head (HST's side network), or None.
 
 Each method names its own parameters (`param_patterns`, regexes over "/"-joined param paths): with the
 `train` regexes of the config (the classifier head by default) they are what the optimizer trains; every
@@ -94,6 +96,11 @@ class Method:
         """Returns the tokens entering block `index`."""
         return x
 
+    def after_block(self, x: jax.Array, index: int, carry: Any, info: "ModelInfo",
+                    train: bool) -> Tuple[jax.Array, Any]:
+        """Returns (the tokens leaving block `index`, the carry handed to the next block)."""
+        return x, carry
+
     def mlp_branch(self, x: jax.Array, train: bool) -> Optional[jax.Array]:
         """Returns a branch added beside a block's MLP (computed from the residual stream `x`), or None."""
         return None
@@ -102,12 +109,18 @@ class Method:
         """Returns the tokens after the last block as the pooling should see them."""
         return x
 
+    def pooled(self, images: jax.Array, carry: Any, info: "ModelInfo", train: bool) -> Optional[jax.Array]:
+        """Returns features (B, D) the head takes instead of the model's pooled tokens, or None (pool as usual)."""
+        return None
+
 
 class ModelInfo(NamedTuple):
-    """What a hook may need to know of the model: prefix tokens (cls, dist), depth, values per patch (C * p * p)."""
+    """What a hook may need to know of the model: prefix tokens (cls, dist), depth, values per patch (C * p * p),
+    the patch grid (h, w)."""
     num_prefix: int
     depth: int
     patch_dim: int
+    grid: Tuple[int, int] = (0, 0)
 
 
 def parse(settings: Any) -> Optional[Method]:
@@ -161,6 +174,12 @@ SECTION_DEFAULTS: Dict[str, Any] = dict(
     bottleneck=64,          # adapter: hidden width of the down / up projection
     scale=0.1,              # adapter: its output is multiplied by this (AdaptFormer's s)
     adapter_dropout=0.1,    # adapter: dropout after the ReLU
+    side_dims=(32, 48, 64, 72),   # hst: widths of the 4 side stages
+    side_heads=(2, 4, 8, 12),     # hst: attention heads of the side stages
+    side_depths=(),               # hst: backbone layers per side stage (sum = depth); (): an even split
+    meta_tokens=1,                # hst: meta tokens per layer
+    side_mlp_ratio=4.0,           # hst: side MLP width / stage width (the official code: the backbone's ratio)
+    meta_dim=16,                  # dvpt: the Meta-Net's bottleneck width (its prompts: num_tokens, deep)
     train=DEFAULT_TRAIN,    # regexes of other params trained beside the method's own (the head)
 )
 

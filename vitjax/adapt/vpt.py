@@ -64,8 +64,8 @@ class VPT(Method):
     def check_model(self, depth: int, num_prefix_tokens: int, scan: bool, token_reduction: bool) -> None:
         super().check_model(depth, num_prefix_tokens, scan, token_reduction)
         if token_reduction:
-            raise ValueError("Adaptation 'vpt' cannot be combined with token_reduction: a reducer would merge or "
-                             "drop the prompt tokens, whose positions VPT relies on")
+            raise ValueError(f"Adaptation {self.name!r} cannot be combined with token_reduction: a reducer would "
+                             "merge or drop the prompt tokens, whose positions the prompts rely on")
 
     def after_embed(self, x: jax.Array, info: ModelInfo, train: bool) -> Tuple[jax.Array, Any]:
         """Returns (tokens with the prompts after the prefix, the per-layer prompts of VPT-deep or None)."""

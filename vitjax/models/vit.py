@@ -171,7 +171,7 @@ class VisionTransformer(nn.Module):
     # patch embedding without bias.
     pre_norm: bool = False
     mlp_activation: str = "gelu"  # a name in layers.ACTIVATIONS (OpenAI CLIP: quick_gelu, SigLIP: gelu_tanh)
-    # Parameter-efficient adaptation: dict(method="lora" | "vpt" | "adapter", ...) or a vitjax.adapt.Method;
+    # Parameter-efficient adaptation: dict(method=<a name of vitjax.adapt.list_methods()>, ...) or an adapt.Method;
     # None leaves the model exactly as it is (see vitjax.adapt).
     adapt: Optional[Any] = None
     # Outlier-free attention (Bondarenko et al. 2023) in every block, off by default: softmax_kind "clipped"
@@ -232,7 +232,8 @@ class VisionTransformer(nn.Module):
     def adapt_info(self) -> adapt_lib.ModelInfo:
         """Returns what the adaptation hooks need to know of this model."""
         patch = layers.to_2tuple(self.patch_size)
-        return adapt_lib.ModelInfo(self.num_prefix_tokens, self.depth, self.in_chans * patch[0] * patch[1])
+        return adapt_lib.ModelInfo(self.num_prefix_tokens, self.depth, self.in_chans * patch[0] * patch[1],
+                                   self.grid_size)
 
     def token_method(self) -> Optional[tokens.Method]:
         """Returns the token-reduction method (from `token_reduction` or the `tome` shorthand), or None."""
@@ -335,10 +336,13 @@ class VisionTransformer(nn.Module):
                 x = adaptation.before_block(x, index, adapt_carry, info, train)
             x, aux = block_cls(drop_path_rate=float(drop_path_rates[index]), name=f"blocks_{index}",
                                **self.block_kwargs())(x, train, capture_attention)
+            if adaptation is not None:
+                x, adapt_carry = adaptation.after_block(x, index, adapt_carry, info, train)
             tokens.append(aux["tokens"])
             if capture_attention:
                 attention.append(aux["attention"])
-        return x, {"blocks": tokens, **({"attention": attention} if capture_attention else {})}
+        adapt_aux = {} if adapt_carry is None else {"adapt_carry": adapt_carry}
+        return x, {"blocks": tokens, **adapt_aux, **({"attention": attention} if capture_attention else {})}
 
     def _encode_reduced(self, block_cls, method: tokens.Method, x: jax.Array, train: bool,
                         capture_attention: bool, drop_path_rates: np.ndarray,
@@ -399,14 +403,17 @@ class VisionTransformer(nn.Module):
         if adaptation is not None:
             x, carry = adaptation.after_embed(x, self.adapt_info(), train)
         x, block_aux = self.encode(x, train, capture_attention, carry)
+        carry = block_aux.pop("adapt_carry", carry)
+        side = None
         if adaptation is not None:
             x = adaptation.after_blocks(x, self.adapt_info())
+            side = adaptation.pooled(images, carry, self.adapt_info(), train)
         intermediates.update(block_aux)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         intermediates["encoded"] = x
-        if self.distilled:
+        if self.distilled and side is None:
             return self._distilled_head(x, train, intermediates)
         method = self.token_method()
         final_state = block_aux[method.name]["final_state"] if method is not None else {}
@@ -432,6 +439,10 @@ class VisionTransformer(nn.Module):
             pooled = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                       kernel_init=layers.logical(self._kernel_init(), ("embed", "mlp")),
                                       name="pre_logits")(pooled))
+        if side is not None:
+            # The adaptation's features (HST) replace the pooled tokens; the pooling above still builds its
+            # frozen params (norm, fc_norm), so base checkpoints load unchanged, and XLA drops its compute.
+            pooled = side
         intermediates["pre_logits"] = pooled
         pooled = nn.Dropout(self.drop_rate)(pooled, deterministic=not train)
         if not self.num_classes:
