@@ -332,9 +332,7 @@ class CrossFormer(param_groups.LayerGroups, nn.Module):
                                  f"{dim}/2, {dim}/4, ...; use an embed_dim divisible by 2^(kernels - 1)")
             if self.group_sizes[stage] < 1 or self.intervals[stage] < 1:
                 raise ValueError(f"group_sizes and intervals must be >= 1; got {self.group_sizes}, {self.intervals}")
-        from vitjax.kernels import ATTENTION_IMPLS
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"Unknown attention_impl {self.attention_impl!r}; valid choices: {list(ATTENTION_IMPLS)}")
+        layers.check_attention_impl(self.attention_impl)
 
     def group_matcher(self) -> param_groups.Matcher:
         """Returns timm-style group_matcher(coarse=False) over vitjax param paths (see param_groups)."""

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.kernels import UnsupportedAttentionError, dot_product_attention
+from vitjax.kernels import ATTENTION_IMPLS, UnsupportedAttentionError, dot_product_attention
 from vitjax.kernels.dispatch import FUSED_IMPLS
 
 Dtype = Any
@@ -327,6 +327,12 @@ def project_heads(module: nn.Module, out: jax.Array, channels: int, *, train: bo
         bias_init=logical(nn.initializers.zeros, ("embed",)),
         dtype=module.dtype, param_dtype=module.param_dtype, name="proj")(out)
     return nn.Dropout(module.proj_drop_rate)(out, deterministic=not train)
+
+
+def check_attention_impl(impl: str) -> None:
+    """Raises ValueError naming the valid choices when `impl` is not an attention implementation."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention_impl {impl!r}; valid choices: {list(ATTENTION_IMPLS)}")
 
 
 def check_attention_dropout(impl: str, dropout_rate: float) -> None:

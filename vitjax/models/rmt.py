@@ -261,9 +261,7 @@ class RMT(param_groups.LayerGroups, nn.Module):
         if min(img) < 4 * 2 ** (len(self.depths) - 1):
             raise ValueError(f"img_size {self.img_size} must be at least {4 * 2 ** (len(self.depths) - 1)} "
                              f"(the stem's stride 4 and a stride 2 per later stage)")
-        from vitjax.kernels import ATTENTION_IMPLS
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"Unknown attention_impl {self.attention_impl!r}; valid choices: {list(ATTENTION_IMPLS)}")
+        layers.check_attention_impl(self.attention_impl)
 
     def group_matcher(self) -> param_groups.Matcher:
         """Returns timm-style group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
