@@ -53,7 +53,6 @@ class Int8Model:
     """A qwix-quantized model; `apply(qvariables, ...)` runs it as module.apply (int8 dots, or simulated if fake)."""
     module: Any
     fake: bool
-    apply_kwargs: Tuple[Tuple[str, Any], ...] = ()
 
     def apply(self, variables: Mapping[str, Any], *args, **kwargs) -> Any:
         """Returns the quantized module's apply on `variables` (the int8 params from `quantize_int8`)."""
