@@ -70,19 +70,18 @@ def hidden_states(module: mae_model.MaskedAutoencoder, variables: Variables, ima
                   ) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
     """Returns ({name: tokens out of the block at module path reads[name]}, the MAE's aux) of one forward pass.
 
-    The blocks' outputs are read by intercepting their calls: the model is unchanged.
+    The blocks' outputs are flax's captured intermediates: the model is unchanged.
     """
-    found: Dict[str, jax.Array] = {}
-    wanted = {tuple(path): name for name, path in reads.items()}
-
-    def grab(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and tuple(context.module.path) in wanted:
-            found[wanted[tuple(context.module.path)]] = out[0]
-        return out
-
-    with nn.intercept_methods(grab):
-        _, aux = module.apply(variables, images, train=train, noise=noise, rngs=rngs or {})
+    wanted = {tuple(path) for path in reads.values()}
+    (_, aux), state = module.apply(
+        variables, images, train=train, noise=noise, rngs=rngs or {}, mutable=["intermediates"],
+        capture_intermediates=lambda mdl, method: method == "__call__" and tuple(mdl.path) in wanted)
+    found = {}
+    for name, path in reads.items():
+        node = state["intermediates"]
+        for key in path:
+            node = node[key]
+        found[name] = node["__call__"][0][0]  # a block returns (tokens, aux)
     return found, aux
 
 
