@@ -70,10 +70,8 @@ def save_logits(config, *, out: Optional[str] = None, teacher: Optional[str] = N
         raise ValueError(f"value_dtype must be one of {stored.VALUE_DTYPES}, got {value_dtype!r}")
     if isinstance(batches_per_file, bool) or not isinstance(batches_per_file, int) or batches_per_file < 1:
         raise ValueError(f"batches_per_file must be an int >= 1, got {batches_per_file!r}")
-    student_config, directory = _store_config(config, out=out, teacher=teacher, teacher_init=teacher_init,
-                                              topk=topk)
-    # The teacher runs online here: the same objective, built without the store.
-    online = copy.deepcopy(student_config)
+    online, directory = _store_config(config, out=out, teacher=teacher, teacher_init=teacher_init, topk=topk)
+    # The teacher runs online here: the same objective (on a copy of the config), built without the store.
     with online.unlocked():
         online.objective_kwargs["teacher_logits"] = None
         online.objective_kwargs["distillation_type"] = "soft_target"
@@ -97,10 +95,8 @@ def save_logits(config, *, out: Optional[str] = None, teacher: Optional[str] = N
                              f"differ); choose another --out or delete it")
 
     mesh = mesh or parallel.create_mesh(online.mesh)
+    trainer.check_batch_sizes(online, mesh, online.eval_batch_size or online.batch_size)  # as the student run will
     local_batch = online.batch_size // jax.process_count()
-    if online.batch_size % jax.process_count() or online.batch_size % parallel.batch_divisor(mesh):
-        raise ValueError(f"config.batch_size={online.batch_size} must split evenly over {jax.process_count()} "
-                         f"processes and {parallel.batch_divisor(mesh)} batch shards")
     rules = parallel.logical_rules(online.sharding_rules)
     keys = ("image", "label")
     first_batch = next(data.make_train_iterator(online.input, global_batch_size=online.batch_size,

@@ -170,10 +170,9 @@ class Distillation(Supervised):
         from the teacher online or from the stored fields; stored "hard" gives the stored top-1 as a one-hot.
         """
         if self.stored:
-            probs = stored.dense_probabilities(batch["teacher_values"], batch["teacher_indices"], self.num_classes)
             if self.kwargs["distillation_type"] == "hard":
                 return jax.nn.one_hot(batch["teacher_indices"][:, 0], self.num_classes)
-            return probs
+            return stored.dense_probabilities(batch["teacher_values"], batch["teacher_indices"], self.num_classes)
         logits = self.teacher_logits(variables[TEACHER], batch["image"])
         if self.kwargs["distillation_type"] != "soft_target":
             return logits
