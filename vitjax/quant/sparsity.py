@@ -64,28 +64,10 @@ def magnitude_masks(params: Any, sparsity: float, predicate: Predicate = prunabl
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"Unknown pruning scope {scope!r}; valid choices: ('global', 'layer')")
-    paths = _paths(params)
-    chosen = [np.abs(np.asarray(w, np.float32)).reshape(-1) for w, p in
-              zip(jax.tree.leaves(params), jax.tree.leaves(paths)) if predicate(p, w)]
-    if not chosen:
-        raise ValueError("No prunable weights (kernels outside the head) in these params")
-
-    def threshold(values):
-        count = int(round(sparsity * values.size))
-        return -np.inf if count == 0 else np.partition(values, count - 1)[count - 1]
-
-    global_threshold = threshold(np.concatenate(chosen))
-
-    def mask(w, p):
-        if not predicate(p, w):
-            return None
-        magnitude = np.abs(np.asarray(w, np.float32))
-        limit = global_threshold if scope == "global" else threshold(magnitude.reshape(-1))
-        return jnp.asarray(magnitude > limit)
-
-    return jax.tree.map(mask, params, paths)
+    if scope not in SCOPES:
+        raise ValueError(f"Unknown pruning scope {scope!r}; valid choices: {SCOPES}")
+    masks = device_masks(params, sparsity, predicate, scope)
+    return jax.tree.map(lambda m, w, p: m if predicate(p, w) else None, masks, params, _paths(params))
 
 
 def apply_masks(params: Any, masks: Any) -> Any:
