@@ -192,7 +192,7 @@ def test_runlocal_trains_only_prompts_head_and_proxies_and_the_loss_falls(base_r
     assert 150 < final["retrieval/num_examples"] < 210       # the test images of digits 5-9
     # What the optimizer trains: the prompts and the objective's params; the paper's recipe adds the biases (BitFit).
     for overrides, extra in (({}, r"/bias$"), ({"adapt.train": (r"^dml/",)}, None)):
-        built, objective = train.build(_config(**{"input.data_dir": data_dir, **overrides}))
+        built, objective = train.build(_config(init_from=base_run, **{"input.data_dir": data_dir, **overrides}))
         abstract = jax.eval_shape(objective.init_variables, jax.random.key(0),
                                   {"image": jnp.zeros((2, 16, 16, 1)), "label": jnp.zeros((2, 5))})
         mask = optim.trainable_mask(built.optim, flax.linen.meta.unbox(abstract["params"]),
@@ -204,23 +204,29 @@ def test_runlocal_trains_only_prompts_head_and_proxies_and_the_loss_falls(base_r
         assert (other == set()) if extra is None else (other and all(path.endswith("/bias") for path in other))
 
 
-def test_bad_settings_fail_before_compile():
+def test_bad_settings_fail_before_compile(tmp_path):
+    base = tmp_path / "base.pth"   # build checks that init_from exists; nothing reads it here
+    base.write_bytes(b"")
+
+    def config(**overrides):
+        return _config(init_from=str(base), **overrides)
+
     with pytest.raises(ValueError, match=r"objective_kwargs.proxies='prompt' is not valid; valid choices: "
                                          r"\['semantic', 'learnable'\]"):
-        train.build(_config(**{"objective_kwargs.proxies": "prompt"}))
+        train.build(config(**{"objective_kwargs.proxies": "prompt"}))
     with pytest.raises(ValueError, match=r"objective_kwargs.mode='triplet' is not valid; valid choices: "
                                          r"\['anchor', 'nca'\]"):
-        train.build(_config(**{"objective_kwargs.mode": "triplet"}))
+        train.build(config(**{"objective_kwargs.mode": "triplet"}))
     with pytest.raises(ValueError, match=r"valid choices with objective_kwargs.proxies='semantic': \['vpt', None\]"):
-        train.build(_config(**{"adapt.method": "lora"}))
+        train.build(config(**{"adapt.method": "lora", "adapt.deep": False, "adapt.num_tokens": 10}))
     with pytest.raises(ValueError, match=r"leaves the objective's own parameters \(dml/: embedding head, proxies\) "
                                          r"frozen; add r'\^dml/' to it"):
-        train.build(_config(**{"adapt.train": (r"^head/",)}))
+        train.build(config(**{"adapt.train": (r"^head/",)}))
     # A model without the adaptation hook: the semantic proxies' class prompts need it.
     with pytest.raises(ValueError, match=r"needs a model with the adaptation hook .* Models with it: "):
-        train.build(_config(model_name="convnext_atto", model={"num_classes": 0}, **{"adapt.method": None}))
+        train.build(config(model_name="convnext_atto", model={"num_classes": 0}, **{"adapt.method": None}))
     with pytest.raises(ValueError, match=r"config.evals.retrieval.ks must be a non-empty list of ints >= 1"):
-        train.build(_config(evals={"retrieval": {"kind": "recall_at_k", "ks": (0, 1)}}))
+        train.build(config(evals={"retrieval": {"kind": "recall_at_k", "ks": (0, 1)}}))
     with pytest.raises(ValueError, match=r"optim.lr_mult pattern '\^dml/proxy\$' matches no param"):
         optim.lr_multipliers({"dml": {"proxies": np.zeros(2)}}, ((r"^dml/proxy$", 2.0),))
     assert evaluators.list_kinds().count("recall_at_k") == 1
