@@ -70,7 +70,7 @@ def get_config(arg=None):
     config.log_every_steps = 50
     config.eval_every_steps = 0
     config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 1
+    config.keep_checkpoints = 2   # a damaged last step falls back to the one before
 
     if arg.runlocal:
         # The quickstart's model (configs/digits_vit.py): its weights come through config.init_from.

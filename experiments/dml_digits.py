@@ -51,7 +51,7 @@ def frozen_metrics(init_from: str) -> Dict[str, float]:
     from vitjax.evaluate.recall_at_k import retrieval_metrics
     config = config_utils.load_config("configs/proxy_dml_vit.py:runlocal")
     model = models.create(config.model_name, **config.model.to_dict())
-    params = {key: value for key, value in weights.load(init_from).params.items() if not key.startswith("head")}
+    params = {key: value for key, value in weights.load(init_from).variables["params"].items() if not key.startswith("head")}
     apply = jax.jit(lambda images: model.apply({"params": params}, images)[0])
     features, labels = [], []
     for batch in data.make_eval_iterator(config.input, global_batch_size=60):
