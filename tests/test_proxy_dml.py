@@ -156,7 +156,8 @@ def test_semantic_proxies_fold_in_batch_order_whatever_the_layout():
 def test_class_split_keeps_and_relabels_the_named_classes(data_dir):
     from vitjax import data
     input_config = dict(dataset="digits", data_dir=data_dir, train_classes=(3, 7), eval_classes=(5, 6, 7, 8, 9),
-                        pp_train="decode(channels=1)|value_range(-1, 1)", pp_eval="decode(channels=1)|value_range(-1, 1)")
+                        pp_train="decode(channels=1)|value_range(-1, 1)",
+                        pp_eval="decode(channels=1)|value_range(-1, 1)")
     info = data.dataset_info(input_config)
     assert info["num_classes"] == 2 and 250 < info["num_train_examples"] < 320   # ~144 train images per digit
     assert 150 < info["num_eval_examples"] < 210

@@ -134,7 +134,7 @@ def layer_decay_scales(params, layer_decay: float, layer_ids_fn: LayerIdsFn,
 
 
 def lr_multipliers(params, pairs: Sequence[Tuple[str, float]]) -> Dict[str, float]:
-    """Returns {path: lr multiplier} of `optim.lr_mult`'s (regex, multiplier) pairs, the first matching pair per path."""
+    """Returns {path: lr multiplier} of `optim.lr_mult`'s (regex, multiplier) pairs; the first match sets a path's."""
     pairs = tuple(pairs)
     if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and pair[1] > 0

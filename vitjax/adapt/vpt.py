@@ -51,8 +51,9 @@ class _Prompts(nn.Module):
             return self.param(name, init, shape, self.param_dtype)
         value = self.get_variable("params", name)  # flax's own check would refuse the per-example shape
         leading = (None,) if name == "prompts" else (shape[0], None)   # None: any batch size
-        if tuple(value.shape) != tuple(shape) and (value.ndim != len(leading) + 2 or value.shape[-2:] != tuple(shape[-2:]) or any(
-                want is not None and have != want for have, want in zip(value.shape, leading))):
+        fits = value.ndim == len(leading) + 2 and value.shape[-2:] == tuple(shape[-2:]) and all(
+            want is None or have == want for have, want in zip(value.shape, leading))
+        if tuple(value.shape) != tuple(shape) and not fits:
             raise ValueError(f"vpt/{name} has shape {value.shape}; expected {shape}, or per example "
                              f"{tuple('B' if want is None else want for want in leading) + tuple(shape[-2:])}")
         return value

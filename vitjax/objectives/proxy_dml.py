@@ -169,7 +169,6 @@ class ProxyHeads(nn.Module):
         return l2_normalize(self.proxy_dense(self.proxy_norm(pooled)))
 
 
-
 class ProxyDML(Objective):
     """Proxy-based deep metric learning (Proxy-Anchor; the semantic proxies of visual prompts)."""
 
