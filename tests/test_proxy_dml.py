@@ -183,7 +183,7 @@ def base_run(tmp_path_factory, data_dir):
 def test_runlocal_trains_only_prompts_head_and_proxies_and_the_loss_falls(base_run, data_dir, tmp_path):
     tiny = {"model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.mlp_dim": 64,
             "objective_kwargs.embed_dim": 32, "adapt.train": (r"^dml/",)}
-    config = _config(init_from=base_run, total_steps=24, log_every_steps=4, batch_size=32,
+    config = _config(init_from=base_run, total_steps=24, log_every_steps=4, batch_size=32, **{"optim.lr": 1e-2},
                      **{"input.data_dir": data_dir, **tiny})
     workdir = str(tmp_path / "dml")
     final = run(config, workdir)
