@@ -45,7 +45,7 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "vpt_pa": {"objective_kwargs.proxies": "learnable"},
     "vpt_semantic": {},
 }
-LABELS = {"frozen": "frozen quickstart encoder (no training)", "linear_pa": "linear (head + proxies) + Proxy-Anchor",
+LABELS = {"frozen": "frozen encoder (no training)", "linear_pa": "linear (head + proxies) + Proxy-Anchor",
           "full_pa": "full fine-tuning + Proxy-Anchor", "vpt_pa": "VPT-deep + BitFit + Proxy-Anchor",
           "vpt_semantic": "VPT-deep + BitFit + semantic proxies (the paper)"}
 
