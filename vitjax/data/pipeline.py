@@ -132,8 +132,10 @@ def validate_input_config(input_config) -> dict:
     _integer(config, "shuffle_buffer", 0)
     _integer(config, "repeated_augmentation", 1)
     _integer(config, "prefetch", 0)
-    for name in ("train_classes", "eval_classes"):
+    for name in ("train_classes", "eval_classes"):  # left out where unset: stored-logits recipes stay as they were
         config[name] = class_split.check_classes(config[name], name)
+        if config[name] is None:
+            del config[name]
 
     modules = config["pp_modules"]
     if isinstance(modules, str) or not isinstance(modules, (tuple, list)) or not all(
@@ -245,11 +247,11 @@ def dataset_info(input_config) -> dict:
     label_key = config["label_key"]
     num_classes = None if label_key is None else _num_classes(builder, label_key)
     num_train = sources.fraction_count(num_train, config["train_fraction"])
-    if config["train_classes"]:  # counting the kept examples reads the split (the iterator reuses it)
+    if config.get("train_classes"):  # counting the kept examples reads the split (the iterator reuses it)
         num_classes = len(config["train_classes"])
         num_train = _source(config, builder, config["train_split"], "input.train_split",
-                            fraction=config["train_fraction"], classes=config["train_classes"]).num_examples
-    if config["eval_classes"]:
+                            fraction=config["train_fraction"], classes=config.get("train_classes")).num_examples
+    if config.get("eval_classes"):
         num_eval = _source(config, builder, config["eval_split"], "input.eval_split",
                            classes=config["eval_classes"]).num_examples
     return dict(num_classes=num_classes, num_train_examples=num_train, num_eval_examples=num_eval)
@@ -486,7 +488,7 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int, star
                          f"global batch, got {global_batch_size}.")
     builder = _builder(config)
     source = _source(config, builder, config["train_split"], "input.train_split",
-                     fraction=config["train_fraction"], classes=config["train_classes"])
+                     fraction=config["train_fraction"], classes=config.get("train_classes"))
     dataset = build_train_dataset(
         source, ops.build_preprocess(_train_pp(config)), global_batch_size=global_batch_size,
         seed=seed, start_step=start_step, process_index=process_index,
@@ -511,7 +513,7 @@ def make_eval_iterator(input_config, *, global_batch_size: int, process_index: i
         raise ValueError("input.pp_eval is needed for evaluation, e.g. "
                          "'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)'.")
     builder = _builder(config)
-    source = _source(config, builder, config["eval_split"], "input.eval_split", classes=config["eval_classes"])
+    source = _source(config, builder, config["eval_split"], "input.eval_split", classes=config.get("eval_classes"))
     dataset, num_steps = build_eval_dataset(
         source, ops.build_preprocess(config["pp_eval"]), global_batch_size=global_batch_size,
         process_index=process_index, process_count=process_count, prefetch=config["prefetch"])
