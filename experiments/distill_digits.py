@@ -36,6 +36,13 @@ distillation head in the last quarter). Reports the overall test top-1 and the m
 head (many-shot: classes 0-2), mid (3-6) and tail (few-shot: 7-9) classes, the split DeiT-LT's code uses for
 CIFAR-10-LT. `python experiments/distill_digits.py --parts=deitlt`.
 
+Part "g2sd" (G2SD, Huang et al. 2023): the MAE teacher `configs/mae_b16.py:runlocal` (width 64, depth 2, 8x8
+digits in 2x2 patches) trained --g2sd_teacher_steps steps; then a small MAE student (width 32, depth 2, decoder
+16 x 1) pretrained --g2sd_pretrain_steps steps either by plain MAE (pixel loss) or by G2SD's generic distillation
+of the teacher's decoder features (`configs/g2sd_vit.py:runlocal`), and both fine-tuned identically
+(`configs/mae_finetune_b16.py:runlocal` on the student's encoder, --g2sd_finetune_steps steps), --seeds seeds.
+`python experiments/distill_digits.py --parts=g2sd`.
+
 Writes experiments/out/distill_digits.{md,json} (all parts) or distill_digits_<parts>.{md,json}.
 """
 import argparse
@@ -87,7 +94,8 @@ def student_config(method: str, seed: int, steps: int, teacher_dir: str, teacher
 
 
 RESNET_TEACHER = dict(num_classes=10, img_size=16, in_chans=1, widths=(16, 32, 64, 128), depths=(2, 2, 2, 2))
-PARTS = ("vit", "resnet", "sam", "stored", "deitlt")
+PARTS = ("vit", "resnet", "sam", "stored", "deitlt", "g2sd")
+G2SD_METHODS = ("mae", "g2sd")
 LT_IMBALANCE = 10
 LT_GROUPS = {"head": (0, 3), "mid": (3, 7), "tail": (7, 10)}  # DeiT-LT's CIFAR-10 categories [3, 7]
 LT_METHODS = {  # label: (distill?, class weights?, mixup stops at the DRW step?)
@@ -167,6 +175,33 @@ def lt_student_config(method: str, seed: int, steps: int, teacher_dir: str):
     return config
 
 
+def g2sd_student_encoder() -> Dict[str, Any]:
+    """Returns configs/g2sd_vit.py:runlocal's student encoder (the MAE teacher's, width 32)."""
+    return dict(config_utils.load_config("configs/g2sd_vit.py:runlocal").model)
+
+
+def g2sd_pretrain_config(method: str, seed: int, steps: int, teacher_dir: str):
+    """Returns the student's pretraining config: plain MAE, or G2SD's generic distillation from the MAE teacher."""
+    overrides = dict(progress_bar=False, checkpoint_async=False, total_steps=steps, seed=seed)
+    if method == "g2sd":
+        return config_utils.load_config(f"configs/g2sd_vit.py:runlocal,teacher_init={teacher_dir}", overrides)
+    config = config_utils.load_config("configs/mae_b16.py:runlocal", overrides)
+    generic = config_utils.load_config("configs/g2sd_vit.py:runlocal")
+    config.model = g2sd_student_encoder()  # the same student, its decoder as G2SD's
+    config.objective_kwargs.update({key: generic.objective_kwargs[key] for key in
+                                    ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")})
+    config.optim.blr = generic.optim.blr
+    return config
+
+
+def g2sd_finetune_config(seed: int, steps: int, pretrained_dir: str):
+    """Returns configs/mae_finetune_b16.py:runlocal on the student's encoder, initialised from `pretrained_dir`."""
+    config = config_utils.load_config(f"configs/mae_finetune_b16.py:runlocal,init_from={pretrained_dir}", dict(
+        progress_bar=False, checkpoint_async=False, total_steps=steps, seed=seed))
+    config.model = dict(config.model, **g2sd_student_encoder())
+    return config
+
+
 def per_class_top1(config, run_dir: str) -> np.ndarray:
     """Returns the (classes,) test accuracy per class of the run's final checkpoint (a DeiT: its heads' mean)."""
     import jax  # pylint: disable=g-import-not-at-top
@@ -221,6 +256,9 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--out_dir", default=OUT_DIR)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--lt_teacher_steps", type=int, default=400, help="part deitlt: teacher steps of 64")
+    parser.add_argument("--g2sd_teacher_steps", type=int, default=400, help="part g2sd: MAE teacher steps of 64")
+    parser.add_argument("--g2sd_pretrain_steps", type=int, default=300, help="part g2sd: student pretraining steps")
+    parser.add_argument("--g2sd_finetune_steps", type=int, default=200, help="part g2sd: fine-tuning steps of 64")
     args = parser.parse_args(argv)
     parts = tuple(part for part in args.parts.split(",") if part)
     if not parts or set(parts) - set(PARTS):
@@ -293,6 +331,26 @@ def main(argv=None) -> Dict[str, Any]:
                     runs[-1].update(seed=seed, per_class=per_class.tolist(), **lt_summary(per_class))
                     print(f"{method} seed {seed}: {lt_summary(per_class)}", flush=True)
                 results["runs"][method] = runs
+        if "g2sd" in parts:
+            mae_teacher = config_utils.load_config("configs/mae_b16.py:runlocal", dict(
+                progress_bar=False, checkpoint_async=False, total_steps=args.g2sd_teacher_steps))
+            mae_teacher_dir = os.path.join(workdir, "mae_teacher")
+            final = trainer.train_and_evaluate(mae_teacher, mae_teacher_dir)
+            results["mae_teacher"] = dict(model=dict(mae_teacher.model), steps=mae_teacher.total_steps,
+                                          loss=final.get("train/loss"))
+            for method in G2SD_METHODS:
+                runs = []
+                for seed in range(args.seeds):
+                    pretrain_dir = os.path.join(workdir, f"pretrain_{method}_{seed}")
+                    start = time.time()
+                    pretrained = trainer.train_and_evaluate(
+                        g2sd_pretrain_config(method, seed, args.g2sd_pretrain_steps, mae_teacher_dir), pretrain_dir)
+                    pretrain_seconds = time.time() - start
+                    runs += train_runs(lambda _s, seed=seed, pretrain_dir=pretrain_dir: g2sd_finetune_config(
+                        seed, args.g2sd_finetune_steps, pretrain_dir), 1, workdir, f"finetune_{method}_{seed}")
+                    runs[-1].update(seed=seed, pretrain_seconds=pretrain_seconds,
+                                    pretrain_loss=pretrained.get("train/loss"))
+                results["runs"][f"g2sd_{method}"] = runs
         if "sam" in parts:
             for optimizer in ("adamw", "sam", "sam_alternating"):
                 results["runs"][f"noaug_{optimizer}"] = train_runs(
@@ -306,6 +364,10 @@ def main(argv=None) -> Dict[str, Any]:
     header = [f"Digits, {args.seeds} seeds (mean ± std), 360 test images, students trained {args.student_steps} steps "
               "of 128. Parts vit and resnet: a DeiT student of width 32, depth 2 (class + distillation tokens); "
               "part stored: a plain ViT of the same size (one head)."]
+    if "mae_teacher" in results:
+        header.append(f"Part g2sd: 8x8 digits; MAE teacher = configs/mae_b16.py:runlocal ({results['mae_teacher']['steps']} "
+                      f"steps of 64); students pretrained {args.g2sd_pretrain_steps} steps of 64, fine-tuned "
+                      f"{args.g2sd_finetune_steps} steps of 64 (configs/mae_finetune_b16.py:runlocal).")
     if "teacher" in results:
         header.append(f"ViT teacher = the quickstart ViT (width 64, depth 4, {results['teacher']['steps']} steps), "
                       f"test top-1 {100 * results['teacher']['top1']:.2f}%.")
@@ -329,6 +391,9 @@ def main(argv=None) -> Dict[str, Any]:
               "online_k10": "plain ViT student, TinyViT loss, teacher online (top-10 = all 10 classes)",
               "stored_k10": "plain ViT student, TinyViT loss, stored top-10 (fp16)",
               "stored_k3": "plain ViT student, TinyViT loss, stored top-3 (fp16)",
+              "g2sd_mae": "small MAE student (width 32, depth 2) pretrained by plain MAE, then fine-tuned",
+              "g2sd_g2sd": "the same student pretrained by G2SD generic distillation from the MAE teacher (width 64), "
+                           "then fine-tuned identically",
               "lt_ce": "long-tailed digits: DeiT student, plain CE (both heads on the labels)",
               "lt_hard": "long-tailed digits: DeiT hard distillation from the SAM ResNet (alpha 0.5)",
               "lt_hard_drw_nomix": "long-tailed digits: hard distillation, mixup off in the last quarter, no weights",
