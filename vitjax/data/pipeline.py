@@ -60,7 +60,8 @@ _DEFAULTS = dict(
     download=True,  # Let TFDS download and prepare datasets that need no manual step.
     pp_modules=(),  # Modules imported before parsing the pp strings: they register more ops.
 )
-_MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5, stop_step=None)
+_MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5)
+_MIXUP_OPTIONAL = ("stop_step",)  # kept out of the validated dict where unset: stored-logits recipes stay as they were
 _LONG_TAIL_DEFAULTS = dict(imbalance=100.0, seed=0)
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+(\.[0-9*]+){0,2})?$")
 _SPLIT = re.compile(r"^[A-Za-z0-9_\-]+(\[[^\[\]]*\])?(\([^()]*\))?"
@@ -145,23 +146,27 @@ def validate_input_config(input_config) -> dict:
     mixup = dict(_MIXUP_DEFAULTS)
     if config["mixup"] is not None:
         given_mixup = _to_dict(config["mixup"], "input.mixup")
-        unknown = sorted(set(given_mixup) - set(_MIXUP_DEFAULTS))
+        unknown = sorted(set(given_mixup) - set(_MIXUP_DEFAULTS) - set(_MIXUP_OPTIONAL))
         if unknown:
             raise ValueError(f"Unknown input.mixup key(s) {', '.join(unknown)}; valid keys: "
-                             f"{', '.join(_MIXUP_DEFAULTS)}.")
+                             f"{', '.join((*_MIXUP_DEFAULTS, *_MIXUP_OPTIONAL))}.")
         mixup.update(given_mixup)
     for name, high in (("mixup_alpha", math.inf), ("cutmix_alpha", math.inf), ("prob", 1.0),
                        ("switch_prob", 1.0)):
         value = mixup[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
             raise ValueError(f"input.mixup.{name} must be a number in [0, {high}], got {value!r}.")
-    stop_step = mixup["stop_step"]
+    stop_step = mixup.pop("stop_step", None)
     if stop_step is not None and (isinstance(stop_step, bool) or not isinstance(stop_step, int) or stop_step < 0):
         raise ValueError(f"input.mixup.stop_step must be None or an int >= 0 (the train step from which "
                          f"nothing is mixed or smoothed), got {stop_step!r}.")
+    if stop_step is not None:
+        mixup["stop_step"] = stop_step
     config["mixup"] = mixup
 
-    if config["long_tail"] is not None:
+    if config["long_tail"] is None:  # left out where unset, so stored-logits recipes stay as they were
+        del config["long_tail"]
+    else:
         given_tail = _to_dict(config["long_tail"], "input.long_tail")
         unknown = sorted(set(given_tail) - set(_LONG_TAIL_DEFAULTS))
         if unknown:
@@ -244,7 +249,7 @@ def _num_classes(builder, label_key: str) -> int:
 
 def _source(config: dict, builder, split: str, role: str, fraction: float = 1.0):
     sources.check_split(builder, split, role)
-    long_tail = config["long_tail"] if role == "input.train_split" else None
+    long_tail = config.get("long_tail") if role == "input.train_split" else None
     cache_key = (builder.name, str(builder.data_dir), split, config["source"], config["image_key"],
                  config["label_key"], config["text_key"], fraction, config["cache"],
                  config["shuffle_buffer"], None if long_tail is None else tuple(sorted(long_tail.items())))
@@ -308,7 +313,7 @@ def dataset_info(input_config) -> dict:
     num_eval = sources.check_split(builder, config["eval_split"], "input.eval_split")
     label_key = config["label_key"]
     num_train = sources.fraction_count(num_train, config["train_fraction"])
-    if config["long_tail"] is not None:  # the subset's size sets the epochs' length
+    if config.get("long_tail") is not None:  # the subset's size sets the epochs' length
         num_train = _source(config, builder, config["train_split"], "input.train_split",
                             fraction=config["train_fraction"]).num_examples
     return dict(num_classes=None if label_key is None else _num_classes(builder, label_key),
