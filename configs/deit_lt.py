@@ -14,8 +14,8 @@ the official val-iisc/DeiT-LT sh/train_c10_if100.sh and sh/train_imagenetlt.sh, 
 Expected (official README table, DeiT-B student): CIFAR-10-LT imbalance 100: 87.5% top-1 overall (head 94.5,
 mid 84.1, tail 85.0); imbalance 50: 89.8%; ImageNet-LT: 59.1% (head 66.6, mid 58.3, tail 40.0). Their
 teachers are PaCo + SAM ResNets (ResNet-32 on CIFAR, ResNet-50 on ImageNet-LT); PaCo's contrastive teacher
-training is not part of vitjax: stage=teacher is plain cross-entropy + SAM, so expect the paper's "CE + SAM
-teacher" rows, not its best. `runlocal` (imbalance 10, measured on 2 shared CPU
+training is not part of vitjax: stage=teacher is plain cross-entropy + SAM, a weaker teacher than the
+paper's, so expect less than these figures. `runlocal` (imbalance 10, measured on 2 shared CPU
 cores): the teacher (300 steps of 64, 1.5 min) reaches 95.0% top-1 on the digits test split; the student (200
 steps of 64, 1.5 min, weights on and mixup off from step 150) 43.3%: a smoke run, mixup and cutmix on 16x16
 digits need more steps. The 3-seed comparison with plain CE and DeiT distillation on the long-tailed digits is
