@@ -160,3 +160,13 @@ def test_runlocal_teacher_then_student_switches_the_weights_at_drw_step(tmp_path
     assert float(losses[2]["class_weighted"]) == 0.0 and float(losses[3]["class_weighted"]) == 1.0
     assert abs(float(losses[2]["distill_loss"]) - float(losses[3]["distill_loss"])) > 1e-4
     np.testing.assert_allclose(float(losses[2]["base_loss"]), float(losses[3]["base_loss"]), rtol=1e-6)
+
+    # teacher_size: the teacher sees the student's images resized (bicubic) to its own input side.
+    resized = objectives.create("distill", _lt_student(teacher_dir, teacher_size=8))
+    teacher_variables = resized.init_variables(jax.random.PRNGKey(0), batch)[distill.TEACHER]
+    small = jax.image.resize(batch["image"], (32, 8, 8, 1), "bicubic")
+    expected, _ = resized.teacher.apply(teacher_variables, small, train=False)
+    np.testing.assert_allclose(np.asarray(resized.teacher_logits(teacher_variables, batch["image"])),
+                               np.asarray(expected), rtol=1e-5, atol=1e-6)
+    full, _ = resized.teacher.apply(teacher_variables, batch["image"], train=False)
+    assert float(jnp.abs(full - expected).max()) > 1e-3
