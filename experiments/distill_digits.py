@@ -365,9 +365,11 @@ def main(argv=None) -> Dict[str, Any]:
     def mean_std(values):
         return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
-    header = [f"Digits, {args.seeds} seeds (mean ± std), 360 test images, students trained {args.student_steps} steps "
-              "of 128. Parts vit and resnet: a DeiT student of width 32, depth 2 (class + distillation tokens); "
-              "part stored: a plain ViT of the same size (one head)."]
+    header = [f"Digits, {args.seeds} seeds (mean ± std), 360 test images."]
+    if set(parts) & {"vit", "resnet", "stored"}:
+        header.append(f"Students trained {args.student_steps} steps of 128. Parts vit and resnet: a DeiT student of "
+                      "width 32, depth 2 (class + distillation tokens); part stored: a plain ViT of the same size "
+                      "(one head).")
     if "mae_teacher" in results:
         header.append(f"Part g2sd: 8x8 digits; MAE teacher = configs/mae_b16.py:runlocal ({results['mae_teacher']['steps']} "
                       f"steps of 64); students pretrained {args.g2sd_pretrain_steps} steps of 64, fine-tuned "
