@@ -311,11 +311,11 @@ def global_norm(tree: Any) -> jax.Array:
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: Callable,
                     grad_accum_steps: int, batch_sharding, ema_decay: float = 0.0,
-                    batch_transform: Optional[Callable[[Dict[str, jax.Array], jax.Array], Dict[str, jax.Array]]] = None,
+                    batch_transform: Optional[Callable[..., Dict[str, jax.Array]]] = None,
                     trainable: Any = None, optimizer_grad_fn: bool = False) -> Callable:
     """Returns train_step(state, batch) -> (new state, {"train/...": scalar}); jit it with donated state.
 
-    `batch_transform(batch, rng)`, when given, runs first on the device (one-hot labels, mixup / cutmix).
+    `batch_transform(batch, rng, step)`, when given, runs first on the device (one-hot labels, mixup / cutmix).
     With `ema_decay` > 0 the step also updates state.ema_params = d * ema + (1 - d) * new params.
     `trainable` (a bool tree like the params; adaptation) stops the gradient of the False leaves, so their
     weight gradients are never computed (zeros in the metrics).
@@ -362,7 +362,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         step_rng = jax.random.fold_in(state.rng, state.step)
         if batch_transform is not None:  # it folds its own salt into the key: the model's draws stay independent
-            batch = batch_transform(batch, step_rng)
+            batch = batch_transform(batch, step_rng, state.step)
         grads, model_state, metrics = gradients(state.params, state.model_state, batch, step_rng)
         extra = {}
         if optimizer_grad_fn:  # its model-state updates (batch statistics) are dropped: the step keeps the first pass's

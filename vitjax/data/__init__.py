@@ -5,6 +5,7 @@ Importing this package does not import TensorFlow; the functions that need it do
     import vitjax.data as data
     data.validate_input_config(config.input)     # ValueError naming the valid choices
     info = data.dataset_info(config.input)       # num_classes, num_train / num_eval examples
+    counts = data.train_class_counts(config.input)  # examples per class (long-tailed: input.long_tail)
     train = data.make_train_iterator(config.input, global_batch_size=256, seed=0, start_step=0)
     batches = data.prefetch_to_device(train, 2, sharding)
     transform = data.make_batch_transform(config.input, info["num_classes"])
@@ -26,6 +27,7 @@ from vitjax.data.pipeline import DataIterator
 from vitjax.data.pipeline import dataset_info
 from vitjax.data.pipeline import make_eval_iterator
 from vitjax.data.pipeline import make_train_iterator
+from vitjax.data.pipeline import train_class_counts
 from vitjax.data.pipeline import validate_input_config
 from vitjax.data.prefetch import prefetch_to_device
 from vitjax.data.presets import pretrained_pp
@@ -44,6 +46,7 @@ __all__ = [
     "prefetch_to_device",
     "pretrained_pp",
     "register_op",
+    "train_class_counts",
     "valid_ops",
     "validate_input_config",
 ]

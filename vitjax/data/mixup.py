@@ -101,6 +101,10 @@ def make_batch_transform(input_config, num_classes: int
     asks, the field `image` (B, H, W, C) and the labels are mixed (mixup or cutmix); other fields
     pass unchanged (the config refuses mixup with `views`). A batch without `label` passes
     unchanged when nothing is mixed.
+
+    With `input.mixup.stop_step` set, the batches of train steps >= stop_step are neither mixed nor
+    smoothed (DeiT-LT's --no-mixup-drw: timm's Mixup, which also smooths, is then not applied), so the
+    transform needs the step: transform(batch, rng, step).
     """
     from vitjax.data import pipeline  # pylint: disable=g-import-not-at-top  # No TF: config checks.
     config = pipeline.validate_input_config(input_config)
@@ -113,8 +117,13 @@ def make_batch_transform(input_config, num_classes: int
     smoothing = float(config["label_smoothing"])
     mixup = dict(config["mixup"])
 
-    def transform(batch: Dict[str, Any], rng: jax.Array) -> Dict[str, Any]:
+    stop_step = mixup.pop("stop_step", None)
+
+    def transform(batch: Dict[str, Any], rng: jax.Array, step: Any = None) -> Dict[str, Any]:
         fields = ", ".join(sorted(batch))
+        if stop_step is not None and step is None:
+            raise ValueError("input.mixup.stop_step switches mixup off at a train step: call the batch "
+                             "transform with the step, transform(batch, rng, step).")
         if "label" not in batch:
             if mixing:
                 raise ValueError(f"input.mixup mixes the fields 'image' and 'label', but the batch "
@@ -129,6 +138,8 @@ def make_batch_transform(input_config, num_classes: int
                 raise ValueError(f"Int labels must be class ids of shape (batch,), got shape "
                                  f"{labels.shape}.")
             labels = one_hot(labels, num_classes, smoothing)
+            if stop_step is not None and smoothing:
+                labels = jnp.where(step < stop_step, labels, one_hot(jnp.asarray(batch["label"]), num_classes))
         else:
             if labels.shape[1:] != (num_classes,):
                 raise ValueError(f"Float labels must have shape (batch, {num_classes}), got "
@@ -152,6 +163,9 @@ def make_batch_transform(input_config, num_classes: int
             images = images.astype(jnp.float32)
         params = sample_mix_params(jax.random.fold_in(rng, _SALT), images.shape[1],
                                    images.shape[2], **mixup)
+        if stop_step is not None:  # lam 1 and no cutmix box: the batch passes unmixed
+            params = dict(params, lam=jnp.where(step < stop_step, params["lam"], 1.0),
+                          use_cutmix=params["use_cutmix"] & (step < stop_step))
         images, labels = apply_mix(images, labels, params)
         return dict(batch, image=images, label=labels)
 

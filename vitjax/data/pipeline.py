@@ -31,6 +31,8 @@ import re
 import threading
 from typing import Any
 
+import numpy as np
+
 from vitjax.data import classes as class_split
 from vitjax.data import ops
 from vitjax.data import sources
@@ -51,6 +53,7 @@ _DEFAULTS = dict(
     prefetch=2,  # Batches tf.data prepares ahead.
     cache=False,  # Hold the split in host memory even when it is large.
     train_fraction=1.0,  # Keep the first fraction of the train split (TFDS order: a fixed subset).
+    long_tail=None,  # dict(imbalance, seed): the exponentially long-tailed subset of the train split (CIFAR-LT).
     image_key="image",
     label_key="label",  # None: no label field (e.g. an image-text dataset).
     text_key=None,  # A string feature (path such as "captions/text") carried as the field "text".
@@ -61,6 +64,8 @@ _DEFAULTS = dict(
     eval_classes=None,  # The same for the eval split (deep metric learning: classes unseen in training).
 )
 _MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5)
+_MIXUP_OPTIONAL = ("stop_step",)  # kept out of the validated dict where unset: stored-logits recipes stay as they were
+_LONG_TAIL_DEFAULTS = dict(imbalance=100.0, seed=0)
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+(\.[0-9*]+){0,2})?$")
 _SPLIT = re.compile(r"^[A-Za-z0-9_\-]+(\[[^\[\]]*\])?(\([^()]*\))?"
                     r"(\+[A-Za-z0-9_\-]+(\[[^\[\]]*\])?(\([^()]*\))?)*$")
@@ -148,17 +153,46 @@ def validate_input_config(input_config) -> dict:
     mixup = dict(_MIXUP_DEFAULTS)
     if config["mixup"] is not None:
         given_mixup = _to_dict(config["mixup"], "input.mixup")
-        unknown = sorted(set(given_mixup) - set(_MIXUP_DEFAULTS))
+        unknown = sorted(set(given_mixup) - set(_MIXUP_DEFAULTS) - set(_MIXUP_OPTIONAL))
         if unknown:
             raise ValueError(f"Unknown input.mixup key(s) {', '.join(unknown)}; valid keys: "
-                             f"{', '.join(_MIXUP_DEFAULTS)}.")
+                             f"{', '.join((*_MIXUP_DEFAULTS, *_MIXUP_OPTIONAL))}.")
         mixup.update(given_mixup)
     for name, high in (("mixup_alpha", math.inf), ("cutmix_alpha", math.inf), ("prob", 1.0),
                        ("switch_prob", 1.0)):
         value = mixup[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
             raise ValueError(f"input.mixup.{name} must be a number in [0, {high}], got {value!r}.")
+    stop_step = mixup.pop("stop_step", None)
+    if stop_step is not None and (isinstance(stop_step, bool) or not isinstance(stop_step, int) or stop_step < 0):
+        raise ValueError(f"input.mixup.stop_step must be None or an int >= 0 (the train step from which "
+                         f"nothing is mixed or smoothed), got {stop_step!r}.")
+    if stop_step is not None:
+        mixup["stop_step"] = stop_step
     config["mixup"] = mixup
+
+    if config["long_tail"] is None:  # left out where unset, so stored-logits recipes stay as they were
+        del config["long_tail"]
+    else:
+        given_tail = _to_dict(config["long_tail"], "input.long_tail")
+        unknown = sorted(set(given_tail) - set(_LONG_TAIL_DEFAULTS))
+        if unknown:
+            raise ValueError(f"Unknown input.long_tail key(s) {', '.join(unknown)}; valid keys: "
+                             f"{', '.join(_LONG_TAIL_DEFAULTS)}.")
+        long_tail = dict(_LONG_TAIL_DEFAULTS, **given_tail)
+        imbalance, seed = long_tail["imbalance"], long_tail["seed"]
+        if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not imbalance >= 1:
+            raise ValueError(f"input.long_tail.imbalance must be a number >= 1 (n_max / n_min, e.g. 100 for "
+                             f"CIFAR-10-LT), got {imbalance!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"input.long_tail.seed must be an int >= 0, got {seed!r}.")
+        if config["label_key"] is None:
+            raise ValueError("input.long_tail subsamples by class and needs input.label_key.")
+        if config["source"] in ("random_access", "stream"):
+            raise ValueError(f"input.long_tail reads every label of the train split and needs it in memory: "
+                             f"input.source 'auto' or 'memory' (with input.cache=True for a large dataset), "
+                             f"got {config['source']!r}.")
+        config["long_tail"] = dict(imbalance=float(imbalance), seed=seed)
 
     for name in ("pp_train", "pp_eval"):
         if config[name] is not None:
@@ -178,6 +212,8 @@ def validate_input_config(input_config) -> dict:
                 raise ValueError("input.mixup mixes the field 'image' and the labels, and "
                                  "input.pp_train makes views: mixup / cutmix with several views "
                                  "is not supported; set input.mixup=None.")
+    if config.get("long_tail") is not None and config.get("train_classes"):
+        raise ValueError("input.long_tail and input.train_classes cannot be combined; set one of them.")
     return config
 
 
@@ -222,9 +258,10 @@ def _num_classes(builder, label_key: str) -> int:
 
 def _source(config: dict, builder, split: str, role: str, fraction: float = 1.0, classes=None):
     sources.check_split(builder, split, role)
+    long_tail = config.get("long_tail") if role == "input.train_split" else None
     cache_key = (builder.name, str(builder.data_dir), split, config["source"], config["image_key"],
                  config["label_key"], config["text_key"], fraction, config["cache"],
-                 config["shuffle_buffer"], classes)
+                 config["shuffle_buffer"], None if long_tail is None else tuple(sorted(long_tail.items())), classes)
     with _SOURCE_LOCK:
         if cache_key not in _SOURCE_CACHE:
             if len(_SOURCE_CACHE) >= _SOURCE_CACHE_SIZE:
@@ -233,8 +270,48 @@ def _source(config: dict, builder, split: str, role: str, fraction: float = 1.0,
                 builder, split, kind="memory" if classes else config["source"], image_key=config["image_key"],
                 label_key=config["label_key"], fraction=fraction, cache=config["cache"],
                 shuffle_buffer=config["shuffle_buffer"], text_key=config["text_key"])
+            if long_tail is not None:
+                source = _long_tail_source(source, builder, config)
             _SOURCE_CACHE[cache_key] = class_split.select_classes(source, classes) if classes else source
         return _SOURCE_CACHE[cache_key]
+
+
+def _long_tail_source(source, builder, config: dict):
+    labels = getattr(source, "fields", {}).get("label")
+    if labels is None:
+        raise ValueError(f"input.long_tail needs the train split in memory; it is read by a "
+                         f"{type(source).__name__}: set input.cache=True.")
+    num_classes = _num_classes(builder, config["label_key"])
+    long_tail = config["long_tail"]
+    indices = sources.long_tail_indices(labels, num_classes, long_tail["imbalance"], long_tail["seed"])
+    subset = sources.SubsetSource(source, indices, labels)
+    _LOG.info("Long-tailed %s %s (imbalance %g, seed %d): %d of %d examples, per class %s", config["dataset"],
+              config["train_split"], long_tail["imbalance"], long_tail["seed"], len(indices), len(labels),
+              class_counts_of(subset, num_classes).tolist())
+    return subset
+
+
+def class_counts_of(source, num_classes: int):
+    """Returns the int64 (num_classes,) example count per class of a source holding its labels in memory."""
+    labels = source.labels if isinstance(source, sources.SubsetSource) else source.fields["label"]
+    return np.bincount(np.asarray(labels), minlength=num_classes)[:num_classes]
+
+
+def train_class_counts(input_config):
+    """Returns the int64 (num_classes,) example count per class of the train split the pipeline reads.
+
+    The long-tailed subset where `input.long_tail` asks; reads the split into memory (it must fit).
+    """
+    config = validate_input_config(input_config)
+    if config["label_key"] is None:
+        raise ValueError("Class counts need labels: input.label_key is None.")
+    builder = _builder(config)
+    source = _source(config, builder, config["train_split"], "input.train_split",
+                     fraction=config["train_fraction"])
+    if not hasattr(source, "labels") and not hasattr(source, "fields"):
+        raise ValueError(f"Counting the classes of {config['dataset']} {config['train_split']} needs it in "
+                         "memory: set input.cache=True.")
+    return class_counts_of(source, _num_classes(builder, config["label_key"]))
 
 
 def dataset_info(input_config) -> dict:
@@ -247,6 +324,9 @@ def dataset_info(input_config) -> dict:
     label_key = config["label_key"]
     num_classes = None if label_key is None else _num_classes(builder, label_key)
     num_train = sources.fraction_count(num_train, config["train_fraction"])
+    if config.get("long_tail") is not None:  # the subset's size sets the epochs' length
+        num_train = _source(config, builder, config["train_split"], "input.train_split",
+                            fraction=config["train_fraction"]).num_examples
     if config.get("train_classes"):  # counting the kept examples reads the split (the iterator reuses it)
         num_classes = len(config["train_classes"])
         num_train = _source(config, builder, config["train_split"], "input.train_split",

@@ -319,6 +319,61 @@ class MemorySource(IndexedSource):
         return {name: tf.gather(values, indices) for name, values in self._tensors.items()}
 
 
+def long_tail_counts(available: np.ndarray, imbalance: float) -> np.ndarray:
+    """Returns the per-class counts of the exponential long-tailed split (CIFAR-LT, Cao et al. 2019).
+
+    Class c keeps int(n_max x imbalance^(-c / (C - 1))) examples with n_max = (split size) / C, as the
+    DeiT-LT and LDAM code build CIFAR-10/100-LT; a class holding fewer keeps what it has.
+    """
+    available = np.asarray(available, np.int64)
+    num_classes = len(available)
+    n_max = available.sum() / num_classes
+    exponents = np.arange(num_classes) / max(num_classes - 1, 1)
+    wanted = np.array([int(n_max * float(imbalance) ** -exponent) for exponent in exponents], np.int64)
+    return np.minimum(wanted, available)
+
+
+def long_tail_indices(labels: np.ndarray, num_classes: int, imbalance: float, seed: int) -> np.ndarray:
+    """Returns the sorted example indices of the long-tailed subset of a split with these labels.
+
+    Each class's examples are shuffled by numpy's RandomState(seed), one class after another in class
+    order (the DeiT-LT / LDAM CIFAR-LT code's draw), and the first `long_tail_counts` of them kept.
+    Raises ValueError if a class would keep no example.
+    """
+    labels = np.asarray(labels)
+    available = np.bincount(labels, minlength=num_classes)[:num_classes]
+    counts = long_tail_counts(available, imbalance)
+    if counts.min() < 1:
+        empty = [int(c) for c in np.flatnonzero(counts < 1)]
+        raise ValueError(f"input.long_tail.imbalance={imbalance} leaves classes {empty} without an example "
+                         f"(per-class counts {counts.tolist()} of {len(labels)} examples); choose a smaller "
+                         "imbalance.")
+    state = np.random.RandomState(seed)
+    kept = []
+    for label, count in enumerate(counts):
+        members = np.flatnonzero(labels == label)
+        state.shuffle(members)
+        kept.append(members[:count])
+    return np.sort(np.concatenate(kept))
+
+
+class SubsetSource(IndexedSource):
+    """The examples `indices` of another indexed source, re-indexed 0 .. len(indices) - 1."""
+
+    def __init__(self, base: IndexedSource, indices: np.ndarray, labels: np.ndarray | None = None):
+        self.base = base
+        self.indices = np.asarray(indices, np.int64)
+        self.num_examples = len(self.indices)
+        self.num_bad_examples = base.num_bad_examples
+        self.caption_lists = base.caption_lists
+        self.encoded = getattr(base, "encoded", False)
+        self.labels = None if labels is None else np.asarray(labels)[self.indices]
+
+    def fetch(self, indices):
+        tf = import_tensorflow()
+        return self.base.fetch(tf.gather(tf.constant(self.indices), indices))
+
+
 def load_memory_source(builder, split: str, keys: _Keys, fraction: float = 1.0,
                        encoded: bool = False) -> MemorySource:
     """Returns a MemorySource with the split's first examples (all, or `fraction` of them)."""

@@ -37,11 +37,28 @@ batch and reports `replay_mismatch`, the fraction of images whose fingerprint di
 the teacher saw (0 when the replay is exact). A store written for another recipe, missing a file or
 holding a truncated one stops the run before anything compiles. Stored probabilities serve
 "soft_target" and "hard" (the top-1 class); "soft" needs the teacher's logits at temperature tau.
+
+DeiT-LT (Rangwani et al. 2024, "DeiT-LT: Distillation Strikes Back for Vision Transformer Training on
+Long-Tailed Datasets"; official code val-iisc/DeiT-LT) is hard distillation from a CNN teacher (trained
+with SAM) on a long-tailed split (`input.long_tail`) with three settings:
+- the teacher sees the student's own strongly augmented (mixed) images, which are out of its training
+  distribution: that is what this objective does anyway; `teacher_size` resizes them (bicubic) for a
+  teacher trained at another resolution (their --teacher-size: 32 for a CIFAR ResNet-32 under a 224 DeiT);
+- `class_balance_beta` (their --beta, 0.9999): the distillation cross-entropy weighs example i by
+  w[argmax t_i] with Cui et al.'s effective-number weights w_c = (1 - beta) / (1 - beta^n_c), normalised to
+  sum to the number of classes, and averages as PyTorch's weighted cross-entropy does:
+  L_dist = sum_i w[y_i] CE_i / sum_i w[y_i]. n_c are the train split's class counts (`class_counts`, or
+  read from the input pipeline when None);
+- `drw_step` (their --drw, deferred re-weighting, in steps): the weights apply from this train step on,
+  before it L_dist is the plain mean. The class head keeps the plain cross-entropy throughout, as the
+  official recipe (no --weighted-baseloss). Their --no-mixup-drw (CIFAR-LT) is `input.mixup.stop_step`
+  set to the same step: from there the batches are neither mixed nor smoothed.
 """
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import vitjax.models as models
@@ -53,20 +70,40 @@ from vitjax.objectives.supervised import Supervised
 DISTILLATION_TYPES = ("hard", "soft", "soft_target")
 STORED_TYPES = ("hard", "soft_target")
 TEACHER = "teacher"
+STEP_FIELD = "train_step"  # (B,) int32: the step that consumes the batch (deferred re-weighting reads it)
+
+
+def class_balanced_weights(class_counts: Sequence[int], beta: float) -> np.ndarray:
+    """Returns float32 (C,) effective-number class weights (Cui et al. 2019), summing to C.
+
+    w_c = (1 - beta) / (1 - beta^n_c), the DeiT-LT / LDAM-DRW recipe; beta 0 gives equal weights.
+    """
+    counts = np.asarray(class_counts, np.float64)
+    weights = (1.0 - beta) / (1.0 - np.power(beta, counts))
+    return (weights / weights.sum() * len(counts)).astype(np.float32)
 
 
 def distillation_loss(class_logits: jax.Array, dist_logits: jax.Array, teacher_logits: jax.Array,
-                      labels: jax.Array, *, distillation_type: str, alpha: float, tau: float
-                      ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                      labels: jax.Array, *, distillation_type: str, alpha: float, tau: float,
+                      class_weights: Optional[jax.Array] = None) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Returns (loss, {"base_loss", "distill_loss"}) of DeiT's distillation (see the module doc).
 
     For "soft_target", `teacher_logits` are the teacher's (B, C) target probabilities (`teacher_targets`).
+    `class_weights` (C,) weigh the "hard" distillation cross-entropy by the teacher's class (DeiT-LT).
     """
     class_logits, dist_logits = class_logits.astype(jnp.float32), dist_logits.astype(jnp.float32)
     teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     base = optax.softmax_cross_entropy(class_logits, labels.astype(jnp.float32)).mean()
     if distillation_type == "hard":
-        distill = optax.softmax_cross_entropy_with_integer_labels(dist_logits, jnp.argmax(teacher_logits, -1)).mean()
+        targets = jnp.argmax(teacher_logits, -1)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(dist_logits, targets)
+        if class_weights is None:
+            distill = per_example.mean()
+        else:  # PyTorch's weighted mean: normalised by the weights of the targets, not by B
+            example_weights = jnp.asarray(class_weights, jnp.float32)[targets]
+            distill = jnp.sum(example_weights * per_example) / jnp.sum(example_weights)
+    elif class_weights is not None:
+        raise ValueError(f"class_weights weigh the 'hard' distillation only, not {distillation_type!r}")
     elif distillation_type == "soft_target":  # `teacher_logits` are probabilities here (see teacher_targets)
         distill = optax.softmax_cross_entropy(dist_logits, teacher_logits).mean()
     else:
@@ -83,7 +120,8 @@ class Distillation(Supervised):
 
     default_kwargs: Dict[str, Any] = dict(teacher=None, teacher_model={}, teacher_init=None,
                                           distillation_type="hard", alpha=0.5, tau=1.0,
-                                          topk=10, teacher_logits=None)
+                                          topk=10, teacher_logits=None, class_balance_beta=None,
+                                          drw_step=0, class_counts=None, teacher_size=None)
 
     def __init__(self, config):
         super().__init__(config)
@@ -102,12 +140,13 @@ class Distillation(Supervised):
                              f"got {topk!r}")
         self.stored = bool(kwargs["teacher_logits"])
         self.teacher = None
+        self.class_weights = self._check_long_tail_settings(kwargs)
         if self.stored:
             if kwargs["distillation_type"] not in STORED_TYPES:
                 raise ValueError(f"Stored teacher probabilities (objective_kwargs.teacher_logits) serve the "
                                  f"distillation types {STORED_TYPES}; {kwargs['distillation_type']!r} needs the "
                                  "teacher online (set teacher_logits=None)")
-            self.batch_keys = ("image", "label") + stored.FIELDS
+            self.batch_keys = ("image", "label") + stored.FIELDS + self._step_keys()
             return
         if not kwargs["teacher"]:
             raise ValueError("objective 'distill' needs objective_kwargs.teacher, a registered model name "
@@ -117,12 +156,46 @@ class Distillation(Supervised):
             raise ValueError("objective 'distill' needs objective_kwargs.teacher_init: a vitjax workdir or "
                              "checkpoint directory, or a timm .pth / .bin / .safetensors file")
         weights.check_source(kwargs["teacher_init"])
+        self.batch_keys = ("image", "label") + self._step_keys()
         self.teacher_overrides = model_overrides(kwargs["teacher_model"])
         self.teacher = models.create(kwargs["teacher"], **self.teacher_overrides)
         teacher_classes = getattr(self.teacher, "num_classes", None)
         if teacher_classes and teacher_classes != self.num_classes:
             raise ValueError(f"The teacher {kwargs['teacher']!r} has {teacher_classes} classes, the student "
                              f"{self.num_classes}; set objective_kwargs.teacher_model.num_classes")
+
+    def _check_long_tail_settings(self, kwargs) -> Optional[np.ndarray]:
+        """Returns DeiT-LT's class weights (None without `class_balance_beta`) after checking its settings."""
+        beta, drw_step, teacher_size = kwargs["class_balance_beta"], kwargs["drw_step"], kwargs["teacher_size"]
+        if isinstance(drw_step, bool) or not isinstance(drw_step, int) or drw_step < 0:
+            raise ValueError(f"objective_kwargs.drw_step must be an int >= 0 (the train step from which the class "
+                             f"weights apply; 0: from the start), got {drw_step!r}")
+        if teacher_size is not None:
+            if isinstance(teacher_size, bool) or not isinstance(teacher_size, int) or teacher_size < 1:
+                raise ValueError(f"objective_kwargs.teacher_size must be None or an int >= 1 (the teacher's input "
+                                 f"side), got {teacher_size!r}")
+            if self.stored:
+                raise ValueError("objective_kwargs.teacher_size resizes the images for the teacher online; the "
+                                 "stored probabilities (teacher_logits) were computed without it: set one")
+        if beta is None:
+            if drw_step or kwargs["class_counts"] is not None:
+                raise ValueError("objective_kwargs.drw_step and class_counts weigh the distillation by class and "
+                                 "need objective_kwargs.class_balance_beta (DeiT-LT: 0.9999)")
+            return None
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"objective_kwargs.class_balance_beta must be None or a number in [0, 1), got {beta!r}")
+        if kwargs["distillation_type"] != "hard":
+            raise ValueError(f"objective_kwargs.class_balance_beta weighs the 'hard' distillation (DeiT-LT); "
+                             f"distillation_type is {kwargs['distillation_type']!r}")
+        counts = kwargs["class_counts"]
+        if counts is None:  # the class prior of the split this run trains on (long-tailed where input asks)
+            from vitjax import data  # pylint: disable=g-import-not-at-top
+            counts = data.train_class_counts(self.config.input)
+        counts = np.asarray(counts)
+        if counts.shape != (self.num_classes,) or not np.issubdtype(counts.dtype, np.integer) or counts.min() < 1:
+            raise ValueError(f"objective_kwargs.class_counts must hold {self.num_classes} ints >= 1 (examples per "
+                             f"class), got {counts.tolist()!r}")
+        return class_balanced_weights(counts, float(beta))
 
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
         """Returns the student's variables plus the teacher's (random here; the trainer loads `frozen_weights`)."""
@@ -141,10 +214,23 @@ class Distillation(Supervised):
         return {TEACHER: dict(source=self.kwargs["teacher_init"], model_name=self.kwargs["teacher"],
                               model_overrides=self.teacher_overrides)}
 
+    def _step_keys(self) -> Tuple[str, ...]:
+        return (STEP_FIELD,) if self.class_weights is not None and self.kwargs["drw_step"] > 0 else ()
+
     def host_batch_fields(self, *, start_step: int, total_steps: int):
-        """Returns the stored teacher probabilities' reader (checked for this run's recipe and steps), or None."""
-        if not self.stored:
-            return None
+        """Returns the reader of the stored teacher probabilities (checked for this run's recipe and steps) and of
+        the batch's train step (deferred re-weighting), or None when the batches need neither."""
+        stored_fields = self._stored_fields(start_step, total_steps) if self.stored else None
+        if not self._step_keys():
+            return stored_fields
+        local_batch = self.config.batch_size // jax.process_count()
+
+        def fields(batch_index: int) -> Dict[str, np.ndarray]:
+            step = {STEP_FIELD: np.full((local_batch,), batch_index, np.int32)}
+            return {**stored_fields(batch_index), **step} if stored_fields else step
+        return fields
+
+    def _stored_fields(self, start_step: int, total_steps: int):
         store = stored.open_store(self.kwargs["teacher_logits"], self.config, num_classes=self.num_classes,
                                   start_batch=start_step, num_batches=total_steps)
         if store.meta["topk"] != self.kwargs["topk"]:
@@ -158,6 +244,9 @@ class Distillation(Supervised):
 
     def teacher_logits(self, teacher_variables: Variables, images: jax.Array) -> jax.Array:
         """Returns the frozen teacher's fp32 logits (the mean of a distilled DeiT teacher's two heads)."""
+        size = self.kwargs["teacher_size"]
+        if size is not None and images.shape[1:3] != (size, size):
+            images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bicubic")
         logits, _ = self.teacher.apply(teacher_variables, images, train=False)
         if isinstance(logits, (tuple, list)):
             logits = sum(logits) / len(logits)
@@ -188,9 +277,20 @@ class Distillation(Supervised):
         """Returns (the distillation loss, {"metrics": loss, base_loss, distill_loss, top1[, replay_mismatch], "updates"})."""
         output, updates = self._apply(self._student(variables), batch["image"], True, rng)
         class_logits, dist_logits = output if isinstance(output, (tuple, list)) else (output, output)
+        class_weights, weighted = None, None
+        if self.class_weights is not None:
+            class_weights = jnp.asarray(self.class_weights)
+            if self._step_keys():  # deferred re-weighting: equal weights (the plain mean) before drw_step
+                weighted = batch[STEP_FIELD][0] >= self.kwargs["drw_step"]
+                class_weights = jnp.where(weighted, class_weights, jnp.ones_like(class_weights))
+            else:
+                weighted = jnp.array(True)
         loss, parts = distillation_loss(class_logits, dist_logits, self.teacher_targets(variables, batch),
                                         batch["label"], distillation_type=self.kwargs["distillation_type"],
-                                        alpha=float(self.kwargs["alpha"]), tau=float(self.kwargs["tau"]))
+                                        alpha=float(self.kwargs["alpha"]), tau=float(self.kwargs["tau"]),
+                                        class_weights=class_weights)
+        if weighted is not None:
+            parts["class_weighted"] = weighted.astype(jnp.float32)
         logits = (class_logits.astype(jnp.float32) + dist_logits.astype(jnp.float32)) / 2
         top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(batch["label"], -1))
         metrics = {"loss": loss, "top1": top1, **parts}
