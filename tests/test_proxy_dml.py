@@ -170,6 +170,9 @@ def test_class_split_keeps_and_relabels_the_named_classes(data_dir):
         data.dataset_info(dict(input_config, train_classes="0-4"))
     with pytest.raises(ValueError, match=r"Classes \[12\] have no example in the split; its classes: \[0, 1"):
         data.dataset_info(dict(input_config, train_classes=(1, 12)))
+    with pytest.raises(ValueError, match=r"input.long_tail and input.train_classes cannot be combined"):
+        data.validate_input_config(dict(input_config, long_tail=dict(imbalance=10.0)))
+    assert "train_classes" not in data.validate_input_config(dict(input_config, train_classes=None))
 
 
 @pytest.fixture(scope="module")
