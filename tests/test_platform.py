@@ -43,7 +43,8 @@ def test_evaluator_settings_are_checked_before_anything_runs():
     config = tiny_config()
     config.evals = dict(probe=dict(kind="linear"))
     with pytest.raises(ValueError, match=r"evals.probe.kind='linear' is not valid; valid kinds: \['classification', "
-                                         r"'fewshot', 'knn', 'linear_probe', 'outliers', 'retrieval', 'zeroshot'\]"):
+                                         r"'fewshot', 'knn', 'linear_probe', 'outliers', 'recall_at_k', "
+                                         r"'retrieval', 'zeroshot'\]"):
         train.build(config)
     config.evals = dict(knn=dict(kind="knn", neighbours=5))
     with pytest.raises(ValueError, match=r"Unknown setting\(s\) \['neighbours'\] in config.evals.knn .*'k'"):

@@ -123,6 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
     optim.layer_decay = config_dict.placeholder(float)  # e.g. 0.65 (MAE fine-tuning of ViT-B)
     optim.grad_accum_steps = 1
     optim.frozen = ()                             # regexes of param paths ("a/b/kernel") not trained
+    optim.lr_mult = ()                            # ((regex, multiplier), ...): those params' lr times multiplier
     optim.no_decay = config_dict.placeholder(tuple)  # None: the model's no_weight_decay(); else these regexes
     optim.sam_base = "adamw"                      # sam: the optimizer it wraps (any other name)
     optim.sam_rho = 0.05                          # sam: radius of the ascent step

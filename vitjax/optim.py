@@ -133,6 +133,25 @@ def layer_decay_scales(params, layer_decay: float, layer_ids_fn: LayerIdsFn,
     return scales
 
 
+def lr_multipliers(params, pairs: Sequence[Tuple[str, float]]) -> Dict[str, float]:
+    """Returns {path: lr multiplier} of `optim.lr_mult`'s (regex, multiplier) pairs; the first match sets a path's."""
+    pairs = tuple(pairs)
+    if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+               and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and pair[1] > 0
+               for pair in pairs):
+        raise ValueError(f"optim.lr_mult must be (regex, multiplier > 0) pairs, e.g. ((r'^dml/proxies$', 20.0),); "
+                         f"got {pairs!r}")
+    paths = sorted(param_paths(params))
+    scales = {}
+    for pattern, multiplier in pairs:
+        matched = [path for path in paths if re.search(pattern, path)]
+        if not matched:
+            raise ValueError(f"optim.lr_mult pattern {pattern!r} matches no param; params: {paths[:20]}...")
+        for path in matched:
+            scales.setdefault(path, float(multiplier))
+    return scales
+
+
 def scale_by_path(scales: Dict[str, Union[float, np.ndarray]]) -> optax.GradientTransformation:
     """Returns a transformation multiplying each update by `scales[path]` (1 where absent)."""
 
@@ -281,6 +300,8 @@ def make_optimizer(optim_config, params, *, batch_size: int, total_steps: int,
 
     if layer_decay is not None and layer_decay != 1.0:
         transforms.append(scale_by_path(layer_decay_scales(params, float(layer_decay), layer_ids_fn, param_axes)))
+    if optim_config.get("lr_mult"):
+        transforms.append(scale_by_path(lr_multipliers(params, optim_config.lr_mult)))
     transforms.append(optax.scale_by_learning_rate(schedule))
     if sparse_back is not None:
         transforms.append(sparse_back)  # last: a pruned weight's update is minus the weight, whatever came before

@@ -12,6 +12,9 @@ would see without them (the official code pools the class token, which is unchan
 The official `prompt_proj` (an optional projection of smaller prompts) is not implemented: its default is off.
 
 Parameters: `vpt/prompts` (1, num_tokens, width) and, when deep, `vpt/deep_prompts` (depth - 1, num_tokens, width).
+The model may also be applied with per-example prompts in their place, `vpt/prompts` (B, num_tokens, width) and
+`vpt/deep_prompts` (depth - 1, B, num_tokens, width): the semantic proxies of `vitjax.objectives.proxy_dml` run
+the frozen backbone so with each image's class prompts.
 """
 import dataclasses
 import math
@@ -36,11 +39,24 @@ class _Prompts(nn.Module):
     def __call__(self) -> Tuple[jax.Array, Any]:
         bound = math.sqrt(6.0 / float(self.patch_dim + self.width))
         init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
-        prompts = self.param("prompts", init, (1, self.num_tokens, self.width), self.param_dtype)
+        prompts = self._prompts("prompts", init, (1, self.num_tokens, self.width))
         deep = None
         if self.deep_layers:
-            deep = self.param("deep_prompts", init, (self.deep_layers, self.num_tokens, self.width), self.param_dtype)
+            deep = self._prompts("deep_prompts", init, (self.deep_layers, self.num_tokens, self.width))
         return prompts, deep
+
+    def _prompts(self, name: str, init, shape) -> jax.Array:
+        """Returns param `name`; given per example (a batch axis before the last two) it is read as it is."""
+        if not self.has_variable("params", name):
+            return self.param(name, init, shape, self.param_dtype)
+        value = self.get_variable("params", name)  # flax's own check would refuse the per-example shape
+        leading = (None,) if name == "prompts" else (shape[0], None)   # None: any batch size
+        fits = value.ndim == len(leading) + 2 and value.shape[-2:] == tuple(shape[-2:]) and all(
+            want is None or have == want for have, want in zip(value.shape, leading))
+        if tuple(value.shape) != tuple(shape) and not fits:
+            raise ValueError(f"vpt/{name} has shape {value.shape}; expected {shape}, or per example "
+                             f"{tuple('B' if want is None else want for want in leading) + tuple(shape[-2:])}")
+        return value
 
 
 @register
@@ -80,7 +96,8 @@ class VPT(Method):
         """Returns the tokens with block `index`'s own prompts in place of the previous ones (deep; index >= 1)."""
         if carry is None or index == 0:
             return x
-        prompts = jnp.broadcast_to(carry[index - 1][None].astype(x.dtype), (x.shape[0],) + carry.shape[1:])
+        layer_prompts = carry[index - 1]
+        prompts = jnp.broadcast_to(layer_prompts.astype(x.dtype), (x.shape[0],) + layer_prompts.shape[-2:])
         prompts = nn.Dropout(self.prompt_dropout)(prompts, deterministic=not train)
         start = info.num_prefix
         return jnp.concatenate([x[:, :start], prompts, x[:, start + self.num_tokens:]], axis=1)

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vitjax.data import classes as class_split
 from vitjax.data import ops
 from vitjax.data import sources
 from vitjax.data._tf import import_tensorflow
@@ -59,6 +60,8 @@ _DEFAULTS = dict(
     source="auto",  # "auto", "memory", "random_access" or "stream": see vitjax.data.sources.
     download=True,  # Let TFDS download and prepare datasets that need no manual step.
     pp_modules=(),  # Modules imported before parsing the pp strings: they register more ops.
+    train_classes=None,  # A tuple of class ids: train on those only, relabelled 0..n-1 (vitjax.data.classes).
+    eval_classes=None,  # The same for the eval split (deep metric learning: classes unseen in training).
 )
 _MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5)
 _MIXUP_OPTIONAL = ("stop_step",)  # kept out of the validated dict where unset: stored-logits recipes stay as they were
@@ -134,6 +137,10 @@ def validate_input_config(input_config) -> dict:
     _integer(config, "shuffle_buffer", 0)
     _integer(config, "repeated_augmentation", 1)
     _integer(config, "prefetch", 0)
+    for name in ("train_classes", "eval_classes"):  # left out where unset: stored-logits recipes stay as they were
+        config[name] = class_split.check_classes(config[name], name)
+        if config[name] is None:
+            del config[name]
 
     modules = config["pp_modules"]
     if isinstance(modules, str) or not isinstance(modules, (tuple, list)) or not all(
@@ -205,6 +212,8 @@ def validate_input_config(input_config) -> dict:
                 raise ValueError("input.mixup mixes the field 'image' and the labels, and "
                                  "input.pp_train makes views: mixup / cutmix with several views "
                                  "is not supported; set input.mixup=None.")
+    if config.get("long_tail") is not None and config.get("train_classes"):
+        raise ValueError("input.long_tail and input.train_classes cannot be combined; set one of them.")
     return config
 
 
@@ -247,22 +256,23 @@ def _num_classes(builder, label_key: str) -> int:
     return int(num_classes)
 
 
-def _source(config: dict, builder, split: str, role: str, fraction: float = 1.0):
+def _source(config: dict, builder, split: str, role: str, fraction: float = 1.0, classes=None):
     sources.check_split(builder, split, role)
     long_tail = config.get("long_tail") if role == "input.train_split" else None
     cache_key = (builder.name, str(builder.data_dir), split, config["source"], config["image_key"],
                  config["label_key"], config["text_key"], fraction, config["cache"],
-                 config["shuffle_buffer"], None if long_tail is None else tuple(sorted(long_tail.items())))
+                 config["shuffle_buffer"], None if long_tail is None else tuple(sorted(long_tail.items())), classes)
     with _SOURCE_LOCK:
         if cache_key not in _SOURCE_CACHE:
             if len(_SOURCE_CACHE) >= _SOURCE_CACHE_SIZE:
                 _SOURCE_CACHE.pop(next(iter(_SOURCE_CACHE)))
-            _SOURCE_CACHE[cache_key] = sources.open_source(
-                builder, split, kind=config["source"], image_key=config["image_key"],
+            source = sources.open_source(
+                builder, split, kind="memory" if classes else config["source"], image_key=config["image_key"],
                 label_key=config["label_key"], fraction=fraction, cache=config["cache"],
                 shuffle_buffer=config["shuffle_buffer"], text_key=config["text_key"])
             if long_tail is not None:
-                _SOURCE_CACHE[cache_key] = _long_tail_source(_SOURCE_CACHE[cache_key], builder, config)
+                source = _long_tail_source(source, builder, config)
+            _SOURCE_CACHE[cache_key] = class_split.select_classes(source, classes) if classes else source
         return _SOURCE_CACHE[cache_key]
 
 
@@ -312,13 +322,19 @@ def dataset_info(input_config) -> dict:
     num_train = sources.check_split(builder, config["train_split"], "input.train_split")
     num_eval = sources.check_split(builder, config["eval_split"], "input.eval_split")
     label_key = config["label_key"]
+    num_classes = None if label_key is None else _num_classes(builder, label_key)
     num_train = sources.fraction_count(num_train, config["train_fraction"])
     if config.get("long_tail") is not None:  # the subset's size sets the epochs' length
         num_train = _source(config, builder, config["train_split"], "input.train_split",
                             fraction=config["train_fraction"]).num_examples
-    return dict(num_classes=None if label_key is None else _num_classes(builder, label_key),
-                num_train_examples=num_train,
-                num_eval_examples=num_eval)
+    if config.get("train_classes"):  # counting the kept examples reads the split (the iterator reuses it)
+        num_classes = len(config["train_classes"])
+        num_train = _source(config, builder, config["train_split"], "input.train_split",
+                            fraction=config["train_fraction"], classes=config.get("train_classes")).num_examples
+    if config.get("eval_classes"):
+        num_eval = _source(config, builder, config["eval_split"], "input.eval_split",
+                           classes=config["eval_classes"]).num_examples
+    return dict(num_classes=num_classes, num_train_examples=num_train, num_eval_examples=num_eval)
 
 
 def _processes(process_index, process_count, global_batch_size):
@@ -552,7 +568,7 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int, star
                          f"global batch, got {global_batch_size}.")
     builder = _builder(config)
     source = _source(config, builder, config["train_split"], "input.train_split",
-                     fraction=config["train_fraction"])
+                     fraction=config["train_fraction"], classes=config.get("train_classes"))
     dataset = build_train_dataset(
         source, ops.build_preprocess(_train_pp(config)), global_batch_size=global_batch_size,
         seed=seed, start_step=start_step, process_index=process_index,
@@ -577,7 +593,7 @@ def make_eval_iterator(input_config, *, global_batch_size: int, process_index: i
         raise ValueError("input.pp_eval is needed for evaluation, e.g. "
                          "'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)'.")
     builder = _builder(config)
-    source = _source(config, builder, config["eval_split"], "input.eval_split")
+    source = _source(config, builder, config["eval_split"], "input.eval_split", classes=config.get("eval_classes"))
     dataset, num_steps = build_eval_dataset(
         source, ops.build_preprocess(config["pp_eval"]), global_batch_size=global_batch_size,
         process_index=process_index, process_count=process_count, prefetch=config["prefetch"])

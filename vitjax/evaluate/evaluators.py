@@ -314,3 +314,4 @@ __all__ = ["Classification", "EvalContext", "Evaluator", "FeatureEvaluator", "KN
 from vitjax.evaluate import zeroshot  # noqa: E402,F401  pylint: disable=wrong-import-position
 from vitjax.evaluate import fewshot, linear_probe  # noqa: E402,F401  pylint: disable=wrong-import-position
 from vitjax.evaluate import outliers  # noqa: E402,F401  pylint: disable=wrong-import-position
+from vitjax.evaluate import recall_at_k  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -21,6 +21,7 @@ _OBJECTIVES = {
     "mp3": "vitjax.objectives.mp3:MP3",
     "sdft": "vitjax.objectives.sdft:SelfDistillMAE",
     "g2sd": "vitjax.objectives.g2sd:G2SD",
+    "proxy_dml": "vitjax.objectives.proxy_dml:ProxyDML",
 }
 
 
