@@ -434,11 +434,12 @@ def format_report(report: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 # One function on one chip (the kernels' compile table)
 # ------------------------------------------------------------------------------------------------
-def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
+def compile_on_chip(function, abstract_args, topology: str, vmem_limit_bytes: Optional[int] = None) -> Dict[str, Any]:
     """Returns {"ok", "seconds", "temp_bytes", "error"} of jit(function) compiled for one chip of `topology`.
 
     `abstract_args` are ShapeDtypeStructs; Pallas kernels inside lower with Mosaic (not interpret mode).
     A compiler error is returned (its first line), not raised: the kernels' table records what fails.
+    vmem_limit_bytes overrides the Mosaic kernels' scoped VMEM limit (`common.target_platform`).
     """
     import jax
     from jax.sharding import SingleDeviceSharding
@@ -448,9 +449,11 @@ def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
     placed = [jax.ShapeDtypeStruct(arg.shape, arg.dtype, sharding=SingleDeviceSharding(device))
               for arg in abstract_args]
     start = time.time()
-    with common.target_platform("tpu", device.device_kind):
+    with common.target_platform("tpu", device.device_kind, vmem_limit_bytes):
         try:
-            compiled = jax.jit(function).trace(*placed).lower().compile()
+            # A fresh wrapper each time: jax caches traces by function, and the kernels' VMEM limit comes
+            # from the `target_platform` context, which that cache does not see.
+            compiled = jax.jit(lambda *args: function(*args)).trace(*placed).lower().compile()
         except Exception as error:  # noqa: BLE001 - any compiler refusal is a row of the table
             lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
             detail = next((line for line in lines if "VMEM" in line or "vmem" in line), "")
@@ -461,6 +464,25 @@ def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
     memory = compiled.memory_analysis()
     return dict(ok=True, seconds=time.time() - start, temp_bytes=float(memory.temp_size_in_bytes), error=None)
 
+
+def mosaic_vmem_needed(function, abstract_args, topology: str, *, granule: int = 16 * 2**10,
+                       high: int = 128 * 2**20) -> Optional[int]:
+    """Returns the smallest scoped VMEM limit (a multiple of `granule`) with which `function` compiles for `topology`.
+
+    That is the VMEM its largest Mosaic kernel needs, as the TPU compiler decides it (pipeline buffers,
+    scratch and the kernel body's temporaries); found by bisection, about log2(high / granule) compiles.
+    None when it does not compile even at `high` (or fails for another reason).
+    """
+    if not compile_on_chip(function, abstract_args, topology, vmem_limit_bytes=high)["ok"]:
+        return None
+    low, high = 0, high // granule   # compiles at high * granule, assumed not at 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        if compile_on_chip(function, abstract_args, topology, vmem_limit_bytes=middle * granule)["ok"]:
+            high = middle
+        else:
+            low = middle
+    return high * granule
 
 
 # ------------------------------------------------------------------------------------------------
