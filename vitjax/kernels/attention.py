@@ -1047,7 +1047,7 @@ def mosaic_vmem_bytes(q_len: int, kv_len: int, head_dim: int, dtype, *, bias: bo
     dtype, not on the sequence length (which only caps the tiles): each input and output tile counted
     double-buffered with its lanes padded to 128, plus the fp32 scratch accumulators. An upper bound: the
     TPU compiler's own need (`vitjax.aot.mosaic_vmem_needed`, v5e) is 0.35 to 0.52 of it for head dims
-    64-256 (tests/test_aot.py), at most 1 MiB with the default blocks.
+    64-256 (experiments/out/kernel_compile_vmem.md), 1072 KiB at most with the default blocks.
     """
     blocks = block_sizes or BlockSizes()
     defaults = default_block_sizes("mosaic", head_dim)
