@@ -143,27 +143,60 @@ def _parse_computations(hlo_text: str) -> Tuple[Optional[str], Dict[str, List[Tu
     return entry, computations
 
 
+def _scalar_constants(lines) -> Dict[str, int]:
+    """Returns {instruction name: value} of a computation's s32[] / u32[] scalar constants."""
+    constants = {}
+    for name, result, opcode, rest in lines:
+        value = re.match(r"(\d+)\)", rest)
+        # s32 counters from scan; u32 from the TPU compiler's own loops (the windowed einsums that turn an
+        # FSDP all-gather into a ring of collective-permutes inside the matmul).
+        if opcode == "constant" and result.startswith(("s32[]", "u32[]")) and value:
+            constants[name.lstrip("%")] = int(value.group(1))
+    return constants
+
+
+def _operands(rest: str) -> List[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+
+
+def _loop_step(body_lines, counter_index: int) -> int:
+    """Returns the constant a loop body adds to its counter (tuple element `counter_index`), else 1."""
+    if not body_lines or body_lines[-1][2] != "tuple":
+        return 1
+    elements = _operands(body_lines[-1][3])
+    if counter_index >= len(elements):
+        return 1
+    constants = _scalar_constants(body_lines)
+    for name, _, opcode, rest in body_lines:
+        if name.lstrip("%") == elements[counter_index] and opcode == "add":
+            steps = [constants[operand] for operand in _operands(rest) if operand in constants]
+            return steps[0] if steps and steps[0] > 0 else 1
+    return 1
+
+
 def _trip_count(while_rest: str, computations) -> int:
     """Returns a while loop's trip count: XLA's known_trip_count, else `counter < constant` in its condition.
 
     The second form is what `nn.scan` / `lax.scan` compile to on TPU (a counter from 0, compared LT with
-    the length); a loop of any other shape counts once.
+    the length), and also the TPU compiler's windowed-einsum loops (unsigned counters that may step by 2:
+    the limit is divided by the constant the body adds to the counter); a loop of any other shape counts once.
     """
     trip = _TRIP_COUNT.search(while_rest)
     if trip:
         return int(trip.group(1))
     condition = re.search(r"\bcondition=%?([\w.\-]+)", while_rest)
+    body = re.search(r"\bbody=%?([\w.\-]+)", while_rest)
     lines = computations.get(condition.group(1), []) if condition else []
-    constants = {}
-    for name, result, opcode, rest in lines:
-        value = re.match(r"(\d+)\)", rest)
-        if opcode == "constant" and result.startswith("s32[]") and value:
-            constants[name.lstrip("%")] = int(value.group(1))
+    constants = _scalar_constants(lines)
     for name, result, opcode, rest in lines:
         if opcode == "compare" and "direction=LT" in rest:
-            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            operands = _operands(rest)
             if len(operands) == 2 and operands[1] in constants:
-                return constants[operands[1]]
+                counter = next((re.search(r"index=(\d+)", other_rest) for other, _, other_opcode, other_rest in lines
+                                if other.lstrip("%") == operands[0] and other_opcode == "get-tuple-element"), None)
+                step = (_loop_step(computations.get(body.group(1), []) if body else [], int(counter.group(1)))
+                        if counter else 1)
+                return -(-constants[operands[1]] // step)
     return 1
 
 
