@@ -467,7 +467,8 @@ def format_report(report: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 # One function on one chip (the kernels' compile table)
 # ------------------------------------------------------------------------------------------------
-def compile_on_chip(function, abstract_args, topology: str, vmem_limit_bytes: Optional[int] = None) -> Dict[str, Any]:
+def compile_on_chip(function, abstract_args, topology: str,
+                    vmem_limit_bytes: Optional[int] = None) -> Dict[str, Any]:
     """Returns {"ok", "seconds", "temp_bytes", "error"} of jit(function) compiled for one chip of `topology`.
 
     `abstract_args` are ShapeDtypeStructs; Pallas kernels inside lower with Mosaic (not interpret mode).

@@ -178,7 +178,6 @@ class _Config:
         return common.matmul_precision(self.dtype)
 
 
-
 def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret, softmax_clip=None) -> _Config:
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
@@ -551,8 +550,6 @@ def _compiler_params(cfg: _Config, num_warps):
 
 def _stat_shape(cfg, length):
     return jax.ShapeDtypeStruct((cfg.batch, cfg.heads, length, 1), jnp.float32)
-
-
 
 
 def _whole(length: int, block: int) -> int:
