@@ -722,8 +722,8 @@ def _stream_forward_kernel(*refs, cfg: _Config):
         p = jnp.exp2(s - safe_max)
         sum_ref[...] = correction * sum_ref[...] + jnp.sum(p, axis=1, keepdims=True)
         max_ref[...] = new_max
-        v = refs["v"][...]
         if cfg.softmax_clip is None:
+            v = refs["v"][...]
             acc_ref[...] = correction * acc_ref[...] + _dot(cfg, p.astype(v.dtype), v)
 
     @pl.when((pass_id == 0) & (key_block == last_key))
