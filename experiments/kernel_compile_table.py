@@ -4,6 +4,7 @@ r"""The Pallas kernels compiled for real TPUs (v4, v5e, v5p) and for Hopper (sm_
     python experiments/kernel_compile_table.py --quick --out /tmp         # one head dim per dtype
     python experiments/kernel_compile_table.py --quick --stem kernel_compile_before   # run before the fixes
     python experiments/kernel_compile_table.py --target gpu               # sm_90a -> kernel_compile_gpu.{md,json}
+    python experiments/kernel_compile_table.py --vmem                     # -> kernel_compile_vmem.{md,json}
 
 Each case is the attention kernel's forward and backward (`jax.grad` through `flash_attention`), or the
 ToMe merge kernel's forward, compiled with Mosaic by the TPU compiler in libtpu (`vitjax.aot.compile_on_chip`,
@@ -11,6 +12,11 @@ one chip of the topology; needs the `aot` extra). Next to the outcome stands wha
 the same operands on a TPU (`dispatch.unsupported_reason("pallas", ...)` / `tome_merge.unsupported_reason`):
 a case the dispatcher allows must compile; one that does not compile must be refused, with its reason.
 Writes experiments/out/kernel_compile_table.{md,json}.
+
+With `--vmem` a few attention cases (forward + backward) are compiled for a v5e again and again with a
+smaller scoped VMEM limit each time (`vitjax.aot.mosaic_vmem_needed`, bisection in 16 KiB steps): the
+smallest limit that compiles is the VMEM the largest kernel needs as the TPU compiler plans it, next to
+the dispatcher's estimate (`attention.mosaic_vmem_bytes`).
 
 With `--target gpu` the same cases lower with Pallas' Triton backend and each Triton kernel goes through
 the `triton` package's compiler to a cubin for sm_90a (`vitjax.aot.compile_for_gpu`: no GPU needed): the
@@ -186,6 +192,34 @@ def run_gpu(args):
     write_outputs(args.out, args.stem or "kernel_compile_gpu", table, rows)
 
 
+VMEM_CASES = [("bfloat16", 197, 64, "none"), ("bfloat16", 197, 64, "full"), ("bfloat16", 16384, 64, "none"),
+              ("bfloat16", 16384, 64, "full"), ("bfloat16", 16384, 128, "key"), ("float32", 197, 256, "full"),
+              ("bfloat16", 197, 256, "full")]
+
+
+def run_vmem(args):
+    """Writes OUT/kernel_compile_vmem.{md,json}: the compiler's VMEM need per case against the estimate."""
+    rows = []
+    for dtype, length, head_dim, bias_kind in VMEM_CASES:
+        function, abstract_args, _ = attention_case(dtype, length, head_dim, bias_kind)
+        start = time.time()
+        needed = aot.mosaic_vmem_needed(function, abstract_args, TOPOLOGIES["v5e"])
+        estimate = attention.mosaic_vmem_bytes(length, length, head_dim, dtype, bias=bias_kind == "full",
+                                               key_bias=bias_kind == "key")
+        rows.append(dict(dtype=dtype, length=length, head_dim=head_dim, bias=bias_kind, needed_bytes=needed,
+                         estimate_bytes=estimate, seconds=time.time() - start))
+        print(rows[-1], flush=True)
+    lines = ["| dtype | N | head dim | bias | VMEM needed, v5e compiler (KiB) | estimate (KiB) |",
+             "|---|---:|---:|---|---:|---:|"]
+    for row in rows:
+        needed = "does not compile" if row["needed_bytes"] is None else f"{row['needed_bytes'] / 1024:.0f}"
+        lines.append(f"| {row['dtype']} | {row['length']} | {row['head_dim']} | {row['bias']} | {needed} | "
+                     f"{row['estimate_bytes'] / 1024:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    write_outputs(args.out, args.stem or "kernel_compile_vmem", table, rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
@@ -193,7 +227,10 @@ def main():
     parser.add_argument("--stem", default=None, help="output name (default kernel_compile_table, or _gpu)")
     parser.add_argument("--target", default="tpu", choices=("tpu", "gpu"))
     parser.add_argument("--redraw", action="store_true", help="rewrite the table from OUT/STEM.json, no compiling")
+    parser.add_argument("--vmem", action="store_true", help="the compiler's VMEM need of a few attention cases")
     args = parser.parse_args()
+    if args.vmem:
+        return run_vmem(args)
     if args.target == "gpu":
         return run_gpu(args)
     args.stem = args.stem or "kernel_compile_table"

@@ -66,14 +66,18 @@ def _reference(q, k, v, **kwargs):
     return attention.attention_reference(q, k, v, bias=bias, **kwargs)
 
 
-def _assert_matches(q, k, v, bias, key_bias, cotangent_out, cotangent_lse, *, backend, block_sizes=None):
+def _assert_matches(q, k, v, bias, key_bias, cotangent_out, cotangent_lse, *, backend, block_sizes=None,
+                    softmax_clip=None):
     def kernel(q, k, v, **kwargs):
         return attention.flash_attention(q, k, v, backend=backend, block_sizes=block_sizes, interpret=True,
-                                         **kwargs)
+                                         softmax_clip=softmax_clip, **kwargs)
+
+    def reference(q, k, v, **kwargs):
+        return _reference(q, k, v, softmax_clip=softmax_clip, **kwargs)
 
     args = (q, k, v, bias, key_bias, cotangent_out, cotangent_lse)
     out, lse, grads = _outputs_and_gradients(kernel, *args)
-    ref_out, ref_lse, ref_grads = _outputs_and_gradients(_reference, *args)
+    ref_out, ref_lse, ref_grads = _outputs_and_gradients(reference, *args)
     fp32 = q.dtype == jnp.float32
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == jnp.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
@@ -130,6 +134,16 @@ def test_interpret_mosaic_kernel_matches_reference(case):
     inputs = _inputs(1, batch=batch, q_len=q_len, kv_len=kv_len, heads=heads, head_dim=head_dim,
                      dtype=dtype, bias_kind=bias_kind)
     _assert_matches(*inputs, backend="mosaic")
+
+
+@pytest.mark.parametrize("softmax_clip", [None, (-0.1, 1.1)])
+def test_interpret_mosaic_streams_many_key_and_query_blocks(softmax_clip):
+    """300 queries x 200 keys in 128-wide tiles: the streamed grids accumulate over several blocks, the last
+    partial, in both orders (dQ over keys, dK/dV over queries), and the clipped softmax's two passes."""
+    inputs = _inputs(6, batch=1, q_len=300, kv_len=200, heads=2, head_dim=32, dtype=jnp.float32, bias_kind="both")
+    tiles = attention.BlockSizes(block_q=128, block_k=128, block_q_dkv=256, block_k_dkv=128, block_q_dq=128,
+                                 block_k_dq=256)
+    _assert_matches(*inputs, backend="mosaic", block_sizes=tiles, softmax_clip=softmax_clip)
 
 
 def test_interpret_small_tiles_many_blocks_and_partial_tiles():

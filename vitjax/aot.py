@@ -143,27 +143,60 @@ def _parse_computations(hlo_text: str) -> Tuple[Optional[str], Dict[str, List[Tu
     return entry, computations
 
 
+def _scalar_constants(lines) -> Dict[str, int]:
+    """Returns {instruction name: value} of a computation's s32[] / u32[] scalar constants."""
+    constants = {}
+    for name, result, opcode, rest in lines:
+        value = re.match(r"(\d+)\)", rest)
+        # s32 counters from scan; u32 from the TPU compiler's own loops (the windowed einsums that turn an
+        # FSDP all-gather into a ring of collective-permutes inside the matmul).
+        if opcode == "constant" and result.startswith(("s32[]", "u32[]")) and value:
+            constants[name.lstrip("%")] = int(value.group(1))
+    return constants
+
+
+def _operands(rest: str) -> List[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+
+
+def _loop_step(body_lines, counter_index: int) -> int:
+    """Returns the constant a loop body adds to its counter (tuple element `counter_index`), else 1."""
+    if not body_lines or body_lines[-1][2] != "tuple":
+        return 1
+    elements = _operands(body_lines[-1][3])
+    if counter_index >= len(elements):
+        return 1
+    constants = _scalar_constants(body_lines)
+    for name, _, opcode, rest in body_lines:
+        if name.lstrip("%") == elements[counter_index] and opcode == "add":
+            steps = [constants[operand] for operand in _operands(rest) if operand in constants]
+            return steps[0] if steps and steps[0] > 0 else 1
+    return 1
+
+
 def _trip_count(while_rest: str, computations) -> int:
     """Returns a while loop's trip count: XLA's known_trip_count, else `counter < constant` in its condition.
 
     The second form is what `nn.scan` / `lax.scan` compile to on TPU (a counter from 0, compared LT with
-    the length); a loop of any other shape counts once.
+    the length), and also the TPU compiler's windowed-einsum loops (unsigned counters that may step by 2:
+    the limit is divided by the constant the body adds to the counter); a loop of any other shape counts once.
     """
     trip = _TRIP_COUNT.search(while_rest)
     if trip:
         return int(trip.group(1))
     condition = re.search(r"\bcondition=%?([\w.\-]+)", while_rest)
+    body = re.search(r"\bbody=%?([\w.\-]+)", while_rest)
     lines = computations.get(condition.group(1), []) if condition else []
-    constants = {}
-    for name, result, opcode, rest in lines:
-        value = re.match(r"(\d+)\)", rest)
-        if opcode == "constant" and result.startswith("s32[]") and value:
-            constants[name.lstrip("%")] = int(value.group(1))
+    constants = _scalar_constants(lines)
     for name, result, opcode, rest in lines:
         if opcode == "compare" and "direction=LT" in rest:
-            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            operands = _operands(rest)
             if len(operands) == 2 and operands[1] in constants:
-                return constants[operands[1]]
+                counter = next((re.search(r"index=(\d+)", other_rest) for other, _, other_opcode, other_rest in lines
+                                if other.lstrip("%") == operands[0] and other_opcode == "get-tuple-element"), None)
+                step = (_loop_step(computations.get(body.group(1), []) if body else [], int(counter.group(1)))
+                        if counter else 1)
+                return -(-constants[operands[1]] // step)
     return 1
 
 
@@ -434,11 +467,13 @@ def format_report(report: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------
 # One function on one chip (the kernels' compile table)
 # ------------------------------------------------------------------------------------------------
-def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
+def compile_on_chip(function, abstract_args, topology: str,
+                    vmem_limit_bytes: Optional[int] = None) -> Dict[str, Any]:
     """Returns {"ok", "seconds", "temp_bytes", "error"} of jit(function) compiled for one chip of `topology`.
 
     `abstract_args` are ShapeDtypeStructs; Pallas kernels inside lower with Mosaic (not interpret mode).
     A compiler error is returned (its first line), not raised: the kernels' table records what fails.
+    vmem_limit_bytes overrides the Mosaic kernels' scoped VMEM limit (`common.target_platform`).
     """
     import jax
     from jax.sharding import SingleDeviceSharding
@@ -448,9 +483,11 @@ def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
     placed = [jax.ShapeDtypeStruct(arg.shape, arg.dtype, sharding=SingleDeviceSharding(device))
               for arg in abstract_args]
     start = time.time()
-    with common.target_platform("tpu", device.device_kind):
+    with common.target_platform("tpu", device.device_kind, vmem_limit_bytes):
         try:
-            compiled = jax.jit(function).trace(*placed).lower().compile()
+            # A fresh wrapper each time: jax caches traces by function, and the kernels' VMEM limit comes
+            # from the `target_platform` context, which that cache does not see.
+            compiled = jax.jit(lambda *args: function(*args)).trace(*placed).lower().compile()
         except Exception as error:  # noqa: BLE001 - any compiler refusal is a row of the table
             lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
             detail = next((line for line in lines if "VMEM" in line or "vmem" in line), "")
@@ -461,6 +498,25 @@ def compile_on_chip(function, abstract_args, topology: str) -> Dict[str, Any]:
     memory = compiled.memory_analysis()
     return dict(ok=True, seconds=time.time() - start, temp_bytes=float(memory.temp_size_in_bytes), error=None)
 
+
+def mosaic_vmem_needed(function, abstract_args, topology: str, *, granule: int = 16 * 2**10,
+                       high: int = 128 * 2**20) -> Optional[int]:
+    """Returns the smallest scoped VMEM limit (a multiple of `granule`) with which `function` compiles for `topology`.
+
+    That is the VMEM its largest Mosaic kernel needs, as the TPU compiler decides it (pipeline buffers,
+    scratch and the kernel body's temporaries); found by bisection, about log2(high / granule) compiles.
+    None when it does not compile even at `high` (or fails for another reason).
+    """
+    if not compile_on_chip(function, abstract_args, topology, vmem_limit_bytes=high)["ok"]:
+        return None
+    low, high = 0, high // granule   # compiles at high * granule, assumed not at 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        if compile_on_chip(function, abstract_args, topology, vmem_limit_bytes=middle * granule)["ok"]:
+            high = middle
+        else:
+            low = middle
+    return high * granule
 
 
 # ------------------------------------------------------------------------------------------------

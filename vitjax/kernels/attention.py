@@ -7,12 +7,16 @@ tile by tile with an online softmax (FlashAttention-2), so the N x N score matri
 dbias) and one owning a block of queries (dQ); both recompute the probabilities from the saved
 log-sum-exp instead of storing them.
 
-One kernel body serves both lowerings; they differ only in how memory is touched:
-- "triton" (GPU): arrays stay in the caller's (batch, length, heads, head_dim) layout, nothing is
+The two lowerings share the tile math (`_logits`, `_clip_tile`, the online softmax) but not the loop:
+- "triton" (GPU): one program per query (or key) block loops over the other sequence inside the kernel,
+  reading HBM directly; arrays stay in the caller's (batch, length, heads, head_dim) layout, nothing is
   padded or transposed; blocks that run past the sequence or the head dim are read and written with
   masked loads and stores. Triton wants power-of-two tiles, so head dim 80 uses a 128-wide tile.
-- "mosaic" (TPU): arrays are transposed to (batch, heads, length, head_dim) and zero-padded to whole
-  tiles (one fused copy), because Mosaic tiles are (8, 128)-aligned and plain loads cannot be masked.
+- "mosaic" (TPU): the grid streams the other sequence's blocks through VMEM as its innermost axis,
+  with the running max / sum / accumulators in VMEM scratch (as jax's own TPU flash attention does), so
+  VMEM use does not grow with N; lse and delta travel as compact (B, H, 1, N) rows. Arrays are
+  transposed to (batch, heads, length, head_dim) and zero-padded to whole tiles (one fused copy),
+  because Mosaic tiles are (8, 128)-aligned and plain loads cannot be masked.
 In both, keys at positions >= N get a -inf logit in-kernel, and probabilities of query rows >= N are
 zeroed in the backward, so sequence lengths like 50, 197 or 577 need nothing from the caller.
 
@@ -173,11 +177,6 @@ class _Config:
         """Returns the matmul precision: full fp32 for fp32 inputs (the TPU default would use bf16 passes)."""
         return common.matmul_precision(self.dtype)
 
-    @property
-    def block_axis(self) -> int:
-        """Returns which grid axis enumerates the sequence blocks."""
-        return 0 if self.backend == "triton" else 2
-
 
 def _make_config(q, k, bias, key_bias, scale, block_sizes, backend, interpret, softmax_clip=None) -> _Config:
     batch, q_len, heads, head_dim = q.shape
@@ -248,9 +247,7 @@ def _dot(cfg, a, b, transpose_b=False):
 
 
 def _block_start(cfg, index, block):
-    start = index * block
-    # Mosaic needs to know dynamic row offsets are tile-aligned to emit aligned loads.
-    return pl.multiple_of(start, block) if cfg.backend == "mosaic" else start
+    return index * block
 
 
 def _split_refs(cfg, refs, names):
@@ -322,7 +319,7 @@ def _key_tile(cfg, refs, q, start_k, block_q, block_k, query_valid, dim_valid, i
 def _forward_kernel(*refs, cfg: _Config):
     refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "out", "lse"))
     block_q, block_k = cfg.block_q, cfg.block_k
-    start_q = pl.program_id(cfg.block_axis) * block_q
+    start_q = pl.program_id(0) * block_q
     query_valid = (_positions(start_q, block_q, 0) < cfg.q_len) if cfg.q_len % block_q else None
     dim_valid = _head_dim_valid(cfg)
     q = _load(cfg, refs["q"], mask=_and(query_valid, dim_valid))
@@ -387,7 +384,7 @@ def _dkdv_kernel(*refs, cfg: _Config):
     refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "do", "lse", "delta",
                                    "dk", "dv", "dbias", "dkey_bias"))
     block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
-    start_k = pl.program_id(cfg.block_axis) * block_k
+    start_k = pl.program_id(0) * block_k
     key_valid = _column_valid(cfg, start_k, block_k)
     key_rows_valid = (_positions(start_k, block_k, 0) < cfg.kv_len) if key_valid is not None else None
     dim_valid = _head_dim_valid(cfg)
@@ -448,7 +445,7 @@ def _dq_kernel(*refs, cfg: _Config):
     names = ("q", "k", "v", "bias", "key_bias", "do", "lse", "delta", "dq")
     refs = _split_refs(cfg, refs, names + (("delta_out",) if cfg.softmax_clip is not None else ()))
     block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
-    start_q = pl.program_id(cfg.block_axis) * block_q
+    start_q = pl.program_id(0) * block_q
     query_valid = (_positions(start_q, block_q, 0) < cfg.q_len) if cfg.q_len % block_q else None
     dim_valid = _head_dim_valid(cfg)
     q = _load(cfg, refs["q"], mask=_and(query_valid, dim_valid))
@@ -496,44 +493,32 @@ def _dq_kernel(*refs, cfg: _Config):
 # ------------------------------------------------------------------------------------------------
 
 class _Specs:
-    """BlockSpecs for one grid (block index, batch, head), in the backend's array layout.
+    """BlockSpecs of the Triton grids (block index, batch, head); the Mosaic ones are `_StreamSpecs`.
 
-    triton arrays: q-like (B, N, H, D); grid (blocks, B, H).
-    mosaic arrays: q-like (B, H, N_padded, D_padded); grid (B, H, blocks).
-    Per-row statistics (lse, delta): (B, H, N, 1). key_bias: (B, 1, Nk). bias: (B|1, H|1, Nq, Nk).
+    Arrays: q-like (B, N, H, D); per-row statistics (lse, delta) (B, H, N, 1); key_bias (B, 1, Nk);
+    bias (B|1, H|1, Nq, Nk).
     """
 
     def __init__(self, cfg: _Config):
         self.cfg = cfg
 
     def _ids(self, grid_ids):
-        """Returns (block index, batch, head) from the grid ids in the backend's order."""
-        if self.cfg.backend == "triton":
-            block, batch, head = grid_ids
-        else:
-            batch, head, block = grid_ids
+        """Returns (block index, batch, head) from the grid ids."""
+        block, batch, head = grid_ids
         return block, batch, head
 
     def grid(self, num_blocks):
         """Returns the grid for `num_blocks` sequence blocks."""
         cfg = self.cfg
-        # Triton: the block index varies fastest, so programs sharing a head's K/V run together.
-        return ((num_blocks, cfg.batch, cfg.heads) if cfg.backend == "triton"
-                else (cfg.batch, cfg.heads, num_blocks))
+        # The block index varies fastest, so programs sharing a head's K/V run together.
+        return num_blocks, cfg.batch, cfg.heads
 
     def tokens(self, rows, blocked: bool):
         """Returns the spec of a (B, N, H, D) array: one `rows` tile if blocked, else the whole sequence."""
-        dim = self.cfg.head_dim_padded
-        if self.cfg.backend == "triton":
-            def index_map(*grid_ids):
-                block, batch, head = self._ids(grid_ids)
-                return batch, block if blocked else 0, head, 0
-            return pl.BlockSpec((None, rows, None, dim), index_map)
-
         def index_map(*grid_ids):
             block, batch, head = self._ids(grid_ids)
-            return batch, head, block if blocked else 0, 0
-        return pl.BlockSpec((None, None, rows, dim), index_map)
+            return batch, block if blocked else 0, head, 0
+        return pl.BlockSpec((None, rows, None, self.cfg.head_dim_padded), index_map)
 
     def row_stats(self, rows, blocked: bool):
         """Returns the spec of an lse/delta array (B, H, Nq, 1)."""
@@ -565,8 +550,6 @@ def _compiler_params(cfg: _Config, num_warps):
 
 def _stat_shape(cfg, length):
     return jax.ShapeDtypeStruct((cfg.batch, cfg.heads, length, 1), jnp.float32)
-
-
 
 
 def _whole(length: int, block: int) -> int:
@@ -676,17 +659,342 @@ def _dq_call(cfg: _Config, q, k, v, bias, key_bias, d_out, lse, delta):
 
 
 # ------------------------------------------------------------------------------------------------
+# Mosaic (TPU): kernels that stream key/value (or query) blocks through VMEM
+# ------------------------------------------------------------------------------------------------
+# The grid's innermost ("arbitrary") axis walks the blocks of the sequence being reduced over, one tile
+# of each operand in VMEM at a time (the pipeline fetches the next while this one computes); running
+# statistics and accumulators live in VMEM scratch across those steps. VMEM use is therefore set by the
+# tile sizes, not by N. The Triton kernels above keep the in-kernel loop: a GPU program reads HBM
+# directly, there is nothing to stream into.
+#
+# Forward and dQ grids: (batch, head, query block, pass, key block); dK/dV: (batch, head, key block,
+# query block). The pass axis has length 2 only for the clipped softmax, which needs every probability
+# normalised before it is clipped: pass 0 finds the log-sum-exp (forward) or delta (dQ), pass 1 uses it.
+#
+# lse and delta travel as (B, H, 1, N) rows: as (B, H, N, 1) columns every value fills a 128-lane row of
+# a TPU tile in HBM and in VMEM (the "lane-padded 128x" residual of issue 18).
+
+def _row(column):
+    """Returns a (n, 1) column as a (1, n) row (via one aligned (n, 128) transpose, which Mosaic lowers)."""
+    return jnp.broadcast_to(column, (column.shape[0], LANES)).T[:1, :]
+
+
+def _column(row):
+    """Returns a (1, n) row as a (n, 1) column."""
+    return jnp.broadcast_to(row, (LANES, row.shape[1])).T[:, :1]
+
+
+def _stream_logits(cfg, refs, start_q, start_k, block_q, block_k):
+    """Returns the base-2 logits of this step's (block_q, block_k) tile: -inf past the keys, and the query-row mask."""
+    q, k = refs["q"][...], refs["k"][...]
+    s = _logits(cfg, refs, q, k, 0, 0, block_q, block_k, None, None)
+    key_valid = _column_valid(cfg, start_k, block_k)
+    if key_valid is not None:
+        s = jnp.where(key_valid, s, -jnp.inf)
+    query_valid = (_positions(start_q, block_q, 0) < cfg.q_len) if cfg.q_len % block_q else None
+    return s, key_valid, query_valid
+
+
+def _passes(cfg) -> int:
+    return 1 if cfg.softmax_clip is None else 2
+
+
+def _stream_forward_kernel(*refs, cfg: _Config):
+    refs, (max_ref, sum_ref, acc_ref) = refs[:-3], refs[-3:]
+    refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "out", "lse"))
+    block_q, block_k = cfg.block_q, cfg.block_k
+    pass_id, key_block, last_key = pl.program_id(3), pl.program_id(4), pl.num_programs(4) - 1
+    s, key_valid, _ = _stream_logits(cfg, refs, pl.program_id(2) * block_q, key_block * block_k, block_q, block_k)
+
+    @pl.when((pass_id == 0) & (key_block == 0))
+    def _():
+        max_ref[...] = jnp.full(max_ref.shape, -jnp.inf, jnp.float32)
+        sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(pass_id == 0)
+    def _():
+        row_max = max_ref[...]
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1, keepdims=True))
+        # A row whose logits are all -inf so far keeps max -inf; exponentiating against 0 keeps p = 0, not NaN.
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+        correction = jnp.exp2(row_max - safe_max)
+        p = jnp.exp2(s - safe_max)
+        sum_ref[...] = correction * sum_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        max_ref[...] = new_max
+        if cfg.softmax_clip is None:
+            v = refs["v"][...]
+            acc_ref[...] = correction * acc_ref[...] + _dot(cfg, p.astype(v.dtype), v)
+
+    @pl.when((pass_id == 0) & (key_block == last_key))
+    def _():
+        row_sum = jnp.where(sum_ref[...] == 0.0, 1.0, sum_ref[...])
+        lse2 = jnp.where(max_ref[...] == -jnp.inf, 0.0, max_ref[...]) + jnp.log2(row_sum)
+        refs["lse"][...] = _row(lse2 * LN_2)
+        if cfg.softmax_clip is None:
+            refs["out"][...] = (acc_ref[...] / row_sum).astype(refs["out"].dtype)
+        else:
+            max_ref[...] = lse2  # pass 1 reads the final base-2 lse from here
+
+    if cfg.softmax_clip is not None:
+        @pl.when(pass_id == 1)
+        def _():
+            clipped, _ = _clip_tile(cfg, jnp.exp2(s - max_ref[...]), key_valid)
+            v = refs["v"][...]
+            acc_ref[...] += _dot(cfg, clipped.astype(v.dtype), v)
+
+        @pl.when((pass_id == 1) & (key_block == last_key))
+        def _():
+            refs["out"][...] = acc_ref[...].astype(refs["out"].dtype)
+
+
+def _stream_probabilities(cfg, refs, s, lse2, key_valid, query_valid):
+    """Returns (p, dP) of one tile: dP = dO V^T, through the clip's gradient when clipping; p = 0 on padded queries."""
+    p = jnp.exp2(s - lse2)
+    if query_valid is not None:
+        # Padded query rows have q = dO = 0 but an arbitrary lse: p could overflow to inf there, and
+        # inf * 0 would poison dK/dV with NaN.
+        p = jnp.where(query_valid, p, 0.0)
+    dp = _dot(cfg, refs["do"][...], refs["v"][...], transpose_b=True)
+    if cfg.softmax_clip is not None:
+        _, passes = _clip_tile(cfg, p, key_valid, query_valid)
+        dp = jnp.where(passes, dp * (cfg.softmax_clip[1] - cfg.softmax_clip[0]), 0.0)
+    return p, dp
+
+
+def _stream_dq_kernel(*refs, cfg: _Config):
+    names = ("q", "k", "v", "bias", "key_bias", "do", "lse", "delta", "dq")
+    refs, (dq_ref, delta_ref) = refs[:-2], refs[-2:]
+    refs = _split_refs(cfg, refs, names + (("delta_out",) if cfg.softmax_clip is not None else ()))
+    block_q, block_k = cfg.block_q_dq, cfg.block_k_dq
+    pass_id, key_block, last_key = pl.program_id(3), pl.program_id(4), pl.num_programs(4) - 1
+    last_pass = _passes(cfg) - 1
+    s, key_valid, query_valid = _stream_logits(cfg, refs, pl.program_id(2) * block_q, key_block * block_k,
+                                               block_q, block_k)
+    p, dp = _stream_probabilities(cfg, refs, s, _column(refs["lse"][...]) * LOG2_E, key_valid, query_valid)
+
+    @pl.when((pass_id == 0) & (key_block == 0))
+    def _():
+        dq_ref[...] = jnp.zeros(dq_ref.shape, jnp.float32)
+        delta_ref[...] = _column(refs["delta"][...])
+
+    if cfg.softmax_clip is not None:
+        # With clipping, delta_i = sum_j p_ij dP_ij is no longer do_i . o_i: pass 0 adds it to the incoming
+        # -d_lse, and the dK/dV kernel reads the total back.
+        @pl.when(pass_id == 0)
+        def _():
+            delta_ref[...] += jnp.sum(p * dp, axis=1, keepdims=True)
+
+    @pl.when(pass_id == last_pass)
+    def _():
+        ds = p * (dp - delta_ref[...])
+        k = refs["k"][...]
+        dq_ref[...] += _dot(cfg, ds.astype(k.dtype), k)
+
+    @pl.when((pass_id == last_pass) & (key_block == last_key))
+    def _():
+        refs["dq"][...] = (dq_ref[...] * cfg.scale).astype(refs["dq"].dtype)
+        if cfg.softmax_clip is not None:
+            refs["delta_out"][...] = _row(delta_ref[...])
+
+
+def _stream_dkdv_kernel(*refs, cfg: _Config):
+    scratch = 3 if cfg.has_key_bias else 2
+    refs, (dk_ref, dv_ref, *dkey_bias_ref) = refs[:-scratch], refs[-scratch:]
+    refs = _split_refs(cfg, refs, ("q", "k", "v", "bias", "key_bias", "do", "lse", "delta",
+                                   "dk", "dv", "dbias", "dkey_bias"))
+    block_q, block_k = cfg.block_q_dkv, cfg.block_k_dkv
+    query_block, last_query = pl.program_id(3), pl.num_programs(3) - 1
+    s, key_valid, query_valid = _stream_logits(cfg, refs, query_block * block_q, pl.program_id(2) * block_k,
+                                               block_q, block_k)
+    p, dp = _stream_probabilities(cfg, refs, s, _column(refs["lse"][...]) * LOG2_E, key_valid, query_valid)
+    do = refs["do"][...]
+
+    @pl.when(query_block == 0)
+    def _():
+        dk_ref[...] = jnp.zeros(dk_ref.shape, jnp.float32)
+        dv_ref[...] = jnp.zeros(dv_ref.shape, jnp.float32)
+        if cfg.has_key_bias:
+            dkey_bias_ref[0][...] = jnp.zeros(dkey_bias_ref[0].shape, jnp.float32)
+
+    weights = p if cfg.softmax_clip is None else _clip_tile(cfg, p, key_valid, query_valid)[0]
+    dv_ref[...] += _dot(cfg, weights.astype(do.dtype).T, do)
+    delta = _column(refs["delta"][...])
+    if query_valid is not None:
+        # A query block may reach past the rows the forward and dQ grids wrote (block_q_dkv > block_q): their
+        # lse and delta are whatever HBM held, and 0 * NaN would still be NaN.
+        delta = jnp.where(query_valid, delta, 0.0)
+    ds = p * (dp - delta)
+    q = refs["q"][...]
+    dk_ref[...] += _dot(cfg, ds.astype(q.dtype).T, q)
+    if cfg.has_bias:
+        refs["dbias"][...] = ds
+    if cfg.has_key_bias:
+        dkey_bias_ref[0][...] += jnp.sum(ds, axis=0, keepdims=True)
+
+    @pl.when(query_block == last_query)
+    def _():
+        refs["dk"][...] = (dk_ref[...] * cfg.scale).astype(refs["dk"].dtype)
+        refs["dv"][...] = dv_ref[...].astype(refs["dv"].dtype)
+        if cfg.has_key_bias:
+            refs["dkey_bias"][...] = dkey_bias_ref[0][...]
+
+
+class _StreamSpecs:
+    """BlockSpecs of the Mosaic grids, all tiles: q-like (B, H, N, D), bias (B|1, H|1, Nq, Nk),
+    key_bias (B, 1, Nk), lse/delta rows (B, H, 1, Nq), dkey_bias (B, H, 1, Nk).
+
+    `key_major` grids are (batch, head, key block, query block), else (batch, head, query block, pass, key block).
+    """
+
+    def __init__(self, cfg: _Config, block_q: int, block_k: int, key_major: bool):
+        self.cfg, self.block_q, self.block_k, self.key_major = cfg, block_q, block_k, key_major
+
+    def _ids(self, grid_ids):
+        """Returns (batch, head, query block, key block) from the grid ids."""
+        if self.key_major:
+            batch, head, key_block, query_block = grid_ids
+        else:
+            batch, head, query_block, _, key_block = grid_ids
+        return batch, head, query_block, key_block
+
+    def grid(self):
+        """Returns the grid, the reduced-over blocks innermost."""
+        cfg = self.cfg
+        num_q, num_k = pl.cdiv(cfg.q_len, self.block_q), pl.cdiv(cfg.kv_len, self.block_k)
+        if self.key_major:
+            return cfg.batch, cfg.heads, num_k, num_q
+        return cfg.batch, cfg.heads, num_q, _passes(cfg), num_k
+
+    def tokens(self, by_query: bool):
+        """Returns the spec of one (block, D) tile of a q-like (by_query) or k-like array."""
+        rows = self.block_q if by_query else self.block_k
+
+        def index_map(*grid_ids):
+            batch, head, query_block, key_block = self._ids(grid_ids)
+            return batch, head, query_block if by_query else key_block, 0
+        return pl.BlockSpec((None, None, rows, self.cfg.head_dim_padded), index_map)
+
+    def row(self, by_query: bool):
+        """Returns the spec of one (1, block) tile of a (B, H, 1, N) row array: lse, delta, dkey_bias."""
+        def index_map(*grid_ids):
+            batch, head, query_block, key_block = self._ids(grid_ids)
+            return batch, head, 0, query_block if by_query else key_block
+        return pl.BlockSpec((None, None, 1, self.block_q if by_query else self.block_k), index_map)
+
+    def bias(self, per_batch: bool, per_head: bool):
+        """Returns the spec of one (block_q, block_k) tile of a bias or dbias."""
+        def index_map(*grid_ids):
+            batch, head, query_block, key_block = self._ids(grid_ids)
+            return batch if per_batch else 0, head if per_head else 0, query_block, key_block
+        return pl.BlockSpec((None, None, self.block_q, self.block_k), index_map)
+
+    def key_bias(self):
+        """Returns the spec of one (1, block_k) tile of key_bias (B, 1, Nk)."""
+        def index_map(*grid_ids):
+            batch, _, _, key_block = self._ids(grid_ids)
+            return batch, 0, key_block
+        return pl.BlockSpec((None, 1, self.block_k), index_map)
+
+    def inputs(self, bias, key_bias):
+        """Returns (specs, operands) of q, k, v and the biases the config has."""
+        cfg = self.cfg
+        specs = [self.tokens(True), self.tokens(False), self.tokens(False)]
+        extra = []
+        if cfg.has_bias:
+            specs.append(self.bias(cfg.bias_per_batch, cfg.bias_per_head))
+            extra.append(bias)
+        if cfg.has_key_bias:
+            specs.append(self.key_bias())
+            extra.append(key_bias)
+        return specs, extra
+
+    def call(self, kernel, name, in_specs, out_specs, out_shape, scratch):
+        """Returns the pallas_call of `kernel` over this grid with VMEM `scratch` [(shape, dtype)]."""
+        from jax.experimental.pallas import tpu as pltpu
+        grid = self.grid()
+        semantics = ("parallel",) * (len(grid) - (1 if self.key_major else 2))
+        semantics += ("arbitrary",) * (len(grid) - len(semantics))
+        return pl.pallas_call(
+            functools.partial(kernel, cfg=self.cfg),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=0, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch]),
+            out_shape=out_shape,
+            compiler_params=common.compiler_params("mosaic", len(grid), dimension_semantics=semantics),
+            interpret=self.cfg.interpret,
+            name=name,
+        )
+
+
+def _row_shape(cfg, length):
+    return jax.ShapeDtypeStruct((cfg.batch, cfg.heads, 1, length), jnp.float32)
+
+
+def _stream_forward_call(cfg: _Config, q, k, v, bias, key_bias):
+    """Returns (out like q, lse (B, H, 1, Nq_padded) fp32 in natural-log units)."""
+    specs = _StreamSpecs(cfg, cfg.block_q, cfg.block_k, key_major=False)
+    in_specs, extra = specs.inputs(bias, key_bias)
+    return specs.call(
+        _stream_forward_kernel, "vitjax_attention_forward", in_specs,
+        [specs.tokens(True), specs.row(True)],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), _row_shape(cfg, cfg.q_len_padded)],
+        [(cfg.block_q, 1), (cfg.block_q, 1), (cfg.block_q, cfg.head_dim_padded)],
+    )(q, k, v, *extra)
+
+
+def _stream_dq_call(cfg: _Config, q, k, v, bias, key_bias, d_out, lse, delta):
+    """Returns (dq like q, delta): with clipping the delta the dK/dV kernel needs, computed here; else `delta`."""
+    specs = _StreamSpecs(cfg, cfg.block_q_dq, cfg.block_k_dq, key_major=False)
+    in_specs, extra = specs.inputs(bias, key_bias)
+    in_specs += [specs.tokens(True), specs.row(True), specs.row(True)]
+    out_specs, out_shape = [specs.tokens(True)], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if cfg.softmax_clip is not None:
+        out_specs.append(specs.row(True))
+        out_shape.append(jax.ShapeDtypeStruct(delta.shape, jnp.float32))
+    results = specs.call(_stream_dq_kernel, "vitjax_attention_backward_dq", in_specs, out_specs, out_shape,
+                         [(cfg.block_q_dq, cfg.head_dim_padded), (cfg.block_q_dq, 1)]
+                         )(q, k, v, *extra, d_out, lse, delta)
+    return results[0], (results[1] if cfg.softmax_clip is not None else delta)
+
+
+def _stream_dkdv_call(cfg: _Config, q, k, v, bias, key_bias, d_out, lse, delta):
+    """Returns (dk, dv, dbias (B, H, Nq, Nk) fp32 or None, dkey_bias (B, H, 1, Nk) fp32 or None)."""
+    block_k = cfg.block_k_dkv
+    specs = _StreamSpecs(cfg, cfg.block_q_dkv, block_k, key_major=True)
+    in_specs, extra = specs.inputs(bias, key_bias)
+    in_specs += [specs.tokens(True), specs.row(True), specs.row(True)]
+    out_specs = [specs.tokens(False), specs.tokens(False)]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    scratch = [(block_k, cfg.head_dim_padded), (block_k, cfg.head_dim_padded)]
+    if cfg.has_bias:
+        out_specs.append(specs.bias(True, True))
+        out_shape.append(jax.ShapeDtypeStruct(
+            (cfg.batch, cfg.heads, cfg.q_len_padded, cfg.kv_len_padded), jnp.float32))
+    if cfg.has_key_bias:
+        out_specs.append(specs.row(False))
+        out_shape.append(_row_shape(cfg, cfg.kv_len_padded))
+        scratch.append((1, block_k))
+    dk, dv, *rest = specs.call(_stream_dkdv_kernel, "vitjax_attention_backward_dkdv", in_specs, out_specs,
+                               out_shape, scratch)(q, k, v, *extra, d_out, lse, delta)
+    dbias = rest.pop(0) if cfg.has_bias else None
+    dkey_bias = rest.pop(0) if cfg.has_key_bias else None
+    return dk, dv, dbias, dkey_bias
+
+
+# ------------------------------------------------------------------------------------------------
 # custom_vjp
 # ------------------------------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention_core(cfg, q, k, v, bias, key_bias):
     """Returns (out, lse) on arrays already in the backend's layout."""
-    return tuple(_forward_call(cfg, q, k, v, bias, key_bias))
+    forward = _stream_forward_call if cfg.backend == "mosaic" else _forward_call
+    return tuple(forward(cfg, q, k, v, bias, key_bias))
 
 
 def _attention_core_forward(cfg, q, k, v, bias, key_bias):
-    out, lse = _forward_call(cfg, q, k, v, bias, key_bias)
+    out, lse = _attention_core(cfg, q, k, v, bias, key_bias)
     return (out, lse), (q, k, v, bias, key_bias, out, lse)
 
 
@@ -698,12 +1006,16 @@ def _attention_core_backward(cfg, residuals, cotangents):
     if cfg.softmax_clip is None:
         delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
         if cfg.backend == "triton":
-            delta = jnp.swapaxes(delta, 1, 2)  # (B, N, H) -> (B, H, N)
-        delta = delta[..., None] - d_lse
+            delta = jnp.swapaxes(delta, 1, 2)[..., None]  # (B, N, H) -> (B, H, N, 1), lse's layout
+        else:
+            delta = delta[:, :, None, :]  # (B, H, N) -> (B, H, 1, N), lse's layout
+        delta = delta - d_lse
     else:
         delta = -d_lse  # the dQ kernel adds sum_j p_ij dP_ij
-    dq, delta = _dq_call(cfg, q, k, v, bias, key_bias, d_out, lse, delta)
-    dk, dv, dbias, dkey_bias = _dkdv_call(cfg, q, k, v, bias, key_bias, d_out, lse, delta)
+    mosaic = cfg.backend == "mosaic"
+    dq, delta = (_stream_dq_call if mosaic else _dq_call)(cfg, q, k, v, bias, key_bias, d_out, lse, delta)
+    dk, dv, dbias, dkey_bias = (_stream_dkdv_call if mosaic else _dkdv_call)(cfg, q, k, v, bias, key_bias, d_out,
+                                                                             lse, delta)
     if cfg.has_bias:
         broadcast_axes = tuple(axis for axis, kept in ((0, cfg.bias_per_batch), (1, cfg.bias_per_head))
                                if not kept)
@@ -728,35 +1040,41 @@ def mosaic_vmem_bytes(q_len: int, kv_len: int, head_dim: int, dtype, *, bias: bo
                       block_sizes: Optional[BlockSizes] = None) -> int:
     """Returns the VMEM bytes the largest of the three Mosaic kernels needs (forward, dK/dV, dQ).
 
-    Each input and output block is double-buffered and lives in (8, 128) tiles; the kernels keep the
-    whole key/value sequence (forward, dQ) or the whole query sequence with its lse and delta (dK/dV)
-    resident. Agrees with the TPU compiler's "Used X of 16.00M vmem" within 0.7 MiB in every failing
-    case of experiments/kernel_compile_table.py.
+    The kernels stream tiles (`_StreamSpecs`), so this depends on the tile sizes, the head dim and the
+    dtype, not on the sequence length (which only caps the tiles): each input and output tile counted
+    double-buffered with its lanes padded to 128, plus the fp32 scratch accumulators. An upper bound: the
+    TPU compiler's own need (`vitjax.aot.mosaic_vmem_needed`, v5e) is 0.35 to 0.52 of it for head dims
+    64-256 (experiments/out/kernel_compile_vmem.md), 1072 KiB at most with the default blocks.
     """
     blocks = block_sizes or BlockSizes()
     defaults = default_block_sizes("mosaic", head_dim)
     pick = lambda name: getattr(blocks, name) or getattr(defaults, name)  # noqa: E731
     lanes = common.round_up(head_dim, LANES)   # VMEM tiles pad the lanes whatever the HBM layout
     size = jnp.dtype(dtype).itemsize
-    q_blocks = [common.mosaic_tile(n, pick(n), q_len, LANES) for n in ("block_q", "block_q_dkv", "block_q_dq")]
-    k_blocks = [common.mosaic_tile(n, pick(n), kv_len, LANES) for n in ("block_k", "block_k_dkv", "block_k_dq")]
-    q_all = common.round_up(q_len, math.lcm(*q_blocks))
-    k_all = common.round_up(kv_len, math.lcm(*k_blocks))
-    stat = LANES * 4  # an (N, 1) fp32 column of lse / delta fills whole 128-lane rows
-    block_q, block_k_dkv, block_q_dq = q_blocks[0], k_blocks[1], q_blocks[2]
-    forward = (2 * block_q * lanes * size + 2 * k_all * lanes * size + block_q * stat
-               + (block_q * k_all * 4 if bias else 0) + (8 * k_all * 4 if key_bias else 0))
-    dkdv = (2 * q_all * lanes * size + 4 * block_k_dkv * lanes * size + 2 * q_all * stat
-            + (2 * q_all * block_k_dkv * 4 if bias else 0) + (2 * 8 * block_k_dkv * 4 if key_bias else 0))
-    dq = (3 * block_q_dq * lanes * size + 2 * k_all * lanes * size + 2 * block_q_dq * stat
-          + (block_q_dq * k_all * 4 if bias else 0) + (8 * k_all * 4 if key_bias else 0))
-    return 2 * max(forward, dkdv, dq)
+    tile = {n: common.mosaic_tile(n, pick(n), q_len if "_q" in n else kv_len, LANES)
+            for n in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")}
+
+    def kernel(block_q, block_k, q_tiles, k_tiles, q_rows, k_rows, biases, scratch):
+        """Returns double-buffered tiles + scratch: q_tiles / k_tiles (rows, D), rows (1, N) fill 8 sublanes."""
+        tiles = ((q_tiles * block_q + k_tiles * block_k) * lanes * size
+                 + (q_rows * block_q + k_rows * block_k) * common.SUBLANES * 4
+                 + biases * block_q * block_k * 4)
+        return 2 * tiles + scratch
+
+    column = LANES * 4  # a (block, 1) fp32 scratch column fills whole 128-lane rows
+    forward = kernel(tile["block_q"], tile["block_k"], 2, 2, 1, int(key_bias), int(bias),
+                     tile["block_q"] * (2 * column + lanes * 4))
+    dq = kernel(tile["block_q_dq"], tile["block_k_dq"], 3, 2, 3, int(key_bias), int(bias),
+                tile["block_q_dq"] * (column + lanes * 4))
+    dkdv = kernel(tile["block_q_dkv"], tile["block_k_dkv"], 2, 4, 2, 2 * int(key_bias), 2 * int(bias),
+                  tile["block_k_dkv"] * 2 * lanes * 4 + common.SUBLANES * tile["block_k_dkv"] * 4)
+    return max(forward, dq, dkdv)
 
 
 def unsupported_reason(q, k, v, *, bias=None, key_bias=None, backend: Optional[str] = None,
-                       interpret: Optional[bool] = None) -> Optional[str]:
+                       interpret: Optional[bool] = None, block_sizes: Optional[BlockSizes] = None) -> Optional[str]:
     """Returns why `flash_attention` cannot take these operands (compiled as `backend` / `interpret` say,
-    by default the target platform's), or None when it can."""
+    by default the target platform's, with `block_sizes`, by default the defaults), or None when it can."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return f"q, k, v must be (batch, length, heads, head_dim), got shapes {q.shape}, {k.shape}, {v.shape}"
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -789,13 +1107,13 @@ def unsupported_reason(q, k, v, *, bias=None, key_bias=None, backend: Optional[s
                 f"per Triton program on sm_90a, over the 227 KB an H100 has; use bf16 or 'xla'")
     if common.compiles_for_tpu(backend, interpret):
         needed = mosaic_vmem_bytes(q_len, k.shape[1], q.shape[-1], q.dtype, bias=bias is not None,
-                                   key_bias=key_bias is not None)
+                                   key_bias=key_bias is not None, block_sizes=block_sizes)
         budget = common.tpu_vmem_budget()
         if needed > budget:
             return (f"Nq={q_len}, Nk={k.shape[1]}{' with a bias' if bias is not None else ''} needs "
                     f"{needed / 2**20:.1f} MiB of VMEM, over the {budget / 2**20:.1f} MiB of "
-                    f"{common.tpu_device_kind() or 'the smallest TPU (v4)'} (the kernels keep a whole sequence "
-                    f"resident); use 'xla' or shorter sequences")
+                    f"{common.tpu_device_kind() or 'the smallest TPU (v4)'} (an upper bound for tiles of these block "
+                    f"sizes and head dim; the sequence is streamed); use smaller block sizes or 'xla'")
     return None
 
 
@@ -816,7 +1134,8 @@ def flash_attention(q, k, v, *, bias=None, key_bias=None, scale: Optional[float]
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     bias = None if bias is None else jnp.asarray(bias)
     key_bias = None if key_bias is None else jnp.asarray(key_bias)
-    reason = unsupported_reason(q, k, v, bias=bias, key_bias=key_bias, backend=backend, interpret=interpret)
+    reason = unsupported_reason(q, k, v, bias=bias, key_bias=key_bias, backend=backend, interpret=interpret,
+                                block_sizes=block_sizes)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
     batch, q_len, heads, head_dim = q.shape
@@ -848,5 +1167,5 @@ def flash_attention(q, k, v, *, bias=None, key_bias=None, scale: Optional[float]
             key_bias = jnp.pad(key_bias, ((0, 0), (0, 0), (0, cfg.kv_len_padded - kv_len)))
         out, lse = _attention_core(cfg, q_p, k_p, v_p, bias, key_bias)
         out = jnp.swapaxes(out[:, :, :q_len, :head_dim], 1, 2)
-        lse = lse[:, :, :q_len, 0]
+        lse = lse[:, :, 0, :q_len]
     return (out, lse) if return_lse else out

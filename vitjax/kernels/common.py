@@ -35,21 +35,24 @@ _target = threading.local()
 
 
 @contextlib.contextmanager
-def target_platform(platform: Optional[str], device_kind: Optional[str] = None) -> Iterator[None]:
+def target_platform(platform: Optional[str], device_kind: Optional[str] = None,
+                    vmem_limit_bytes: Optional[int] = None) -> Iterator[None]:
     """Returns a context in which the kernels and the dispatcher build for `platform` ("tpu", "gpu"), not the host's.
 
     Used to compile for a TPU topology from a CPU host: inside it the Pallas kernels lower with Mosaic
     (not interpret mode) and "auto" follows that platform's preferences. `device_kind` (e.g. "TPU v5 lite")
-    sizes the kernels' VMEM budget; without it the smallest known TPU's is assumed.
+    sizes the kernels' VMEM budget; without it the smallest known TPU's is assumed. `vmem_limit_bytes`
+    replaces the scoped VMEM limit the Mosaic kernels are compiled with (not the dispatcher's budget): set
+    below a kernel's need, the compiler's error states what the kernel uses (`vitjax.aot.mosaic_vmem_used`).
     """
     if platform not in (None, "cpu", "gpu", "tpu"):
         raise ValueError(f"Unknown target platform {platform!r}; valid choices: None, 'cpu', 'gpu', 'tpu'")
-    previous = (getattr(_target, "platform", None), getattr(_target, "device_kind", None))
-    _target.platform, _target.device_kind = platform, device_kind
+    previous = tuple(getattr(_target, name, None) for name in ("platform", "device_kind", "vmem_limit"))
+    _target.platform, _target.device_kind, _target.vmem_limit = platform, device_kind, vmem_limit_bytes
     try:
         yield
     finally:
-        _target.platform, _target.device_kind = previous
+        _target.platform, _target.device_kind, _target.vmem_limit = previous
 
 
 def platform() -> str:
@@ -169,17 +172,21 @@ def mosaic_tile(name: str, requested: int, length: int, granule: int) -> int:
 
 
 def compiler_params(backend: str, grid_rank: int, num_warps: Optional[int] = None,
-                    num_stages: Optional[int] = None):
-    """Returns the pallas_call compiler params of a lowering: Triton launch sizes, or Mosaic's parallel grid."""
+                    num_stages: Optional[int] = None, dimension_semantics: Optional[Tuple[str, ...]] = None):
+    """Returns the pallas_call compiler params of a lowering: Triton launch sizes, or Mosaic's grid semantics.
+
+    dimension_semantics (Mosaic) defaults to every axis "parallel"; an axis whose steps accumulate into
+    VMEM scratch must be "arbitrary" (run in order on one core).
+    """
     if backend == "triton":
         from jax.experimental.pallas import triton as plgpu
         return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     if backend == "mosaic":
         from jax.experimental.pallas import tpu as pltpu
-        # Every grid axis is independent (no program reads another's output): megacore may split any.
         # The default scoped VMEM limit (32 MiB on v5e / v5p) is below what they have: allow all of it.
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank,
-                                    vmem_limit_bytes=TPU_VMEM_BYTES.get(tpu_device_kind() or ""))
+        return pltpu.CompilerParams(dimension_semantics=dimension_semantics or ("parallel",) * grid_rank,
+                                    vmem_limit_bytes=(getattr(_target, "vmem_limit", None)
+                                                      or TPU_VMEM_BYTES.get(tpu_device_kind() or "")))
     raise ValueError(f"Unknown backend {backend!r}; valid choices: {BACKENDS}")
 
 

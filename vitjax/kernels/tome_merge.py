@@ -44,7 +44,9 @@ from vitjax.kernels import common
 from vitjax.kernels.common import BACKENDS, LANES, SUBLANES, load as _load, store as _store
 
 MERGE_IMPLS = ("jnp", "pallas")
-# One Triton program holds (N/2)^2 planning matrices in registers; past this the jnp merge is used.
+# One Triton program holds (N/2)^2 planning matrices in registers; past this the jnp merge is used. At
+# 257-512 tokens ptxas spilled 39 KB (266 s to compile, issue 18's review); forced through at 577 tokens
+# (ViT-B/16 at 384 px) the sm_90a compile did not finish within 25 minutes on a loaded 2-core host.
 _MAX_TRITON_HALF_TOKENS = 256
 
 
@@ -434,7 +436,9 @@ def unsupported_reason(x, metric, backend: Optional[str] = None, interpret: Opti
     if dtype_reason is not None:
         return dtype_reason
     if backend == "triton" and (x.shape[1] + 1) // 2 > _MAX_TRITON_HALF_TOKENS:
-        return f"{x.shape[1]} tokens: one Triton program plans at most {2 * _MAX_TRITON_HALF_TOKENS}"
+        return (f"{x.shape[1]} tokens: one Triton program plans at most {2 * _MAX_TRITON_HALF_TOKENS} (its (N/2)^2 "
+                f"planning matrices spill registers beyond that, and at 577 tokens the compile did not finish in "
+                f"25 minutes)")
     return None
 
 
