@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from vitjax import checkpoint, train, weights
+from vitjax.evaluate import standalone
 from vitjax.pytree import param_paths
 from test_train import run, tiny_config
 
@@ -89,3 +90,11 @@ def test_checkpoints_hold_trained_params_and_a_resumed_run_rebuilds_the_rest(bas
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(flat["blocks_1/mlp/fc1/kernel"], base["blocks_1/mlp/fc1/kernel"])
     np.testing.assert_array_equal(flat["head/kernel"], trained["head/kernel"])
+
+
+def test_an_adapted_run_evaluates_standalone_as_it_did_in_training(base_run, tmp_path):
+    """`python -m vitjax.evaluate --init_from=<adapted run> --kind=K` rebuilds base + adaptation inside the mesh."""
+    workdir = str(tmp_path / "vpt")
+    final = run(tiny_config(total_steps=2, init_from=base_run, **{"adapt.method": "vpt"}), workdir)
+    again = standalone.evaluate_run(workdir, {"test": dict(kind="classification")}, log=lambda _: None)
+    assert again["test/top1"] == pytest.approx(final["eval/top1"], abs=1e-6)

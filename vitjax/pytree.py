@@ -31,3 +31,14 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Any, *rest: Any, is_leaf:
     """Returns `tree` with each leaf replaced by fn(path string, leaf, *leaves of `rest`)."""
     return jax.tree_util.tree_map_with_path(lambda path, leaf, *others: fn(path_to_str(path), leaf, *others),
                                             tree, *rest, is_leaf=is_leaf)
+
+
+def unbox(tree: Any) -> Any:
+    """Returns `tree` with flax's axis-metadata boxes removed, applying no sharding constraint.
+
+    flax's own `nn.meta.unbox` constrains each leaf to its logical axes, which fails for host arrays or
+    shape structs inside a mesh context (loading weights for a run, or evaluating one standalone).
+    """
+    from flax.linen import meta
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))

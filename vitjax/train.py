@@ -50,7 +50,7 @@ from vitjax import checkpoint as checkpoint_lib
 from vitjax import config_utils, optim, parallel, weights
 from vitjax import objectives as objectives_lib
 from vitjax.evaluate import evaluators as evaluators_lib
-from vitjax.pytree import param_paths
+from vitjax.pytree import param_paths, unbox
 
 # Metrics whose non-finite value stops the run: a non-finite loss, gradient or updated param
 # means the next checkpoint would be corrupt.
@@ -91,12 +91,6 @@ class TrainState:
     model_state: Any         # non-param collections (e.g. batch_stats, a frozen teacher); {} for ViTs
     rng: jax.Array           # base key; step s uses fold_in(rng, s)
     ema_params: Any = None   # exponential moving average of params (config.ema_decay > 0), else None
-
-
-def unbox(tree: Any) -> Any:
-    """Returns `tree` with flax partitioning boxes removed (no sharding constraint applied)."""
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
-                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def place_params(params: Any, shardings: Any) -> Any:

@@ -43,6 +43,7 @@ import flax
 import jax
 import numpy as np
 
+from vitjax import pytree
 from vitjax.pytree import path_to_str
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
@@ -202,6 +203,8 @@ def _rebuild_adapted(trained: Dict[str, Any], config: Mapping[str, Any]) -> Tupl
         else:
             raise ValueError(f"Rebuilding the adapted run: {path} is neither in its checkpoint nor in its init_from "
                              f"{config['init_from']!r}")
+    # The objective's own trained params (e.g. a metric-learning head) lie outside the model: kept as saved.
+    params.update({path: np.asarray(leaf) for path, leaf in checkpoint_params.items() if path not in params})
     variables = {**{name: values for name, values in trained.items() if name != "params"},
                  "params": flax.traverse_util.unflatten_dict(params, sep="/")}
     for collection, values in fitted.items():
@@ -303,7 +306,7 @@ def _matches(path: str, patterns: Sequence[str]) -> bool:
 
 def _flat(tree: Any) -> Dict[str, Any]:
     """Returns {"a/b/c": leaf} of a nested dict (flax boxes unboxed)."""
-    tree = flax.linen.meta.unbox(tree)
+    tree = pytree.unbox(tree)
     if not isinstance(tree, Mapping):
         return {}
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(tree)), sep="/")
@@ -399,7 +402,7 @@ class Plan:
                 dtype = getattr(leaf, "dtype", np.float32)
                 return np.asarray(values[name], dtype=dtype)
 
-            result[collection] = jax.tree_util.tree_map_with_path(replace, flax.linen.meta.unbox(result[collection]))
+            result[collection] = jax.tree_util.tree_map_with_path(replace, pytree.unbox(result[collection]))
         return result
 
 
@@ -427,7 +430,7 @@ def plan(target: Mapping[str, Any], pretrained: Pretrained, rules: Rules = Rules
     errors: List[str] = []
     source_variables = dict(pretrained.variables)
 
-    target_params = flax.linen.meta.unbox(target["params"])
+    target_params = pytree.unbox(target["params"])
     model_target = target_params[rules.scope] if rules.scope else target_params
     if rules.scope and not isinstance(model_target, Mapping):
         raise ValueError(f"The target params have no {rules.scope!r} subtree")
@@ -532,7 +535,7 @@ def load_exact(source: str, abstract_variables: Mapping[str, Any], model_name: s
     pretrained = load(source, model_name=model_name, model_overrides=model_overrides)
     result = plan(abstract_variables, pretrained, Rules(strict=True))
     return result.apply(jax.tree.map(lambda leaf: np.zeros(_shape(leaf), getattr(leaf, "dtype", np.float32)),
-                                     flax.linen.meta.unbox(dict(abstract_variables))))
+                                     pytree.unbox(dict(abstract_variables))))
 
 
 __all__ = ["ACTIONS", "Plan", "Pretrained", "Rules", "check_source", "checkpoint_classes", "convert_timm",
