@@ -316,8 +316,7 @@ def compile_train_step(config, topology: str, *, image_size: Optional[int] = Non
     mesh = parallel.create_mesh(config.mesh, devices=devices)
     train.check_batch_sizes(config, mesh, config.eval_batch_size or config.batch_size)
     height, width, channels = image_shape(config, image_size)
-    examples = {"image": np.zeros((1, height, width, channels), np.float32), "label": np.zeros((1,), np.int32)}
-    example_batch = {key: examples[key] for key in objective.batch_keys}
+    example_batch = objective.example_batch(np.zeros((1, height, width, channels), np.float32))
     total_steps, steps_per_epoch = train.steps_from_config(config, _NOMINAL_TRAIN_EXAMPLES)
     with common.target_platform("tpu", devices[0].device_kind):
         setup = train.create_train_setup(config, objective, mesh, example_batch, total_steps=total_steps,

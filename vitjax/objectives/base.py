@@ -31,12 +31,14 @@ Hooks with defaults (override where the objective needs something else):
   features(variables, images) -> (B, D) features for the kNN and few-shot evaluators.
   host_batch_fields(...)  None, or fields(batch_index) -> {name: (local_batch, ...) array}: data read on the
                           host that the trainer adds to every train batch (stored teacher logits).
+  example_batch(image)    one zero row of every batch key, for programs compiled without data (`vitjax.aot`).
 """
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vitjax import weights
 
@@ -116,6 +118,19 @@ class Objective:
         """
         del start_step, total_steps
         return None
+
+    def example_batch(self, image: np.ndarray) -> Dict[str, np.ndarray]:
+        """Returns {key: one zero row} for every key of `batch_keys`, given a (1, H, W, C) image row.
+
+        What a train step is compiled for when no data is read (`python -m vitjax.aot`); an objective
+        whose batch holds more than an image and a label overrides it.
+        """
+        rows = {"image": image, "label": np.zeros((1,), np.int32)}
+        unknown = [key for key in self.batch_keys if key not in rows]
+        if unknown:
+            raise NotImplementedError(f"{type(self).__name__} reads batch keys {unknown}: it must define "
+                                      "example_batch to be compiled without data")
+        return {key: rows[key] for key in self.batch_keys}
 
     def features(self, variables: Variables, images: jax.Array) -> jax.Array:
         """Returns (B, D) fp32 features of the images: the model's pre-logits (its pooled representation)."""

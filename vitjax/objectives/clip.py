@@ -261,6 +261,11 @@ class Clip(Objective):
             raise ValueError(f"batch['text'] must be int token ids (batch, context_length), got {tokens.dtype} "
                              f"{tuple(tokens.shape)}")
 
+    def example_batch(self, image):
+        """Returns the image row and a zero row of token ids (1, context_length)."""
+        import numpy as np
+        return {"image": image, "text": np.zeros((1, self.module.context_length), np.int32)}
+
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
         """Returns the two-tower model's initial variables."""
         self.check_batch(batch)

@@ -197,6 +197,15 @@ class Distillation(Supervised):
                              f"class), got {counts.tolist()!r}")
         return class_balanced_weights(counts, float(beta))
 
+    def example_batch(self, image: np.ndarray) -> Dict[str, np.ndarray]:
+        """Returns zero rows of the image, label, stored teacher fields (as `stored.Store.fields` gives them)
+        and train step: what the train step reads."""
+        k = self.kwargs["topk"]
+        rows = {"image": image, "label": np.zeros((1,), np.int32), STEP_FIELD: np.zeros((1,), np.int32),
+                "teacher_values": np.zeros((1, k), np.float32), "teacher_indices": np.zeros((1, k), np.int32),
+                "teacher_fingerprint": np.zeros((1,), np.uint32)}
+        return {key: rows[key] for key in self.batch_keys}
+
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
         """Returns the student's variables plus the teacher's (random here; the trainer loads `frozen_weights`)."""
         student_rng, teacher_rng = jax.random.split(rng)

@@ -194,6 +194,10 @@ class SiT(gmml.GMML):
         return SiTModel(encoder=encoder, recons_blocks=recons_blocks, out_dim=int(self.kwargs["out_dim"]),
                         hidden_dim=int(self.kwargs["hidden_dim"]), num_layers=int(self.kwargs["num_layers"]))
 
+    def example_batch(self, image):
+        """Returns two zero views of the image row (the batch's "image_0", "image_1")."""
+        return {key: image for key in self.batch_keys}
+
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
         """Returns the student's variables and the teacher ({"params": a copy of the student's, "step": 0})."""
         variables = dict(self.module.init({"params": rng}, batch[self.batch_keys[0]], train=False))
