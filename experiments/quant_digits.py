@@ -1,11 +1,12 @@
-r"""Post-training quantization of digits-trained models: top-1 at FP32, W8A8, W6A6 and W4A4 for each quantizer.
+r"""Post-training quantization of digits-trained models: top-1 at FP32, W8A8, W6A6, W4A4 and W3A3 per quantizer.
 
     python experiments/quant_digits.py                                  # trains both models (~5-10 min, 2 CPUs)
     python experiments/quant_digits.py --vit_workdir=/tmp/vitjax_digits # reuse the quickstart's run
 
 Trains the quickstart ViT (configs/digits_vit.py, 800 steps) and a small Swin on the same data and recipe
 (16 px, patch 2, window 4, depths 2-2, width 32), each in a workdir, unless given. For each model and
-method of `vitjax.quant.METHODS` at W8A8 / W6A6 / W4A4: calibrate on 4 batches of 32 training images
+method of `vitjax.quant.METHODS` at W8A8 / W6A6 / W4A4 / W3A3 (q, k, v of attention quantized too; AdaLog
+with its full official pipeline, post-LayerNorm reparameterisation included): calibrate on 4 batches of 32 training images
 (the eval preprocessing) and evaluate on the 360 test images, as `python -m vitjax.quant` does.
 Writes experiments/out/quant_digits.{md,json,png} (the plot: top-1 against bits).
 
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from experiment_io import write_outputs  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-BITS = (8, 6, 4)
+BITS = (8, 6, 4, 3)
 SWIN = dict(img_size=16, patch_size=2, in_chans=1, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
             num_classes=10, drop_path_rate=0.1)
 
@@ -51,10 +52,11 @@ def evaluate_model(workdir: str, label: str, calib_batches: int, log) -> Dict[st
     from vitjax.quant.__main__ import calibration_images, logits_fn
     prepared = pretrained.prepare_pretrained(workdir, log=lambda _: None)
     _, calibration = calibration_images(prepared.input_config, None, calib_batches, 32)
-    results: Dict[str, Any] = {"fp32": 100 * pretrained.evaluate_prepared(prepared, log=lambda _: None).metrics["top1"]}
+    results: Dict[str, Any] = {"fp32": 100 * pretrained.evaluate_prepared(prepared, log=lambda _: None).metrics["top1"],
+                               "seconds": {}}
     log(f"{label} FP32 top-1 {results['fp32']:.2f}")
     for method in quant.METHODS:
-        results[method] = {}
+        results[method], results["seconds"][method] = {}, {}
         for bits in BITS:
             started = time.time()
             qmodel, qvariables = quant.quantize(prepared.objective.module, prepared.variables, calibration,
@@ -63,6 +65,7 @@ def evaluate_model(workdir: str, label: str, calib_batches: int, log) -> Dict[st
             metrics = pretrained.evaluate_prepared(prepared, variables=jax.device_put(qvariables),
                                                    logits_fn=logits_fn(qmodel), log=lambda _: None).metrics
             results[method][bits] = 100 * metrics["top1"]
+            results["seconds"][method][bits] = time.time() - started
             log(f"{label} {method} W{bits}A{bits}: top-1 {results[method][bits]:.2f} ({time.time() - started:.0f} s)")
     return results
 
@@ -195,11 +198,13 @@ def main(argv=None) -> Dict[str, Any]:
     lines = ["Top-1 % on the 360 digits test images after post-training quantization (W = A bits), calibrated on "
              f"{args.calib_batches} x 32 training images; kernels per output channel, activations per tensor "
              "(static), the first layer's input (the image) at 8 bits.", "",
-             "| model | method | FP32 | W8A8 | W6A6 | W4A4 |", "|---|---|---:|---:|---:|---:|"]
+             "| model | method | FP32 | " + " | ".join(f"W{b}A{b}" for b in BITS) + " | s (calibrate + eval) |",
+             "|---|---|---:|" + "---:|" * (len(BITS) + 1)]
     for label, result in results.items():
         for method in quant.METHODS:
             cells = " | ".join(f"{result[method][bits]:.2f}" for bits in BITS)
-            lines.append(f"| {label} | {method} | {result['fp32']:.2f} | {cells} |")
+            seconds = "/".join(f"{result['seconds'][method][bits]:.0f}" for bits in BITS)
+            lines.append(f"| {label} | {method} | {result['fp32']:.2f} | {cells} | {seconds} |")
     lines += ["", f"Total time: {time.time() - started:.0f} s on {__import__('jax').default_backend().upper()}."]
     table = "\n".join(lines)
     print(table)
