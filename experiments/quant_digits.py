@@ -6,8 +6,8 @@ r"""Post-training quantization of digits-trained models: top-1 at FP32, W8A8, W6
 Trains the quickstart ViT (configs/digits_vit.py, 800 steps) and a small Swin on the same data and recipe
 (16 px, patch 2, window 4, depths 2-2, width 32), each in a workdir, unless given. For each model and
 method of `vitjax.quant.METHODS` at W8A8 / W6A6 / W4A4 / W3A3 (q, k, v of attention quantized too; AdaLog
-with its full official pipeline, post-LayerNorm reparameterisation included): calibrate on 4 batches of 32 training images
-(the eval preprocessing) and evaluate on the 360 test images, as `python -m vitjax.quant` does.
+with its full official pipeline, post-LayerNorm reparameterisation included): calibrate on 32
+training images (AdaLog's calib_size; the eval preprocessing) and evaluate on the 360 test images, as `python -m vitjax.quant` does.
 Writes experiments/out/quant_digits.{md,json,png} (the plot: top-1 against bits).
 
     python experiments/quant_digits.py --part=sparsity --vit_workdir=/tmp/vitjax_digits
@@ -167,13 +167,34 @@ def plot(results: Dict[str, Dict[str, Any]], path: str) -> None:
     figure.savefig(path, dpi=100)
 
 
+def write_table(results: Dict[str, Any], calib_batches: int, started: float) -> None:
+    """Prints and writes the markdown table, JSON and plot of `results`."""
+    from vitjax import quant
+    lines = ["Top-1 % on the 360 digits test images after post-training quantization (W = A bits), calibrated on "
+             f"{calib_batches} x 32 training images; kernels per output channel, activations per tensor "
+             "(static), q / k / v per head, the first layer's input (the image) at 8 bits.", "",
+             "| model | method | FP32 | " + " | ".join(f"W{b}A{b}" for b in BITS) + " | s (calibrate + eval) |",
+             "|---|---|---:|" + "---:|" * (len(BITS) + 1)]
+    for label, result in results.items():
+        for method in quant.METHODS:
+            cells = " | ".join(f"{result[method][bits]:.2f}" for bits in BITS)
+            seconds = "/".join(f"{result['seconds'][method][bits]:.0f}" for bits in BITS)
+            lines.append(f"| {label} | {method} | {result['fp32']:.2f} | {cells} | {seconds} |")
+    lines += ["", f"Total time: {time.time() - started:.0f} s on {__import__('jax').default_backend().upper()}."]
+    table = "\n".join(lines)
+    print(table)
+    path = write_outputs(OUT_DIR, "quant_digits", table, results)
+    plot(results, path + ".png")
+
+
 def main(argv=None) -> Dict[str, Any]:
     """Trains (unless given), quantizes and evaluates both models, writes the table and plot; returns the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vit_workdir", default=None, help="a finished quickstart run (default: train one)")
     parser.add_argument("--swin_workdir", default=None, help="a finished digits Swin run (default: train one)")
     parser.add_argument("--skip_swin", action="store_true", help="quantize the ViT only")
-    parser.add_argument("--calib_batches", type=int, default=4, help="calibration batches of 32 training images")
+    # 1 x 32 images: AdaLog's calib_size (configs/{3,4,6}bit.py); its searches cost time linear in it
+    parser.add_argument("--calib_batches", type=int, default=1, help="calibration batches of 32 training images")
     parser.add_argument("--part", default="quant", choices=("quant", "sparsity"), help="which table to make")
     parser.add_argument("--sparse_steps", type=int, default=200, help="steps of each sparse-then-prune stage")
     parser.add_argument("--l1", type=float, default=2e-4, help="L1 strength of the sparse stage")
@@ -189,27 +210,13 @@ def main(argv=None) -> Dict[str, Any]:
     if not args.skip_swin:
         runs["Swin (digits)"] = (args.swin_workdir, True)
     results = {}
-    from vitjax import quant
     for label, (workdir, swin) in runs.items():
         if workdir is None:
             workdir = os.path.join(scratch, "swin" if swin else "vit")
             train(workdir, swin)
         results[label] = evaluate_model(workdir, label, args.calib_batches, print)
-    lines = ["Top-1 % on the 360 digits test images after post-training quantization (W = A bits), calibrated on "
-             f"{args.calib_batches} x 32 training images; kernels per output channel, activations per tensor "
-             "(static), the first layer's input (the image) at 8 bits.", "",
-             "| model | method | FP32 | " + " | ".join(f"W{b}A{b}" for b in BITS) + " | s (calibrate + eval) |",
-             "|---|---|---:|" + "---:|" * (len(BITS) + 1)]
-    for label, result in results.items():
-        for method in quant.METHODS:
-            cells = " | ".join(f"{result[method][bits]:.2f}" for bits in BITS)
-            seconds = "/".join(f"{result['seconds'][method][bits]:.0f}" for bits in BITS)
-            lines.append(f"| {label} | {method} | {result['fp32']:.2f} | {cells} | {seconds} |")
-    lines += ["", f"Total time: {time.time() - started:.0f} s on {__import__('jax').default_backend().upper()}."]
-    table = "\n".join(lines)
-    print(table)
-    path = write_outputs(OUT_DIR, "quant_digits", table, results)
-    plot(results, path + ".png")
+        # written after each model, so a long run leaves the finished rows behind
+        write_table(results, args.calib_batches, started)
     return results
 
 

@@ -665,7 +665,8 @@ def classifier_head(num_classes: int, zero_init: bool, dtype: Dtype, param_dtype
 
 __all__ = [
     "ACTIVATIONS", "Attention", "BatchNorm", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
-    "activation", "attention_operands_hook", "attention_weights_hook", "classifier_head", "constrain", "gelu", "gelu_tanh", "quick_gelu",
+    "activation", "attention_operands_hook", "attention_weights_hook",
+    "classifier_head", "constrain", "gelu", "gelu_tanh", "quick_gelu",
     "layer_norm", "logical",
     "multihead_attention", "pool_tokens",
     "posemb_sincos_1d", "posemb_sincos_2d", "resample_posemb", "resize_like_torch", "to_2tuple", "trunc_normal_init",

@@ -5,18 +5,19 @@
 
 `calibration` is an iterable of image batches (arrays, or mappings with "image"). What is quantized
 (`calibrate`): every Dense / DenseGeneral / Conv input (activations; the first layer's, the images, at 8
-bits as AdaLog's configs) and kernel (per output channel, or per tensor), and the post-softmax attention
-weights of every `layers.multihead_attention`. The other operands of the attention matmuls (q, k, v) stay
-in full precision. Methods (quantizer per kind of point):
+bits as AdaLog's configs) and kernel (per output channel, or per tensor), the post-softmax attention
+weights of every `layers.multihead_attention` and (`quantize_operands`, default on) its q, k and v, per head
+at a_bits. Methods (quantizer per kind of point):
 
-| method | kernels | activations | post-GELU (fc2 input) | post-softmax |
-|---|---|---|---|---|
-| minmax | min-max | min-max | min-max | min-max |
-| percentile | 0.01-99.99th pct | the same | the same | the same |
-| mse | MSE-optimal | MSE-optimal | MSE-optimal | MSE-optimal |
-| log2 | MSE-optimal | MSE-optimal | log2, shifted by GELU's min | log2, scale 1 |
-| adalog | MSE-optimal | MSE-optimal | AdaLog (base and scale searched) | AdaLog (base searched) |
+| method | kernels | activations | post-GELU (fc2 input) | post-softmax | q, k, v (per head) |
+|---|---|---|---|---|---|
+| minmax | min-max | min-max | min-max | min-max | min-max |
+| percentile | 0.01-99.99th pct | the same | the same | the same | the same |
+| mse | MSE-optimal | MSE-optimal | MSE-optimal | MSE-optimal | MSE-optimal |
+| log2 | MSE-optimal | MSE-optimal | log2, shifted by GELU's min | log2, scale 1 | MSE-optimal |
+| adalog | FPCS (output) | FPCS (output); post-LN per channel, folded | AdaLog: base, scale | AdaLog: base | FPCS |
 
+"adalog" is AdaLog's official pipeline (`vitjax.quant.adalog`, `vitjax.quant.search`, `vitjax.quant.reparam`).
 Uniform grids are asymmetric. `act_granularity="token"` quantizes the uniform activations per token with
 the grid computed on the fly (dynamic); "tensor" (default) uses one static grid per point from calibration.
 """
@@ -309,5 +310,6 @@ def _quantize_adalog(module, variables, batches, apply_fn, points, softmax_names
     return model, {**variables, "params": params, "quant": quant}
 
 
-__all__ = ["BACKENDS", "REPARAM_TOLERANCE", "InputSpec", "LOG_METHODS", "METHODS", "QuantizedModel", "check_arguments", "quantize",
+__all__ = ["BACKENDS", "REPARAM_TOLERANCE", "InputSpec", "LOG_METHODS", "METHODS", "QuantizedModel", "check_arguments",
+           "quantize",
            "quantize_kernels"]

@@ -4,8 +4,8 @@ Any registered model is quantized from outside: flax's `nn.intercept_methods` se
 `nn.Dense` / `nn.DenseGeneral` / `nn.Conv` call (a *layer point*, named by the module's path), and
 `layers.attention_weights_hook` the post-softmax weights of every `layers.multihead_attention` call (a
 *softmax point*, named by the calling module's path and its call index, "blocks_0/attn/softmax_0"), and
-`layers.attention_operands_hook` its q, k and v (an *operand point*, "blocks_0/attn/operands_0"). A layer point is *post-GELU* when
-it is the `fc2` of a `layers.Mlp` whose activation is the erf or tanh GELU.
+`layers.attention_operands_hook` its q, k and v (an *operand point*, "blocks_0/attn/operands_0"). A layer
+point is *post-GELU* when it is the `fc2` of a `layers.Mlp` whose activation is the erf or tanh GELU.
 """
 import collections
 import contextlib

@@ -50,8 +50,8 @@ def find_pairs(points: Iterable[Any], params: Any) -> Dict[str, Tuple[str, ...]]
     return pairs
 
 
-def fold(channel_scale: np.ndarray, channel_zero: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.float32,
-                                                                         np.float32]:
+def fold(channel_scale: np.ndarray,
+         channel_zero: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.float32, np.float32]:
     """Returns (r, b, target scale, target zero point) of the reparameterisation of per-channel grids (C,)."""
     channel_scale = np.asarray(channel_scale, np.float32)
     channel_zero = np.asarray(channel_zero, np.float32)
