@@ -1,4 +1,6 @@
 """AdaLog's full pipeline: q/k/v operand quantization, RepQ-ViT's reparameterisation, the FPCS searches."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import pytest
 
 from vitjax import models, quant
 from vitjax.models import layers
-from vitjax.quant import reparam, search
+from vitjax.quant import adalog, reparam, search
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +149,67 @@ def test_reparam_bad_input_fails_before_compile(vit_setup):
     with pytest.raises(ValueError, match="Valid choices for it: reparam=None or False"):
         quant.quantize(levit, levit_variables, [np.zeros((1, 64, 64, 3), np.float32)], method="adalog",
                        reparam=True, apply_kwargs=dict(train=False))
+
+
+PIPELINE = os.path.join(os.path.dirname(__file__), "fixtures", "adalog", "pipeline.npz")
+
+
+@pytest.fixture(scope="module")
+def official():
+    return dict(np.load(PIPELINE))
+
+
+# FPCS's last refinements try scales ~1e-5 apart, many with exactly the same error; torch.topk breaks such ties in
+# no documented order, so the official and our scales may differ by one of them: equal zero points, equal
+# errors, scales within SCALE_RTOL.
+SCALE_RTOL = 1e-4
+
+
+def test_reparam_pipeline_equals_official(official):
+    """Per-channel grids, the fold, the per-tensor search after it and the quantized output equal the official
+    `AsymmetricallyChannelWiseBatchingQuantLinear` (W4A4, 3 search rounds, FPCS)."""
+    x = official["ln_out"].reshape(-1, 12)
+    scale, zero = search.search_input_self(x, 4, channel_wise=True)
+    np.testing.assert_allclose(scale, official["channel_scale"], rtol=SCALE_RTOL)
+    np.testing.assert_array_equal(zero, official["channel_zero"])
+    r, b, _, _ = reparam.fold(official["channel_scale"], official["channel_zero"])
+    norm, kernel, bias = reparam.apply_fold({"scale": official["ln_scale"], "bias": official["ln_bias"]},
+                                            official["reparam_weight"].T, official["reparam_bias"], r, b)
+    np.testing.assert_allclose(norm["scale"], official["folded_ln_scale"], rtol=1e-6)
+    np.testing.assert_allclose(norm["bias"], official["folded_ln_bias"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(kernel.T, official["folded_weight"], rtol=1e-6)
+    np.testing.assert_allclose(bias, official["folded_bias"], rtol=1e-5, atol=1e-7)
+    folded_x = x / r - b
+    weight_grid, input_grid = search.calibrate_linear(folded_x, kernel, bias, 4, 4)
+    np.testing.assert_allclose(weight_grid[0], official["folded_w_scale"], rtol=SCALE_RTOL)
+    np.testing.assert_array_equal(weight_grid[1], official["folded_w_zero"])
+    np.testing.assert_allclose(input_grid[0], official["folded_a_scale"], rtol=SCALE_RTOL)
+    np.testing.assert_array_equal(input_grid[1], official["folded_a_zero"])
+    out = search.quantize_array(folded_x, input_grid, 4) @ search.quantize_array(kernel, weight_grid, 4) + bias
+    expected = official["reparam_quant_out"].reshape(out.shape)
+    assert np.abs(out - expected).max() <= SCALE_RTOL * np.abs(expected).max()
+    reference = x @ official["reparam_weight"].T + official["reparam_bias"]
+    ours, theirs = np.mean((out - reference) ** 2), np.mean((expected - reference) ** 2)
+    assert abs(ours - theirs) <= 1e-5 * theirs
+
+
+def test_attention_searches_equal_official(official):
+    """The per-head q, k grids (q k^T), the post-softmax base with the per-head v grid (weights v) and the
+    post-GELU layer's AdaLog scale and base and kernel grids equal the official searches (W4A4, 3 rounds)."""
+    to_ours = lambda array: np.transpose(array, (0, 2, 1, 3))  # noqa: E731  (B, H, N, D) -> (B, N, H, D)
+    (query_scale, query_zero), (key_scale, key_zero) = search.calibrate_scores(
+        to_ours(official["query"]), to_ours(official["key"]), 4)
+    np.testing.assert_allclose(query_scale, official["query_scale"], rtol=SCALE_RTOL)
+    np.testing.assert_allclose(key_scale, official["key_scale"], rtol=SCALE_RTOL)
+    np.testing.assert_array_equal(query_zero, official["query_zero"])
+    np.testing.assert_array_equal(key_zero, official["key_zero"])
+    q, (value_scale, value_zero) = search.calibrate_mixing(official["attention"], to_ours(official["value"]), 4, 4)
+    assert q == int(official["softmax_q"])
+    np.testing.assert_allclose(value_scale, official["value_scale"], rtol=SCALE_RTOL)
+    np.testing.assert_array_equal(value_zero, official["value_zero"])
+    x = official["post_gelu"].reshape(-1, 16)
+    (w_scale, w_zero), (scale, q) = adalog.calibrate_post_gelu(x, official["gelu_weight"].T, official["gelu_bias"],
+                                                               4, 4, search.SEARCH_ROUNDS)
+    assert q == int(official["gelu_q"]) and abs(scale - float(official["gelu_scale"])) <= 1e-6 * scale
+    np.testing.assert_allclose(w_scale, official["gelu_w_scale"], rtol=SCALE_RTOL)
+    np.testing.assert_array_equal(w_zero, official["gelu_w_zero"])

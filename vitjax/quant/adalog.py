@@ -88,7 +88,7 @@ def calibrate(points: Sequence[Any], softmax_names: Sequence[str], operand_names
             reparam.set_path(params, bias_path, jnp.asarray(bias.reshape(bias_shape)))
             x = x / r - b
         if point.post_gelu:
-            weight_grid, (scale, q) = _calibrate_post_gelu(x, kernel, bias, w_bits, bits, rounds)
+            weight_grid, (scale, q) = calibrate_post_gelu(x, kernel, bias, w_bits, bits, rounds)
             inputs[point.name] = {"scale": jnp.asarray(scale, jnp.float32)}
             gelu_q[point.name] = q
         elif point.conv and not point.patch:
@@ -116,8 +116,8 @@ def calibrate(points: Sequence[Any], softmax_names: Sequence[str], operand_names
             "operands": operands}
 
 
-def _calibrate_post_gelu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, w_bits: int, a_bits: int,
-                         rounds: int) -> Tuple[search.Grid, Tuple[float, int]]:
+def calibrate_post_gelu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, w_bits: int, a_bits: int,
+                        rounds: int) -> Tuple[search.Grid, Tuple[float, int]]:
     """Returns (kernel grid, (AdaLog scale, q)) of a post-GELU layer, as `PostGeluLogBasedBatchingQuantLinear`."""
     bias = np.zeros((kernel.shape[1],), np.float32) if bias is None else bias
     reference = x @ kernel + bias
@@ -132,4 +132,4 @@ def _calibrate_post_gelu(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, w_
     return weight_grid, (scale, q)
 
 
-__all__ = ["FIRST_LAYER_BITS", "calibrate", "layer_matrix"]
+__all__ = ["FIRST_LAYER_BITS", "calibrate", "calibrate_post_gelu", "layer_matrix"]

@@ -39,13 +39,25 @@ def zero_point_count(bits: int, kind: str) -> int:
     return {"weight": min(16, half), "matmul": min(16, half), "activation": min(16, 2 * half), "conv": half}[kind]
 
 
+def quantile(groups: np.ndarray, fractions: np.ndarray) -> np.ndarray:
+    """Returns the fractions' quantiles (F, G) of each row of `groups` (G, n), linear interpolation in float32
+    (as torch.quantile, which the official candidates use: numpy's float64 positions move them by ~1e-5)."""
+    ordered = np.sort(np.asarray(groups, np.float32), axis=1)
+    position = np.asarray(fractions, np.float32) * np.float32(ordered.shape[1] - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, ordered.shape[1] - 1)
+    weight = (position - low.astype(np.float32))[:, None]
+    below, above = ordered[:, low].T, ordered[:, high].T
+    return (below + weight * (above - below)).astype(np.float32)
+
+
 def percentile_candidates(groups: np.ndarray, bits: int, kind: str, eq_n: int = EQ_N) -> Grid:
     """Returns (scales, zero points), each (eq_n, G), for the G rows of `groups` (G, n): scales linear from the
     10-90th to the 0-100th percentile range over 2^b - 1, crossed with zero points around 2^(b-1)."""
     groups = np.asarray(groups, np.float32)
     fractions = np.asarray([0.9, 1.0], np.float32)
-    upper = np.quantile(groups, fractions.astype(np.float64), axis=1).astype(np.float32)             # (2, G)
-    lower = np.quantile(groups, (np.float32(1) - fractions).astype(np.float64), axis=1).astype(np.float32)
+    upper = quantile(groups, fractions)                                                  # (2, G)
+    lower = quantile(groups, np.float32(1) - fractions)
     delta_min, delta_max = upper[0] - lower[0], upper[1] - lower[1]
     count = zero_point_count(bits, kind)
     num_scale = eq_n // count
