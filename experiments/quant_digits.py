@@ -6,8 +6,9 @@ r"""Post-training quantization of digits-trained models: top-1 at FP32, W8A8, W6
 Trains the quickstart ViT (configs/digits_vit.py, 800 steps) and a small Swin on the same data and recipe
 (16 px, patch 2, window 4, depths 2-2, width 32), each in a workdir, unless given. For each model and
 method of `vitjax.quant.METHODS` at W8A8 / W6A6 / W4A4 / W3A3 (q, k, v of attention quantized too; AdaLog
-with its full official pipeline, post-LayerNorm reparameterisation included): calibrate on 32
-training images (AdaLog's calib_size; the eval preprocessing) and evaluate on the 360 test images, as `python -m vitjax.quant` does.
+with its full official pipeline, post-LayerNorm reparameterisation included): calibrate on 32 training
+images (AdaLog's calib_size; the eval preprocessing) and evaluate on the 360 test images, as
+`python -m vitjax.quant` does.
 Writes experiments/out/quant_digits.{md,json,png} (the plot: top-1 against bits).
 
     python experiments/quant_digits.py --part=sparsity --vit_workdir=/tmp/vitjax_digits
