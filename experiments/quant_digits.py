@@ -1,12 +1,14 @@
-r"""Post-training quantization of digits-trained models: top-1 at FP32, W8A8, W6A6 and W4A4 for each quantizer.
+r"""Post-training quantization of digits-trained models: top-1 at FP32, W8A8, W6A6, W4A4 and W3A3 per quantizer.
 
     python experiments/quant_digits.py                                  # trains both models (~5-10 min, 2 CPUs)
     python experiments/quant_digits.py --vit_workdir=/tmp/vitjax_digits # reuse the quickstart's run
 
 Trains the quickstart ViT (configs/digits_vit.py, 800 steps) and a small Swin on the same data and recipe
 (16 px, patch 2, window 4, depths 2-2, width 32), each in a workdir, unless given. For each model and
-method of `vitjax.quant.METHODS` at W8A8 / W6A6 / W4A4: calibrate on 4 batches of 32 training images
-(the eval preprocessing) and evaluate on the 360 test images, as `python -m vitjax.quant` does.
+method of `vitjax.quant.METHODS` at W8A8 / W6A6 / W4A4 / W3A3 (q, k, v of attention quantized too; AdaLog
+with its full official pipeline, post-LayerNorm reparameterisation included): calibrate on 32 training
+images (AdaLog's calib_size; the eval preprocessing) and evaluate on the 360 test images, as
+`python -m vitjax.quant` does.
 Writes experiments/out/quant_digits.{md,json,png} (the plot: top-1 against bits).
 
     python experiments/quant_digits.py --part=sparsity --vit_workdir=/tmp/vitjax_digits
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from experiment_io import write_outputs  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-BITS = (8, 6, 4)
+BITS = (8, 6, 4, 3)
 SWIN = dict(img_size=16, patch_size=2, in_chans=1, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
             num_classes=10, drop_path_rate=0.1)
 
@@ -51,10 +53,11 @@ def evaluate_model(workdir: str, label: str, calib_batches: int, log) -> Dict[st
     from vitjax.quant.__main__ import calibration_images, logits_fn
     prepared = pretrained.prepare_pretrained(workdir, log=lambda _: None)
     _, calibration = calibration_images(prepared.input_config, None, calib_batches, 32)
-    results: Dict[str, Any] = {"fp32": 100 * pretrained.evaluate_prepared(prepared, log=lambda _: None).metrics["top1"]}
+    results: Dict[str, Any] = {"fp32": 100 * pretrained.evaluate_prepared(prepared, log=lambda _: None).metrics["top1"],
+                               "seconds": {}}
     log(f"{label} FP32 top-1 {results['fp32']:.2f}")
     for method in quant.METHODS:
-        results[method] = {}
+        results[method], results["seconds"][method] = {}, {}
         for bits in BITS:
             started = time.time()
             qmodel, qvariables = quant.quantize(prepared.objective.module, prepared.variables, calibration,
@@ -63,6 +66,7 @@ def evaluate_model(workdir: str, label: str, calib_batches: int, log) -> Dict[st
             metrics = pretrained.evaluate_prepared(prepared, variables=jax.device_put(qvariables),
                                                    logits_fn=logits_fn(qmodel), log=lambda _: None).metrics
             results[method][bits] = 100 * metrics["top1"]
+            results["seconds"][method][bits] = time.time() - started
             log(f"{label} {method} W{bits}A{bits}: top-1 {results[method][bits]:.2f} ({time.time() - started:.0f} s)")
     return results
 
@@ -164,13 +168,34 @@ def plot(results: Dict[str, Dict[str, Any]], path: str) -> None:
     figure.savefig(path, dpi=100)
 
 
+def write_table(results: Dict[str, Any], calib_batches: int, started: float) -> None:
+    """Prints and writes the markdown table, JSON and plot of `results`."""
+    from vitjax import quant
+    lines = ["Top-1 % on the 360 digits test images after post-training quantization (W = A bits), calibrated on "
+             f"{calib_batches} x 32 training images; kernels per output channel, activations per tensor "
+             "(static), q / k / v per head, the first layer's input (the image) at 8 bits.", "",
+             "| model | method | FP32 | " + " | ".join(f"W{b}A{b}" for b in BITS) + " | s (calibrate + eval) |",
+             "|---|---|---:|" + "---:|" * (len(BITS) + 1)]
+    for label, result in results.items():
+        for method in quant.METHODS:
+            cells = " | ".join(f"{result[method][bits]:.2f}" for bits in BITS)
+            seconds = "/".join(f"{result['seconds'][method][bits]:.0f}" for bits in BITS)
+            lines.append(f"| {label} | {method} | {result['fp32']:.2f} | {cells} | {seconds} |")
+    lines += ["", f"Total time: {time.time() - started:.0f} s on {__import__('jax').default_backend().upper()}."]
+    table = "\n".join(lines)
+    print(table)
+    path = write_outputs(OUT_DIR, "quant_digits", table, results)
+    plot(results, path + ".png")
+
+
 def main(argv=None) -> Dict[str, Any]:
     """Trains (unless given), quantizes and evaluates both models, writes the table and plot; returns the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vit_workdir", default=None, help="a finished quickstart run (default: train one)")
     parser.add_argument("--swin_workdir", default=None, help="a finished digits Swin run (default: train one)")
     parser.add_argument("--skip_swin", action="store_true", help="quantize the ViT only")
-    parser.add_argument("--calib_batches", type=int, default=4, help="calibration batches of 32 training images")
+    # 1 x 32 images: AdaLog's calib_size (configs/{3,4,6}bit.py); its searches cost time linear in it
+    parser.add_argument("--calib_batches", type=int, default=1, help="calibration batches of 32 training images")
     parser.add_argument("--part", default="quant", choices=("quant", "sparsity"), help="which table to make")
     parser.add_argument("--sparse_steps", type=int, default=200, help="steps of each sparse-then-prune stage")
     parser.add_argument("--l1", type=float, default=2e-4, help="L1 strength of the sparse stage")
@@ -186,25 +211,13 @@ def main(argv=None) -> Dict[str, Any]:
     if not args.skip_swin:
         runs["Swin (digits)"] = (args.swin_workdir, True)
     results = {}
-    from vitjax import quant
     for label, (workdir, swin) in runs.items():
         if workdir is None:
             workdir = os.path.join(scratch, "swin" if swin else "vit")
             train(workdir, swin)
         results[label] = evaluate_model(workdir, label, args.calib_batches, print)
-    lines = ["Top-1 % on the 360 digits test images after post-training quantization (W = A bits), calibrated on "
-             f"{args.calib_batches} x 32 training images; kernels per output channel, activations per tensor "
-             "(static), the first layer's input (the image) at 8 bits.", "",
-             "| model | method | FP32 | W8A8 | W6A6 | W4A4 |", "|---|---|---:|---:|---:|---:|"]
-    for label, result in results.items():
-        for method in quant.METHODS:
-            cells = " | ".join(f"{result[method][bits]:.2f}" for bits in BITS)
-            lines.append(f"| {label} | {method} | {result['fp32']:.2f} | {cells} |")
-    lines += ["", f"Total time: {time.time() - started:.0f} s on {__import__('jax').default_backend().upper()}."]
-    table = "\n".join(lines)
-    print(table)
-    path = write_outputs(OUT_DIR, "quant_digits", table, results)
-    plot(results, path + ".png")
+        # written after each model, so a long run leaves the finished rows behind
+        write_table(results, args.calib_batches, started)
     return results
 
 

@@ -149,7 +149,7 @@ def test_bad_input_fails_before_compile(vit_setup):
 def test_discover_names_points_in_call_order(vit_setup):
     """Points are named by module path, in call order; the first layer's input is quantized at 8 bits."""
     model, variables, images, _ = vit_setup
-    points, softmax = calibrate.discover(lambda: model.apply(variables, images[:1]))
+    points, softmax, operands = calibrate.discover(lambda: model.apply(variables, images[:1]))
     assert [p.name for p in points][:3] == ["patch_embed/proj", "blocks_0/attn/qkv", "blocks_0/attn/proj"]
     assert points[1].output_axes == (1, 2, 3) and points[0].output_axes == (3,)
     qmodel, _ = quant.quantize(model, variables, [images], method="minmax", w_bits=4, a_bits=4)

@@ -361,6 +361,23 @@ def attention_weights_hook(hook: Callable[[jax.Array, jax.Array], jax.Array]) ->
         _attention_weights_hook.reset(token)
 
 
+# Off (None) unless `attention_operands_hook` is active: vitjax.quant fake-quantizes q, k and v with it.
+_attention_operands_hook: contextvars.ContextVar = contextvars.ContextVar("attention_operands_hook", default=None)
+
+
+@contextlib.contextmanager
+def attention_operands_hook(hook: Callable[[jax.Array, jax.Array, jax.Array], Any]) -> Iterator[None]:
+    """Yields with `hook(query, key, value)` (each (B, N, H, D)) replacing the operands of every `multihead_attention`.
+
+    The hook runs at trace time and returns the new (query, key, value); any attention implementation takes them.
+    """
+    token = _attention_operands_hook.set(hook)
+    try:
+        yield
+    finally:
+        _attention_operands_hook.reset(token)
+
+
 def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xla",
                         dropout_rate=0.0, dropout_rng=None, capture_attention=False, softmax_clip=None):
     """Returns (attention output (B, Nq, H, D), aux dict with `attention` (B, H, Nq, Nk) when captured).
@@ -373,6 +390,9 @@ def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xl
     the captured / hooked weights are the clipped ones.
     """
     aux = {}
+    operands_hook = _attention_operands_hook.get()
+    if operands_hook is not None:
+        query, key, value = operands_hook(query, key, value)
     weights_hook = _attention_weights_hook.get()
     if not capture_attention:
         check_attention_dropout(impl, dropout_rate)
@@ -645,7 +665,8 @@ def classifier_head(num_classes: int, zero_init: bool, dtype: Dtype, param_dtype
 
 __all__ = [
     "ACTIVATIONS", "Attention", "BatchNorm", "DropPath", "LayerScale", "MapHead", "Mlp", "PatchEmbed", "POOLING_TYPES",
-    "activation", "attention_weights_hook", "classifier_head", "constrain", "gelu", "gelu_tanh", "quick_gelu",
+    "activation", "attention_operands_hook", "attention_weights_hook",
+    "classifier_head", "constrain", "gelu", "gelu_tanh", "quick_gelu",
     "layer_norm", "logical",
     "multihead_attention", "pool_tokens",
     "posemb_sincos_1d", "posemb_sincos_2d", "resample_posemb", "resize_like_torch", "to_2tuple", "trunc_normal_init",

@@ -226,7 +226,8 @@ def _gelu_errors(scales, qs, x, kernel_sim, bias, reference, *, bits, shift, r):
 def search_adalog_gelu(inputs: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], bits: int,
                        shift: float = GELU_SHIFT, num_candidates: int = 128, steps: int = 6,
                        base_top: int = 8, scale_count: int = 16, width: int = 32,
-                       r: int = ADALOG_R, kernel_sim: Optional[jax.Array] = None) -> Tuple[float, int]:
+                       r: int = ADALOG_R, kernel_sim: Optional[jax.Array] = None,
+                       initial_scale: Optional[float] = None) -> Tuple[float, int]:
     """Returns AdaLog's (scale, q) for the post-GELU input of a linear layer, by Fast Progressive Combining Search.
 
     inputs: (..., C_in) full-precision activations; kernel: (C_in, C_out) the layer's kernel, kernel_sim the
@@ -235,7 +236,8 @@ def search_adalog_gelu(inputs: jax.Array, kernel: jax.Array, bias: Optional[jax.
     `activation_fpcs`: the `base_top` best q of 10..9+num_candidates at the initial scale (the second-largest
     of `num_candidates` between the 90th percentile and the maximum of the shifted positive inputs), then
     those q crossed with `scale_count` scales in that range, keeping the `width` best pairs and refining
-    their scales `steps - 1` times.
+    their scales `steps - 1` times. `initial_scale` replaces the initial scale (the official search's later
+    rounds start from the scale found before).
     """
     x = np.asarray(inputs, np.float32).reshape(-1, np.shape(inputs)[-1])
     kernel = np.asarray(kernel, np.float32)
@@ -252,7 +254,9 @@ def search_adalog_gelu(inputs: jax.Array, kernel: jax.Array, bias: Optional[jax.
         # a stable order: ties go to the earlier candidate
         return np.argsort(found, kind="stable")[:k]
 
-    initial_scale = low + (high - low) * np.float32((num_candidates - 2) / (num_candidates - 1))
+    if initial_scale is None:
+        initial_scale = low + (high - low) * np.float32((num_candidates - 2) / (num_candidates - 1))
+    initial_scale = np.float32(initial_scale)
     qs = np.arange(10, 10 + num_candidates)
     best_q = qs[top(np.full((num_candidates,), initial_scale, np.float32), qs, base_top)]
     grid = low + (high - low) * (np.arange(scale_count, dtype=np.float32) / np.float32(scale_count - 1))
