@@ -156,6 +156,21 @@ def test_cli_reports_per_chip_figures_with_the_pallas_kernel(capsys, tmp_path, m
     assert (tmp_path / "report.json").exists()
 
 
+@needs_libtpu
+@pytest.mark.parametrize("spec, extra_key", [("configs/sit_vit.py:runlocal", "image_1"),
+                                             ("configs/clip_digits.py:runlocal", "text"),
+                                             ("configs/deit_lt.py:runlocal", "train_step")])
+def test_objectives_reading_more_than_image_and_label_compile_for_tpu(spec, extra_key):
+    """SiT's second view, CLIP's token ids and DeiT-LT's train step come from the objective's example_batch."""
+    from vitjax import train
+    config = config_utils.load_config(spec, {})
+    result = aot.compile_train_step(config, "v5e:2x2")
+    assert result.compiled is not None and result.out_of_memory is None
+    _, objective = train.build(config)
+    assert sorted(result.setup.example_batch) == sorted(objective.batch_keys)
+    assert extra_key in result.setup.example_batch
+
+
 def _attention_operands(dtype, length, head_dim=64, bias=False):
     token = jax.ShapeDtypeStruct((2, length, 2, head_dim), jnp.dtype(dtype))
     return [token, token, token], (jax.ShapeDtypeStruct((1, 2, length, length), jnp.float32) if bias else None)
