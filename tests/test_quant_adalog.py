@@ -212,3 +212,21 @@ def test_attention_searches_equal_official(official):
     assert q == int(official["gelu_q"]) and abs(scale - float(official["gelu_scale"])) <= 1e-6 * scale
     np.testing.assert_allclose(w_scale, official["gelu_w_scale"], rtol=SCALE_RTOL)
     np.testing.assert_array_equal(w_zero, official["gelu_w_zero"])
+
+
+def test_eight_bit_grids_reach_a_skewed_range_while_official_widths_keep_the_official_candidates():
+    """Above the official 6 bits, zero points follow each candidate's range; at 3-6 bits they stay the official
+    ones around 2^(b-1)."""
+    rng = np.random.default_rng(0)
+    # skewed (zero near one end: zero point ~ 23 of 255) and symmetric channels
+    kernel = np.concatenate([rng.uniform(-0.1, 1.0, (64, 3)), rng.normal(0, 0.3, (64, 1))], 1).astype(np.float32)
+    for kind in ("weight", "conv"):
+        grid = search.search_weight_self(kernel, 8, kind)
+        error = np.abs(search.quantize_array(kernel, grid, 8) - kernel).max(0)
+        assert (error <= 1.01 * grid[0] / 2).all(), (kind, error, grid)       # within half a step everywhere
+    for bits in (3, 4, 6):
+        _, zero_points = search.percentile_candidates(kernel.T, bits, "weight")
+        count = search.zero_point_count(bits, "weight")
+        official = np.arange(2 ** (bits - 1) - count // 2, 2 ** (bits - 1) + count // 2)
+        np.testing.assert_array_equal(np.unique(zero_points), official)
+    assert search.zero_point_count(6, "conv") == 32 and search.zero_point_count(8, "conv") == 16
