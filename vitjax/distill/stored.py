@@ -188,6 +188,12 @@ class Store:
                 "teacher_fingerprint": self._arrays["fingerprint"][row]}
 
 
+def example_fields(topk: int) -> Dict[str, np.ndarray]:
+    """Returns one zero row of each field `Store.fields` gives for a top-`topk` store, with its dtype."""
+    return {"teacher_values": np.zeros((1, topk), np.float32), "teacher_indices": np.zeros((1, topk), np.int32),
+            "teacher_fingerprint": np.zeros((1,), np.uint32)}
+
+
 def open_store(directory: str, config, *, num_classes: int, start_batch: int, num_batches: int,
                process_index: Optional[int] = None) -> Store:
     """Returns this process's `Store` after checking it serves batches [start_batch, num_batches) of `config`.

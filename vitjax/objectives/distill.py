@@ -200,10 +200,8 @@ class Distillation(Supervised):
     def example_batch(self, image: np.ndarray) -> Dict[str, np.ndarray]:
         """Returns zero rows of the image, label, stored teacher fields (as `stored.Store.fields` gives them)
         and train step: what the train step reads."""
-        k = self.kwargs["topk"]
         rows = {"image": image, "label": np.zeros((1,), np.int32), STEP_FIELD: np.zeros((1,), np.int32),
-                "teacher_values": np.zeros((1, k), np.float32), "teacher_indices": np.zeros((1, k), np.int32),
-                "teacher_fingerprint": np.zeros((1,), np.uint32)}
+                **stored.example_fields(self.kwargs["topk"])}
         return {key: rows[key] for key in self.batch_keys}
 
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
