@@ -168,7 +168,8 @@ def test_runlocal_loss_falls(tmp_path):
     workdir = str(tmp_path / "satmae")
     result = subprocess.run(
         [sys.executable, "-m", "vitjax.main", "--config=configs/satmae_pp.py:runlocal", f"--workdir={workdir}",
-         "--config.total_steps=30", "--config.log_every_steps=5", "--config.progress_bar=False"],
+         "--config.total_steps=20", "--config.batch_size=32", "--config.log_every_steps=5",
+         "--config.progress_bar=False"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
@@ -176,9 +177,12 @@ def test_runlocal_loss_falls(tmp_path):
     records = read_metrics(workdir)
     losses = [record["train/loss"] for record in records if "train/loss" in record]
     print("runlocal losses", losses, records[-1])
-    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    assert len(losses) == 4 and losses[-1] < 0.6 * losses[0], losses
     l1 = [record["train/l1_4x"] for record in records if "train/l1_4x" in record]
     assert l1[-1] < l1[0], l1
+    # The encoder's class token separates the digits far above chance (kNN at the end of the run).
+    knn = [record["knn/top1"] for record in records if "knn/top1" in record]
+    assert len(knn) == 1 and 0.3 < knn[0] <= 1.0, knn
 
 
 def test_config_builds_the_official_recipe(tmp_path):
