@@ -1,5 +1,5 @@
 """Self-distillation further pretraining (sdft) and the medical MAE recipe: the distillation term against a NumPy
-transcription, zero with the teacher's weights, bad settings rejected before compile, `:runlocal` through
+transcription, zero with the teacher's weights, the MAE loss, term and total against the official code (fixture), bad settings rejected before compile, `:runlocal` through
 `python -m vitjax.main` with a tiny MAE run as the round-1 teacher."""
 import os
 import subprocess
