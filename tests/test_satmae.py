@@ -143,7 +143,7 @@ def test_a_batch_at_the_wrong_scale_is_rejected_before_compile():
         objective.init_variables(jax.random.key(0), {"image": jnp.zeros((2, 8, 8, 10))})
 
 
-def test_band_ops_select_and_synthesise_bands():
+def test_band_ops_select_normalise_and_synthesise_bands():
     from vitjax.data import ops
     import tensorflow as tf
     image = tf.reshape(tf.range(2 * 3 * 13, dtype=tf.float32), (2, 3, 13))
@@ -158,6 +158,16 @@ def test_band_ops_select_and_synthesise_bands():
     # Every band differs from the others (derived, not copies) and stays in the input's [0, 255] range.
     assert min(np.abs(bands[..., i] - bands[..., j]).max() for i in range(6) for j in range(i)) > 1.0
     assert bands.min() >= 0 and bands.max() <= 255
+    # SentinelNormalize: mean - 2 std -> 0, mean + 2 std -> 1, clipped, 256 levels (floor, as their uint8 cast).
+    mean, std = np.asarray(ops.SENTINEL2_MEAN, np.float32), np.asarray(ops.SENTINEL2_STD, np.float32)
+    raw = tf.constant(np.stack([mean - 2 * std, mean + 2 * std, mean, mean + 5 * std])[:, None, :])   # (4, 1, 13)
+    normalized = ops.build_preprocess("sentinel_normalize")({"image": raw}, tf.constant([0, 0], tf.int64))["image"]
+    np.testing.assert_allclose(normalized.numpy()[:, 0, 0], [0.0, 1.0, 127 / 255, 1.0], atol=1e-6)
+    # The recipe's pipeline on a fake eurosat/all example (64 px, 13 float bands): 384 px, the 10 kept bands.
+    config = config_utils.load_config("configs/satmae_pp.py")
+    example = {"image": tf.constant(np.random.default_rng(0).uniform(0, 3000, (64, 64, 13)).astype(np.float32))}
+    out = ops.build_preprocess(config.input.pp_train)(example, tf.constant([1, 2], tf.int64))["image"].numpy()
+    assert out.shape == (384, 384, 10) and -0.2 < out.min() and out.max() < 1.2
     with pytest.raises(ValueError, match=r"num_bands must be an int in \[1, 8\]"):
         ops.build_preprocess("synthetic_bands(9)")
     with pytest.raises(ValueError, match=r"exactly one of keep= or drop="):
