@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax import masking
+from vitjax.models import layers
 from vitjax.models import mae as mae_model
 from vitjax.models import satmae as satmae_model
 from vitjax.objectives import mae as mae_objective
@@ -114,8 +115,8 @@ class SatMAE(Objective):
             except ValueError as error:
                 raise ValueError(f"objective_kwargs.channel_groups: {error} (config.model.in_chans="
                                  f"{encoder.in_chans}); or None for the RGB (single patch embedding) variant") from None
-            height, width = mae_model.layers.to_2tuple(encoder.img_size)
-            patch = mae_model.layers.to_2tuple(encoder.patch_size)
+            height, width = layers.to_2tuple(encoder.img_size)
+            patch = layers.to_2tuple(encoder.patch_size)
             if height != width or patch[0] != patch[1]:
                 raise ValueError(f"SatMAE++ needs square images and patches, got img_size={encoder.img_size}, "
                                  f"patch_size={encoder.patch_size}")
