@@ -1,16 +1,18 @@
 """Self-distillation further pretraining (sdft) and the medical MAE recipe: the distillation term against a NumPy
-transcription, zero with the teacher's weights, bad settings rejected before compile, `:runlocal` through
+transcription, zero with the teacher's weights, the MAE loss, term and total against the official code (fixture), bad settings rejected before compile, `:runlocal` through
 `python -m vitjax.main` with a tiny MAE run as the round-1 teacher."""
 import os
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from vitjax import checkpoint, config_utils, objectives, train
+from vitjax.models import mae as mae_model
 from vitjax.objectives import sdft
 from test_train import REPO, read_metrics, run
 
@@ -134,3 +136,84 @@ def test_medical_mae_runlocal_steps_remove_nine_tenths(tmp_path):
     np.testing.assert_array_equal(np.asarray(aux["mask"]).sum(1), [15] * 4)  # int(16 x 0.1) = 1 patch kept
     loss, _ = objective.train_loss(variables, {"image": images}, jax.random.key(3))
     assert objective.norm_pix_loss is False and np.isfinite(float(loss))
+
+
+# ---- parity with the official code (seanie12/self-distillation, transformers 4.17 ViTMAE) ----------------------
+SDFT_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "sdft", "sdft.npz")
+
+
+def _timm_keys(state, prefix):
+    """Returns HF ViT / ViTMAE keys under `prefix` renamed to the official MAE's (timm's), q, k, v fused."""
+    renames = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+               "embeddings.patch_embeddings.projection": "patch_embed.proj", "layernorm": "norm",
+               "decoder.decoder_embed": "decoder_embed", "decoder.mask_token": "mask_token",
+               "decoder.decoder_pos_embed": "decoder_pos_embed", "decoder.decoder_norm": "decoder_norm",
+               "decoder.decoder_pred": "decoder_pred"}
+    layer_parts = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+                   "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+    flat = {key[len(prefix):].removeprefix("vit."): value for key, value in state.items() if key.startswith(prefix)}
+    out = {}
+    for key, value in flat.items():
+        for stack, name in (("encoder.layer.", "blocks."), ("decoder.decoder_layers.", "decoder_blocks.")):
+            if key.startswith(stack):
+                index, rest = key[len(stack):].split(".", 1)
+                part, kind = rest.rsplit(".", 1)
+                if part == "attention.attention.query":
+                    out[f"{name}{index}.attn.qkv.{kind}"] = np.concatenate(
+                        [flat[f"{stack}{index}.attention.attention.{qkv}.{kind}"] for qkv in ("query", "key", "value")])
+                elif not part.startswith("attention.attention."):
+                    out[f"{name}{index}.{layer_parts[part]}.{kind}"] = value
+                break
+        else:
+            base, kind = key.rsplit(".", 1) if key.endswith((".weight", ".bias")) else (key, "")
+            out[renames[base] + (f".{kind}" if kind else "")] = value
+    return out
+
+
+def _transformers_417_decoder_norm(next_fun, args, kwargs, context):
+    """Runs the MAE decoder's final LayerNorm with eps 1e-5: transformers 4.17's ViTMAE builds `decoder_norm` without
+    `config.layer_norm_eps` (1e-12 everywhere else), which the official self-distillation runs used."""
+    module = context.module
+    if (context.method_name == "__call__" and isinstance(module, flax.linen.LayerNorm) and module.name == "norm"
+            and isinstance(module.parent, mae_model.MaeDecoder)):
+        x = args[0]
+        mean = x.mean(-1, keepdims=True)
+        variance = jnp.square(x - mean).mean(-1, keepdims=True)
+        params = module.variables["params"]
+        return (x - mean) / jnp.sqrt(variance + 1e-5) * params["scale"] + params["bias"]
+    return next_fun(*args, **kwargs)
+
+
+@pytest.mark.parametrize("decoder_norm_eps", ["1e-12", "1e-5"])
+def test_mae_loss_and_distillation_term_equal_the_official_self_distillation(tmp_path, decoder_norm_eps):
+    from parity_utils import relative_error
+    from vitjax.convert import mae as mae_convert
+    data = np.load(SDFT_FIXTURE)
+    state = {key: data[key] for key in data.files}
+    config = _config(tmp_path)
+    # The fixture's shrunk ViTMAE: transformers' LayerNorm eps 1e-12, hidden 32 x 2 layers, decoder 16 x 1.
+    config.model = dict(variant="mu/2", img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=4,
+                        mlp_dim=128, norm_eps=1e-12)
+    config.objective_kwargs.update(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_ratio=0.75,
+                                   norm_pix_loss=True, distill_weight=1.0)
+    objective = objectives.create("sdft", config)
+    params = mae_convert.convert_pretrain(_timm_keys(state, "student/"), objective.module)["params"]
+    teacher = mae_convert.convert_encoder(_timm_keys(state, "teacher/"), objective.module.encoder)
+    variables = {"params": params, "teacher": {"params": teacher}}
+    images = jnp.asarray(data["samples"].transpose(0, 2, 3, 1))
+    interceptor = _transformers_417_decoder_norm if decoder_norm_eps == "1e-5" else (
+        lambda next_fun, args, kwargs, context: next_fun(*args, **kwargs))
+    with flax.linen.intercept_methods(interceptor):
+        pred, aux = objective.module.apply({"params": params}, images, noise=jnp.asarray(data["noise"]))
+    mae_loss = objectives.mae.masked_mse(images, pred, aux["mask"], objective.module.patch_size, True)
+    distill = objective.distill_term(variables, images, jax.random.key(0), train=True)
+    errors = {"pred": relative_error(pred, data["pred"]), "mae_loss": relative_error(mae_loss, data["mae_loss"]),
+              "distill_loss": relative_error(distill, data["distill_loss"]),
+              "total": relative_error(mae_loss + distill, data["total"])}
+    print(f"sdft vs official (decoder norm eps {decoder_norm_eps})", {k: f"{v:.1e}" for k, v in errors.items()})
+    np.testing.assert_array_equal(aux["mask"], data["mask"])
+    if decoder_norm_eps == "1e-5":   # the reference's own decoder: every output within 1e-5
+        assert max(errors.values()) <= 1e-5, errors
+    else:   # vitjax's MAE (one eps): the losses within 1e-5; the prediction off by the decoder norm's eps only
+        assert max(errors[key] for key in ("mae_loss", "distill_loss", "total")) <= 1e-5, errors
+        assert 5e-6 < errors["pred"] < 3e-5, errors

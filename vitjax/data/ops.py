@@ -962,3 +962,88 @@ def onehot(num_classes, smoothing=0.0, *, key="label", outkey=None):
                             dtype=tf.float32)
         return {**example, outkey: labels}
     return apply
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-spectral bands (SatMAE++, `vitjax.objectives.satmae`).
+# ---------------------------------------------------------------------------------------------
+
+# fMoW-Sentinel's per-band statistics of the 13 Sentinel-2 bands B1..B12, B8A (techmn/satmae_pp util/datasets.py);
+# TFDS eurosat/all stores its 13 bands in the same order.
+SENTINEL2_MEAN = (1370.19151926, 1184.3824625, 1120.77120066, 1136.26026392, 1263.73947144, 1645.40315151,
+                  1846.87040806, 1762.59530783, 1972.62420416, 582.72633433, 14.77112979, 1732.16362238,
+                  1247.91870117)
+SENTINEL2_STD = (633.15169573, 650.2842772, 712.12507725, 965.23119807, 948.9819932, 1108.06650639, 1258.36394548,
+                 1233.1492281, 1364.38688993, 472.37967789, 14.3114637, 1310.36996126, 1087.6020813)
+MAX_SYNTHETIC_BANDS = 8
+
+
+@register_op("select_bands", DETERMINISTIC)
+@image_op
+def select_bands(keep=None, drop=None):
+    """Returns an op keeping the bands `keep` (in that order), or all but `drop` (SatMAE's --dropped_bands)."""
+    if (keep is None) == (drop is None):
+        raise ValueError(f"select_bands takes exactly one of keep= or drop= (band indices), got keep={keep!r}, "
+                         f"drop={drop!r}")
+    given = keep if keep is not None else drop
+    if not isinstance(given, (tuple, list)) or not all(isinstance(b, int) and b >= 0 for b in given):
+        raise ValueError(f"select_bands: band indices must be a tuple of ints >= 0, got {given!r}")
+
+    def apply(image, seed):
+        del seed
+        tf = import_tensorflow()
+        channels = image.shape[-1]
+        if channels is None or max(given, default=-1) >= channels:
+            raise ValueError(f"select_bands: indices {tuple(given)} need a known band count above "
+                             f"{max(given, default=-1)}; the image has {channels}")
+        indices = list(keep) if keep is not None else [b for b in range(channels) if b not in set(drop)]
+        return tf.gather(image, indices, axis=-1)
+    return apply
+
+
+@register_op("sentinel_normalize", DETERMINISTIC)
+@image_op
+def sentinel_normalize(mean=SENTINEL2_MEAN, std=SENTINEL2_STD):
+    """Returns an op mapping [mean - 2 std, mean + 2 std] per band onto [0, 1], quantised to 256 levels.
+
+    SatMAE's SentinelNormalize followed by ToTensor: clip((x - mean + 2 std) / (4 std) x 255, 0, 255) as uint8
+    (truncated), then / 255.
+    """
+    mean, std = _per_channel(mean, "mean"), _per_channel(std, "std")
+    if len(mean) != len(std) or any(s <= 0 for s in std):
+        raise ValueError(f"mean and std need one value per band, std positive; got {len(mean)} and {std}")
+
+    def apply(image, seed):
+        del seed
+        tf = import_tensorflow()
+        _check_channels(image, mean, "mean", "sentinel_normalize")
+        low = tf.constant(mean, tf.float32) - 2.0 * tf.constant(std, tf.float32)
+        scaled = (tf.cast(image, tf.float32) - low) / (4.0 * tf.constant(std, tf.float32)) * 255.0
+        return tf.floor(tf.clip_by_value(scaled, 0.0, 255.0)) / 255.0
+    return apply
+
+
+@register_op("synthetic_bands", DETERMINISTIC)
+@image_op
+def synthetic_bands(num_bands):
+    """Returns an op turning a 1-channel [0, 255] image into `num_bands` float32 bands derived from it.
+
+    The bands, in order: the image, shifted right by a pixel, shifted down, a 3x3 box blur, |d/dx|, |d/dy|, the
+    inverse 255 - x, x^2 / 255: an offline stand-in for multi-spectral data (bands correlated, none a copy).
+    """
+    if isinstance(num_bands, bool) or not isinstance(num_bands, int) or not 1 <= num_bands <= MAX_SYNTHETIC_BANDS:
+        raise ValueError(f"synthetic_bands: num_bands must be an int in [1, {MAX_SYNTHETIC_BANDS}], got {num_bands!r}")
+
+    def apply(image, seed):
+        del seed
+        tf = import_tensorflow()
+        if image.shape[-1] != 1:
+            raise ValueError(f"synthetic_bands expects a 1-channel image, got shape {image.shape}")
+        x = tf.cast(image, tf.float32)
+        padded = tf.pad(x, [[1, 1], [1, 1], [0, 0]])
+        blurred = tf.nn.avg_pool2d(padded[None], 3, 1, "VALID")[0]
+        bands = [x, padded[1:-1, :-2], padded[:-2, 1:-1], blurred,
+                 tf.abs(padded[1:-1, 2:] - padded[1:-1, :-2]) / 2.0, tf.abs(padded[2:, 1:-1] - padded[:-2, 1:-1]) / 2.0,
+                 255.0 - x, tf.square(x) / 255.0]
+        return tf.concat(bands[:num_bands], axis=-1)
+    return apply
