@@ -66,6 +66,9 @@ def test_official_head_counts_and_overrides():
     assert models.create("spectformer-xs").num_heads == 6 and models.create("spectformer-s").num_heads == 6
     assert models.create("spectformer-ti").num_heads == 4 and models.create("spectformer-b").num_heads == 8
     assert models.create("spectformer-s", num_heads=12).num_heads == 12
+    # the official evaluation crops: 224 of 256 (vanilla), of int(224 / 0.96) (hierarchical)
+    assert models.pretrained_cfg("spectformer-s")["crop_pct"] == 0.875
+    assert models.pretrained_cfg("spectformer_s")["crop_pct"] == 0.96
 
 
 def test_converter_errors_and_validation(data):

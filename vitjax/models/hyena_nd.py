@@ -269,6 +269,7 @@ class HyenaViT(param_groups.LayerGroups, nn.Module):
 
 # --- registry: the official DeiT names under the README's two methods ---------------------------------------------
 
+# Preprocessing: main.py's evaluation (bicubic resize, centre crop 0.875, ImageNet mean and std), the default cfg.
 _SIZES = {"tiny": dict(embed_dim=192, num_heads=3), "small": dict(embed_dim=384, num_heads=6),
           "base": dict(embed_dim=768, num_heads=12)}
 for _method in ("hyena2d", "hyena2dattn"):

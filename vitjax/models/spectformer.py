@@ -399,8 +399,10 @@ _HIERARCHICAL = {  # the official timm-registered names
     "spectformer_l": dict(stem_hidden_dim=64, embed_dims=(96, 192, 384, 512), num_heads=(3, 6, 12, 16),
                           mlp_ratios=(8, 8, 4, 4), depths=(3, 6, 18, 3)),
 }
+# Preprocessing: the official datasets.py evaluation (bicubic resize, centre crop, ImageNet mean and std): crop 224 of
+# 256 in the vanilla code, of int(224 / 0.96) = 233 in the hierarchical code.
 for _name, _settings in _VANILLA.items():
-    register_model(_name, SpectFormer, family="spectformer", pretrained_cfg=dict(crop_pct=0.9), **_settings)
+    register_model(_name, SpectFormer, family="spectformer", **_settings)
 for _name, _settings in _HIERARCHICAL.items():
-    register_model(_name, HierarchicalSpectFormer, family="spectformer", pretrained_cfg=dict(crop_pct=0.9),
+    register_model(_name, HierarchicalSpectFormer, family="spectformer", pretrained_cfg=dict(crop_pct=0.96),
                    **_settings)
