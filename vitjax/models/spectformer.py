@@ -27,10 +27,10 @@ labelling's MixToken and dense targets are not implemented here. The official fi
 (56 x 29 at widths 64 / 96, 28 x 15 at 128 / 192: a 224 px input); here they follow `img_size`.
 
 Parameter names follow the official state dicts: vanilla `patch_embed/proj`, `pos_embed`, `blocks_{i}/{norm1,
-filter/complex_weight | attn/{qkv, proj}, norm2, mlp/{fc1, fc2}}`, `norm`, `head`; hierarchical `patch_embed1_
-conv_{0,1,3,4,6,7}` (the stem's convs and BatchNorms), `patch_embed{i}_{proj, norm}`, `block{i}_{j}/{norm1, attn/{complex_weight | q, kv,
-proj}, norm2, mlp/{fc1, dwconv, fc2}}`, `norm{i}`, `post_network_0/{norm1, attn/{q, kv, proj}, norm2, mlp/{fc1,
-fc2}}`, `head`, `aux_head`.
+filter/complex_weight | attn/{qkv, proj}, norm2, mlp/{fc1, fc2}}`, `norm`, `head`; hierarchical
+`patch_embed1_conv_{0,1,3,4,6,7}` (the stem's convs and BatchNorms), `patch_embed{i}_{proj, norm}`,
+`block{i}_{j}/{norm1, attn/{complex_weight | q, kv, proj}, norm2, mlp/{fc1, dwconv, fc2}}`, `norm{i}`,
+`post_network_0/{norm1, q, kv, proj, norm2, fc1, fc2}`, `head`, `aux_head`.
 """
 from typing import Any, Dict, Sequence, Tuple, Union
 
@@ -328,16 +328,6 @@ class HierarchicalSpectFormer(param_groups.LayerGroups, nn.Module):
         """Returns no regex: the official model declares no no_weight_decay (timm's optimizer then exempts only
         biases and norm scales, the trainer's default)."""
         return ()
-
-    def stage_grids(self) -> Tuple[Tuple[int, int], ...]:
-        """Returns each stage's (rows, cols) at img_size (torch's conv arithmetic: ceil halving)."""
-        rows, cols = layers.to_2tuple(self.img_size)
-        grids = []
-        for stage in range(len(self.depths)):
-            for _ in range(2 if stage == 0 else 1):
-                rows, cols = (rows + 1) // 2, (cols + 1) // 2
-            grids.append((rows, cols))
-        return tuple(grids)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
