@@ -64,6 +64,8 @@ PUBLISHED = {
     "crossformer_pp_large": (92.0, 16.6), "crossformer_pp_huge": (96.0, 21.8),
     # RMT: Fan et al. 2024, Table 1 (params, FLOPs); rmt_b / rmt_l are the official RMT_M2 / RMT_L6.
     "rmt_t": (14.0, 2.5), "rmt_s": (27.0, 4.5), "rmt_b": (54.0, 9.7), "rmt_l": (95.0, 18.2),
+    # SpectFormer and Hyena N-D: no entries yet (the papers' tables were not at hand); their parameter counts equal
+    # the official code's, checked in tests/test_spectformer.py and tests/test_hyena_nd.py.
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),

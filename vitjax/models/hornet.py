@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers, param_groups
+from vitjax.models import fft_mixer, layers, param_groups
 from vitjax.models.registry import register_model
 
 _EPS = 1e-6
@@ -75,15 +75,14 @@ class GlobalLocalFilter(nn.Module):
         weight = self.param("complex_weight", layers.logical(nn.initializers.truncated_normal(0.02),
                                                               ("embed", None, None, None)),
                             (half, *self.filter_size, 2), jnp.float32)
-        spectrum = jnp.fft.rfft2(x[..., half:].astype(jnp.float32), axes=(1, 2), norm="ortho")
-        grid = spectrum.shape[1:3]
+        grid = fft_mixer.rfft_grid(height, width)
         if tuple(self.filter_size) != tuple(grid):
             rows = jnp.asarray(align_corners_matrix(self.filter_size[0], grid[0]), jnp.float32)
             cols = jnp.asarray(align_corners_matrix(self.filter_size[1], grid[1]), jnp.float32)
             weight = jnp.einsum("oh,chwr->cowr", rows, weight, precision=jax.lax.Precision.HIGHEST)
             weight = jnp.einsum("pw,cowr->copr", cols, weight, precision=jax.lax.Precision.HIGHEST)
-        complex_weight = jnp.transpose(jax.lax.complex(weight[..., 0], weight[..., 1]), (1, 2, 0))
-        filtered = jnp.fft.irfft2(spectrum * complex_weight, s=(height, width), axes=(1, 2), norm="ortho")
+        filtered = fft_mixer.spectral_gate(x[..., half:].astype(jnp.float32),
+                                           jnp.transpose(fft_mixer.as_complex(weight), (1, 2, 0)))
         # The official torch.cat([x1.unsqueeze(2), x2.unsqueeze(2)], 2).reshape: channels alternate local, global.
         x = jnp.stack([local, filtered.astype(local.dtype)], axis=-1).reshape(batch, height, width, 2 * half)
         return _norm("post_norm", self)(x)
