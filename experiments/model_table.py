@@ -66,6 +66,8 @@ PUBLISHED = {
     "rmt_t": (14.0, 2.5), "rmt_s": (27.0, 4.5), "rmt_b": (54.0, 9.7), "rmt_l": (95.0, 18.2),
     # FcaFormer: the official fcaformer.py's comments per constructor (L1 and L2 also in its README; MACs).
     "fcaformer_l1": (6.2, 1.37), "fcaformer_l2": (16.3, 3.6), "fcaformer_l3": (27.9, 6.7), "fcaformer_l4": (65.6, 14.5),
+    # SG-Former: Ren et al. 2023, the ImageNet-1k table (params, FLOPs) of SG-Former-S / M / B.
+    "sgformer_s": (22.5, 4.8), "sgformer_m": (38.7, 7.5), "sgformer_b": (77.9, 15.6),
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),
