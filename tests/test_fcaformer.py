@@ -9,7 +9,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from vitjax import convert, models
 from vitjax.models import fcaformer
@@ -84,8 +83,8 @@ def test_converter_errors_and_validation():
     assert_converter_errors(
         state, "fcaformer_l1", SMALL, missing="layer_2.blocks.1.s_scale_factors",
         unexpected={"layer_3.blocks.1.dw_conv.weight": np.zeros((32, 1, 7, 7), np.float32)},
-        misshapen={"layer_2.blocks.2.attention_biases": (np.zeros((2, 9), np.float32),
-                                                          "layer_2/blocks_2/attention_biases")})
+        misshapen={"layer_2.blocks.2.attention_biases": (
+            np.zeros((2, 9), np.float32), "layer_2/blocks_2/attention_biases")})
     assert_create_rejects("fcaformer_l1", [
         (dict(depths=(2, 2, 6)), "one entry per stage"),
         (dict(num_heads=(0, 0, 5, 10)), "heads"),

@@ -36,12 +36,14 @@ def _conv_block(table: common.KeyTable, prefix: str) -> Dict[str, Any]:
             "gamma": table.get(f"{prefix}.gamma")}
 
 
-def _fca_block(table: common.KeyTable, prefix: str, first: bool, last: bool) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _fca_block(table: common.KeyTable, prefix: str, first: bool,
+               last: bool) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     params = {name: norm_params(table, f"{prefix}.{name}") for name in ("norm1", "norm2")}
     params.update(qkv=dense_params(table, f"{prefix}.qkv"), proj=dense_params(table, f"{prefix}.proj"),
                   attention_biases=table.get(f"{prefix}.attention_biases"),
                   gamma_1=table.get(f"{prefix}.gamma_1"), gamma_2=table.get(f"{prefix}.gamma_2"),
-                  mlp={"norm": norm_params(table, f"{prefix}.mlp.norm"), "fc1": dense_params(table, f"{prefix}.mlp.fc1"),
+                  mlp={"norm": norm_params(table, f"{prefix}.mlp.norm"),
+                       "fc1": dense_params(table, f"{prefix}.mlp.fc1"),
                        "fc2": dense_params(table, f"{prefix}.mlp.fc2")})
     if not first:
         params["s_norm"] = norm_params(table, f"{prefix}.s_norm")

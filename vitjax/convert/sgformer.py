@@ -26,8 +26,8 @@ def _conv_gn(table: common.KeyTable, prefix: str) -> Dict[str, Any]:
 
 
 def _attention(table: common.KeyTable, prefix: str, kind: str, sr_ratio: int, qkv_bias: bool) -> Dict[str, Any]:
-    out = {"lepe_linear": dense_params(table, f"{prefix}.lepe_linear"), "lepe_conv": _conv(table, f"{prefix}.lepe_conv"),
-           "proj": dense_params(table, f"{prefix}.proj")}
+    out = {"lepe_linear": dense_params(table, f"{prefix}.lepe_linear"),
+           "lepe_conv": _conv(table, f"{prefix}.lepe_conv"), "proj": dense_params(table, f"{prefix}.proj")}
     if kind == "full":
         names = ("q", "kv")
     elif kind == "hybrid":
@@ -61,7 +61,8 @@ def convert_timm(state_dict: Dict[str, Any], model) -> Dict[str, Any]:
             params[f"block{stage + 1}_{j}"] = {
                 "norm1": norm_params(table, f"{prefix}.norm1"), "norm2": norm_params(table, f"{prefix}.norm2"),
                 "attn": _attention(table, f"{prefix}.attn", kind, sr, model.qkv_bias),
-                "mlp": {"fc1": dense_params(table, f"{prefix}.mlp.fc1"), "fc2": dense_params(table, f"{prefix}.mlp.fc2"),
+                "mlp": {"fc1": dense_params(table, f"{prefix}.mlp.fc1"),
+                        "fc2": dense_params(table, f"{prefix}.mlp.fc2"),
                         "dwconv": _conv(table, f"{prefix}.mlp.dwconv.dwconv")}}
         params[f"norm{stage + 1}"] = norm_params(table, f"norm{stage + 1}")
     classifier_params(table, params, "head", model.num_classes)

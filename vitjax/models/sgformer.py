@@ -419,8 +419,8 @@ class SGFormer(param_groups.LayerGroups, nn.Module):
                 sr = self.sr_ratios[stage]
                 kind = "full" if sr == 1 else ("hybrid" if j % 2 == 0 else "guided")
                 x, made = Block(self.num_heads[stage], sr, kind, float(self.mlp_ratios[stage]), self.qkv_bias,
-                                self.drop_rate, float(rates[cursor + j]), self.attention_impl, name=f"block{stage + 1}_{j}",
-                                **kw)(x, height, width, significance, train)
+                                self.drop_rate, float(rates[cursor + j]), self.attention_impl,
+                                name=f"block{stage + 1}_{j}", **kw)(x, height, width, significance, train)
                 if made is not None:
                     intermediates["significance"].append(made)
                 significance = made
