@@ -13,8 +13,8 @@ cool-down epochs at the minimum, left out here), weight decay 0.05, no gradient 
 RandAugment m9 mstd0.5 inc1, mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing 0.25, the 224 px size the
 official merge layers are built for; eval centre crop 0.875 (timm's default). Drop path per README command: 0.1 /
 0.2 / 0.4 (S / M / B).
-`runlocal` trains a width-8/16 SG-Former (one hybrid-scale and one self-guided block at sr 4 on a 14x14 map, then
-full attention; 56 px digits) for 100 steps on a CPU.
+`runlocal` trains a two-stage width-8/16 SG-Former (one hybrid-scale and one self-guided block at sr 4 on a 14x14
+map, then full attention on 7x7; 56 px digits) for 100 steps on a CPU.
 """
 from vitjax import config_utils
 
@@ -56,8 +56,8 @@ def get_config(arg=None):
 
     if arg.runlocal:
         config.model_name = "sgformer_s"
-        config.model = dict(num_classes=10, img_size=56, in_chans=1, embed_dims=(8, 16, 16, 16), depths=(2, 1, 1, 1),
-                            num_heads=(2, 2, 2, 2), sr_ratios=(4, 1, 1, 1), drop_path_rate=0.1)
+        config.model = dict(num_classes=10, img_size=56, in_chans=1, embed_dims=(8, 16), depths=(2, 1),
+                            num_heads=(2, 2), mlp_ratios=(4, 4), sr_ratios=(4, 1), drop_path_rate=0.1)
         config.input = config_utils.digits_input(56, label_smoothing=0.1)
         config_utils.runlocal_schedule(config)
         config.ema_decay = 0.0
