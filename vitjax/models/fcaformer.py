@@ -183,7 +183,7 @@ class ConvStage(nn.Module):
 
     dim: int
     depth: int
-    num_heads: int  # unused: the conv stages have no attention (the official lists hold 0 there)
+    num_heads: int  # read by FcaStage; the conv stages have no attention (the official lists hold 0 there)
     drop_path_rates: Sequence[float]
     out_dim: int
     mlp_ratio: float = 4.0
