@@ -64,8 +64,18 @@ PUBLISHED = {
     "crossformer_pp_large": (92.0, 16.6), "crossformer_pp_huge": (96.0, 21.8),
     # RMT: Fan et al. 2024, Table 1 (params, FLOPs); rmt_b / rmt_l are the official RMT_M2 / RMT_L6.
     "rmt_t": (14.0, 2.5), "rmt_s": (27.0, 4.5), "rmt_b": (54.0, 9.7), "rmt_l": (95.0, 18.2),
-    # SpectFormer and Hyena N-D: no entries yet (the papers' tables were not at hand); their parameter counts equal
-    # the official code's, checked in tests/test_spectformer.py and tests/test_hyena_nd.py.
+    # SpectFormer: the official README's tables (vanilla_architecture/, hierarchical_architecture/; FLOPs). Its
+    # SpectFormer-XS reads 22M, the official code builds 20.0M (ours equals the code: tests/test_spectformer.py).
+    "spectformer-ti": (9.0, 1.8), "spectformer-xs": (22.0, 4.0), "spectformer-s": (32.0, 6.6),
+    "spectformer-b": (57.0, 11.5), "spectformer_s": (22.2, 3.9), "spectformer_b": (33.1, 6.3),
+    "spectformer_l": (54.7, 12.7),
+    # Hyena N-D: no entries (its paper reports no ImageNet model sizes); parameter counts equal the official code's
+    # (tests/test_hyena_nd.py).
+    # FcaFormer: the official fcaformer.py's comments per constructor (L1 and L2 also in its README; MACs).
+    "fcaformer_l1": (6.2, 1.37), "fcaformer_l2": (16.3, 3.6), "fcaformer_l3": (27.9, 6.7), "fcaformer_l4": (65.6, 14.5),
+    # SG-Former: Ren et al. 2023, the ImageNet-1k table (params, FLOPs) of SG-Former-S / M / B, entered from the
+    # paper as read elsewhere (the pages at hand show only its abstract); the params equal the official code's.
+    "sgformer_s": (22.5, 4.8), "sgformer_m": (38.7, 7.5), "sgformer_b": (77.9, 15.6),
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),

@@ -14,9 +14,10 @@ NOT_IN_TIMM = ("cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24", "cvt_w
 # Families timm lacks: LookupViT (no code released), T2T-ViT and HorNet (their official repositories' names and
 # preprocessing: T2T-ViT's default_cfg crop 0.9; HorNet's main.py crop 0.875, uncropped at 384), CrossFormer and RMT
 # (their official eval: resize 256, centre crop 224, bicubic, ImageNet mean and std: the default cfg), SpectFormer
-# (its datasets.py: crop 0.875 vanilla, 0.96 hierarchical) and Hyena N-D (its DeiT main.py: crop 0.875).
+# (its datasets.py: crop 0.875 vanilla, 0.96 hierarchical), Hyena N-D (its DeiT main.py: crop 0.875), FcaFormer
+# (ConvNeXt's eval, crop 224 / 256: the default cfg) and SG-Former (timm's _cfg(): the default cfg).
 NOT_IN_TIMM += tuple(name for family in ("lookupvit", "t2t_vit", "hornet", "crossformer", "rmt", "spectformer",
-                                         "hyena2d")
+                                         "hyena2d", "fcaformer", "sgformer")
                      for name in models.list_models(family))
 
 

@@ -86,6 +86,11 @@ SMALL = {
                                            num_heads=2, num_classes=10), 32),
     "hyena_nd": ("hyena2dattn_deit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
                                                            filter_order=8, num_classes=10), 32),
+    "fcaformer": ("fcaformer_l1", dict(img_size=32, embed_dims=(8, 8, 16, 16), depths=(1, 1, 2, 2),
+                                       num_heads=(0, 0, 2, 2), num_classes=10), 32),
+    # 56 px: a 14x14 first stage, the smallest map the official sr 4 merge lengths fit; two stages.
+    "sgformer": ("sgformer_s", dict(img_size=56, embed_dims=(8, 16), depths=(2, 1), num_heads=(2, 2), mlp_ratios=(4, 4),
+                                    sr_ratios=(4, 1), num_classes=10), 56),
     "regnet": ("regnety_002", dict(img_size=32, w0=8, wa=8.0, wm=2.0, depth=6, group_size=8, num_classes=10), 32),
 }
 
