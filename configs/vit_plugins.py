@@ -4,6 +4,7 @@ r"""ViT-S/16 on ImageNet-1k with one of the small plug-ins (`vitjax.models.plugi
     python -m vitjax.main --config=configs/vit_plugins.py:plugin=poly --workdir=/ckpt/vit_s16_poly
     python -m vitjax.main --config=configs/vit_plugins.py:plugin=gmm --workdir=/ckpt/vit_s16_gmm
     python -m vitjax.main --config=configs/vit_plugins.py:plugin=poly,runlocal --workdir=/tmp/poly_local
+    python -m vitjax.main --config=configs/vit_plugins.py:plugin=all,runlocal --workdir=/tmp/plugins_local
     python experiments/shift_consistency.py      # the poly ViT's shift consistency on the digits
 
 Every recipe is configs/vit_i1k.py's DeiT recipe for S/16 (see its header; 300 epochs, AdamW, batch 1024,
@@ -26,12 +27,15 @@ plugin=gmm   Li et al. 2023, "RetNet viewed through convolution": every block's 
              runs are on CIFAR / SVHN / Tiny-ImageNet with their small ViT (width 192, depth 9, 12 heads,
              MLP ratio 2, 100 epochs): GMM-ViT 95.06% vs ViT 93.65% on CIFAR-10 (their README's table).
 
+plugin=all   the three together (no class token, GGeM pooling, polyphase + PosConv, GMM mask): no paper's
+             recipe; the trainer test runs it (tests/test_vit_plugins.py), one run covering every plug-in.
+
 `runlocal` keeps the recipe on the bundled digits (16x16, 4x4 patches, width 32, depth 2) for seconds on a CPU,
 as configs/vit_i1k.py:runlocal.
 """
 from vitjax import config_utils
 
-PLUGINS = ("ggem", "poly", "gmm")
+PLUGINS = ("ggem", "poly", "gmm", "all")
 
 
 def get_config(arg=None):
@@ -42,14 +46,15 @@ def get_config(arg=None):
     base += f",data_dir={arg.data_dir}" if arg.data_dir else ""
     config = config_utils.load_config(f"configs/vit_i1k.py:{base}")
     model = dict(config.model)
-    if arg.plugin == "ggem":
-        model.update(class_token=False, global_pool="ggem", ggem_p_init=arg.p_init)
-    elif arg.plugin == "poly":
-        model.update(patch_embed_type="poly", pos_embed="conv", drop_rate=0.1)
-        if not arg.runlocal:
-            config.total_epochs = 400.0
-    else:
+    chosen = ("ggem", "poly", "gmm") if arg.plugin == "all" else (arg.plugin,)
+    if "gmm" in chosen:
         model.update(class_token=False, global_pool="avg", qkv_bias=False, attention_mask="gmm",
                      gmm_kernels=arg.kernels)
+    if "ggem" in chosen:
+        model.update(class_token=False, global_pool="ggem", ggem_p_init=arg.p_init)
+    if "poly" in chosen:
+        model.update(patch_embed_type="poly", pos_embed="conv", drop_rate=0.1)
+        if arg.plugin == "poly" and not arg.runlocal:
+            config.total_epochs = 400.0
     config.model = model
     return config
