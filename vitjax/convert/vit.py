@@ -93,9 +93,11 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
     for index in range(model.depth):
         params[f"blocks_{index}"] = block_params(table, f"blocks.{index}", model.num_heads, model.qkv_bias,
                                                model.qk_norm, model.init_values is not None)
-    use_fc_norm = model.global_pool == "avg" if model.fc_norm is None else model.fc_norm
+    use_fc_norm = model.global_pool in ("avg", "ggem") if model.fc_norm is None else model.fc_norm
     norm = "fc_norm" if use_fc_norm else "norm"
     params[norm] = norm_params(table, norm)
+    if model.global_pool == "ggem":  # no checkpoint holds GGeM's exponents: they start at the model's ggem_p_init
+        params["ggem"] = {"p": np.full((model.ggem_groups or model.num_heads,), model.ggem_p_init, np.float32)}
     if model.global_pool == "map":
         params["attn_pool"] = {
             "latent": table.get("attn_pool.latent"),
