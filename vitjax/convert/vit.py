@@ -68,12 +68,19 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
 
     Position embeddings are resampled (bicubic, as timm) when the checkpoint's grid differs from the model's.
     """
+    if GMM_VIT_KEY in state_dict:
+        return convert_gmm_vit(state_dict, model)
     table = common.KeyTable(state_dict)
     params: Dict[str, Any] = {
         "patch_embed": {"proj": {"kernel": table.get("patch_embed.proj.weight", common.conv)}},
     }
     if "patch_embed.proj.bias" in table:
         params["patch_embed"]["proj"]["bias"] = table.get("patch_embed.proj.bias")
+    if model.patch_embed_type == "poly":  # the official PolyViT (willding123/Shift-Equivariant-Vision-Transformers)
+        params["patch_embed"]["norm"] = norm_params(table, "patch_embed.norm")
+    if model.pos_embed == "conv":
+        params["pos_conv"] = {"proj": {"kernel": table.get("pos_conv.proj.weight", common.conv),
+                                       "bias": table.get("pos_conv.proj.bias")}}
     if model.class_token:
         params["cls_token"] = table.get("cls_token")
     if model.distilled:
@@ -86,9 +93,11 @@ def convert_timm(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
     for index in range(model.depth):
         params[f"blocks_{index}"] = block_params(table, f"blocks.{index}", model.num_heads, model.qkv_bias,
                                                model.qk_norm, model.init_values is not None)
-    use_fc_norm = model.global_pool == "avg" if model.fc_norm is None else model.fc_norm
+    use_fc_norm = model.global_pool in ("avg", "ggem") if model.fc_norm is None else model.fc_norm
     norm = "fc_norm" if use_fc_norm else "norm"
     params[norm] = norm_params(table, norm)
+    if model.global_pool == "ggem":  # no checkpoint holds GGeM's exponents: they start at the model's ggem_p_init
+        params["ggem"] = {"p": np.full((model.ggem_groups or model.num_heads,), model.ggem_p_init, np.float32)}
     if model.global_pool == "map":
         params["attn_pool"] = {
             "latent": table.get("attn_pool.latent"),
@@ -116,3 +125,46 @@ def _split_heads(dense: Dict[str, np.ndarray], groups: int, num_heads: int) -> D
     if "bias" in dense:
         out["bias"] = dense["bias"].reshape(shape)
     return out
+
+
+# The official GMM-ViT (CatworldLee/Gaussian-Mixture-Mask-Attention, models/vit.py, vit-pytorch's layout): no class
+# token, patches flattened as (p1 p2 c) into a Linear, PreNorm blocks, a LayerNorm + Linear head on the token mean.
+GMM_VIT_KEY = "transformer.layers.0.0.fn.to_qkv.weight"
+
+
+def convert_gmm_vit(state_dict: Dict[str, np.ndarray], model) -> Dict[str, Any]:
+    """Returns {"params": ...} for a `VisionTransformer(attention_mask="gmm", class_token=False,
+    global_pool="avg", qkv_bias=False)` from the official GMM-ViT's state dict (its fixed `mask` buffers dropped)."""
+    ignore = ["mask"] + [f"transformer.layers.{i}.0.fn.mask.mask" for i in range(model.depth)]
+    table = common.KeyTable(state_dict, ignore=[key for key in ignore if key in state_dict])
+    patch = layers.to_2tuple(model.patch_size)
+    embed = table.get("to_patch_embedding.1.weight")
+    params: Dict[str, Any] = {
+        "patch_embed": {"proj": {"kernel": embed.T.reshape(patch[0], patch[1], model.in_chans, -1),
+                                 "bias": table.get("to_patch_embedding.1.bias")}},
+        "pos_embed": table.get("pos_embedding"),
+        "fc_norm": norm_params(table, "mlp_head.0"),
+        "head": dense_params(table, "mlp_head.1"),
+    }
+    heads = model.num_heads
+    for index in range(model.depth):
+        prefix = f"transformer.layers.{index}"
+        qkv = table.get(f"{prefix}.0.fn.to_qkv.weight")
+        width = qkv.shape[1]
+        out = table.get(f"{prefix}.0.fn.to_out.0.weight")
+        params[f"blocks_{index}"] = {
+            "norm1": norm_params(table, f"{prefix}.0.norm"),
+            "attn": {"qkv": {"kernel": qkv.T.reshape(width, 3, heads, -1)},
+                     "proj": {"kernel": out.T.reshape(heads, -1, out.shape[0]),
+                              "bias": table.get(f"{prefix}.0.fn.to_out.0.bias")}},
+            "gmm": {"sigma": table.get(f"{prefix}.0.fn.mask.sigma")[:, :, 0, 0],
+                    "alpha": table.get(f"{prefix}.0.fn.mask.alpha")[:, :, 0, 0]},
+            "norm2": norm_params(table, f"{prefix}.1.norm"),
+            "mlp": {"fc1": dense_params(table, f"{prefix}.1.fn.net.0"),
+                    "fc2": dense_params(table, f"{prefix}.1.fn.net.3")},
+        }
+    table.finish()
+    if model.scan:
+        from vitjax.models.vit import scan_params
+        params = scan_params(params, model.depth)
+    return common.checked(params, model)

@@ -139,13 +139,15 @@ class Attention(nn.Module):
                  key_bias: Optional[jax.Array] = None, train: bool = False,
                  capture_attention: bool = False, return_keys: bool = False,
                  return_qkv: bool = False, qkv_only: bool = False,
-                 attention_weights: Optional[jax.Array] = None) -> Tuple[Optional[jax.Array], dict]:
+                 attention_weights: Optional[jax.Array] = None,
+                 logit_multiplier: Optional[jax.Array] = None) -> Tuple[Optional[jax.Array], dict]:
         """Returns (output (B, N, C), aux): aux holds `attention` weights when captured, with
         `return_keys` `key_mean` (B, N, head_dim), the keys averaged over heads (ToMe's metric), and with
         `return_qkv` the per-head `query`, `key` and `value` (B, N, H, head_dim) (token reduction, `vitjax.tokens`).
 
         `qkv_only` returns (None, aux with query, key, value) without attending; `attention_weights`
         (B, H, N, N) replaces softmax(q k^T) (MCTF's one-step-ahead attention: weights merged with the tokens).
+        `logit_multiplier` (H, N, N) multiplies the scaled logits before the softmax (the GMM mask, `plugins`).
         """
         channels = x.shape[-1]
         if channels % self.num_heads:
@@ -166,7 +168,7 @@ class Attention(nn.Module):
             return None, {"query": query, "key": key, "value": value}
         if attention_weights is None:
             out, aux = attend(self, query, key, value, bias=bias, key_bias=key_bias, train=train,
-                              capture_attention=capture_attention)
+                              capture_attention=capture_attention, logit_multiplier=logit_multiplier)
         else:
             if self.softmax_kind != "softmax":
                 raise ValueError(f"softmax_kind={self.softmax_kind!r} cannot take precomputed attention_weights "
@@ -303,7 +305,7 @@ class AttentionGate(nn.Module):
 
 
 def attend(module: nn.Module, query, key, value, *, train: bool, bias=None, key_bias=None,
-           capture_attention: bool = False):
+           capture_attention: bool = False, logit_multiplier=None):
     """Returns `multihead_attention` with `module`'s attention_impl, attention dropout (attn_drop_rate) and,
     when it has the fields (`Attention`), its clipped softmax."""
     dropping = train and module.attn_drop_rate > 0
@@ -312,7 +314,7 @@ def attend(module: nn.Module, query, key, value, *, train: bool, bias=None, key_
         query, key, value, bias=bias, key_bias=key_bias, impl=module.attention_impl,
         dropout_rate=module.attn_drop_rate if train else 0.0,
         dropout_rng=module.make_rng("dropout") if dropping else None, capture_attention=capture_attention,
-        softmax_clip=softmax_clip)
+        softmax_clip=softmax_clip, logit_multiplier=logit_multiplier)
 
 
 def project_heads(module: nn.Module, out: jax.Array, channels: int, *, train: bool, use_bias: bool = True,
@@ -379,7 +381,8 @@ def attention_operands_hook(hook: Callable[[jax.Array, jax.Array, jax.Array], An
 
 
 def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xla",
-                        dropout_rate=0.0, dropout_rng=None, capture_attention=False, softmax_clip=None):
+                        dropout_rate=0.0, dropout_rng=None, capture_attention=False, softmax_clip=None,
+                        logit_multiplier=None):
     """Returns (attention output (B, Nq, H, D), aux dict with `attention` (B, H, Nq, Nk) when captured).
 
     The one place every architecture computes softmax attention, so `impl` applies to all of them.
@@ -388,11 +391,16 @@ def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xl
     "auto" runs "xla" (logged once) and an explicit "cudnn"/"pallas" raises instead of silently not running.
     softmax_clip: (gamma, zeta) of the clipped softmax (Bondarenko et al. 2023), None for the plain one;
     the captured / hooked weights are the clipped ones.
+    logit_multiplier: broadcastable to (B, H, Nq, Nk), multiplies the scaled logits q k^T / sqrt(D) before
+    the softmax (and before `bias` is added). Being a product with q k^T it is no additive bias, so the
+    logits are formed here and every impl receives them as its full `bias`, with a zero query.
     """
     aux = {}
     operands_hook = _attention_operands_hook.get()
     if operands_hook is not None:
         query, key, value = operands_hook(query, key, value)
+    if logit_multiplier is not None:
+        query, bias = _multiplied_logits(query, key, bias, logit_multiplier)
     weights_hook = _attention_weights_hook.get()
     if not capture_attention:
         check_attention_dropout(impl, dropout_rate)
@@ -411,6 +419,17 @@ def multihead_attention(query, key, value, *, bias=None, key_bias=None, impl="xl
         return out, aux
     return dot_product_attention(query, key, value, bias=bias, key_bias=key_bias, impl=impl,
                                  softmax_clip=softmax_clip), aux
+
+
+def _multiplied_logits(query, key, bias, multiplier):
+    """Returns (zero query, bias): the bias holds multiplier * q k^T / sqrt(D) (+ the given bias), (B, H, Nq, Nk)."""
+    compute = jnp.promote_types(query.dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(compute), key.astype(compute),
+                        precision=jax.lax.Precision.HIGHEST) * (query.shape[-1] ** -0.5)
+    logits = logits * jnp.asarray(multiplier, compute)
+    if bias is not None:
+        logits = logits + jnp.asarray(bias, compute)
+    return jnp.zeros_like(query), logits
 
 
 class Mlp(nn.Module):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax.models import layers, param_groups
+from vitjax.models import layers, param_groups, plugins
 from vitjax.models.registry import (
     IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, register_model)
 from vitjax import adapt as adapt_lib
@@ -60,6 +60,10 @@ class Block(nn.Module):
     adapt_method: Optional[adapt_lib.Method] = None
     # Outlier-free attention (layers.Attention's fields; the model's `outlier_free` settings).
     outlier_free: Optional[Dict[str, Any]] = None
+    # The Gaussian mixture mask (`plugins.GaussianMixtureMask`) with this many kernels over the token grid
+    # `gmm_grid`, multiplying the attention logits; 0 leaves attention as it is.
+    gmm_kernels: int = 0
+    gmm_grid: Optional[Tuple[int, int]] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, capture_attention: bool = False,
@@ -90,9 +94,13 @@ class Block(nn.Module):
             token_state = dict(token_state)
             weights = token_state.pop("attention_weights", None)
             key_bias = reducer.key_bias(token_state)
+        multiplier = None
+        if self.gmm_kernels:
+            multiplier = plugins.GaussianMixtureMask(self.num_heads, self.gmm_kernels, self.gmm_grid,
+                                                     param_dtype=self.param_dtype, name="gmm")()
         y, aux = attention(norm1(x), key_bias=key_bias, train=train, capture_attention=capture_attention,
                            return_qkv=stage in (tokens.AFTER_ATTENTION, tokens.AFTER_MLP),
-                           attention_weights=weights)
+                           attention_weights=weights, logit_multiplier=multiplier)
         view = None
         if stage in (tokens.AFTER_ATTENTION, tokens.AFTER_MLP):
             view = tokens.AttentionView(aux.pop("query"), aux.pop("key"), aux.pop("value"), key_bias)
@@ -183,8 +191,18 @@ class VisionTransformer(nn.Module):
     clip_zeta: float = 1.0
     attn_gate: Optional[str] = None
     attn_gate_init: float = 0.5
+    # Plug-ins (vitjax.models.plugins), off by default. global_pool="ggem": GGeM pooling of the patch tokens
+    # with `ggem_groups` groups (None: one per head) and exponents starting at `ggem_p_init`.
+    ggem_groups: Optional[int] = None
+    ggem_p_init: float = 3.0
+    # "poly": adaptive polyphase patch embedding (shift-equivariant; needs pos_embed "conv" or "none").
+    patch_embed_type: str = "standard"
+    # "gmm": the Gaussian mixture mask with `gmm_kernels` kernels on every block's attention logits.
+    attention_mask: Optional[str] = None
+    gmm_kernels: int = 3
 
-    POS_EMBED_TYPES = ("learn", "sincos2d", "none")
+    POS_EMBED_TYPES = ("learn", "sincos2d", "conv", "none")
+    GLOBAL_POOL_TYPES = layers.POOLING_TYPES + ("ggem",)
     WEIGHT_INITS = ("timm", "xavier")
 
     def validate(self) -> None:
@@ -195,9 +213,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        choices = dict(global_pool=layers.POOLING_TYPES, pos_embed=self.POS_EMBED_TYPES,
+        choices = dict(global_pool=self.GLOBAL_POOL_TYPES, pos_embed=self.POS_EMBED_TYPES,
                        weight_init=self.WEIGHT_INITS, attention_impl=ATTENTION_IMPLS,
-                       mlp_activation=tuple(layers.ACTIVATIONS))
+                       mlp_activation=tuple(layers.ACTIVATIONS), patch_embed_type=plugins.PATCH_EMBED_TYPES,
+                       attention_mask=plugins.ATTENTION_MASKS)
         for field, valid in choices.items():
             if getattr(self, field) not in valid:
                 raise ValueError(f"Unknown {field} {getattr(self, field)!r}; valid choices: {list(valid)}")
@@ -209,6 +228,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"depth must be >= 1, got {self.depth}")
         layers.check_outlier_free(**self.outlier_free_settings())
         method = self.token_method()
+        self._validate_plugins(method)
         if method is not None:
             if self.scan:
                 raise ValueError(f"token_reduction {method.name!r} needs scan=False: reduced blocks see different "
@@ -219,6 +239,28 @@ class VisionTransformer(nn.Module):
         adaptation = self.adapt_method()
         if adaptation is not None:
             adaptation.check_model(self.depth, self.num_prefix_tokens, self.scan, method is not None)
+
+    def _validate_plugins(self, method: Optional[tokens.Method]) -> None:
+        if self.global_pool == "ggem":
+            groups = self.ggem_groups or self.num_heads
+            if groups < 1 or self.embed_dim % groups:
+                raise ValueError(f"ggem_groups={self.ggem_groups} must divide embed_dim {self.embed_dim} "
+                                 "(None: one group per head)")
+            if self.ggem_p_init <= 0:
+                raise ValueError(f"ggem_p_init must be > 0 (1: the mean), got {self.ggem_p_init}")
+            if method is not None or self.distilled:
+                raise ValueError("global_pool='ggem' needs token_reduction=None and distilled=False; valid "
+                                 f"pools there: {list(self.GLOBAL_POOL_TYPES)}")
+        if self.patch_embed_type == "poly" and self.pos_embed not in ("conv", "none"):
+            raise ValueError(f"patch_embed_type='poly' needs a shift-equivariant position encoding; pos_embed "
+                             f"{self.pos_embed!r} is absolute. Valid choices: ['conv', 'none']")
+        if self.attention_mask == "gmm":
+            if self.gmm_kernels < 1:
+                raise ValueError(f"gmm_kernels must be >= 1, got {self.gmm_kernels}")
+            if self.num_prefix_tokens or method is not None:
+                raise ValueError("attention_mask='gmm' masks patch tokens by their grid offsets: it needs "
+                                 "class_token=False, distilled=False and token_reduction=None (as the official "
+                                 "GMM-ViT, which pools with global_pool='avg')")
 
     def outlier_free_settings(self) -> Dict[str, Any]:
         """Returns the outlier-free attention settings every block's attention takes."""
@@ -258,12 +300,20 @@ class VisionTransformer(nn.Module):
 
         `patch_indices` (B, K) keeps only those patches (after position embedding), prefix tokens first.
         """
-        x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, use_bias=not self.pre_norm,
-                                    kernel_init=self._kernel_init(), dtype=self.dtype,
-                                    param_dtype=self.param_dtype, name="patch_embed")(images)
+        if self.patch_embed_type == "poly":
+            x, grid = plugins.PolyPatchEmbed(layers.to_2tuple(self.patch_size), self.embed_dim,
+                                             kernel_init=self._kernel_init(), dtype=self.dtype,
+                                             param_dtype=self.param_dtype, name="patch_embed")(images)
+        else:
+            x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, use_bias=not self.pre_norm,
+                                        kernel_init=self._kernel_init(), dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name="patch_embed")(images)
         if grid != self.grid_size:
             raise ValueError(f"Input grid {grid} does not match the model's {self.grid_size} "
                              f"(img_size={self.img_size}); resample position embeddings to change resolution")
+        if self.pos_embed == "conv":
+            # The patch tokens alone, on their grid, before any prefix token (the official PolyViT's order).
+            x = plugins.PosConv(grid, dtype=self.dtype, param_dtype=self.param_dtype, name="pos_conv")(x)
         batch, _, channels = x.shape
         prefix = []
         token_init = layers.logical(nn.initializers.normal(1e-6 if self.weight_init == "timm" else 0.02),
@@ -283,7 +333,7 @@ class VisionTransformer(nn.Module):
             if not self.no_embed_class and prefix:
                 table = np.concatenate([np.zeros((len(prefix), channels), np.float32), table])
             posemb = jnp.asarray(table[None], x.dtype)
-        else:
+        else:  # "none", or "conv" (applied above)
             posemb = None
         if self.no_embed_class:
             x = x if posemb is None else x + posemb
@@ -307,7 +357,9 @@ class VisionTransformer(nn.Module):
                     proj_drop_rate=self.proj_drop_rate, attn_drop_rate=self.attn_drop_rate,
                     norm_eps=self.norm_eps, attention_impl=self.attention_impl, mlp_activation=self.mlp_activation,
                     kernel_init=self._kernel_init(), dtype=self.dtype, param_dtype=self.param_dtype,
-                    adapt_method=self.adapt_method(), outlier_free=self.outlier_free_settings())
+                    adapt_method=self.adapt_method(), outlier_free=self.outlier_free_settings(),
+                    **(dict(gmm_kernels=self.gmm_kernels, gmm_grid=self.grid_size)
+                       if self.attention_mask == "gmm" else {}))
 
     def encode(self, x: jax.Array, train: bool, capture_attention: bool,
                adapt_carry: Any = None) -> Tuple[jax.Array, Dict[str, Any]]:
@@ -374,7 +426,7 @@ class VisionTransformer(nn.Module):
     def group_matcher(self) -> param_groups.Matcher:
         """Returns timm's group_matcher(coarse=False) over vitjax param paths (see param_groups)."""
         return dict(
-            stem=r"^(?:cls_token|dist_token|reg_token|pos_embed|patch_embed|norm_pre)",
+            stem=r"^(?:cls_token|dist_token|reg_token|pos_embed|pos_conv|patch_embed|norm_pre)",
             blocks=[(r"^blocks_(\d+)", None), (r"^norm", (param_groups.MERGE_WITH_PREVIOUS,))])
 
     def layer_ids(self, params) -> Tuple[Dict[str, param_groups.LayerIds], int]:
@@ -397,6 +449,9 @@ class VisionTransformer(nn.Module):
             return self._forward(images, train, capture_attention, patch_indices, adaptation)
 
     def _forward(self, images, train, capture_attention, patch_indices, adaptation):
+        if self.attention_mask == "gmm" and patch_indices is not None:
+            raise ValueError("attention_mask='gmm' needs every patch (its mask is over the full grid); "
+                             "patch_indices must be None")
         x = self.embed(images, train, patch_indices)
         intermediates: Dict[str, Any] = {}
         carry = None
@@ -409,7 +464,7 @@ class VisionTransformer(nn.Module):
             x = adaptation.after_blocks(x, self.adapt_info())
             side = adaptation.pooled(images, carry, self.adapt_info(), train)
         intermediates.update(block_aux)
-        use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+        use_fc_norm = self.global_pool in ("avg", "ggem") if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = layers.layer_norm(self.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         intermediates["encoded"] = x
@@ -428,6 +483,9 @@ class VisionTransformer(nn.Module):
                                     param_dtype=self.param_dtype, mlp_activation=self.mlp_activation,
                                     name="attn_pool")(
                 x[:, self.num_prefix_tokens:], train, key_bias=pool_bias)
+        elif self.global_pool == "ggem":
+            pooled = plugins.GGeMPool(self.ggem_groups or self.num_heads, self.ggem_p_init,
+                                      param_dtype=self.param_dtype, name="ggem")(x[:, self.num_prefix_tokens:])
         elif self.global_pool == "avg" and weights is not None:
             # A merged token stands for `size` patches, so it counts that many times in the mean.
             pooled = tokens.weighted_average(x[:, self.num_prefix_tokens:], weights[:, self.num_prefix_tokens:])
