@@ -64,6 +64,11 @@ PUBLISHED = {
     "crossformer_pp_large": (92.0, 16.6), "crossformer_pp_huge": (96.0, 21.8),
     # RMT: Fan et al. 2024, Table 1 (params, FLOPs); rmt_b / rmt_l are the official RMT_M2 / RMT_L6.
     "rmt_t": (14.0, 2.5), "rmt_s": (27.0, 4.5), "rmt_b": (54.0, 9.7), "rmt_l": (95.0, 18.2),
+    # ChannelViT: the official insitro/ChannelViT backbones + a 1000-class classifier (their supervised wrapper) at
+    # 224 px on 3 channels, params counted and MACs by torch's FlopCounterMode (the paper gives neither); the hcs_
+    # models are the same network trained with channel sampling.
+    "channelvit_tiny": (5.6, 4.75), "channelvit_small": (21.9, 15.8), "channelvit_base": (86.2, 56.5),
+    "hcs_channelvit_tiny": (5.6, 4.75), "hcs_channelvit_small": (21.9, 15.8), "hcs_channelvit_base": (86.2, 56.5),
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),

@@ -82,6 +82,8 @@ SMALL = {
     "rmt": ("rmt_b", dict(img_size=16, embed_dims=(16, 16), depths=(1, 1), num_heads=(2, 2), init_values=(2, 2),
                           heads_ranges=(4, 6), mlp_ratios=(2, 2), decomposed=(True, False), layer_scales=(False, True),
                           projection=16, num_classes=10), 16),
+    "channelvit": ("hcs_channelvit_tiny", dict(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                                               num_classes=10), 16),
     "regnet": ("regnety_002", dict(img_size=32, w0=8, wa=8.0, wm=2.0, depth=6, group_size=8, num_classes=10), 32),
 }
 
