@@ -84,6 +84,7 @@ SMALL = {
                           projection=16, num_classes=10), 16),
     "channelvit": ("hcs_channelvit_tiny", dict(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
                                                num_classes=10), 16),
+    "activator": ("activator", dict(img_size=16, embed_dim=16, hidden_dim=24, depth=2, num_classes=10), 16),
     "regnet": ("regnety_002", dict(img_size=32, w0=8, wa=8.0, wm=2.0, depth=6, group_size=8, num_classes=10), 32),
 }
 
