@@ -1,7 +1,8 @@
 """ChannelViT: parity with the official insitro/ChannelViT backbones (plain and HCS layouts, on all channels, a
 reordered subset and one channel), HCS equal to evaluating on the kept channels, the DINO position resampling
 against torch, attention_impl="pallas" (interpret mode) equal to "xla" under the HCS key bias, parameter counts of
-every official name, converter errors, and the 3-channel digits input of the runlocal config (trained by test_families_train)."""
+every official name, converter errors, and the 3-channel digits input of the runlocal config (which
+test_families_train trains)."""
 import json
 import os
 

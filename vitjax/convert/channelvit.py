@@ -40,10 +40,10 @@ def convert_timm(state_dict: Dict[str, Any], model) -> Dict[str, Any]:
     table = common.KeyTable(_strip_wrapper(state_dict))
     embed_key = ("patch_embed.channel_embed.weight" if "patch_embed.channel_embed.weight" in table
                  else "patch_embed.channel_embed")
+    # Conv3d (D, 1, 1, p, p) -> a 1-channel Conv2d's (p, p, 1, D)
+    kernel = table.get("patch_embed.proj.weight", lambda weight: common.conv(weight[:, :, 0]))
     params: Dict[str, Any] = {
-        "patch_embed": {"proj": {"kernel": table.get("patch_embed.proj.weight", lambda w: np.transpose(w[:, :, 0],
-                                                                                                      (2, 3, 1, 0))),
-                                 "bias": table.get("patch_embed.proj.bias")}},
+        "patch_embed": {"proj": {"kernel": kernel, "bias": table.get("patch_embed.proj.bias")}},
         "channel_embed": table.get(embed_key, _channel_embed),
         "cls_token": table.get("cls_token"),
         "pos_embed": table.get("pos_embed"),

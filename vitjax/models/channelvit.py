@@ -146,7 +146,8 @@ class ChannelViT(param_groups.LayerGroups, nn.Module):
         x, grid = layers.PatchEmbed(self.patch_size, self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                                     name="patch_embed")(per_channel)
         if grid != self.grid_size:
-            raise ValueError(f"Input grid {grid} does not match the model's {self.grid_size} (img_size={self.img_size})")
+            raise ValueError(f"Input grid {grid} does not match the model's {self.grid_size} "
+                             f"(img_size={self.img_size})")
         patches = grid[0] * grid[1]
         x = x.reshape(batch, num_inputs, patches, self.embed_dim)
         channel_table = self.param("channel_embed", layers.logical(layers.trunc_normal_init, (None, "embed")),
