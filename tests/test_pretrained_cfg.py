@@ -13,8 +13,10 @@ NOT_IN_TIMM = ("cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24", "cvt_w
                "clip_vit_b16", "clip_vit_b32", "clip_vit_l14", "clip_vit_tiny_digits", "siglip_base_patch16_224")
 # Families timm lacks: LookupViT (no code released), T2T-ViT and HorNet (their official repositories' names and
 # preprocessing: T2T-ViT's default_cfg crop 0.9; HorNet's main.py crop 0.875, uncropped at 384), CrossFormer and RMT
-# (their official eval: resize 256, centre crop 224, bicubic, ImageNet mean and std: the default cfg).
-NOT_IN_TIMM += tuple(name for family in ("lookupvit", "t2t_vit", "hornet", "crossformer", "rmt")
+# (their official eval: resize 256, centre crop 224, bicubic, ImageNet mean and std: the default cfg), ChannelViT (the
+# default cfg, 3 channels) and Activator (32 px CIFAR-10, Normalize(0.5, 0.5), uncropped).
+NOT_IN_TIMM += tuple(name for family in ("lookupvit", "t2t_vit", "hornet", "crossformer", "rmt", "channelvit",
+                                         "activator")
                      for name in models.list_models(family))
 
 
