@@ -14,7 +14,7 @@ Recipe: AdamW, lr 5e-4 per 256 images (linear scaling), 10 warm-up epochs, cosin
 no label smoothing; random-resized crop 224 (scale 0.08-1), flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
 probability 0.8. The official weight decay is cosine from 0.04 to 0.4 (DINO's schedule); this trainer holds one
 value, so it uses their midpoint 0.22 (the one departure). HCS (`hcs_*` models) samples the channel subset per batch.
-`runlocal` trains a width-32 two-block HCS ChannelViT, 100 steps on a CPU, on the 8 px digits made 3-channel by
+`runlocal` trains a width-48 two-block HCS ChannelViT, 100 steps on a CPU, on the 8 px digits made 3-channel by
 `digits_gradient_channels` below (the image and its vertical and horizontal differences: channels that mean different
 things, as the paper's multi-channel images).
 """
@@ -69,12 +69,12 @@ def get_config(arg=None):
 
     if arg.runlocal:
         config.model_name = "hcs_channelvit_tiny"
-        config.model = dict(num_classes=10, img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2,
-                            num_heads=2, drop_path_rate=0.0)
+        config.model = dict(num_classes=10, img_size=8, patch_size=2, in_chans=3, embed_dim=48, depth=2,
+                            num_heads=3, drop_path_rate=0.0)
         config.input = config_utils.digits_input(8)
         for split in ("pp_train", "pp_eval"):
             config.input[split] += "|digits_gradient_channels"
         config_utils.runlocal_schedule(config)
-        config.optim.blr = 1.2e-2  # lr 3e-3 at batch 64
+        config.optim.blr = 8e-3  # lr 2e-3 at batch 64
         config.optim.weight_decay = 0.05
     return config
