@@ -94,6 +94,7 @@ def test_per_example_channels():
     model = _tiny()
     images = jax.random.normal(jax.random.key(0), (2, 8, 8, 2))
     variables = jax.jit(model.init, static_argnames="channels")(jax.random.key(1), images, channels=(0, 1))
+    variables = jax.tree.map(np.asarray, variables)  # as restored from a checkpoint: a traced index must still work
     apply = jax.jit(lambda images, channels: model.apply(variables, images, channels=channels)[0])
     both = apply(images, jnp.array([[3, 1], [0, 2]]))
     separate = jnp.concatenate([apply(images[:1], jnp.array([3, 1])), apply(images[1:], jnp.array([0, 2]))])

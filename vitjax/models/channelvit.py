@@ -150,8 +150,10 @@ class ChannelViT(param_groups.LayerGroups, nn.Module):
                              f"(img_size={self.img_size})")
         patches = grid[0] * grid[1]
         x = x.reshape(batch, num_inputs, patches, self.embed_dim)
-        channel_table = self.param("channel_embed", layers.logical(layers.trunc_normal_init, (None, "embed")),
-                                   (self.in_chans, self.embed_dim), self.param_dtype).astype(x.dtype)
+        # jnp.asarray: restored params may be numpy arrays, which a traced `channels` cannot index.
+        channel_table = jnp.asarray(self.param("channel_embed", layers.logical(layers.trunc_normal_init,
+                                                                               (None, "embed")),
+                                               (self.in_chans, self.embed_dim), self.param_dtype), x.dtype)
         channel_embed = channel_table[index]  # (C_in, D) or (B, C_in, D)
         x = x + (channel_embed[None, :, None] if index.ndim == 1 else channel_embed[:, :, None])
 
