@@ -76,6 +76,14 @@ PUBLISHED = {
     # SG-Former: Ren et al. 2023, the ImageNet-1k table (params, FLOPs) of SG-Former-S / M / B, entered from the
     # paper as read elsewhere (the pages at hand show only its abstract); the params equal the official code's.
     "sgformer_s": (22.5, 4.8), "sgformer_m": (38.7, 7.5), "sgformer_b": (77.9, 15.6),
+    # ChannelViT: the official insitro/ChannelViT backbones + a 1000-class classifier (their supervised wrapper) at
+    # 224 px on 3 channels, params counted and MACs by torch's FlopCounterMode (the paper gives neither); the hcs_
+    # models are the same network trained with channel sampling.
+    "channelvit_tiny": (5.6, 4.75), "channelvit_small": (21.9, 15.8), "channelvit_base": (86.2, 56.5),
+    "hcs_channelvit_tiny": (5.6, 4.75), "hcs_channelvit_small": (21.9, 15.8), "hcs_channelvit_base": (86.2, 56.5),
+    # Activator: the official Abdullah-88/Activator CIFAR-10 models (32 px), params counted on the official code and
+    # MACs by torch's FlopCounterMode on it (the paper reports neither).
+    "activator": (2.651, 0.169), "activator_only_geglu": (1.599, 0.101),
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),

@@ -15,9 +15,10 @@ NOT_IN_TIMM = ("cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24", "cvt_w
 # preprocessing: T2T-ViT's default_cfg crop 0.9; HorNet's main.py crop 0.875, uncropped at 384), CrossFormer and RMT
 # (their official eval: resize 256, centre crop 224, bicubic, ImageNet mean and std: the default cfg), SpectFormer
 # (its datasets.py: crop 0.875 vanilla, 0.96 hierarchical), Hyena N-D (its DeiT main.py: crop 0.875), FcaFormer
-# (ConvNeXt's eval, crop 224 / 256: the default cfg) and SG-Former (timm's _cfg(): the default cfg).
+# (ConvNeXt's eval, crop 224 / 256: the default cfg), SG-Former (timm's _cfg(): the default cfg), ChannelViT (the
+# default cfg, 3 channels) and Activator (32 px CIFAR-10, Normalize(0.5, 0.5), uncropped).
 NOT_IN_TIMM += tuple(name for family in ("lookupvit", "t2t_vit", "hornet", "crossformer", "rmt", "spectformer",
-                                         "hyena2d", "fcaformer", "sgformer")
+                                         "hyena2d", "fcaformer", "sgformer", "channelvit", "activator")
                      for name in models.list_models(family))
 
 

@@ -91,6 +91,9 @@ SMALL = {
     # 56 px: a 14x14 first stage, the smallest map the official sr 4 merge lengths fit; two stages.
     "sgformer": ("sgformer_s", dict(img_size=56, embed_dims=(8, 16), depths=(2, 1), num_heads=(2, 2), mlp_ratios=(4, 4),
                                     sr_ratios=(4, 1), num_classes=10), 56),
+    "channelvit": ("hcs_channelvit_tiny", dict(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                                               num_classes=10), 16),
+    "activator": ("activator", dict(img_size=16, embed_dim=16, hidden_dim=24, depth=2, num_classes=10), 16),
     "regnet": ("regnety_002", dict(img_size=32, w0=8, wa=8.0, wm=2.0, depth=6, group_size=8, num_classes=10), 32),
 }
 
