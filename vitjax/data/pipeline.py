@@ -178,12 +178,7 @@ def validate_input_config(input_config) -> dict:
     if config["long_tail"] is None:  # left out where unset, so stored-logits recipes stay as they were
         del config["long_tail"]
     else:
-        given_tail = _to_dict(config["long_tail"], "input.long_tail")
-        unknown = sorted(set(given_tail) - set(_LONG_TAIL_DEFAULTS))
-        if unknown:
-            raise ValueError(f"Unknown input.long_tail key(s) {', '.join(unknown)}; valid keys: "
-                             f"{', '.join(_LONG_TAIL_DEFAULTS)}.")
-        long_tail = dict(_LONG_TAIL_DEFAULTS, **given_tail)
+        long_tail = _with_defaults(config["long_tail"], "input.long_tail", _LONG_TAIL_DEFAULTS)
         imbalance, seed = long_tail["imbalance"], long_tail["seed"]
         if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not imbalance >= 1:
             raise ValueError(f"input.long_tail.imbalance must be a number >= 1 (n_max / n_min, e.g. 100 for "
@@ -225,14 +220,18 @@ def validate_input_config(input_config) -> dict:
     return config
 
 
+def _with_defaults(value, name: str, defaults: dict) -> dict:
+    """Returns the sub-config `value` (a dict) over `defaults`; raises ValueError naming unknown keys."""
+    given = _to_dict(value, name)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"Unknown {name} key(s) {', '.join(unknown)}; valid keys: {', '.join(defaults)}.")
+    return dict(defaults, **given)
+
+
 def _gmml_replace(config: dict) -> dict:
     from vitjax import masking  # pylint: disable=g-import-not-at-top  # jax only: no TF
-    given = _to_dict(config["gmml_replace"], "input.gmml_replace")
-    unknown = sorted(set(given) - set(_GMML_REPLACE_DEFAULTS))
-    if unknown:
-        raise ValueError(f"Unknown input.gmml_replace key(s) {', '.join(unknown)}; valid keys: "
-                         f"{', '.join(_GMML_REPLACE_DEFAULTS)}.")
-    replace = dict(_GMML_REPLACE_DEFAULTS, **given)
+    replace = _with_defaults(config["gmml_replace"], "input.gmml_replace", _GMML_REPLACE_DEFAULTS)
     masking.check_mask_ratio(replace["ratio"], "input.gmml_replace.ratio")
     masking.check_replace_settings(replace["ratio"], replace["prob"], "input.gmml_replace.")
     if "gmml_corrupt" not in (config["pp_train"] or ""):
