@@ -822,10 +822,11 @@ def gmml_corrupt(mask_ratio=0.75, corruption="noise", align=1, max_block_fractio
     # The rule is masking.corrupt_example, the one the objectives' on-device draw uses, run on the host's CPU.
     corrupt = jax.jit(functools.partial(masking.corrupt_example, mask_ratio=mask_ratio, corruption=corruption,
                                         align=align, max_block_fraction=float(max_block_fraction)))
-    cpu = jax.devices("cpu")[0]
 
     def on_host(image, seed):
-        with jax.default_device(cpu):
+        # Looked up at the first example, not when the pp string is checked: no backend starts before
+        # jax.distributed.initialize.
+        with jax.default_device(jax.devices("cpu")[0]):
             corrupted, mask = corrupt(jax_key(seed), image)
         return np.asarray(corrupted), np.asarray(mask, np.float32)
 
