@@ -4,6 +4,7 @@ github.com/Sara-Ahmed/GMML, whose `main.py` defaults this config follows).
     python -m vitjax.main --config=configs/gmml_vit.py --workdir=/ckpt/gmml_s16
     python -m vitjax.main --config=configs/gmml_vit.py:variant=B/16 --workdir=/ckpt/gmml_b16
     python -m vitjax.main --config=configs/gmml_vit.py:runlocal --workdir=/tmp/gmml_local   # digits, CPU
+    python -m vitjax.main --config=configs/gmml_vit.py:runlocal,corrupt_in=data --workdir=/tmp/gmml_data
 
 Expected: the ImageNet run was not made here (no accelerator budget); the paper reports its ImageNet
 results after fine-tuning, which this config does not reproduce by itself (fine-tune the encoder with
@@ -20,16 +21,21 @@ which vitjax's optimizer does not offer: the official weight decay rises from 0.
 and its clipping is per parameter tensor (here the global norm). The official step sees two crops of
 each of 64 x 4 images; here one crop of 512 images per step at the official lr.
 
-Arguments: variant=S/16 | B/16; data_dir=PATH (TFDS dir with imagenet2012); runlocal.
+Arguments: variant=S/16 | B/16; data_dir=PATH (TFDS dir with imagenet2012); runlocal; corrupt_in=device |
+data: where the corruption is drawn, inside the train step (default) or by the input pipeline (the pp op
+`gmml_corrupt` per image on the host, `input.gmml_replace` on the device for the other images' groups; the
+same rules and settings, other random draws).
 """
 from vitjax import config_utils
 
 VARIANTS = ("S/16", "B/16")
+CORRUPT_IN = ("device", "data")
 
 
 def get_config(arg=None):
     """Returns the GMML pretraining config; see the module docstring for the arguments."""
-    arg = config_utils.parse_arg(arg, variant="S/16", runlocal=False, data_dir="", choices=dict(variant=VARIANTS))
+    arg = config_utils.parse_arg(arg, variant="S/16", runlocal=False, data_dir="", corrupt_in="device",
+                                  choices=dict(variant=VARIANTS, corrupt_in=CORRUPT_IN))
     config = config_utils.default_config()
     config.seed = 0
 
@@ -72,4 +78,12 @@ def get_config(arg=None):
         config_utils.runlocal_schedule(config)
         config.optim.lr = 2e-3
         config.evals = dict(knn=dict(kind="knn", k=20, every_steps=0))
+    if arg.corrupt_in == "data":
+        kwargs = config.objective_kwargs
+        config.objective_kwargs.corruption_from = "data"
+        config.input["pp_train"] += (f"|gmml_corrupt({kwargs.mask_ratio}, {kwargs.corruption!r}, align={kwargs.align}, "
+                                     f"max_block_fraction={kwargs.max_block_fraction})")
+        if kwargs.replace_ratio:
+            config.input["gmml_replace"] = dict(ratio=kwargs.replace_ratio, prob=kwargs.replace_prob,
+                                                align=kwargs.align, max_block_fraction=kwargs.max_block_fraction)
     return config

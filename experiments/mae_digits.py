@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -130,16 +130,28 @@ class Arm:
         stack.enter_context(nn.logical_axis_rules(self.setup.rules))
         return stack
 
-    def run(self, seed: int, init_from: Optional[str] = None, workdir: Optional[str] = None) -> Dict[str, Any]:
-        """Returns {"eval": metrics, "seconds", "losses"}; loads `init_from` first, saves to `workdir` at the end."""
+    def run(self, seed: int, init_from: Optional[str] = None, workdir: Optional[str] = None,
+            init_from_skip: Tuple[str, ...] = (), frozen_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Returns {"eval": metrics, "seconds", "losses"}; loads `init_from` first, saves to `workdir` at the end.
+
+        `init_from_skip`: regexes of params `init_from` leaves at their initialisation; `frozen_kwargs`: objective
+        kwargs naming this run's frozen weights (a teacher: dict(teacher_init=WORKDIR)), loaded as the trainer does.
+        """
         start = time.time()
-        plan = None
+        plan = frozen = None
+        config = self.config.copy_and_resolve_references()
         if init_from is not None:
-            config = self.config.copy_and_resolve_references()
             config.init_from = init_from
-            plan = trainer.plan_init_from(config, self.objective, self.setup.abstract_variables)
+            config.init_from_skip = tuple(init_from_skip)
+            # The rules (skip) are the objective's config's: an objective of this run's config.
+            objective = objectives_lib.create(config.objective, config) if init_from_skip else self.objective
+            plan = trainer.plan_init_from(config, objective, self.setup.abstract_variables)
+        if frozen_kwargs:
+            config.objective_kwargs = dict(config.objective_kwargs, **frozen_kwargs)
+            frozen = trainer.load_frozen_weights(objectives_lib.create(config.objective, config),
+                                                 self.setup.abstract_variables)
         with self._context():
-            state = trainer.initial_state(self.setup, jax.random.key(seed), plan)
+            state = trainer.initial_state(self.setup, jax.random.key(seed), plan, frozen)
             batches = self.data.make_train_iterator(self.config.input, global_batch_size=self.config.batch_size,
                                                     seed=seed)
             losses = []

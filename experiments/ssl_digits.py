@@ -1,34 +1,51 @@
 r"""Self-supervised objectives on the bundled digits on equal footing: same ViT, data, steps and evaluation.
 
-    python experiments/ssl_digits.py                          # 3 seeds (run time in the table's last line)
+    python experiments/ssl_digits.py                          # every ViT objective, 3 seeds (run time: last line)
     python experiments/ssl_digits.py --seeds=1 --scale=0.25   # a quick look
     python experiments/ssl_digits.py --objectives=spark       # one objective (and its random floor)
 
-For each seed, GMML, SiT and MAE pretrain the same small ViT (8x8 gray digits in 2x2 patches, width 64,
-depth 4) on the 1,437 train images without labels, for the same number of steps with the same optimizer;
-a random encoder (the same ViT at its initialisation) is the floor. SparK needs a convnet and more than one
-32 px patch: it pretrains a small ConvNeXt (dims 16-64, one block per stage) on the digits resized to 64 px
-(2 of 4 patches kept), with the same steps and optimizer, against its own floor (that ConvNeXt at its
-initialisation; features: the last stage averaged); the fine-tune column, a ViT recipe, is left empty for both.
+For each seed, GMML, SiT, MAE, MP3 and self-distillation further pretraining (SDFT) pretrain the same small ViT
+(8x8 gray digits in 2x2 patches, width 64, depth 4) on the 1,437 train images without labels, for the same
+number of steps with the same optimizer; a random encoder (the same ViT at its initialisation, with the first
+chosen objective's features) is the floor. Objective by objective:
+  gmml, sit, mae  as before (settings in OBJECTIVES below);
+  mp3   the ViT without position embeddings (MP3 removes them), mask ratio 0.5 (of 16 patches, 8 answer as
+        context; 0.75 would leave 4), features: its mean patch token; fine-tuning adds learned position
+        embeddings back (`init_from_skip=("^pos_embed$",)`: they start from the classifier's initialisation);
+  sdft  round 2 of Lee et al.'s two rounds, transposed to digits: round 1 is the MAE row's run of the same seed
+        (MAE from a random initialisation: there is no pretrained model to start from here), so round 2 starts
+        where round 1 started, from a random initialisation (its own draw of the seed), and trains MAE with the
+        same steps plus the distance of its class token to the frozen round-1 (MAE) encoder's; it costs a round-1
+        run more than the other rows and needs `mae` among the objectives.
+SparK needs a convnet and more than one 32 px patch: it pretrains a small ConvNeXt (dims 16-64, one block per
+stage) on the digits resized to 64 px (2 of 4 patches kept), with the same seeds, steps and optimizer, against
+its own floor (that ConvNeXt at its initialisation; features: the last stage averaged); it runs only when asked
+(`--objectives=...,spark`): on 2 CPU cores it costs several times a ViT row.
 Each encoder is then evaluated frozen, on its objective's `features` (GMML and the random encoder: the mean
-patch token after the final norm; SiT and MAE: the class token after the final norm), by the package's
+patch token after the final norm; SiT, MAE and SDFT: the class token after the final norm), by the package's
 evaluators:
   knn          weighted kNN, k = 20, temperature 0.07 (DINO), the train split as the bank;
   linear_probe logistic regression on the cached features, lr chosen on 10% held-out train images;
   fewshot      big_vision's ridge regression on 10 shots per class (l2 chosen on 5 held-out per class);
   finetune     (`--finetune_steps`, 0 to skip) the encoder fine-tuned on 10% of the train labels by
                experiments/mae_digits.py's recipe (`mae_finetune`, init_from = the pretraining run; the random
-               encoder's row is the same classifier trained from scratch).
+               encoder's row is the same classifier trained from scratch); SparK's: a ConvNeXt classifier
+               (`supervised`) with the same optimizer, steps and labels, init_from = the SparK run (its encoder
+               loads whole, the head is new), the random ConvNeXt's from scratch.
 Top-1 % on the 360 test images, mean ± std over the seeds: a markdown table printed and written to
 experiments/out/ssl_digits.md, the raw figures to ssl_digits.json, a bar chart to ssl_digits.png.
+
+A new objective is a row of OBJECTIVES: a `Row` with its name, a function setting the pretraining config's
+model / objective / input, and its family ("vit": the ViT floor and fine-tune; "convnext": SparK's).
 """
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -48,9 +65,64 @@ PROTOCOLS = (("knn", "knn/top1", "kNN (k=20)"), ("probe", "probe/top1", "linear 
 SPARK_ENCODER = dict(img_size=64, in_chans=1, num_classes=0, depths=(1, 1, 1, 1), dims=(16, 32, 48, 64))
 SPARK_SHIFT = "decode(channels=1)|random_crop(8, padding=1)|resize(64)|value_range(-1, 1)"
 SPARK_PLAIN = "decode(channels=1)|resize(64)|value_range(-1, 1)"
-OBJECTIVES = ("gmml", "sit", "mae", "spark")
-ROW_NAMES = dict(gmml="GMML", sit="SiT", mae="MAE", spark="SparK (ConvNeXt, 64 px)")
 FINETUNE = ("finetune", "finetune/top1", f"fine-tune, {int(LABEL_FRACTION * 100)}% labels")
+MAE_KWARGS = dict(mask_ratio=0.75, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, norm_pix_loss=False)
+
+
+def _gmml(config):
+    # Official ratios; blocks up to half a side (0.3 of 8 pixels would leave single pixels only).
+    config.objective_kwargs = dict(mask_ratio=0.75, replace_ratio=0.3, max_block_fraction=0.5, recons_blocks=(2, 3, 4))
+
+
+def _sit(config):
+    config.objective_kwargs = dict(mask_ratio=0.5, corruption="zeros", replace_ratio=0.3, max_block_fraction=0.5,
+                                   hidden_dim=256, out_dim=64)
+    config.input["pp_train"] = VIEWS
+
+
+def _mae(config):
+    config.objective_kwargs = dict(MAE_KWARGS)
+
+
+def _mp3(config):
+    config.objective_kwargs = dict(mask_ratio=0.5)
+
+
+def _sdft(config):
+    # teacher_init: the round-1 (MAE) run of the same seed, set per run (Arm.run's frozen_kwargs).
+    config.objective_kwargs = dict(MAE_KWARGS, distill_weight=1.0)
+
+
+def _spark(config):
+    config.model_name = "convnext_atto"
+    config.model = dict(SPARK_ENCODER)
+    config.objective_kwargs = dict(mask_ratio=0.6, decoder_width=64)
+    config.input.update(pp_train=SPARK_SHIFT, pp_eval=SPARK_PLAIN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One pretraining objective of the study: its table row and how its config differs from the shared one."""
+
+    name: str                                  # the row's name in the table
+    configure: Callable[[Any], None]           # sets objective_kwargs (and model / input where they differ)
+    family: str = "vit"                        # "vit" | "convnext": which floor and fine-tune classifier it gets
+    finetune_skip: Tuple[str, ...] = ()        # init_from_skip of its fine-tune
+    teacher: Optional[str] = None              # the row whose run of the same seed is its frozen teacher
+
+
+# The study's rows, in run order (a teacher before its student). Add an objective here.
+OBJECTIVES: Dict[str, Row] = {
+    "gmml": Row("GMML", _gmml),
+    "sit": Row("SiT", _sit),
+    "mae": Row("MAE", _mae),
+    "mp3": Row("MP3", _mp3, finetune_skip=("^pos_embed$",)),
+    "sdft": Row("SDFT (round 2, MAE teacher)", _sdft, teacher="mae"),
+    "spark": Row("SparK (ConvNeXt, 64 px)", _spark, family="convnext"),
+}
+DEFAULT_OBJECTIVES = tuple(key for key, row in OBJECTIVES.items() if row.family == "vit")
+FLOORS = dict(vit="random encoder", convnext="random ConvNeXt")
+ROW_NAMES = {key: row.name for key, row in OBJECTIVES.items()}
 
 
 def evals():
@@ -60,36 +132,36 @@ def evals():
                 fewshot=dict(kind="fewshot", shots=(1, 5, 10), num_seeds=5))
 
 
-def pretrain_config(objective: str, steps: int):
-    """Returns the pretraining config of `objective` (one of OBJECTIVES): the same ViT (SparK: a ConvNeXt), data and
-    optimizer."""
+def pretrain_config(objective: str, steps: int, teacher_init: Optional[str] = None):
+    """Returns the pretraining config of `objective` (a key of OBJECTIVES): the same ViT (SparK: a ConvNeXt), data
+    and optimizer; `teacher_init` is the frozen teacher of an objective that has one."""
     config = config_utils.default_config()
     config.model = dict(ENCODER)
     config.objective = objective
-    if objective == "gmml":
-        # Official ratios; blocks up to half a side (0.3 of 8 pixels would leave single pixels only).
-        config.objective_kwargs = dict(mask_ratio=0.75, replace_ratio=0.3, max_block_fraction=0.5,
-                                       recons_blocks=(2, 3, 4))
-    elif objective == "sit":
-        config.objective_kwargs = dict(mask_ratio=0.5, corruption="zeros", replace_ratio=0.3, max_block_fraction=0.5,
-                                       hidden_dim=256, out_dim=64)
-    elif objective == "spark":
-        config.model_name = "convnext_atto"
-        config.model = dict(SPARK_ENCODER)
-        config.objective_kwargs = dict(mask_ratio=0.6, decoder_width=64)
-    else:
-        config.objective_kwargs = dict(mask_ratio=0.75, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-                                       norm_pix_loss=False)
-    config.input = dict(dataset="digits", train_split="train", eval_split="test",
-                        pp_train=VIEWS if objective == "sit" else SHIFT, pp_eval=PLAIN)
-    if objective == "spark":
-        config.input.update(pp_train=SPARK_SHIFT, pp_eval=SPARK_PLAIN)
+    config.input = dict(dataset="digits", train_split="train", eval_split="test", pp_train=SHIFT, pp_eval=PLAIN)
+    OBJECTIVES[objective].configure(config)
+    if teacher_init is not None:
+        config.objective_kwargs = dict(config.objective_kwargs, teacher_init=teacher_init)
     config.batch_size = 128
     config.total_steps = steps
     config.optim.update(name="adamw", blr=3e-3, b1=0.9, b2=0.95, weight_decay=0.05, warmup_steps=max(1, steps // 20),
                         no_decay=())
     config.evals = evals()
     return config_utils.validate_config(config)
+
+
+def convnext_finetune_config(steps: int):
+    """Returns SparK's fine-tuning config: a ConvNeXt classifier of SPARK_ENCODER on 10% of the train labels, with
+    mae_digits.py's optimizer, steps and labels (init_from per run)."""
+    config = finetune_config(steps).copy_and_resolve_references()
+    config.model_name = "convnext_atto"
+    config.model = dict(SPARK_ENCODER, num_classes=10, drop_path_rate=0.1)
+    config.objective, config.objective_kwargs = "supervised", {}
+    config.input = dict(config.input, pp_train=SPARK_SHIFT, pp_eval=SPARK_PLAIN)
+    return config_utils.validate_config(config)
+
+
+FINETUNE_CONFIGS = dict(vit=finetune_config, convnext=convnext_finetune_config)
 
 
 class AllEvaluators:
@@ -165,8 +237,8 @@ def main(argv=None) -> Dict[str, Any]:
                         help="fine-tuning steps of 64 on 10%% of the labels (0: no fine-tuning column)")
     parser.add_argument("--out_dir", default=OUT_DIR)
     parser.add_argument("--pixels_only", action="store_true", help="print the raw-pixel row only and stop")
-    parser.add_argument("--objectives", default=",".join(OBJECTIVES),
-                        help=f"comma-separated subset of {list(OBJECTIVES)}")
+    parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
+                        help=f"comma-separated subset of {list(OBJECTIVES)} (default: the ViT ones)")
     args = parser.parse_args(argv)
     pixels = pixel_baseline()
     pixel_cells = " | ".join(f"{100 * pixels[key]:.2f}" for _, key, _ in PROTOCOLS)
@@ -174,46 +246,67 @@ def main(argv=None) -> Dict[str, Any]:
     if args.pixels_only:
         print(pixel_row)
         return {"pixels": pixels}
-    chosen = tuple(name for name in args.objectives.split(",") if name)
-    if not chosen or set(chosen) - set(OBJECTIVES):
+    given = tuple(name for name in args.objectives.split(",") if name)
+    if not given or set(given) - set(OBJECTIVES):
         raise ValueError(f"--objectives={args.objectives!r}: valid choices are comma-separated {list(OBJECTIVES)}")
+    chosen = tuple(key for key in OBJECTIVES if key in given)   # run order: a teacher before its student
+    for key in chosen:
+        if OBJECTIVES[key].teacher and OBJECTIVES[key].teacher not in chosen:
+            raise ValueError(f"--objectives: {key} distils the {OBJECTIVES[key].teacher} run of the same seed; "
+                             f"add {OBJECTIVES[key].teacher}")
     steps = max(20, int(round(args.steps * args.scale)))
     started = time.time()
-    arms = {name: make_arm(pretrain_config(name, steps)) for name in chosen}
-    vit_keys = tuple(key for key in chosen if key != "spark")
-    # Each family's floor: its encoder at initialisation (the first arm of the family without a step).
-    floors = ({"random encoder": vit_keys[0]} if vit_keys else {})
-    floors.update({"random ConvNeXt": "spark"} if "spark" in chosen else {})
+    # A student's arm is built once its teacher's first run exists (its objective checks the path).
+    arms = {key: make_arm(pretrain_config(key, steps)) for key in chosen if not OBJECTIVES[key].teacher}
+    teachers = {OBJECTIVES[key].teacher for key in chosen if OBJECTIVES[key].teacher}
+    # Each family's floor: its encoder at initialisation (the family's first arm without a step).
+    families = {}
+    for key in chosen:
+        families.setdefault(OBJECTIVES[key].family, key)
+    floors = {FLOORS[family]: key for family, key in families.items()}
     names = tuple(ROW_NAMES[key] for key in chosen) + tuple(floors)
     protocols = PROTOCOLS + ((FINETUNE,) if args.finetune_steps else ())
-    finetune = Arm(finetune_config(max(20, int(round(args.finetune_steps * args.scale))))) \
-        if args.finetune_steps else None
+    finetune_steps = max(20, int(round(args.finetune_steps * args.scale)))
+    finetunes = ({family: Arm(FINETUNE_CONFIGS[family](finetune_steps)) for family in families}
+                 if args.finetune_steps else {})
     workroot = tempfile.mkdtemp(prefix="ssl_digits_")
     results: Dict[str, Any] = {"runs": [], "settings": {
         "encoder": ENCODER, "steps": steps, **{name: arm.config.to_dict() for name, arm in arms.items()},
-        "finetune": finetune.config.to_dict() if finetune else None}}
-    for seed in range(args.seeds):
-        runs = {}
-        for key in chosen:
-            name = ROW_NAMES[key]
-            vit = key != "spark"
-            workdir = os.path.join(workroot, f"{key}_seed{seed}") if finetune and vit else None
-            runs[name] = arms[key].run(seed, workdir=workdir)
-            if finetune:
-                runs[name]["eval"]["eval/finetune/top1"] = (
-                    finetune.run(seed, init_from=workdir)["eval"]["eval/top1"] if vit else float("nan"))
+        **{f"finetune_{family}": arm.config.to_dict() for family, arm in finetunes.items()}}}
+    try:
+        for seed in range(args.seeds):
+            runs, workdirs = {}, {}
+            for key in chosen:
+                row = OBJECTIVES[key]
+                workdir = (os.path.join(workroot, f"{key}_seed{seed}") if finetunes or key in teachers else None)
+                frozen = None
+                if row.teacher:
+                    frozen = dict(teacher_init=workdirs[row.teacher])
+                    if key not in arms:
+                        arms[key] = make_arm(pretrain_config(key, steps, teacher_init=workdirs[row.teacher]))
+                        results["settings"][key] = arms[key].config.to_dict()
+                runs[row.name] = arms[key].run(seed, workdir=workdir, frozen_kwargs=frozen)
+                workdirs[key] = workdir
+                if finetunes:
+                    runs[row.name]["eval"]["eval/finetune/top1"] = finetunes[row.family].run(
+                        seed, init_from=workdir, init_from_skip=row.finetune_skip)["eval"]["eval/top1"]
+                print(f"  seed {seed} {row.name}: {time.time() - started:.0f} s since the start", flush=True)
+            for workdir in workdirs.values():
                 shutil.rmtree(workdir or "", ignore_errors=True)
-        for name, key in floors.items():
-            arms[key].steps, trained = 0, arms[key].steps
-            runs[name] = arms[key].run(seed)
-            arms[key].steps = trained
-            if finetune:
-                runs[name]["eval"]["eval/finetune/top1"] = (finetune.run(seed)["eval"]["eval/top1"]
-                                                            if key != "spark" else float("nan"))
-        results["runs"].append({"seed": seed, **runs})
-        print(f"seed {seed}: " + "; ".join(
-            f"{name} " + ", ".join(f"{label} {100 * run['eval'][f'eval/{key}']:.1f}" for _, key, label in protocols)
-            + f" ({run['seconds']:.0f} s)" for name, run in runs.items()), flush=True)
+            for name, key in floors.items():
+                arms[key].steps, trained = 0, arms[key].steps
+                runs[name] = arms[key].run(seed)
+                arms[key].steps = trained
+                if finetunes:  # the same classifier from scratch
+                    runs[name]["eval"]["eval/finetune/top1"] = finetunes[OBJECTIVES[key].family].run(seed)["eval"][
+                        "eval/top1"]
+            results["runs"].append({"seed": seed, **runs})
+            print(f"seed {seed}: " + "; ".join(
+                f"{name} " + ", ".join(f"{label} {100 * run['eval'][f'eval/{key}']:.1f}"
+                                       for _, key, label in protocols)
+                + f" ({run['seconds']:.0f} s)" for name, run in runs.items()), flush=True)
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
     results["summary"] = {name: {short: summarize([100 * r[name]["eval"][f"eval/{key}"] for r in results["runs"]])
                                  for short, key, _ in protocols} for name in names}
     results["seconds"] = time.time() - started
@@ -222,8 +315,8 @@ def main(argv=None) -> Dict[str, Any]:
              f"2x2 patches on 8x8{spark_note}; {steps} steps of 128 unlabelled train images each), frozen encoders, "
              f"test top-1 % "
              f"on the 360 test images, mean ± std over {args.seeds} seed(s)"
-             + (f"; fine-tune: {finetune.steps} steps of 64 on {int(LABEL_FRACTION * 100)}% of the train labels "
-                "(the random encoder's: from scratch)" if finetune else ""), "",
+             + (f"; fine-tune: {finetune_steps} steps of 64 on {int(LABEL_FRACTION * 100)}% of the train labels "
+                "(the random encoders': from scratch)" if finetunes else ""), "",
              "| encoder | " + " | ".join(label for _, _, label in protocols) + " | pretraining loss first → last |",
              "|---|" + "---:|" * len(protocols) + "---|"]
     for name in names:
@@ -232,14 +325,14 @@ def main(argv=None) -> Dict[str, Any]:
         losses = "-" if name in floors else (f"{np.mean([r[name]['first_loss'] for r in results['runs']]):.3f} → "
                                              f"{np.mean([r[name]['last_loss'] for r in results['runs']]):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {losses} |")
-    lines.append(pixel_row.replace(" | - |", " | - | - |") if finetune else pixel_row)
-    shutil.rmtree(workroot, ignore_errors=True)
+    lines.append(pixel_row.replace(" | - |", " | - | - |") if finetunes else pixel_row)
     results["pixels"] = pixels
     lines += ["", f"Total {results['seconds'] / 60:.1f} min on this machine (2 shared CPU cores)."]
     table = "\n".join(lines)
     print(table)
     # A subset of the objectives writes its own files, never over the full study's.
-    stem = "ssl_digits" if chosen == OBJECTIVES[:len(chosen)] and len(chosen) >= 3 else "ssl_digits_" + "_".join(chosen)
+    stem = ("ssl_digits" if set(DEFAULT_OBJECTIVES) <= set(chosen) and args.seeds >= 3 and args.scale == 1.0
+            else "ssl_digits_" + "_".join(chosen) + ("" if args.scale == 1.0 else f"_scale{args.scale:g}"))
     write_outputs(args.out_dir, stem, table, results)
     plot(results, names, os.path.join(args.out_dir, f"{stem}.png"), protocols)
     return results

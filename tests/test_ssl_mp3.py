@@ -51,12 +51,19 @@ def test_without_position_embeddings_shuffled_patches_give_shuffled_outputs():
     np.testing.assert_allclose(np.asarray(shuffled_logits), np.asarray(logits)[:, order], rtol=1e-5, atol=1e-5)
 
 
-def test_the_encoder_loads_into_a_vit_classifier_with_position_embeddings_added_back(tmp_path):
+def test_the_encoder_loads_into_a_vit_classifier_with_position_embeddings_added_back(tmp_path, capsys):
     config = config_utils.load_config("configs/mp3_vit.py:runlocal", {"progress_bar": False,
                                                                       "checkpoint_async": False})
     config.total_steps = 40
     workdir = str(tmp_path / "mp3")
-    run(config, workdir)
+    final = run(config, workdir)
+    # `python -m vitjax.evaluate --kind=knn` on the saved run: the run's own final kNN, from MP3's features.
+    from vitjax.evaluate.__main__ import cli
+    capsys.readouterr()
+    cli([f"--init_from={workdir}", "--kind=knn", "--eval_set=k=20", "--batch_size=120"])
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines() if line.startswith("knn/"))
+    assert 0.1 < final["knn/top1"] <= 1.0
+    assert float(printed["knn/top1"]) == pytest.approx(final["knn/top1"], abs=1e-6), (printed, final)
     records = [r for r in read_metrics(workdir) if "train/loss" in r]
     assert records[-1]["train/loss"] < records[0]["train/loss"] - 0.1, records
     assert records[-1]["train/position_top1"] > records[0]["train/position_top1"]

@@ -8,10 +8,20 @@
   downsample_mask  a (B, H, W) mask at a coarser scale (a cell counts as masked if any pixel of it is), for
                    objectives that read one mask at several resolutions.
 
+GMML's corruption rules, written once for both places they run: the on-device draw inside the objectives
+(`vitjax.objectives.gmml.corrupt`) and the input pipeline (the pp op `gmml_corrupt`, which runs
+`corrupt_example` on the host, and the device-side batch step `replace_groups` of
+`vitjax.data.make_batch_transform`, which needs the other images of the batch):
+
+  corruption_fill  what fills a group: N(0, 1) noise or zeros.
+  fill_groups      the corrupted image: the fill where the mask is 1, the image elsewhere.
+  corrupt_example  one image's group mask and fill from one key (the per-example part).
+  replace_groups   with probability p per image, groups of another image of the batch instead (the batch part).
+
 Every generator checks its settings before tracing (`check_mask_ratio`), so a wrong ratio fails at
 config time with the valid range.
 """
-from typing import Dict
+from typing import Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -113,5 +123,79 @@ def patch_mask(mask: jax.Array, patch_size: int) -> jax.Array:
     return cells.mean(axis=(2, 4)).reshape(batch, -1)
 
 
-__all__ = ["check_group_settings", "check_mask_ratio", "downsample_mask", "group_mask", "group_masks", "patch_mask",
-           "random_masking"]
+# =============================================================================================
+# GMML's corruption
+# =============================================================================================
+CORRUPTIONS = ("noise", "zeros")
+
+
+def check_corruption(corruption: str, name: str = "corruption") -> str:
+    """Returns `corruption`; raises ValueError unless it is one of CORRUPTIONS."""
+    if corruption not in CORRUPTIONS:
+        raise ValueError(f"{name}={corruption!r} is not valid; valid choices: {list(CORRUPTIONS)}")
+    return corruption
+
+
+def corruption_fill(rng: jax.Array, shape: Tuple[int, ...], dtype, corruption: str) -> jax.Array:
+    """Returns the pixels that fill the corrupted groups: N(0, 1) noise ("noise") or zeros ("zeros")."""
+    check_corruption(corruption)
+    if corruption == "noise":
+        return jax.random.normal(rng, shape, dtype)
+    return jnp.zeros(shape, dtype)
+
+
+def fill_groups(images: jax.Array, mask: jax.Array, fill: jax.Array) -> jax.Array:
+    """Returns images (..., H, W, C) with `fill` where the (..., H, W) mask is 1 (GMML's corrupted image)."""
+    return jnp.where(mask[..., None] > 0, fill, images)
+
+
+def corrupt_example(rng: jax.Array, image: jax.Array, *, mask_ratio: float, corruption: str = "noise",
+                    align: int = 1, max_block_fraction: float = 0.3) -> Tuple[jax.Array, jax.Array]:
+    """Returns (corrupted image (H, W, C), mask (H, W) 1 = corrupted) of one image: its groups filled with noise or
+    zeros (the per-example part of GMML's corruption; the pp op `gmml_corrupt` runs it)."""
+    height, width, _ = image.shape
+    mask_key, fill_key = jax.random.split(rng)
+    mask = group_mask(mask_key, height, width, mask_ratio, align=align, max_block_fraction=max_block_fraction)
+    fill = corruption_fill(fill_key, image.shape, image.dtype, corruption)
+    return fill_groups(image, mask, fill), mask
+
+
+def check_replace_settings(replace_ratio: float, replace_prob: float, prefix: str = "") -> None:
+    """Raises ValueError unless replace_ratio is 0 (off) or in (0, 1) and replace_prob is in [0, 1]."""
+    if replace_ratio:
+        check_mask_ratio(replace_ratio, f"{prefix}replace_ratio (0 turns it off)")
+    if isinstance(replace_prob, bool) or not isinstance(replace_prob, (int, float)) or not 0.0 <= replace_prob <= 1.0:
+        raise ValueError(f"{prefix}replace_prob must be in [0, 1], got {replace_prob!r}")
+
+
+def replace_groups(keys: jax.Array, images: jax.Array, corrupted: jax.Array, mask: jax.Array, *,
+                   replace_ratio: float, replace_prob: float, align: int = 1, max_block_fraction: float = 0.3
+                   ) -> Tuple[jax.Array, jax.Array]:
+    """Returns (corrupted (B, H, W, C), mask (B, H, W)): with probability `replace_prob` per image, its corruption
+    replaced by groups (covering about `replace_ratio`) copied from a random image of the batch, itself included.
+
+    `keys` is a key array of 3 keys (mask, partner, choice); `images` are the clean images.
+    """
+    batch, height, width, _ = images.shape
+    replace_key, partner_key, choice_key = keys[0], keys[1], keys[2]
+    replace_mask = group_masks(replace_key, batch, height, width, replace_ratio, align=align,
+                               max_block_fraction=max_block_fraction)
+    # The official draw: any image of the batch, itself included.
+    partner = images[jax.random.randint(partner_key, (batch,), 0, batch)]
+    replaced = fill_groups(images, replace_mask, partner)
+    chosen = jax.random.bernoulli(choice_key, replace_prob, (batch,))
+    corrupted = jnp.where(chosen[:, None, None, None], replaced, corrupted)
+    mask = jnp.where(chosen[:, None, None], replace_mask.astype(mask.dtype), mask)
+    return corrupted, mask
+
+
+def corruption_fields(index=None) -> Tuple[str, str, str]:
+    """Returns the batch fields (clean, corrupted, mask) of the pp op `gmml_corrupt`: ("image", "image_corrupted",
+    "corruption_mask"), or of view `index` ("image_0", "image_corrupted_0", "corruption_mask_0")."""
+    suffix = "" if index is None else f"_{index}"
+    return f"image{suffix}", f"image_corrupted{suffix}", f"corruption_mask{suffix}"
+
+
+__all__ = ["CORRUPTIONS", "check_corruption", "check_group_settings", "check_mask_ratio", "check_replace_settings",
+           "corrupt_example", "corruption_fields", "corruption_fill", "downsample_mask", "fill_groups", "group_mask",
+           "group_masks", "patch_mask", "random_masking", "replace_groups"]

@@ -14,6 +14,10 @@ from that key, so a resumed run repeats them, and example i is paired with examp
 global batch (timm under DDP, and the former host-side version, pair within each worker's
 slice). Box sizes are computed in float32 where timm uses float64.
 
+With `input.gmml_replace` set, the transform first runs GMML's batch step on the fields of the pp op
+`gmml_corrupt`: with probability `prob` per image, groups of another image of the batch replace its
+corruption (`vitjax.masking.replace_groups`, the rule the objectives' on-device draw runs too).
+
 Importing this module imports neither TensorFlow nor torch.
 """
 from typing import Any, Callable, Dict
@@ -21,9 +25,41 @@ from typing import Any, Callable, Dict
 import jax
 import jax.numpy as jnp
 
+from vitjax import masking
+
 # Folded into the key the transform gets, so its draws differ from those of other users of the
 # same key (the model's dropout, the micro-batch keys fold_in(key, i) for small i).
 _SALT = 0x6D6978
+# The key of GMML's batch step: fold_in(step key, GMML_SALT).
+GMML_SALT = 0x676D6D6C
+
+
+def gmml_replace(batch: Dict[str, Any], rng: jax.Array, *, ratio: float, prob: float, align: int = 1,
+                 max_block_fraction: float = 0.3) -> Dict[str, Any]:
+    """Returns the batch with GMML's replacement applied to the fields of `gmml_corrupt` (all views as one batch).
+
+    The draws are those of `vitjax.objectives.gmml.corrupt(rng, ...)`'s replacement: keys 2-4 of
+    jax.random.split(rng, 5); views are concatenated in index order first, as SiT's on-device path does.
+    """
+    triples = [masking.corruption_fields()]
+    if triples[0][1] not in batch:
+        triples = [masking.corruption_fields(index) for index in range(len(batch))
+                   if masking.corruption_fields(index)[1] in batch]
+    missing = [name for triple in triples for name in triple if name not in batch]
+    if not triples or missing:
+        raise ValueError(f"input.gmml_replace needs the fields of the pp op gmml_corrupt (image, image_corrupted, "
+                         f"corruption_mask, or their view suffixes _0, _1, ...); the batch has: "
+                         f"{', '.join(sorted(batch))}.")
+    images, corrupted, mask = (jnp.concatenate([jnp.asarray(batch[triple[i]]) for triple in triples])
+                               for i in range(3))
+    corrupted, mask = masking.replace_groups(jax.random.split(rng, 5)[2:], images, corrupted, mask,
+                                             replace_ratio=ratio, replace_prob=prob, align=align,
+                                             max_block_fraction=max_block_fraction)
+    corrupted, mask = jnp.split(corrupted, len(triples)), jnp.split(mask, len(triples))
+    out = dict(batch)
+    for index, (_, corrupted_key, mask_key) in enumerate(triples):
+        out[corrupted_key], out[mask_key] = corrupted[index], mask[index]
+    return out
 
 
 def one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
@@ -118,8 +154,11 @@ def make_batch_transform(input_config, num_classes: int
     mixup = dict(config["mixup"])
 
     stop_step = mixup.pop("stop_step", None)
+    replace = config.get("gmml_replace")
 
     def transform(batch: Dict[str, Any], rng: jax.Array, step: Any = None) -> Dict[str, Any]:
+        if replace is not None:
+            batch = gmml_replace(batch, jax.random.fold_in(rng, GMML_SALT), **replace)
         fields = ", ".join(sorted(batch))
         if stop_step is not None and step is None:
             raise ValueError("input.mixup.stop_step switches mixup off at a train step: call the batch "

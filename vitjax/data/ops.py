@@ -48,6 +48,15 @@ shown):
   min_aspect=0.3)`: timm's RandomErasing on a normalised float image; mode "pixel", "rand" or
   "const".
 
+Self-supervised corruption (the float image, after `value_range` / `normalize`):
+
+- `gmml_corrupt(mask_ratio=0.75, corruption="noise", align=1, max_block_fraction=0.3)`: GMML's
+  per-example corruption (`vitjax.masking.corrupt_example`, the rule the GMML / SiT objectives draw
+  on the device): adds "image_corrupted" (groups covering U(min(0.5, r), r) of the image filled
+  with N(0, 1) noise or zeros) and "corruption_mask" (H, W), keeping "image" clean. Inside `views`
+  each view gets its own (`image_corrupted_0`, `corruption_mask_0`, ...). The replacement by another
+  image's pixels needs the batch: `input.gmml_replace` runs it on the device.
+
 Multi-view op:
 
 - `views(num_views, pp, [num_views, pp, ...], key="image", outkey=None)`: replaces the field
@@ -787,6 +796,52 @@ def solarize(probability=0.2, threshold=128):
         x = _as_float(image)
         solarized = _like(tf.where(x >= threshold, 255.0 - x, x), image)
         return tf.cond(tf.random.stateless_uniform([], seed) < probability, lambda: solarized, lambda: image)
+    return apply
+
+
+def jax_key(seed):
+    """Returns the JAX key of an op's seed (an int64 pair): what `gmml_corrupt` draws from."""
+    import jax  # pylint: disable=g-import-not-at-top  # Built ops only: parsing pp strings needs no JAX.
+    first, second = (int(value) & 0xFFFFFFFF for value in seed)
+    return jax.random.fold_in(jax.random.key(first), second)
+
+
+@register_op("gmml_corrupt", RANDOM)
+def gmml_corrupt(mask_ratio=0.75, corruption="noise", align=1, max_block_fraction=0.3):
+    """Returns an op adding GMML's per-example corruption of the float field "image": "image_corrupted" (groups
+    filled with noise or zeros) and "corruption_mask" (H, W) float32, 1 = corrupted; "image" stays clean."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from vitjax import masking  # pylint: disable=g-import-not-at-top
+    mask_ratio = masking.check_mask_ratio(mask_ratio, "gmml_corrupt: mask_ratio")
+    masking.check_corruption(corruption, "gmml_corrupt: corruption")
+    align = _int(align, "gmml_corrupt: align", 1)
+    if isinstance(max_block_fraction, bool) or not isinstance(max_block_fraction, (int, float)) or not (
+            0.0 < max_block_fraction <= 1.0):
+        raise ValueError(f"gmml_corrupt: max_block_fraction must be a number in (0, 1], got {max_block_fraction!r}")
+    # The rule is masking.corrupt_example, the one the objectives' on-device draw uses, run on the host's CPU.
+    corrupt = jax.jit(functools.partial(masking.corrupt_example, mask_ratio=mask_ratio, corruption=corruption,
+                                        align=align, max_block_fraction=float(max_block_fraction)))
+
+    def on_host(image, seed):
+        # Looked up at the first example, not when the pp string is checked: no backend starts before
+        # jax.distributed.initialize.
+        with jax.default_device(jax.devices("cpu")[0]):
+            corrupted, mask = corrupt(jax_key(seed), image)
+        return np.asarray(corrupted), np.asarray(mask, np.float32)
+
+    def apply(example, seed):
+        tf = import_tensorflow()
+        image = example["image"]
+        if not image.dtype.is_floating or image.shape.rank != 3 or not image.shape.is_fully_defined():
+            raise ValueError(f"gmml_corrupt needs a float (height, width, channels) image of known size, after "
+                             f"value_range or normalize; got {image.dtype.name} {image.shape}")
+        height, width, _ = image.shape.as_list()
+        masking.check_group_settings(height, width, align, float(max_block_fraction))
+        corrupted, mask = tf.numpy_function(on_host, [image, seed], [image.dtype, tf.float32], stateful=False)
+        corrupted.set_shape(image.shape)
+        mask.set_shape(image.shape[:2])
+        return {**example, "image_corrupted": corrupted, "corruption_mask": mask}
     return apply
 
 

@@ -62,10 +62,14 @@ _DEFAULTS = dict(
     pp_modules=(),  # Modules imported before parsing the pp strings: they register more ops.
     train_classes=None,  # A tuple of class ids: train on those only, relabelled 0..n-1 (vitjax.data.classes).
     eval_classes=None,  # The same for the eval split (deep metric learning: classes unseen in training).
+    gmml_replace=None,  # dict(ratio, prob, align, max_block_fraction): GMML's replacement, on the device (below).
 )
 _MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5)
 _MIXUP_OPTIONAL = ("stop_step",)  # kept out of the validated dict where unset: stored-logits recipes stay as they were
 _LONG_TAIL_DEFAULTS = dict(imbalance=100.0, seed=0)
+# GMML's batch step after the pp op gmml_corrupt (the official defaults): with probability `prob` per image,
+# groups covering about `ratio` of it copied from another image of the batch (vitjax.masking.replace_groups).
+_GMML_REPLACE_DEFAULTS = dict(ratio=0.3, prob=0.5, align=1, max_block_fraction=0.3)
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+(\.[0-9*]+){0,2})?$")
 _SPLIT = re.compile(r"^[A-Za-z0-9_\-]+(\[[^\[\]]*\])?(\([^()]*\))?"
                     r"(\+[A-Za-z0-9_\-]+(\[[^\[\]]*\])?(\([^()]*\))?)*$")
@@ -174,12 +178,7 @@ def validate_input_config(input_config) -> dict:
     if config["long_tail"] is None:  # left out where unset, so stored-logits recipes stay as they were
         del config["long_tail"]
     else:
-        given_tail = _to_dict(config["long_tail"], "input.long_tail")
-        unknown = sorted(set(given_tail) - set(_LONG_TAIL_DEFAULTS))
-        if unknown:
-            raise ValueError(f"Unknown input.long_tail key(s) {', '.join(unknown)}; valid keys: "
-                             f"{', '.join(_LONG_TAIL_DEFAULTS)}.")
-        long_tail = dict(_LONG_TAIL_DEFAULTS, **given_tail)
+        long_tail = _with_defaults(config["long_tail"], "input.long_tail", _LONG_TAIL_DEFAULTS)
         imbalance, seed = long_tail["imbalance"], long_tail["seed"]
         if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not imbalance >= 1:
             raise ValueError(f"input.long_tail.imbalance must be a number >= 1 (n_max / n_min, e.g. 100 for "
@@ -212,9 +211,35 @@ def validate_input_config(input_config) -> dict:
                 raise ValueError("input.mixup mixes the field 'image' and the labels, and "
                                  "input.pp_train makes views: mixup / cutmix with several views "
                                  "is not supported; set input.mixup=None.")
+    if config["gmml_replace"] is None:  # left out where unset, as train_classes
+        del config["gmml_replace"]
+    else:
+        config["gmml_replace"] = _gmml_replace(config)
     if config.get("long_tail") is not None and config.get("train_classes"):
         raise ValueError("input.long_tail and input.train_classes cannot be combined; set one of them.")
     return config
+
+
+def _with_defaults(value, name: str, defaults: dict) -> dict:
+    """Returns the sub-config `value` (a dict) over `defaults`; raises ValueError naming unknown keys."""
+    given = _to_dict(value, name)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"Unknown {name} key(s) {', '.join(unknown)}; valid keys: {', '.join(defaults)}.")
+    return dict(defaults, **given)
+
+
+def _gmml_replace(config: dict) -> dict:
+    from vitjax import masking  # pylint: disable=g-import-not-at-top  # jax only: no TF
+    replace = _with_defaults(config["gmml_replace"], "input.gmml_replace", _GMML_REPLACE_DEFAULTS)
+    masking.check_mask_ratio(replace["ratio"], "input.gmml_replace.ratio")
+    masking.check_replace_settings(replace["ratio"], replace["prob"], "input.gmml_replace.")
+    if "gmml_corrupt" not in (config["pp_train"] or ""):
+        raise ValueError("input.gmml_replace replaces the corruption of the pp op gmml_corrupt, which "
+                         "input.pp_train lacks; add gmml_corrupt(...) after value_range / normalize.")
+    if mixing(config):
+        raise ValueError("input.gmml_replace and input.mixup both mix images of the batch; set one of them.")
+    return replace
 
 
 def mixing(config: dict) -> bool:

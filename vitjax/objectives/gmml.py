@@ -13,10 +13,16 @@ corrupted pixels and channels, as the official `F.l1_loss(...)[mask == 1].mean()
 
     model (the encoder): any registered `VisionTransformer` (config.model_name, config.model)
     objective_kwargs: mask_ratio, corruption ("noise" | "zeros"), replace_ratio, replace_prob, align,
-        max_block_fraction, recons_blocks, masked_only, features_pool ("avg" | "token"), eval_seed
+        max_block_fraction, recons_blocks, masked_only, features_pool ("avg" | "token"), eval_seed,
+        corruption_from ("device" | "data")
 
-Params: {"encoder": the ViT's (loads into a classifier with `init_from`), "rec_head": {...}}. The
-corruption is drawn on the device inside the train step (the masking rng), so a batch is just "image".
+Params: {"encoder": the ViT's (loads into a classifier with `init_from`), "rec_head": {...}}. Where the
+corruption is drawn is `corruption_from`: "device" (the default) draws it inside the train step (the masking
+rng), so a batch is just "image"; "data" reads it from the batch, as the input pipeline makes it (the pp op
+`gmml_corrupt(...)` writes "image_corrupted" and "corruption_mask", and `input.gmml_replace` replaces groups by
+another image's on the device; both run `vitjax.masking`'s rules, those of the device draw). The option is
+explicit, not guessed from the batch, so a pipeline that lost its op fails at the first batch. With "data",
+the corruption settings of objective_kwargs serve the eval loss only (eval batches are not corrupted).
 """
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -30,7 +36,8 @@ from vitjax.models.vit import VisionTransformer
 from vitjax.objectives.base import Objective, Variables
 from vitjax.objectives.mae import build_encoder
 
-CORRUPTIONS = ("noise", "zeros")
+CORRUPTIONS = masking.CORRUPTIONS
+CORRUPTION_SOURCES = ("device", "data")
 FEATURE_POOLS = ("avg", "token")
 
 
@@ -41,25 +48,22 @@ def corrupt(rng: jax.Array, images: jax.Array, *, mask_ratio: float, corruption:
             replace_ratio: float = 0.0, replace_prob: float = 0.5, align: int = 1,
             max_block_fraction: float = 0.3) -> Tuple[jax.Array, jax.Array]:
     """Returns (corrupted images (B, H, W, C), mask (B, H, W) 1 = corrupted): GMML's noise / zeros groups, and with
-    probability `replace_prob` per image instead groups copied from a random image of the batch."""
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"corruption={corruption!r} is not valid; valid choices: {list(CORRUPTIONS)}")
-    batch, height, width, channels = images.shape
-    mask_key, noise_key, replace_key, partner_key, choice_key = jax.random.split(rng, 5)
-    mask = masking.group_masks(mask_key, batch, height, width, mask_ratio, align=align,
+    probability `replace_prob` per image instead groups copied from a random image of the batch.
+
+    The rules are `vitjax.masking`'s, which the input pipeline's `gmml_corrupt` op and batch step run too; the
+    replacement draws from keys 2-4 of `jax.random.split(rng, 5)`, as the batch step does from its own key.
+    """
+    masking.check_corruption(corruption)
+    batch, height, width, _ = images.shape
+    keys = jax.random.split(rng, 5)
+    mask = masking.group_masks(keys[0], batch, height, width, mask_ratio, align=align,
                                max_block_fraction=max_block_fraction)
-    fill = (jax.random.normal(noise_key, images.shape, images.dtype) if corruption == "noise"
-            else jnp.zeros_like(images))
-    corrupted = jnp.where(mask[..., None] > 0, fill, images)
+    corrupted = masking.fill_groups(images, mask, masking.corruption_fill(keys[1], images.shape, images.dtype,
+                                                                          corruption))
     if replace_ratio > 0:
-        replace_mask = masking.group_masks(replace_key, batch, height, width, replace_ratio, align=align,
-                                           max_block_fraction=max_block_fraction)
-        # The official draw: any image of the batch, itself included.
-        partner = images[jax.random.randint(partner_key, (batch,), 0, batch)]
-        replaced = jnp.where(replace_mask[..., None] > 0, partner, images)
-        chosen = jax.random.bernoulli(choice_key, replace_prob, (batch,))
-        corrupted = jnp.where(chosen[:, None, None, None], replaced, corrupted)
-        mask = jnp.where(chosen[:, None, None], replace_mask, mask)
+        corrupted, mask = masking.replace_groups(keys[2:], images, corrupted, mask, replace_ratio=replace_ratio,
+                                                 replace_prob=replace_prob, align=align,
+                                                 max_block_fraction=max_block_fraction)
     return corrupted, mask
 
 
@@ -189,6 +193,9 @@ def check_settings(kwargs: Dict[str, Any], encoder: VisionTransformer) -> None:
     if kwargs["corruption"] not in CORRUPTIONS:
         raise ValueError(f"objective_kwargs.corruption={kwargs['corruption']!r} is not valid; valid choices: "
                          f"{list(CORRUPTIONS)}")
+    if kwargs["corruption_from"] not in CORRUPTION_SOURCES:
+        raise ValueError(f"objective_kwargs.corruption_from={kwargs['corruption_from']!r} is not valid; valid "
+                         f"choices: {list(CORRUPTION_SOURCES)}")
     if kwargs["features_pool"] not in FEATURE_POOLS:
         raise ValueError(f"objective_kwargs.features_pool={kwargs['features_pool']!r} is not valid; valid choices: "
                          f"{list(FEATURE_POOLS)}")
@@ -215,7 +222,8 @@ class GMML(Objective):
     # from the mean of blocks 6, 8, 10, 12, loss on the corrupted pixels only.
     default_kwargs: Dict[str, Any] = dict(mask_ratio=0.75, corruption="noise", replace_ratio=0.3, replace_prob=0.5,
                                           align=1, max_block_fraction=0.3, recons_blocks=(6, 8, 10, 12),
-                                          masked_only=True, features_pool="avg", eval_seed=0)
+                                          masked_only=True, features_pool="avg", eval_seed=0,
+                                          corruption_from="device")
 
     def __init__(self, config):
         super().__init__(config)
@@ -228,6 +236,26 @@ class GMML(Objective):
         check_settings(self.kwargs, encoder)
         recons_blocks = check_recons_blocks(self.kwargs["recons_blocks"], encoder.depth)
         self.module = self.build_module(encoder, recons_blocks)
+        if self.kwargs["corruption_from"] == "data":
+            views = [None] if self.batch_keys == ("image",) else range(len(self.batch_keys))
+            fields = [masking.corruption_fields(view) for view in views]
+            self.batch_keys = tuple(field[i] for i in range(3) for field in fields)
+
+    def example_batch(self, image):
+        """Returns zero rows of the batch keys: the image(s), and with corruption_from="data" their corruption."""
+        return {key: image[..., 0] if key.startswith("corruption_mask") else image for key in self.batch_keys}
+
+    def corrupted_batch(self, batch: Dict[str, Any], rng: jax.Array, clean_keys: Sequence[str]
+                        ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (clean, corrupted, mask) of the `clean_keys` images concatenated: read from the batch
+        (corruption_from="data") or drawn here with `rng`."""
+        clean = jnp.concatenate([batch[key] for key in clean_keys], axis=0)
+        if self.kwargs["corruption_from"] != "data":
+            return (clean, *self.corrupt(rng, clean))
+        suffixes = [key[len("image"):] for key in clean_keys]
+        corrupted = jnp.concatenate([batch[f"image_corrupted{suffix}"] for suffix in suffixes], axis=0)
+        mask = jnp.concatenate([batch[f"corruption_mask{suffix}"] for suffix in suffixes], axis=0)
+        return clean, corrupted.astype(clean.dtype), mask.astype(jnp.float32)
 
     def build_module(self, encoder: VisionTransformer, recons_blocks: Tuple[int, ...]) -> nn.Module:
         """Returns the trained module (a subclass adds heads)."""
@@ -250,10 +278,15 @@ class GMML(Objective):
         return self.module.apply(variables, images, train=train, rngs={"dropout": dropout_rng,
                                                                        "drop_path": drop_path_rng})
 
-    def reconstruction_loss(self, variables: Variables, images: jax.Array, rng: jax.Array, train: bool):
-        """Returns (scalar L1 loss, per-example loss (B,), masked fraction)."""
+    def reconstruction_loss(self, variables: Variables, batch: Dict[str, Any], rng: jax.Array, train: bool):
+        """Returns (scalar L1 loss, per-example loss (B,), masked fraction) of batch["image"], corrupted as
+        `corrupted_batch` says (eval: always drawn here)."""
         corrupt_rng, model_rng = jax.random.split(rng)
-        corrupted, mask = self.corrupt(corrupt_rng, images)
+        if train:
+            images, corrupted, mask = self.corrupted_batch(batch, corrupt_rng, ("image",))
+        else:
+            images = batch["image"]
+            corrupted, mask = self.corrupt(corrupt_rng, images)
         reconstruction, _ = self._apply(variables, corrupted, train, model_rng)
         loss = reconstruction_l1(reconstruction, images, mask if self.kwargs["masked_only"] else None)
         return loss, per_example_l1(reconstruction, images, mask), jnp.mean(mask)
@@ -261,12 +294,12 @@ class GMML(Objective):
     def train_loss(self, variables: Variables, batch: Dict[str, Any], rng: jax.Array
                    ) -> Tuple[jax.Array, Dict[str, Any]]:
         """Returns (L1 on the corrupted pixels, {"metrics": {"loss", "masked_fraction"}, "updates": {}})."""
-        loss, _, fraction = self.reconstruction_loss(variables, batch["image"], rng, True)
+        loss, _, fraction = self.reconstruction_loss(variables, batch, rng, True)
         return loss, {"metrics": {"masked_fraction": fraction}, "updates": {}}
 
     def eval_metrics(self, variables: Variables, batch: Dict[str, Any]) -> Dict[str, jax.Array]:
         """Returns per-example {"loss"}: the L1 reconstruction loss under a fixed (seeded) corruption."""
-        _, per_example, _ = self.reconstruction_loss(variables, batch["image"],
+        _, per_example, _ = self.reconstruction_loss(variables, batch,
                                                      jax.random.key(int(self.kwargs["eval_seed"])), False)
         return {"loss": per_example}
 
@@ -279,6 +312,6 @@ class GMML(Objective):
         return pooled.astype(jnp.float32)
 
 
-__all__ = ["CORRUPTIONS", "GMML", "GroupMaskedModel", "ReconstructionHead", "check_recons_blocks", "corrupt",
+__all__ = ["CORRUPTIONS", "CORRUPTION_SOURCES", "GMML", "GroupMaskedModel", "ReconstructionHead", "check_recons_blocks", "corrupt",
            "encoder_layer_ids",
            "layer_norm_with", "per_example_l1", "reconstruction_l1"]

@@ -19,6 +19,10 @@ The teacher lives in the model-state collection "teacher" ({"params", "step"}) a
 the official cosine from `momentum` to 1 over the run (`momentum_steps`, default config.total_steps).
 One difference: the official update runs after the optimizer step with the new student weights; here it
 runs inside the loss with the weights the step starts from (the teacher trails by one step).
+
+`corruption_from="data"` (GMML's option) reads each view's corruption from the batch: put
+`gmml_corrupt(0.5, "zeros")` at the end of the views' pp (fields "image_corrupted_0", "corruption_mask_0", ...)
+and `input.gmml_replace`, which replaces groups across both views as one batch, as the device draw does.
 """
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -194,13 +198,9 @@ class SiT(gmml.GMML):
         return SiTModel(encoder=encoder, recons_blocks=recons_blocks, out_dim=int(self.kwargs["out_dim"]),
                         hidden_dim=int(self.kwargs["hidden_dim"]), num_layers=int(self.kwargs["num_layers"]))
 
-    def example_batch(self, image):
-        """Returns two zero views of the image row (the batch's "image_0", "image_1")."""
-        return {key: image for key in self.batch_keys}
-
     def init_variables(self, rng: jax.Array, batch: Dict[str, Any]) -> Variables:
         """Returns the student's variables and the teacher ({"params": a copy of the student's, "step": 0})."""
-        variables = dict(self.module.init({"params": rng}, batch[self.batch_keys[0]], train=False))
+        variables = dict(self.module.init({"params": rng}, batch["image_0"], train=False))
         teacher = {"params": jax.tree.map(lambda x: x, variables["params"]), "step": jnp.zeros((), jnp.int32)}
         return {**variables, TEACHER: teacher}
 
@@ -212,8 +212,7 @@ class SiT(gmml.GMML):
                    ) -> Tuple[jax.Array, Dict[str, Any]]:
         """Returns (contrastive + weight x reconstruction, metrics and the updated teacher and batch statistics)."""
         corrupt_rng, dropout_rng, drop_path_rng = jax.random.split(rng, 3)
-        clean = jnp.concatenate([batch["image_0"], batch["image_1"]], axis=0)
-        corrupted, mask = self.corrupt(corrupt_rng, clean)
+        clean, corrupted, mask = self.corrupted_batch(batch, corrupt_rng, ("image_0", "image_1"))
         student = self._student(variables)
         teacher = variables[TEACHER]
         # Both views in one batch, as the official forward: BatchNorm statistics over 2B rows.
