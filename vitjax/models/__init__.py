@@ -17,7 +17,7 @@ from vitjax.models.registry import ModelEntry, module_fields, register_model, re
 # Architecture families; each module registers its variants when imported.
 _FAMILIES = ("vit", "swin", "convnext", "cvt", "crossvit", "tnt", "convit", "metaformer", "tiny_vit", "levit",
              "clip", "resnet", "regnet", "lookupvit", "t2t_vit", "hornet",
-             "crossformer", "rmt")
+             "crossformer", "rmt", "snnet")
 _loaded = False
 
 

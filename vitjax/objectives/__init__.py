@@ -22,6 +22,7 @@ _OBJECTIVES = {
     "sdft": "vitjax.objectives.sdft:SelfDistillMAE",
     "g2sd": "vitjax.objectives.g2sd:G2SD",
     "proxy_dml": "vitjax.objectives.proxy_dml:ProxyDML",
+    "snnet": "vitjax.objectives.snnet:StitchSampling",
 }
 
 
