@@ -64,6 +64,9 @@ PUBLISHED = {
     "crossformer_pp_large": (92.0, 16.6), "crossformer_pp_huge": (96.0, 21.8),
     # RMT: Fan et al. 2024, Table 1 (params, FLOPs); rmt_b / rmt_l are the official RMT_M2 / RMT_L6.
     "rmt_t": (14.0, 2.5), "rmt_s": (27.0, 4.5), "rmt_b": (54.0, 9.7), "rmt_l": (95.0, 18.2),
+    # SN-Net v2: Pan et al. 2023; params = the official SNNetv2(lora_r=64) over DeiT-III anchors (both anchors and
+    # every stitching layer); GFLOPs of the default stitch (the larger anchor alone: DeiT-III-B / -L, fvcore).
+    "snnetv2_deit3_s_b": (117.1, 17.6), "snnetv2_deit3_s_l": (337.6, 61.6), "snnetv2_deit3_b_l": (411.7, 61.6),
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),
