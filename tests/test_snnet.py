@@ -178,3 +178,40 @@ def test_pallas_equals_xla_stitched():
     expected, _ = model.apply(variables, images, stitch=10)
     logits, _ = pallas.apply(variables, images, stitch=10)  # on a CPU the Pallas kernel runs in interpret mode
     assert rel_err(logits, np.asarray(expected, np.float64)) <= 1e-5
+
+
+def test_from_anchors_loads_both_checkpoints_and_fits_stitches(tmp_path):
+    from vitjax.convert import io as convert_io
+    from vitjax.convert import snnet as snnet_convert
+    model, settings = shrunk("uneq")
+    variables = converted("uneq")
+    paths = []
+    for index in range(2):
+        path = str(tmp_path / f"anchor_{index}.msgpack")
+        convert_io.save_variables(path, {"params": variables["params"][f"anchors_{index}"]}, {"model_name": "vit"})
+        paths.append(path)
+    images = fixture()["ls_images"]
+    built = snnet_convert.from_anchors(paths, "snnetv2_deit3_s_b", images=images, **settings)
+    expected = snnet.least_squares_init(model, variables, jnp.asarray(images))
+    flat_built = jax.tree_util.tree_leaves_with_path(built["params"])
+    flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected["params"]))
+    assert len(flat_built) == len(flat_expected)
+    for path, leaf in flat_built:
+        name = jax.tree_util.keystr(path)
+        if "lora" in name:  # LoRA factors start at their own initialisation
+            continue
+        np.testing.assert_allclose(np.asarray(leaf), np.asarray(flat_expected[path]), rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match="one checkpoint per anchor"):
+        snnet_convert.from_anchors(paths[:1], "snnetv2_deit3_s_b", **settings)
+
+
+def test_objective_samples_the_pool_and_rejects_other_models():
+    from vitjax import config_utils, objectives
+    config = config_utils.load_config("configs/snnet_deit.py:runlocal")
+    objective = objectives.create("snnet", config)
+    assert objective.pool == [0, 1, 2, 4]  # stitch 3 (after the small anchor's last block) is not trained
+    np.testing.assert_allclose(objective.pool_probs.sum(), 1.0)
+    config.model_name, config.model = "vit", dict(variant="mu/4", num_classes=10, img_size=16, in_chans=1)
+    with pytest.raises(ValueError, match="trains an SN-Net.*Valid choices"):
+        objectives.create("snnet", config)
