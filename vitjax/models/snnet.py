@@ -167,7 +167,8 @@ class StitchingLayer(nn.Module):
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
         if self.lora_rank:
             bound = 1.0 / math.sqrt(width)  # kaiming_uniform(a=sqrt(5)) of an (r, in) matrix, as the official init
-            lora_a = self.param("lora_a", nn.initializers.uniform(2 * bound), (width, self.lora_rank), self.param_dtype)
+            symmetric = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+            lora_a = self.param("lora_a", symmetric, (width, self.lora_rank), self.param_dtype)
             lora_b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, self.features), self.param_dtype)
             update = jnp.dot(jnp.dot(x.astype(self.dtype), lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
             y = y + update * (self.lora_alpha / self.lora_rank)
