@@ -64,7 +64,7 @@ def from_anchors(sources: Sequence[str], name: str, images: Optional[np.ndarray]
     model = models.create(name, **model_overrides)
     img = model.anchor_fields(0)["img_size"]
     side = (img, img) if isinstance(img, int) else tuple(img)
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, side[0], side[1], model.in_chans), jnp.float32))
+    variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, side[0], side[1], model.in_chans), jnp.float32))
     variables = jax.tree.map(np.asarray, dict(variables))
     for index, source in enumerate(sources):
         fields = model.anchor_fields(index)
