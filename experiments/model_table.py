@@ -84,6 +84,9 @@ PUBLISHED = {
     # Activator: the official Abdullah-88/Activator CIFAR-10 models (32 px), params counted on the official code and
     # MACs by torch's FlopCounterMode on it (the paper reports neither).
     "activator": (2.651, 0.169), "activator_only_geglu": (1.599, 0.101),
+    # SN-Net v2: Pan et al. 2023; params = the official SNNetv2(lora_r=64) over DeiT-III anchors (both anchors and
+    # every stitching layer); GFLOPs of the default stitch (the larger anchor alone: DeiT-III-B / -L, fvcore).
+    "snnetv2_deit3_s_b": (117.1, 17.6), "snnetv2_deit3_s_l": (337.6, 61.6), "snnetv2_deit3_b_l": (411.7, 61.6),
     # RegNetY: Radosavovic et al. 2020, Table in the appendix (params, GF).
     "regnety_002": (3.2, 0.2), "regnety_004": (4.3, 0.4), "regnety_006": (6.1, 0.6), "regnety_008": (6.3, 0.8),
     "regnety_016": (11.2, 1.6), "regnety_032": (19.4, 3.2), "regnety_040": (20.6, 4.0), "regnety_064": (30.6, 6.4),

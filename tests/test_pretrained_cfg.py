@@ -20,6 +20,8 @@ NOT_IN_TIMM = ("cvt_13", "cvt_13_384", "cvt_21", "cvt_21_384", "cvt_w24", "cvt_w
 NOT_IN_TIMM += tuple(name for family in ("lookupvit", "t2t_vit", "hornet", "crossformer", "rmt", "spectformer",
                                          "hyena2d", "fcaformer", "sgformer", "channelvit", "activator")
                      for name in models.list_models(family))
+# SN-Net v2 (its official configs: eval_crop_ratio 1.0, bicubic, ImageNet mean and std).
+NOT_IN_TIMM += tuple(models.list_models("snnetv2_"))
 
 
 @pytest.mark.parametrize("name", models.list_models())

@@ -95,6 +95,11 @@ SMALL = {
                                                num_classes=10), 16),
     "activator": ("activator", dict(img_size=16, embed_dim=16, hidden_dim=24, depth=2, num_classes=10), 16),
     "regnet": ("regnety_002", dict(img_size=32, w0=8, wa=8.0, wm=2.0, depth=6, group_size=8, num_classes=10), 32),
+    # Stitch 2: the small anchor's first block, a LoRA stitching layer, the large anchor's second block and head.
+    "snnet": ("snnetv2_deit3_s_b", dict(img_size=16, anchor_options=(
+        dict(variant="mu/4", embed_dim=16, depth=2, num_heads=2, mlp_dim=32, init_values=1e-4, no_embed_class=True),
+        dict(variant="mu/4", embed_dim=24, depth=2, num_heads=2, mlp_dim=48, init_values=1e-4, no_embed_class=True)),
+        lora_rank=2, default_stitch=2, num_classes=10), 16),
 }
 
 

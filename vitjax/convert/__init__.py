@@ -20,10 +20,10 @@ def from_torch(source, name: str, **model_overrides) -> Dict[str, Any]:
 
     The one entry for PyTorch state dicts: `source` is a state dict or a checkpoint path in the layout of timm
     where timm has the family (and Hugging Face transformers' for CvT), else of the family's official repository
-    (HorNet, T2T-ViT, CrossFormer, RMT, SpectFormer, Hyena N-D, FcaFormer, SG-Former, ChannelViT, Activator, ...);
-    the family's converter reads it by an explicit key table. `name` is a registered model name; `model_overrides` are
-    passed to `vitjax.models.create` (e.g. `img_size=384` resamples position embeddings to that size). Missing,
-    unexpected or mis-shaped keys raise an error that names them.
+    (HorNet, T2T-ViT, CrossFormer, RMT, SpectFormer, Hyena N-D, FcaFormer, SG-Former, ChannelViT, Activator,
+    SN-Net v2, ...); the family's converter reads it by an explicit key table. `name` is a registered model name;
+    `model_overrides` are passed to `vitjax.models.create` (e.g. `img_size=384` resamples position embeddings to that
+    size). Missing, unexpected or mis-shaped keys raise an error that names them.
     """
     from vitjax import models
     family = models.model_family(name)

@@ -18,7 +18,7 @@ from vitjax.models.registry import ModelEntry, module_fields, register_model, re
 _FAMILIES = ("vit", "swin", "convnext", "cvt", "crossvit", "tnt", "convit", "metaformer", "tiny_vit", "levit",
              "clip", "resnet", "regnet", "lookupvit", "t2t_vit", "hornet",
              "crossformer", "rmt", "spectformer", "hyena_nd", "fcaformer", "sgformer", "channelvit",
-             "activator")
+             "activator", "snnet")
 _loaded = False
 
 

@@ -23,6 +23,7 @@ _OBJECTIVES = {
     "g2sd": "vitjax.objectives.g2sd:G2SD",
     "proxy_dml": "vitjax.objectives.proxy_dml:ProxyDML",
     "satmae": "vitjax.objectives.satmae:SatMAE",
+    "snnet": "vitjax.objectives.snnet:StitchSampling",
 }
 
 
