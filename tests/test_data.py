@@ -393,6 +393,11 @@ _OP_CASES = {
     "random_grayscale": ("random_grayscale(1.0)", "rgb", "image", (8, 8, 3), np.uint8),
     "gaussian_blur": ("gaussian_blur(1.0)", "rgb", "image", (8, 8, 3), np.uint8),
     "solarize": ("solarize(1.0)", "rgb", "image", (8, 8, 3), np.uint8),
+    "gmml_corrupt": ("value_range(0, 1)|gmml_corrupt(0.5)", "rgb", "image_corrupted", (8, 8, 3), np.float32),
+    "select_bands": ("select_bands(drop=(1,))", "rgb", "image", (8, 8, 2), np.uint8),
+    "sentinel_normalize": ("sentinel_normalize(mean=(9, 9, 9), std=(64, 64, 64))", "rgb", "image", (8, 8, 3),
+                           np.float32),
+    "synthetic_bands": ("synthetic_bands(4)", "gray", "image", (8, 8, 4), np.float32),
 }
 
 
