@@ -5,8 +5,10 @@ torch (and timm, when installed) are imported inside the functions that need the
 torch before TensorFlow (the other order segfaults), and test modules that do not compare against torch
 (test_mae, test_tome) use this module too. Nothing here imports TensorFlow.
 """
+import json
+import os
 import re
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, NamedTuple
 
 import flax
 import jax
@@ -18,6 +20,9 @@ from vitjax import convert, models
 
 if TYPE_CHECKING:
     import torch
+
+MODEL_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "out",
+                           "model_table.json")
 
 
 def norm_types() -> tuple:
@@ -72,6 +77,23 @@ def randomize_(module: "torch.nn.Module", seed: int = 0, std: float = 0.15, spec
                 else:
                     value = std * noise
             tensor.copy_(value)
+
+
+def fixture_entries(data, prefix: str) -> Dict[str, Any]:
+    """Returns the arrays of an `.npz` fixture (or dict) stored under `prefix/`, keyed without it.
+
+    The fixtures store each official state dict as "<case>/state/<torch key>": `fixture_entries(data, "v1/state")`.
+    """
+    start = prefix + "/"
+    return {key[len(start):]: data[key] for key in data.keys() if key.startswith(start)}
+
+
+def measured_param_counts(names: Iterable[str]) -> Dict[str, int]:
+    """Returns {name: parameter count} from experiments/out/model_table.json's measured rows (which
+    tests/test_registry.py checks against the models themselves)."""
+    with open(MODEL_TABLE) as file:
+        rows = json.load(file)["rows"]
+    return {name: round(rows[name]["params_m"] * 1e6) for name in names}
 
 
 def relative_error(ours, reference) -> float:

@@ -1,6 +1,5 @@
 """Activator: parity with the official Abdullah-88/Activator models (with and without the MLP), parameter counts of
 both official models, converter errors and settings validation."""
-import json
 import os
 
 import jax
@@ -10,18 +9,13 @@ import pytest
 
 from vitjax import convert, models
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "activator", "activator.npz")
-TABLE = os.path.join(REPO, "experiments", "out", "model_table.json")
 SMALL = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=16, hidden_dim=24, depth=2, drop_rate=0.5)
 NAMES = ("activator", "activator_only_geglu")
-
-
-def _state(data, tag):
-    prefix = f"{tag}/state/"
-    return {key[len(prefix):]: value for key, value in data.items() if key.startswith(prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def fixture():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_official_parity(fixture, name):
-    variables = convert.from_torch(_state(fixture, name), name, **SMALL)
+    variables = convert.from_torch(fixture_entries(fixture, f"{name}/state"), name, **SMALL)
     model = models.create(name, **SMALL)
     logits, intermediates = jax.jit(model.apply)(variables, jnp.asarray(fixture["images"]))
     assert intermediates["blocks"][-1].shape == (2, 16, 16)
@@ -46,13 +40,11 @@ def test_official_parity(fixture, name):
 def test_parameter_counts_equal_the_official_code(fixture):
     counts = dict(zip(fixture["param_names"].tolist(), fixture["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("activator")
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+    assert measured_param_counts(counts) == counts
 
 
 def test_converter_errors_and_validation(fixture):
-    state = _state(fixture, "activator")
+    state = fixture_entries(fixture, "activator/state")
     assert_converter_errors(
         state, "activator", SMALL, missing="model.1.actgu.norm.weight",
         unexpected={"model.0.actgu.extra": np.zeros(3, np.float32)},

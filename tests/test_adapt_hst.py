@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parity_utils import fixture_entries
 from vitjax import adapt, convert, models
 from vitjax.pytree import param_paths
 
@@ -46,8 +47,7 @@ def official_variables(case: str):
     """Returns (model, variables mapped from the official state dict, images NHWC, the fixture)."""
     data = np.load(FIXTURE)
     depth, settings = CASES[case]
-    prefix = f"{case}/state/"
-    state = {key[len(prefix):]: data[key] for key in data.files if key.startswith(prefix)}
+    state = fixture_entries(data, f"{case}/state")
     backbone = {k: v for k, v in state.items() if k.split(".")[0] in ("cls_token", "pos_embed", "patch_embed",
                                                                        "blocks", "norm")}
     params = flax.core.unfreeze(convert.from_timm(backbone, "vit_tiny_patch16_224", **{**VIT, "num_classes": 0},

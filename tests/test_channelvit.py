@@ -3,7 +3,6 @@ reordered subset and one channel), HCS equal to evaluating on the kept channels,
 against torch, attention_impl="pallas" (interpret mode) equal to "xla" under the HCS key bias, parameter counts of
 every official name, converter errors, and the 3-channel digits input of the runlocal config (which
 test_families_train trains)."""
-import json
 import os
 
 import jax
@@ -14,18 +13,13 @@ import pytest
 from vitjax import config_utils, convert, data, models
 from vitjax.models import channelvit
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "channelvit", "channelvit.npz")
-TABLE = os.path.join(REPO, "experiments", "out", "model_table.json")
 SMALL = dict(img_size=32, patch_size=8, in_chans=4, embed_dim=32, depth=2, num_heads=4, num_classes=5)
 NAMES = {"plain": "channelvit_small", "hcs": "hcs_channelvit_small"}
-
-
-def _state(data_, tag):
-    prefix = f"{tag}/state/"
-    return {key[len(prefix):]: value for key, value in data_.items() if key.startswith(prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def fixture():
 
 @pytest.mark.parametrize("tag", sorted(NAMES))
 def test_official_parity(fixture, tag):
-    variables = convert.from_torch(_state(fixture, tag), NAMES[tag], **SMALL)
+    variables = convert.from_torch(fixture_entries(fixture, f"{tag}/state"), NAMES[tag], **SMALL)
     model = models.create(NAMES[tag], **SMALL)
     images = jnp.asarray(fixture["images"])
     subset = tuple(fixture["subset"].tolist())
@@ -118,15 +112,13 @@ def test_pallas_equals_xla_under_the_sampling_key_bias():
 def test_parameter_counts_equal_the_official_code(fixture):
     counts = dict(zip(fixture["param_names"].tolist(), fixture["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("channelvit_")
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
     # The official backbones have no classifier; the table's models have 1000 classes ((D + 1) * 1000 more).
     heads = {name: (models.create(name).embed_dim + 1) * 1000 for name in counts}
-    assert {name: round(rows[name]["params_m"] * 1e6) - heads[name] for name in counts} == counts
+    assert {name: count - heads[name] for name, count in measured_param_counts(counts).items()} == counts
 
 
 def test_converter_errors_and_validation(fixture):
-    state = _state(fixture, "hcs")
+    state = fixture_entries(fixture, "hcs/state")
     assert_converter_errors(
         state, "hcs_channelvit_small", SMALL, missing="blocks.1.attn.qkv.bias",
         unexpected={"blocks.0.attn.extra": np.zeros(3, np.float32)},

@@ -1,7 +1,6 @@
 """CrossFormer / CrossFormer++: parity with the official cheerss/CrossFormer code (fixture: SDA and LDA groups,
 padded groups, a map smaller than its group, the cooling layer), attention_impl="pallas" (interpret mode on the CPU)
 equal to "xla" with the position bias and padding mask, parameter counts of every official name, converter errors."""
-import json
 import os
 
 import jax
@@ -12,10 +11,10 @@ import pytest
 from vitjax import convert, models
 from vitjax.models import crossformer
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "crossformer", "crossformer.npz")
-TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 # Three stages on 64 px (maps 16, 8, 4): stage 1 groups 4 (LDA interval 2), stage 2 groups 3 (both SDA and LDA
 # pad 8 up to 9 and 12), stage 3's group 4 covers its whole 4x4 map.
 SMALL = dict(img_size=64, num_classes=5, embed_dim=16, depths=(4, 2, 1), num_heads=(1, 2, 4), group_sizes=(4, 3, 4),
@@ -24,9 +23,9 @@ CASES = {"v1": ("crossformer_tiny", dict(use_acl=False)), "pp": ("crossformer_pp
 
 
 def _case(data, case):
-    state = {key[len("v1/state/"):]: value for key, value in data.items() if key.startswith("v1/state/")}
+    state = fixture_entries(data, "v1/state")
     if case == "pp":  # the same weights plus the cooling layer of stage 1's third block
-        state.update({key[len("pp/state/"):]: value for key, value in data.items() if key.startswith("pp/state/")})
+        state.update(fixture_entries(data, "pp/state"))
     name, extra = CASES[case]
     return state, name, {**SMALL, **extra}
 
@@ -71,9 +70,7 @@ def test_parameter_counts_equal_the_official_code():
     data = np.load(FIXTURE)
     counts = dict(zip(data["param_names"].tolist(), data["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("crossformer")
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+    assert measured_param_counts(counts) == counts
 
 
 def test_converter_errors_and_validation():

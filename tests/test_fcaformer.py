@@ -2,7 +2,6 @@
 attend to the cross tokens of up to cab_max_d = 2 earlier blocks, a 6x6 map whose cross tokens come from a ceil(6/4)
 grid, BatchNorm statistics), attention_impl="pallas" (interpret mode on the CPU) equal to "xla" with the bias table and
 the cross-token biases, parameter counts of every official name, converter errors and validation."""
-import json
 import os
 
 import flax.linen as nn
@@ -13,16 +12,12 @@ import numpy as np
 from vitjax import convert, models
 from vitjax.models import fcaformer
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "fcaformer", "fcaformer.npz")
-TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 SMALL = dict(img_size=96, num_classes=5, embed_dims=(16, 24, 24, 32), depths=(1, 2, 4, 2), num_heads=(0, 0, 2, 2),
              cab_max_d=2)
-
-
-def _state(data):
-    return {key[len("state/"):]: value for key, value in data.items() if key.startswith("state/")}
 
 
 def _images(data):
@@ -32,7 +27,7 @@ def _images(data):
 
 def test_official_parity():
     data = dict(np.load(FIXTURE))
-    variables = convert.from_torch(_state(data), "fcaformer_l1", **SMALL)
+    variables = convert.from_torch(fixture_entries(data, "state"), "fcaformer_l1", **SMALL)
     model = models.create("fcaformer_l1", **SMALL)
     logits, intermediates = jax.jit(model.apply)(variables, _images(data))
     assert [x.shape[1:] for x in intermediates["stages"]] == [(24, 24, 16), (12, 12, 24), (6, 6, 24), (3, 3, 32)]
@@ -72,14 +67,12 @@ def test_parameter_counts_equal_the_official_code():
     data = np.load(FIXTURE)
     counts = dict(zip(data["param_names"].tolist(), data["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("fcaformer_")
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+    assert measured_param_counts(counts) == counts
 
 
 def test_converter_errors_and_validation():
     data = dict(np.load(FIXTURE))
-    state = _state(data)
+    state = fixture_entries(data, "state")
     assert_converter_errors(
         state, "fcaformer_l1", SMALL, missing="layer_2.blocks.1.s_scale_factors",
         unexpected={"layer_3.blocks.1.dw_conv.weight": np.zeros((32, 1, 7, 7), np.float32)},

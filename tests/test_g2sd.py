@@ -8,16 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parity_utils import fixture_entries
 from vitjax import checkpoint, config_utils, objectives, train
 from vitjax.convert import mae as mae_convert
 from vitjax.objectives import g2sd
 from test_train import read_metrics, run
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "g2sd", "g2sd.npz")
-
-
-def _state_dict(data, prefix):
-    return {key[len(prefix) + 1:]: data[key] for key in data.files if key.startswith(prefix + "/")}
 
 
 def _build(tmp_path, supervise_all=True, encoder_weight=0.0):
@@ -33,7 +30,7 @@ def _build(tmp_path, supervise_all=True, encoder_weight=0.0):
 
 
 def _variables(objective, data):
-    student = _state_dict(data, "student")
+    student = fixture_entries(data, "student")
     predictors = {name: {key: value for key, value in student.items() if key.startswith(name)}
                   for name in ("decoderfeature_pred", "encoderfeature_pred")}
     mae_keys = {key: value for key, value in student.items() if not key.startswith(tuple(predictors))}
@@ -46,7 +43,7 @@ def _variables(objective, data):
     params[g2sd.FEATURE_PRED] = mlp("decoderfeature_pred")
     if objective.encoder_predictor is not None:
         params[g2sd.ENCODER_PRED] = mlp("encoderfeature_pred")
-    teacher = mae_convert.convert_pretrain(_state_dict(data, "teacher"), objective.teacher_module)
+    teacher = mae_convert.convert_pretrain(fixture_entries(data, "teacher"), objective.teacher_module)
     return jax.tree.map(jnp.asarray, {"params": params, g2sd.TEACHER: teacher})
 
 

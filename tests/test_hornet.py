@@ -1,6 +1,5 @@
 """HorNet: parity with the official raoyongming/HorNet code (fixture; 7x7 depthwise and global-filter variants, the
 filter stored at the rfft2 grid and resized to it), parameter counts of every official name, converter errors."""
-import json
 import os
 
 import jax
@@ -11,22 +10,22 @@ import pytest
 from vitjax import convert, models
 from vitjax.models import hornet
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hornet", "hornet.npz")
-TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 SMALL = dict(img_size=64, depths=(1, 1, 1, 1), base_dim=8, num_classes=5)
 # The gf case: stage 3's filter is stored at its 4x4 maps' rfft2 grid (4, 3), stage 4's at (7, 4), resized to (2, 2).
 CASES = {"7x7": ("hornet_tiny_7x7", {}), "gf": ("hornet_tiny_gf", dict(filter_sizes=(None, None, (4, 3), (7, 4))))}
 
 
 def _case(data, case):
-    state = {key[len("7x7/state/"):]: value for key, value in data.items() if key.startswith("7x7/state/")}
+    state = fixture_entries(data, "7x7/state")
     if case == "gf":
         # The 7x7 model's depthwise convs of stages 2 and 3 are the global filters here; the rest is shared.
         state = {key: value for key, value in state.items()
                  if not (key.startswith(("stages.2.", "stages.3.")) and ".gnconv.dwconv." in key)}
-        state.update({key[len("gf/state/"):]: value for key, value in data.items() if key.startswith("gf/state/")})
+        state.update(fixture_entries(data, "gf/state"))
     name, extra = CASES[case]
     return state, name, {**SMALL, **extra}
 
@@ -58,9 +57,7 @@ def test_parameter_counts_equal_the_official_code():
     data = np.load(FIXTURE)
     counts = dict(zip(data["param_names"].tolist(), data["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("hornet")
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+    assert measured_param_counts(counts) == counts
 
 
 def test_converter_errors_and_validation():

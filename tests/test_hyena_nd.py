@@ -1,7 +1,6 @@
 """Hyena N-D: parity with the official Itamarzimm/HyenaND code (fixture: the hybrid DeiT with order-2 Hyena blocks,
 the "seq" flips and an attention block; a pure Hyena DeiT of order 3 with the square-root decay window), parameter
 counts of every registered name, the method schedules, converter errors and validation."""
-import json
 import os
 
 import jax
@@ -12,18 +11,13 @@ import pytest
 from vitjax import convert, models
 from vitjax.models import hyena_nd
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hyena_nd", "hyena_nd.npz")
-TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 HYBRID = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=16, depth=4, num_heads=2, filter_order=8)
 ORDER3 = dict(HYBRID, depth=2, order=3, sqrt_decay=True)
 CASES = {"hybrid": ("hyena2dattn_deit_tiny_patch16_224", HYBRID), "order3": ("hyena2d_deit_tiny_patch16_224", ORDER3)}
-
-
-def _state(data, prefix):
-    start = f"{prefix}/state/"
-    return {key[len(start):]: value for key, value in data.items() if key.startswith(start)}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def data():
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_official_parity(data, kind):
     name, settings = CASES[kind]
-    variables = convert.from_torch(_state(data, kind), name, **settings)
+    variables = convert.from_torch(fixture_entries(data, f"{kind}/state"), name, **settings)
     model = models.create(name, **settings)
     logits, _ = jax.jit(model.apply)(variables, jnp.asarray(data["images"]))
     assert relative_error(logits, data[f"{kind}/logits"]) <= 1e-5
@@ -61,13 +55,11 @@ def test_parameter_counts_equal_the_official_code(data):
     """The official counts equal experiments/out/model_table.json's, which test_registry checks against the models."""
     counts = dict(zip(data["param_names"].tolist(), data["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("_deit_") and all("hyena" in name for name in counts)
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+    assert measured_param_counts(counts) == counts
 
 
 def test_converter_errors_and_validation(data):
-    state = _state(data, "hybrid")
+    state = fixture_entries(data, "hybrid/state")
     name = CASES["hybrid"][0]
     assert_converter_errors(
         state, name, HYBRID, missing="blocks.0.attn.filter_fn.pos_emb.z",

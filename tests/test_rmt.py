@@ -2,7 +2,6 @@
 attention with the 2-D Manhattan decay, layer scales, BatchNorm statistics), attention_impl="pallas" (interpret mode on
 the CPU) equal to "xla" with the decay biases, the decay masks, parameter counts of every official name, converter
 errors."""
-import json
 import os
 
 import jax
@@ -13,22 +12,18 @@ import pytest
 from vitjax import convert, models
 from vitjax.models import rmt
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "rmt", "rmt.npz")
-TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 SMALL = dict(img_size=64, num_classes=5, embed_dims=(16, 32, 48, 64), depths=(2, 1, 1, 1), num_heads=(2, 2, 4, 4),
              heads_ranges=(4, 4, 6, 6), mlp_ratios=(3, 3, 3, 3), decomposed=(True, True, False, False),
              layer_scales=(False, False, True, True), projection=32)
 
 
-def _state(data):
-    return {key[len("state/"):]: value for key, value in data.items() if key.startswith("state/")}
-
-
 def test_official_parity():
     data = dict(np.load(FIXTURE))
-    variables = convert.from_timm(_state(data), "rmt_b", **SMALL)
+    variables = convert.from_timm(fixture_entries(data, "state"), "rmt_b", **SMALL)
     model = models.create("rmt_b", **SMALL)
     logits, intermediates = jax.jit(model.apply)(variables, jnp.asarray(data["images"]))
     assert [x.shape[1:] for x in intermediates["stages"]] == [(16, 16, 16), (8, 8, 32), (4, 4, 48), (2, 2, 64)]
@@ -62,14 +57,12 @@ def test_parameter_counts_equal_the_official_code():
     data = np.load(FIXTURE)
     counts = dict(zip(data["param_names"].tolist(), data["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("rmt_")
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+    assert measured_param_counts(counts) == counts
 
 
 def test_converter_errors_and_validation():
     data = dict(np.load(FIXTURE))
-    state = _state(data)
+    state = fixture_entries(data, "state")
     assert_converter_errors(
         state, "rmt_b", SMALL, missing="layers.2.blocks.0.gamma_1",
         unexpected={"layers.1.blocks.0.retention.extra": np.zeros(3, np.float32)},

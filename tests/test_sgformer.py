@@ -5,7 +5,6 @@ themselves 2% from its float64 ones (significances of thousands of tokens tie or
 decides which tokens merge); attention_impl="pallas" (interpret mode on the CPU) equal to "xla" in the self-guided
 attention; the merge segments and nearest upsampling; parameter counts of every official name; converter errors and
 validation."""
-import json
 import os
 
 import flax.linen as nn
@@ -17,15 +16,11 @@ import pytest
 from vitjax import convert, models
 from vitjax.models import sgformer
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "sgformer", "sgformer.npz")
-TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 SMALL = dict(img_size=224, num_classes=5, embed_dims=(8, 16, 32, 32), num_heads=(2, 2, 4, 2), depths=(2, 2, 2, 1))
-
-
-def _state(data):
-    return {key[len("state/"):]: value for key, value in data.items() if key.startswith("state/")}
 
 
 def _images(data):
@@ -35,7 +30,7 @@ def _images(data):
 
 def test_official_parity_in_float64_and_float32_within_the_official_float32_error():
     data = dict(np.load(FIXTURE))
-    variables = convert.from_torch(_state(data), "sgformer_s", **SMALL)
+    variables = convert.from_torch(fixture_entries(data, "state"), "sgformer_s", **SMALL)
     with jax.enable_x64(True):
         model = models.create("sgformer_s", dtype=jnp.float64, param_dtype=jnp.float64, **SMALL)
         logits64, intermediates = jax.jit(model.apply)(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables),
@@ -81,14 +76,12 @@ def test_parameter_counts_equal_the_official_code():
     data = np.load(FIXTURE)
     counts = dict(zip(data["param_names"].tolist(), data["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("sgformer_")
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+    assert measured_param_counts(counts) == counts
 
 
 def test_converter_errors_and_validation():
     data = dict(np.load(FIXTURE))
-    state = _state(data)
+    state = fixture_entries(data, "state")
     assert_converter_errors(
         state, "sgformer_s", SMALL, missing="block2.1.attn.f3.weight",
         unexpected={"block3.1.attn.f3.weight": np.zeros((1, 2), np.float32)},

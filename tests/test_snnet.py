@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parity_utils import fixture_entries
 from vitjax import convert, models
 from vitjax.models import snnet, vit
 
@@ -43,8 +44,7 @@ def shrunk(pair, **overrides):
 
 
 def official_state(pair):
-    prefix = f"{pair}/state/"
-    return {key[len(prefix):]: value for key, value in fixture().items() if key.startswith(prefix)}
+    return fixture_entries(fixture(), f"{pair}/state")
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,7 +2,6 @@
 model's spectral then attention blocks with the official 6 heads; the hierarchical model's BatchNorm stem, spectral
 stages, attention stages, class-attention block and token-labelling output), attention_impl="pallas" (interpret mode
 on the CPU) equal to "xla", parameter counts of every official name, converter errors and validation."""
-import json
 import os
 
 import jax
@@ -13,19 +12,14 @@ import pytest
 from vitjax import convert, models
 from vitjax.models import spectformer
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "spectformer", "spectformer.npz")
-TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 VANILLA = dict(img_size=64, num_classes=5, embed_dim=24, depth=6, mlp_ratio=2, num_heads=6)
 HIERARCHICAL = dict(img_size=64, num_classes=5, stem_hidden_dim=8, embed_dims=(64, 128, 32, 48),
                     num_heads=(2, 4, 2, 4), mlp_ratios=(1, 1, 2, 2), depths=(1, 1, 1, 1))
 CASES = {"vanilla": ("spectformer-xs", VANILLA), "hierarchical": ("spectformer_s", HIERARCHICAL)}
-
-
-def _state(data, prefix):
-    start = f"{prefix}/state/"
-    return {key[len(start):]: value for key, value in data.items() if key.startswith(start)}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def data():
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_official_parity(data, kind):
     name, settings = CASES[kind]
-    variables = convert.from_torch(_state(data, kind), name, **settings)
+    variables = convert.from_torch(fixture_entries(data, f"{kind}/state"), name, **settings)
     model = models.create(name, **settings)
     logits, _ = jax.jit(model.apply)(variables, jnp.asarray(data["images"]))
     assert relative_error(logits, data[f"{kind}/logits"]) <= 1e-5
@@ -57,9 +51,7 @@ def test_parameter_counts_equal_the_official_code(data):
     """The official counts equal experiments/out/model_table.json's, which test_registry checks against the models."""
     counts = dict(zip(data["param_names"].tolist(), data["param_counts"].tolist()))
     assert sorted(counts) == models.list_models("spectformer")
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"] * 1e6) for name in counts} == counts
+    assert measured_param_counts(counts) == counts
 
 
 def test_official_head_counts_and_overrides():
@@ -72,14 +64,14 @@ def test_official_head_counts_and_overrides():
 
 
 def test_converter_errors_and_validation(data):
-    state = _state(data, "hierarchical")
+    state = fixture_entries(data, "hierarchical/state")
     assert_converter_errors(
         state, "spectformer_s", HIERARCHICAL, missing="block3.0.attn.kv.weight",
         unexpected={"block1.0.attn.extra": np.zeros(3, np.float32)},
         misshapen={"block1.0.attn.complex_weight": (np.zeros((4, 3, 64, 2), np.float32),
                                                     "block1_0/attn/complex_weight")})
     with pytest.raises(ValueError, match="complex_weight"):
-        convert.from_torch(_state(data, "vanilla"), "spectformer-xs", **{**VANILLA, "img_size": 96})
+        convert.from_torch(fixture_entries(data, "vanilla/state"), "spectformer-xs", **{**VANILLA, "img_size": 96})
     assert_create_rejects("spectformer-xs", [
         (dict(num_heads=5), "does not divide embed_dim=384; valid choices include"),
         (dict(img_size=200), "multiple of patch_size"),

@@ -1,6 +1,5 @@
 """T2T-ViT: parity with the official yitu-opensource/T2T-ViT code (fixture), soft split = torch's nn.Unfold, the
 sin-cos table, parameter counts of the official README, frozen tensors, converter errors and bad settings."""
-import json
 import os
 import re
 
@@ -13,17 +12,16 @@ import pytest
 from vitjax import convert, models, optim
 from vitjax.models import t2t_vit
 
-from parity_utils import assert_converter_errors, assert_create_rejects, relative_error
+from parity_utils import (assert_converter_errors, assert_create_rejects, fixture_entries, measured_param_counts,
+                          relative_error)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "t2t_vit", "t2t_vit.npz")
-TABLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "out", "model_table.json")
 SMALL = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, mlp_ratio=3.0, num_classes=5, token_dim=16)
 CASES = {"performer": ("t2t_vit_14", {}), "transformer": ("t2t_vit_t_14", dict(qk_scale=32 ** -0.5))}
 
 
 def _case(data, case):
-    prefix = f"{case}/state/"
-    state = {key[len(prefix):]: value for key, value in data.items() if key.startswith(prefix)}
+    state = fixture_entries(data, f"{case}/state")
     name, extra = CASES[case]
     return state, name, {**SMALL, **extra}
 
@@ -60,9 +58,7 @@ def test_parameter_counts_match_the_official_readme():
     equal experiments/out/model_table.json's, which test_registry checks against the models."""
     readme = {"t2t_vit_7": 4.3, "t2t_vit_10": 5.9, "t2t_vit_12": 6.9, "t2t_vit_14": 21.5, "t2t_vit_19": 39.2,
               "t2t_vit_24": 64.1, "t2t_vit_t_14": 21.5, "t2t_vit_t_19": 39.2, "t2t_vit_t_24": 64.1}
-    with open(TABLE) as file:
-        rows = json.load(file)["rows"]
-    assert {name: round(rows[name]["params_m"], 1) for name in readme} == readme
+    assert {name: round(count / 1e6, 1) for name, count in measured_param_counts(readme).items()} == readme
 
 
 def test_frozen_tensors_get_no_gradient_and_no_decay():
