@@ -21,8 +21,12 @@ SparK needs a convnet and more than one 32 px patch: it pretrains a small ConvNe
 stage) on the digits resized to 64 px (2 of 4 patches kept), with the same seeds, steps and optimizer, against
 its own floor (that ConvNeXt at its initialisation; features: the last stage averaged); it runs only when asked
 (`--objectives=...,spark`): on 2 CPU cores it costs several times a ViT row.
+SatMAE++ (`--objectives=satmae`, also only when asked) trains the same ViT by its RGB variant (MAE plus one 2x
+up-sampling block; the band-group variant needs spectral bands the digits do not have) on the digits loaded at
+16 px: the MAE input is their 2x2 mean (close to, not equal to, the 8 px image), the L1 target the 16 px image;
+its fine-tune is the ViT rows' (8 px, init_from takes the run's `backbone/encoder`).
 Each encoder is then evaluated frozen, on its objective's `features` (GMML and the random encoder: the mean
-patch token after the final norm; SiT, MAE and SDFT: the class token after the final norm), by the package's
+patch token after the final norm; SiT, MAE, SDFT and SatMAE++: the class token after the final norm), by the package's
 evaluators:
   knn          weighted kNN, k = 20, temperature 0.07 (DINO), the train split as the bank;
   linear_probe logistic regression on the cached features, lr chosen on 10% held-out train images;
@@ -65,6 +69,8 @@ PROTOCOLS = (("knn", "knn/top1", "kNN (k=20)"), ("probe", "probe/top1", "linear 
 SPARK_ENCODER = dict(img_size=64, in_chans=1, num_classes=0, depths=(1, 1, 1, 1), dims=(16, 32, 48, 64))
 SPARK_SHIFT = "decode(channels=1)|random_crop(8, padding=1)|resize(64)|value_range(-1, 1)"
 SPARK_PLAIN = "decode(channels=1)|resize(64)|value_range(-1, 1)"
+SATMAE_SHIFT = "decode(channels=1)|random_crop(8, padding=1)|resize(16)|value_range(-1, 1)"
+SATMAE_PLAIN = "decode(channels=1)|resize(16)|value_range(-1, 1)"
 FINETUNE = ("finetune", "finetune/top1", f"fine-tune, {int(LABEL_FRACTION * 100)}% labels")
 MAE_KWARGS = dict(mask_ratio=0.75, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, norm_pix_loss=False)
 
@@ -93,6 +99,13 @@ def _sdft(config):
     config.objective_kwargs = dict(MAE_KWARGS, distill_weight=1.0)
 
 
+def _satmae(config):
+    # SatMAE++'s RGB variant (the MAE row's model + one 2x up-sampling block; the multi-band variant needs bands the
+    # digits do not have): the digits loaded at 16 px, the MAE input their 2x2 mean, the L1 target the 16 px image.
+    config.objective_kwargs = dict(MAE_KWARGS, channel_groups=None)
+    config.input.update(pp_train=SATMAE_SHIFT, pp_eval=SATMAE_PLAIN)
+
+
 def _spark(config):
     config.model_name = "convnext_atto"
     config.model = dict(SPARK_ENCODER)
@@ -109,6 +122,7 @@ class Row:
     family: str = "vit"                        # "vit" | "convnext": which floor and fine-tune classifier it gets
     finetune_skip: Tuple[str, ...] = ()        # init_from_skip of its fine-tune
     teacher: Optional[str] = None              # the row whose run of the same seed is its frozen teacher
+    default: bool = True                       # in the default run (False: only when named in --objectives)
 
 
 # The study's rows, in run order (a teacher before its student). Add an objective here.
@@ -118,9 +132,10 @@ OBJECTIVES: Dict[str, Row] = {
     "mae": Row("MAE", _mae),
     "mp3": Row("MP3", _mp3, finetune_skip=("^pos_embed$",)),
     "sdft": Row("SDFT (round 2, MAE teacher)", _sdft, teacher="mae"),
-    "spark": Row("SparK (ConvNeXt, 64 px)", _spark, family="convnext"),
+    "satmae": Row("SatMAE++ (RGB variant, 16 px targets)", _satmae, default=False),
+    "spark": Row("SparK (ConvNeXt, 64 px)", _spark, family="convnext", default=False),
 }
-DEFAULT_OBJECTIVES = tuple(key for key, row in OBJECTIVES.items() if row.family == "vit")
+DEFAULT_OBJECTIVES = tuple(key for key, row in OBJECTIVES.items() if row.default)
 FLOORS = dict(vit="random encoder", convnext="random ConvNeXt")
 ROW_NAMES = {key: row.name for key, row in OBJECTIVES.items()}
 
@@ -310,7 +325,8 @@ def main(argv=None) -> Dict[str, Any]:
     results["summary"] = {name: {short: summarize([100 * r[name]["eval"][f"eval/{key}"] for r in results["runs"]])
                                  for short, key, _ in protocols} for name in names}
     results["seconds"] = time.time() - started
-    spark_note = "; SparK: ConvNeXt dims 16-64 on 64 px" if "spark" in chosen else ""
+    spark_note = ("; SparK: ConvNeXt dims 16-64 on 64 px" if "spark" in chosen else "") + (
+        "; SatMAE++: digits loaded at 16 px" if "satmae" in chosen else "")
     lines = [f"Self-supervised pretraining on digits (ViT width {ENCODER['embed_dim']}, depth {ENCODER['depth']}, "
              f"2x2 patches on 8x8{spark_note}; {steps} steps of 128 unlabelled train images each), frozen encoders, "
              f"test top-1 % "

@@ -204,3 +204,27 @@ def test_config_builds_the_official_recipe(tmp_path):
         1024, 24, 8, 96, 10)
     assert backbone.channel_groups == ((0, 1, 2, 6), (3, 4, 5, 7), (8, 9)) and objective.input_size == 384
     assert "select_bands(drop=(0, 9, 10))" in config.input.pp_train
+
+
+def test_a_classifier_init_from_a_satmae_run_takes_its_encoder():
+    """Fine-tuning from a SatMAE++ (RGB variant) run: `init_from` finds the MAE encoder under `backbone/encoder`
+    (the multi-scale head and decoder stay behind) and loads every trunk tensor of a ViT classifier unchanged."""
+    from flax import traverse_util
+    from vitjax import pytree, weights
+    config = fixture_config(grouped=False)
+    config.optim.lr, config.total_steps = 1e-3, 1
+    objective = objectives.create("satmae", config_utils.validate_config(config))
+    pretrained_variables = jax.tree.map(np.asarray, pytree.unbox(jax.jit(objective.init_variables)(
+        jax.random.key(0), objective.example_batch(None))))
+    config.model.update(num_classes=10, global_pool="token")
+    config.objective, config.objective_kwargs = "mae_finetune", {}
+    classifier = objectives.create("mae_finetune", config_utils.validate_config(config))
+    target = jax.jit(classifier.init_variables)(jax.random.key(1), {"image": np.zeros((1, 8, 8, 3), np.float32)})
+    plan = weights.plan(target, weights.Pretrained(pretrained_variables, "satmae_run", "vitjax", "a SatMAE++ run"),
+                        classifier.init_from_rules())
+    encoder = traverse_util.flatten_dict(pretrained_variables["params"]["backbone"]["encoder"], sep="/")
+    loaded = {path[len("params/"):] for path, (action, _) in plan.actions.items() if action == "loaded"}
+    assert loaded == set(encoder), plan.table()
+    params = traverse_util.flatten_dict(pytree.unbox(plan.apply(target)["params"]), sep="/")
+    for path in loaded:
+        np.testing.assert_array_equal(np.asarray(params[path]), encoder[path])

@@ -409,10 +409,13 @@ class Plan:
 def _select_source(source: Dict[str, Any], target: Dict[str, Any], scope: str) -> Tuple[Dict[str, Any], str]:
     """Returns (the source subtree that fits the target best, its name): the whole, its `scope` or its encoder."""
     candidates = [(source, "")]
-    # An MAE run offers its `encoder`, a CLIP model its image tower (`visual`).
-    for key in dict.fromkeys(k for k in (scope, "encoder", "visual") if k):
-        if isinstance(source.get(key), Mapping):
-            candidates.append((source[key], key))
+    # An MAE run offers its `encoder`, a CLIP model its image tower (`visual`); one level further down, an objective
+    # that wraps its MAE (SatMAE++'s `backbone/encoder`).
+    names = tuple(dict.fromkeys(k for k in (scope, "encoder", "visual") if k))
+    for outer, tree in [("", source)] + [(key, value) for key, value in source.items() if isinstance(value, Mapping)]:
+        for key in names:
+            if isinstance(tree.get(key), Mapping):
+                candidates.append((tree[key], f"{outer}/{key}" if outer else key))
     target_flat = _flat(target)
 
     def fit(candidate):
