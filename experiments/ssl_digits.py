@@ -225,7 +225,7 @@ def plot(results: Dict[str, Any], names, path: str, protocols=PROTOCOLS) -> None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(7, 3.6))
+    figure, axis = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / len(names)
     for index, name in enumerate(names):
         means = [results["summary"][name][key][0] for key, _, _ in protocols]
@@ -235,8 +235,9 @@ def plot(results: Dict[str, Any], names, path: str, protocols=PROTOCOLS) -> None
     axis.set_xticks(np.arange(len(protocols)), [label for _, _, label in protocols])
     axis.set_ylabel("test top-1 %")
     axis.set_ylim(0, 100)
-    axis.legend(loc="lower right", fontsize=8)
-    axis.set_title("Frozen encoders on digits (mean ± std over seeds)")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    axis.set_title("Pretrained encoders on digits: frozen protocols" + (", fine-tuning" if len(protocols) > 3 else "")
+                   + f" (mean ± std over {len(results['runs'])} seeds)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -252,9 +253,17 @@ def main(argv=None) -> Dict[str, Any]:
                         help="fine-tuning steps of 64 on 10%% of the labels (0: no fine-tuning column)")
     parser.add_argument("--out_dir", default=OUT_DIR)
     parser.add_argument("--pixels_only", action="store_true", help="print the raw-pixel row only and stop")
+    parser.add_argument("--replot", default="", help="redraw out_dir/REPLOT.png from out_dir/REPLOT.json and stop")
     parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
                         help=f"comma-separated subset of {list(OBJECTIVES)} (default: the ViT ones)")
     args = parser.parse_args(argv)
+    if args.replot:
+        import json
+        with open(os.path.join(args.out_dir, f"{args.replot}.json"), encoding="utf-8") as file:
+            results = json.load(file)
+        protocols = tuple(p for p in PROTOCOLS + (FINETUNE,) if p[0] in next(iter(results["summary"].values())))
+        plot(results, tuple(results["summary"]), os.path.join(args.out_dir, f"{args.replot}.png"), protocols)
+        return results
     pixels = pixel_baseline()
     pixel_cells = " | ".join(f"{100 * pixels[key]:.2f}" for _, key, _ in PROTOCOLS)
     pixel_row = f"| raw pixels (no encoder) | {pixel_cells} | - |"
