@@ -6,8 +6,9 @@ r"""Self-supervised objectives on the bundled digits on equal footing: same ViT,
 
 For each seed, GMML, SiT, MAE, MP3 and self-distillation further pretraining (SDFT) pretrain the same small ViT
 (8x8 gray digits in 2x2 patches, width 64, depth 4) on the 1,437 train images without labels, for the same
-number of steps with the same optimizer; a random encoder (the same ViT at its initialisation, with the first
-chosen objective's features) is the floor. Objective by objective:
+number of steps with the same optimizer. The floor is a random encoder: the same ViT at its initialisation, read
+as the rows read theirs, one floor per kind of features (the first chosen row of that kind, run for no step), since
+a random ViT's mean patch token and its class token are not equally good features. Objective by objective:
   gmml, sit, mae  as before (settings in OBJECTIVES below);
   mp3   the ViT without position embeddings (MP3 removes them), mask ratio 0.5 (of 16 patches, 8 answer as
         context; 0.75 would leave 4), features: its mean patch token; fine-tuning adds learned position
@@ -25,9 +26,8 @@ SatMAE++ (`--objectives=satmae`, also only when asked) trains the same ViT by it
 up-sampling block; the band-group variant needs spectral bands the digits do not have) on the digits loaded at
 16 px: the MAE input is their 2x2 mean (close to, not equal to, the 8 px image), the L1 target the 16 px image;
 its fine-tune is the ViT rows' (8 px, init_from takes the run's `backbone/encoder`).
-Each encoder is then evaluated frozen, on its objective's `features` (GMML and the random encoder: the mean
-patch token after the final norm; SiT, MAE, SDFT and SatMAE++: the class token after the final norm), by the package's
-evaluators:
+Each encoder is then evaluated frozen, on its objective's `features` (GMML and MP3: the mean patch token after
+the final norm; SiT, MAE, SDFT and SatMAE++: the class token after the final norm), by the package's evaluators:
   knn          weighted kNN, k = 20, temperature 0.07 (DINO), the train split as the bank;
   linear_probe logistic regression on the cached features, lr chosen on 10% held-out train images;
   fewshot      big_vision's ridge regression on 10 shots per class (l2 chosen on 5 held-out per class);
@@ -123,17 +123,19 @@ class Row:
     finetune_skip: Tuple[str, ...] = ()        # init_from_skip of its fine-tune
     teacher: Optional[str] = None              # the row whose run of the same seed is its frozen teacher
     default: bool = True                       # in the default run (False: only when named in --objectives)
+    features: str = "class token"              # what its objective's `features` read (its floor reads the same)
 
 
 # The study's rows, in run order (a teacher before its student). Add an objective here.
 OBJECTIVES: Dict[str, Row] = {
-    "gmml": Row("GMML", _gmml),
+    "gmml": Row("GMML", _gmml, features="mean patch token"),
     "sit": Row("SiT", _sit),
     "mae": Row("MAE", _mae),
-    "mp3": Row("MP3", _mp3, finetune_skip=("^pos_embed$",)),
+    "mp3": Row("MP3", _mp3, finetune_skip=("^pos_embed$",), features="mean patch token"),
     "sdft": Row("SDFT (round 2, MAE teacher)", _sdft, teacher="mae"),
     "satmae": Row("SatMAE++ (RGB variant, 16 px targets)", _satmae, default=False),
-    "spark": Row("SparK (ConvNeXt, 64 px)", _spark, family="convnext", default=False),
+    "spark": Row("SparK (ConvNeXt, 64 px)", _spark, family="convnext", default=False,
+                 features="last stage, averaged"),
 }
 DEFAULT_OBJECTIVES = tuple(key for key, row in OBJECTIVES.items() if row.default)
 FLOORS = dict(vit="random encoder", convnext="random ConvNeXt")
@@ -283,11 +285,17 @@ def main(argv=None) -> Dict[str, Any]:
     # A student's arm is built once its teacher's first run exists (its objective checks the path).
     arms = {key: make_arm(pretrain_config(key, steps)) for key in chosen if not OBJECTIVES[key].teacher}
     teachers = {OBJECTIVES[key].teacher for key in chosen if OBJECTIVES[key].teacher}
-    # Each family's floor: its encoder at initialisation (the family's first arm without a step).
-    families = {}
+    # Each family's floor: its encoder at initialisation, one per kind of features its rows read (the first arm
+    # of that family and kind, run for no step; named by the kind where the family's rows read more than one).
+    families, kinds = {}, {}
     for key in chosen:
         families.setdefault(OBJECTIVES[key].family, key)
-    floors = {FLOORS[family]: key for family, key in families.items()}
+        if not OBJECTIVES[key].teacher:
+            kinds.setdefault((OBJECTIVES[key].family, OBJECTIVES[key].features), key)
+    floors = {}
+    for (family, features), key in kinds.items():
+        several = sum(1 for other, _ in kinds if other == family) > 1
+        floors[f"{FLOORS[family]} ({features})" if several else FLOORS[family]] = key
     names = tuple(ROW_NAMES[key] for key in chosen) + tuple(floors)
     protocols = PROTOCOLS + ((FINETUNE,) if args.finetune_steps else ())
     finetune_steps = max(20, int(round(args.finetune_steps * args.scale)))
@@ -317,13 +325,16 @@ def main(argv=None) -> Dict[str, Any]:
                 print(f"  seed {seed} {row.name}: {time.time() - started:.0f} s since the start", flush=True)
             for workdir in workdirs.values():
                 shutil.rmtree(workdir or "", ignore_errors=True)
+            scratch = {}  # the family's classifier from scratch: one run per seed, whatever the floor's features
             for name, key in floors.items():
                 arms[key].steps, trained = 0, arms[key].steps
                 runs[name] = arms[key].run(seed)
                 arms[key].steps = trained
-                if finetunes:  # the same classifier from scratch
-                    runs[name]["eval"]["eval/finetune/top1"] = finetunes[OBJECTIVES[key].family].run(seed)["eval"][
-                        "eval/top1"]
+                if finetunes:
+                    family = OBJECTIVES[key].family
+                    if family not in scratch:
+                        scratch[family] = finetunes[family].run(seed)["eval"]["eval/top1"]
+                    runs[name]["eval"]["eval/finetune/top1"] = scratch[family]
             results["runs"].append({"seed": seed, **runs})
             print(f"seed {seed}: " + "; ".join(
                 f"{name} " + ", ".join(f"{label} {100 * run['eval'][f'eval/{key}']:.1f}"
