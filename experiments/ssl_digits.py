@@ -1,8 +1,10 @@
 r"""Self-supervised objectives on the bundled digits on equal footing: same ViT, data, steps and evaluation.
 
-    python experiments/ssl_digits.py                          # every ViT objective, 3 seeds (run time: last line)
+    python experiments/ssl_digits.py                          # GMML, SiT, MAE, MP3, SDFT; 3 seeds (time: last line)
     python experiments/ssl_digits.py --seeds=1 --scale=0.25   # a quick look
     python experiments/ssl_digits.py --objectives=spark       # one objective (and its random floor)
+    python experiments/ssl_digits.py --objectives=satmae      # SatMAE++ (RGB variant) on the same ViT
+    python experiments/ssl_digits.py --replot=ssl_digits      # redraw out/ssl_digits.png from its json
 
 For each seed, GMML, SiT, MAE, MP3 and self-distillation further pretraining (SDFT) pretrain the same small ViT
 (8x8 gray digits in 2x2 patches, width 64, depth 4) on the 1,437 train images without labels, for the same
