@@ -2,15 +2,17 @@ r"""Self-supervised objectives on the bundled digits on equal footing: same ViT,
 
     python experiments/ssl_digits.py                          # GMML, SiT, MAE, MP3, SDFT; 3 seeds (time: last line)
     python experiments/ssl_digits.py --seeds=1 --scale=0.25   # a quick look
-    python experiments/ssl_digits.py --objectives=spark       # one objective (and its random floor)
+    python experiments/ssl_digits.py --objectives=spark       # one objective (and its step-0 floor)
     python experiments/ssl_digits.py --objectives=satmae      # SatMAE++ (RGB variant) on the same ViT
     python experiments/ssl_digits.py --replot=ssl_digits      # redraw out/ssl_digits.png from its json
 
 For each seed, GMML, SiT, MAE, MP3 and self-distillation further pretraining (SDFT) pretrain the same small ViT
 (8x8 gray digits in 2x2 patches, width 64, depth 4) on the 1,437 train images without labels, for the same
-number of steps with the same optimizer. The floor is a random encoder: the same ViT at its initialisation, read
-as the rows read theirs, one floor per kind of features (the first chosen row of that kind, run for no step), since
-a random ViT's mean patch token and its class token are not equally good features. Objective by objective:
+number of steps with the same optimizer. The floors are the random encoders: each row's own model at its
+initialisation ("<row> at step 0", its run for no step), read as the row reads its own; a student shares its
+teacher's (the same model and initialisation). One random ViT is not enough: the objectives initialise the ViT
+differently (MAE's xavier and sin-cos position embeddings, MP3's none) and read different tokens, and both move
+the random figures by many points. Objective by objective:
   gmml, sit, mae  as before (settings in OBJECTIVES below);
   mp3   the ViT without position embeddings (MP3 removes them), mask ratio 0.5 (of 16 patches, 8 answer as
         context; 0.75 would leave 4), features: its mean patch token; fine-tuning adds learned position
@@ -22,7 +24,7 @@ a random ViT's mean patch token and its class token are not equally good feature
         run more than the other rows and needs `mae` among the objectives.
 SparK needs a convnet and more than one 32 px patch: it pretrains a small ConvNeXt (dims 16-64, one block per
 stage) on the digits resized to 64 px (2 of 4 patches kept), with the same seeds, steps and optimizer, against
-its own floor (that ConvNeXt at its initialisation; features: the last stage averaged); it runs only when asked
+its own floor (that ConvNeXt at step 0; features: the last stage averaged); it runs only when asked
 (`--objectives=...,spark`): on 2 CPU cores it costs several times a ViT row.
 SatMAE++ (`--objectives=satmae`, also only when asked) trains the same ViT by its RGB variant (MAE plus one 2x
 up-sampling block; the band-group variant needs spectral bands the digits do not have) on the digits loaded at
@@ -42,7 +44,7 @@ Top-1 % on the 360 test images, mean ± std over the seeds: a markdown table pri
 experiments/out/ssl_digits.md, the raw figures to ssl_digits.json, a bar chart to ssl_digits.png.
 
 A new objective is a row of OBJECTIVES: a `Row` with its name, a function setting the pretraining config's
-model / objective / input, and its family ("vit": the ViT floor and fine-tune; "convnext": SparK's).
+model / objective / input, and its family ("vit": the ViT fine-tune; "convnext": SparK's).
 """
 import argparse
 import dataclasses
@@ -121,26 +123,23 @@ class Row:
 
     name: str                                  # the row's name in the table
     configure: Callable[[Any], None]           # sets objective_kwargs (and model / input where they differ)
-    family: str = "vit"                        # "vit" | "convnext": which floor and fine-tune classifier it gets
+    family: str = "vit"                        # "vit" | "convnext": which fine-tune classifier it gets
     finetune_skip: Tuple[str, ...] = ()        # init_from_skip of its fine-tune
     teacher: Optional[str] = None              # the row whose run of the same seed is its frozen teacher
     default: bool = True                       # in the default run (False: only when named in --objectives)
-    features: str = "class token"              # what its objective's `features` read (its floor reads the same)
 
 
 # The study's rows, in run order (a teacher before its student). Add an objective here.
 OBJECTIVES: Dict[str, Row] = {
-    "gmml": Row("GMML", _gmml, features="mean patch token"),
+    "gmml": Row("GMML", _gmml),
     "sit": Row("SiT", _sit),
     "mae": Row("MAE", _mae),
-    "mp3": Row("MP3", _mp3, finetune_skip=("^pos_embed$",), features="mean patch token"),
+    "mp3": Row("MP3", _mp3, finetune_skip=("^pos_embed$",)),
     "sdft": Row("SDFT (round 2, MAE teacher)", _sdft, teacher="mae"),
     "satmae": Row("SatMAE++ (RGB variant, 16 px targets)", _satmae, default=False),
-    "spark": Row("SparK (ConvNeXt, 64 px)", _spark, family="convnext", default=False,
-                 features="last stage, averaged"),
+    "spark": Row("SparK (ConvNeXt, 64 px)", _spark, family="convnext", default=False),
 }
 DEFAULT_OBJECTIVES = tuple(key for key, row in OBJECTIVES.items() if row.default)
-FLOORS = dict(vit="random encoder", convnext="random ConvNeXt")
 ROW_NAMES = {key: row.name for key, row in OBJECTIVES.items()}
 
 
@@ -287,17 +286,9 @@ def main(argv=None) -> Dict[str, Any]:
     # A student's arm is built once its teacher's first run exists (its objective checks the path).
     arms = {key: make_arm(pretrain_config(key, steps)) for key in chosen if not OBJECTIVES[key].teacher}
     teachers = {OBJECTIVES[key].teacher for key in chosen if OBJECTIVES[key].teacher}
-    # Each family's floor: its encoder at initialisation, one per kind of features its rows read (the first arm
-    # of that family and kind, run for no step; named by the kind where the family's rows read more than one).
-    families, kinds = {}, {}
-    for key in chosen:
-        families.setdefault(OBJECTIVES[key].family, key)
-        if not OBJECTIVES[key].teacher:
-            kinds.setdefault((OBJECTIVES[key].family, OBJECTIVES[key].features), key)
-    floors = {}
-    for (family, features), key in kinds.items():
-        several = sum(1 for other, _ in kinds if other == family) > 1
-        floors[f"{FLOORS[family]} ({features})" if several else FLOORS[family]] = key
+    # The floors: each row's model at its initialisation (its arm run for no step); a student shares its teacher's.
+    floors = {f"{ROW_NAMES[key]} at step 0": key for key in chosen if not OBJECTIVES[key].teacher}
+    families = dict.fromkeys(OBJECTIVES[key].family for key in chosen)
     names = tuple(ROW_NAMES[key] for key in chosen) + tuple(floors)
     protocols = PROTOCOLS + ((FINETUNE,) if args.finetune_steps else ())
     finetune_steps = max(20, int(round(args.finetune_steps * args.scale)))
@@ -327,7 +318,7 @@ def main(argv=None) -> Dict[str, Any]:
                 print(f"  seed {seed} {row.name}: {time.time() - started:.0f} s since the start", flush=True)
             for workdir in workdirs.values():
                 shutil.rmtree(workdir or "", ignore_errors=True)
-            scratch = {}  # the family's classifier from scratch: one run per seed, whatever the floor's features
+            scratch = {}  # the family's classifier from scratch: one run per seed, shared by its floors
             for name, key in floors.items():
                 arms[key].steps, trained = 0, arms[key].steps
                 runs[name] = arms[key].run(seed)
