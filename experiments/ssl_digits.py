@@ -258,7 +258,7 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--pixels_only", action="store_true", help="print the raw-pixel row only and stop")
     parser.add_argument("--replot", default="", help="redraw out_dir/REPLOT.png from out_dir/REPLOT.json and stop")
     parser.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
-                        help=f"comma-separated subset of {list(OBJECTIVES)} (default: the ViT ones)")
+                        help=f"comma-separated subset of {list(OBJECTIVES)} (default: {list(DEFAULT_OBJECTIVES)})")
     args = parser.parse_args(argv)
     if args.replot:
         import json
