@@ -209,7 +209,6 @@ def test_config_builds_the_official_recipe(tmp_path):
 def test_a_classifier_init_from_a_satmae_run_takes_its_encoder():
     """Fine-tuning from a SatMAE++ (RGB variant) run: `init_from` finds the MAE encoder under `backbone/encoder`
     (the multi-scale head and decoder stay behind) and loads every trunk tensor of a ViT classifier unchanged."""
-    from flax import traverse_util
     from vitjax import pytree, weights
     config = fixture_config(grouped=False)
     config.optim.lr, config.total_steps = 1e-3, 1
@@ -222,9 +221,9 @@ def test_a_classifier_init_from_a_satmae_run_takes_its_encoder():
     target = jax.jit(classifier.init_variables)(jax.random.key(1), {"image": np.zeros((1, 8, 8, 3), np.float32)})
     plan = weights.plan(target, weights.Pretrained(pretrained_variables, "satmae_run", "vitjax", "a SatMAE++ run"),
                         classifier.init_from_rules())
-    encoder = traverse_util.flatten_dict(pretrained_variables["params"]["backbone"]["encoder"], sep="/")
+    encoder = pytree.param_paths(pretrained_variables["params"]["backbone"]["encoder"])
     loaded = {path[len("params/"):] for path, (action, _) in plan.actions.items() if action == "loaded"}
     assert loaded == set(encoder), plan.table()
-    params = traverse_util.flatten_dict(pytree.unbox(plan.apply(target)["params"]), sep="/")
+    params = pytree.param_paths(pytree.unbox(plan.apply(target)["params"]))
     for path in loaded:
         np.testing.assert_array_equal(np.asarray(params[path]), encoder[path])
