@@ -338,10 +338,10 @@ def main(argv=None) -> Dict[str, Any]:
     results["summary"] = {name: {short: summarize([100 * r[name]["eval"][f"eval/{key}"] for r in results["runs"]])
                                  for short, key, _ in protocols} for name in names}
     results["seconds"] = time.time() - started
-    spark_note = ("; SparK: ConvNeXt dims 16-64 on 64 px" if "spark" in chosen else "") + (
+    input_notes = ("; SparK: ConvNeXt dims 16-64 on 64 px" if "spark" in chosen else "") + (
         "; SatMAE++: digits loaded at 16 px" if "satmae" in chosen else "")
     lines = [f"Self-supervised pretraining on digits (ViT width {ENCODER['embed_dim']}, depth {ENCODER['depth']}, "
-             f"2x2 patches on 8x8{spark_note}; {steps} steps of 128 unlabelled train images each), frozen encoders, "
+             f"2x2 patches on 8x8{input_notes}; {steps} steps of 128 unlabelled train images each), frozen encoders, "
              f"test top-1 % "
              f"on the 360 test images, mean ± std over {args.seeds} seed(s)"
              + (f"; fine-tune: {finetune_steps} steps of 64 on {int(LABEL_FRACTION * 100)}% of the train labels "
